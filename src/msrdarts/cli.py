@@ -1,0 +1,123 @@
+"""Command line: ``msrdarts search | bench``.
+
+Flags are generated from :class:`msrdarts.config.SearchConfig`, so every setting of a preset can
+be overridden and ``--help`` shows each preset's value. Parsing produces a typed config and calls
+one function; user errors are printed as one line (``msrdarts: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import MsrdartsError
+
+
+def _preset_help(name: str, presets: dict) -> str:
+    return ", ".join(f"{p}: {_show(getattr(cfg, name))}" for p, cfg in presets.items())
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type, presets: dict) -> None:
+    group = parser.add_argument_group("settings (default: the preset's value, shown as preset: value)")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} ({_preset_help(f.name, presets)})"
+        default = getattr(cls(), f.name)
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, tuple):
+            group.add_argument(flag, type=lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
+                               default=None, metavar="A,B,...", help=help_text)
+        else:
+            group.add_argument(flag, type=type(default), default=None, metavar=type(default).__name__.upper(),
+                               help=help_text)
+
+
+def _overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(cls)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import SEARCH_PRESETS, SearchConfig
+    from .data import list_datasets
+
+    parser = argparse.ArgumentParser(prog="msrdarts", description="MSR-DARTS neural architecture search")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="search a cell architecture with MSR-DARTS",
+                       description=f"Train an MSR-DARTS supernet and derive a genotype. Data sets: "
+                                   f"{', '.join(list_datasets())}.")
+    s.add_argument("--preset", default=None, help=f"protocol preset: {', '.join(SEARCH_PRESETS)} "
+                                                  f"(default: cifar10; on --resume, the run's own config)")
+    s.add_argument("--out", required=True, type=Path, help="run folder (refuses one that holds a run unless --resume)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
+    _add_config_flags(s, SearchConfig, SEARCH_PRESETS)
+
+    b = sub.add_parser("bench", help="micro-benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    st = bsub.add_parser("search-step", help="time one supernet training step, with and without spectral norm")
+    st.add_argument("--layers", type=int, default=8, help="cells (default: 8)")
+    st.add_argument("--channels", type=int, default=16, help="initial channels (default: 16)")
+    st.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    st.add_argument("--input-size", type=int, default=32, help="image side (default: 32)")
+    st.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
+    st.add_argument("--steps", type=int, default=10, help="timed steps, median reported (default: 10)")
+    st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    st.add_argument("--device", default="cpu", help="device (default: cpu)")
+    st.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    st.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .config import SearchConfig, get_preset, with_overrides
+    from .search import run_search
+
+    if args.resume and args.preset is None and (args.out / "config.json").is_file():
+        try:
+            base = SearchConfig.from_dict(json.loads((args.out / "config.json").read_text()),
+                                          source=str(args.out / "config.json"))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise MsrdartsError(f"{args.out / 'config.json'}: unreadable ({e})") from None
+    else:
+        base = get_preset(args.preset or "cifar10")
+    cfg = with_overrides(base, _overrides(args, SearchConfig))
+    run_search(cfg, args.out, resume=args.resume)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench_search_step
+
+    result = bench_search_step(layers=args.layers, channels=args.channels, batch_size=args.batch_size,
+                               input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
+                               warmup=args.warmup, device=args.device, threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "search":
+            return _search(args)
+        return _bench(args)
+    except MsrdartsError as e:
+        print(f"msrdarts: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msrdarts: interrupted; the last completed epoch is in the checkpoint (use --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,129 @@
+"""Typed run configurations and the presets that reproduce published protocols.
+
+A preset is a complete :class:`SearchConfig`; command-line flags override single fields. The
+help text of every field lives in its ``metadata`` so the CLI and the docs say the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+from .ops import MSR_PRIMITIVES, list_ops
+from .supernet import MIXING_MODES
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything an MSR-DARTS search run depends on (stored as config.json in the run folder)."""
+
+    dataset: str = _f("cifar10", "data set (see `msrdarts search --help` for the list)")
+    data: str = _f("data", "folder holding (or receiving) the data set files")
+    download: bool = _f(False, "let torchvision download the data set into --data if it is missing")
+    layers: int = _f(8, "cells in the supernet (reduction cells at L/3 and 2L/3)")
+    channels: int = _f(16, "initial channels C")
+    batch_size: int = _f(128, "images per step")
+    epochs: int = _f(50, "training epochs of the supernet weights")
+    lr: float = _f(0.025, "initial SGD learning rate (cosine-annealed to --lr-min)")
+    lr_min: float = _f(0.001, "final learning rate of the cosine schedule")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(3e-4, "L2 weight decay")
+    grad_clip: float = _f(5.0, "gradient-norm clipping threshold (0 disables)")
+    bn_recalibration: int = _f(0, "batches of search-train images used to recompute BN statistics before each "
+                                  "validation (0: running averages, as the authors' code)")
+    train_portion: float = _f(0.8, "fraction of the training set used for search-train (rest: search-valid)")
+    split_seed: int = _f(0, "seed of the search-train / search-valid split")
+    seed: int = _f(2, "seed of weights, batch order and augmentation")
+    mixing: str = _f("sum", "edge mixing: 'sum' (paper) or 'srsoftmax' (authors' code: softmax(-stable rank))")
+    spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
+    sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
+    primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated")
+    rank_per_pixel: bool = _f(False, "divide stable ranks by the conv's H*W before averaging over cells")
+    authors_reduce_resolution: bool = _f(
+        False, "authors' quirk: rank the stride-1 edges of reduction cells at the cell's input resolution")
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' ...")
+    progress: bool = _f(True, "show a progress bar per epoch")
+
+    def validate(self) -> "SearchConfig":
+        """Raise ConfigError naming the first invalid field; return self."""
+        from .data import list_datasets
+
+        for name in ("layers", "channels", "batch_size", "epochs", "sn_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{_flag(name)}={value}: must be a positive integer")
+        if self.layers < 3:
+            raise ConfigError(f"--layers={self.layers}: need at least 3 cells (normal and reduction cells)")
+        if self.channels < 2:
+            raise ConfigError(f"--channels={self.channels}: need at least 2")
+        for name in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "bn_recalibration"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)}={getattr(self, name)}: must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr={self.lr}: must be > 0")
+        if not 0.0 < self.train_portion < 1.0:
+            raise ConfigError(f"--train-portion={self.train_portion}: must be strictly between 0 and 1")
+        if self.dataset not in list_datasets():
+            raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
+        if self.mixing not in MIXING_MODES:
+            raise ConfigError(f"--mixing={self.mixing!r}: unknown; allowed: {', '.join(MIXING_MODES)}")
+        unknown = [p for p in self.primitives if p not in list_ops()]
+        if unknown:
+            raise ConfigError(f"--primitives: unknown op(s) {', '.join(unknown)}; known: {', '.join(list_ops())}")
+        if not self.primitives or len(set(self.primitives)) != len(self.primitives):
+            raise ConfigError(f"--primitives: need a non-empty list of distinct ops, got {','.join(self.primitives)}")
+        convless = [p for p in self.primitives if p in ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")]
+        if convless:
+            raise ConfigError(f"--primitives: MSR-DARTS ranks ops by the stable rank of their last conv; "
+                              f"{', '.join(convless)} have none (allowed: sep_conv_*, dil_conv_*)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["primitives"] = list(self.primitives)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SearchConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        data = dict(data)
+        if "primitives" in data:
+            data["primitives"] = tuple(data["primitives"])
+        return cls(**data)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+#: Presets by name, each citing the protocol it reproduces.
+SEARCH_PRESETS: dict[str, SearchConfig] = {
+    # SPEC section 5 / the authors' code: 8 cells, C = 16, 4:1 split, SGD 0.025 cosine to 0.001,
+    # wd 3e-4, clip 5, 50 epochs, batch 128.
+    "cifar10": SearchConfig(),
+    # Offline demo: scikit-learn's digits (8 x 8 grey), a 5-cell C = 8 supernet, ~3 minutes on 2 CPU cores.
+    # Few steps per epoch, so BN statistics are recomputed before validation.
+    "quick": SearchConfig(dataset="digits", layers=5, channels=8, batch_size=64, epochs=10, lr=0.05,
+                          bn_recalibration=8),
+}
+
+
+def get_preset(name: str) -> SearchConfig:
+    try:
+        return SEARCH_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(SEARCH_PRESETS)}") from None
+
+
+def with_overrides(cfg: SearchConfig, overrides: dict[str, Any]) -> SearchConfig:
+    """``cfg`` with the non-None entries of ``overrides`` replaced, validated."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}).validate()

@@ -1,0 +1,94 @@
+"""One epoch of training and one evaluation pass, shared by search and train.
+
+Metrics accumulate on the device (no host sync per step); the progress bar reads them every
+``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
+                    grad_clip: float = 0.0, desc: str = "train", progress: bool = True,
+                    log_every: int = 10) -> dict[str, float]:
+    """Train ``model`` for one pass over ``loader``; returns mean loss, accuracy (%) and images/s."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        logits = model(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if progress and step % log_every == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}")
+    elapsed = time.perf_counter() - start
+    if seen == 0:
+        raise ValueError("the training loader yielded no batch")
+    return {"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen,
+            "images_per_s": seen / max(elapsed, 1e-9), "time_s": elapsed}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str = "valid",
+             progress: bool = True) -> dict[str, float]:
+    """Mean loss and accuracy (%) of ``model`` over ``loader`` (eval mode: BN running statistics)."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        logits = model(x)
+        loss_sum += criterion(logits.float(), y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    if seen == 0:
+        raise ValueError("the evaluation loader yielded no batch")
+    return {"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int) -> None:
+    """Recompute every BatchNorm's running statistics as the plain mean over ``batches`` batches.
+
+    Running averages lag behind weights that change quickly (few steps per epoch, large lr); this
+    "precise BN" pass makes eval-mode metrics reflect the current weights. Costs ``batches``
+    forward passes. Spectral-norm power iterations do not advance (they run in eval mode only
+    for the BNs: the rest of the model stays in eval mode).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if batches <= 0 or not bns:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = {bn: bn.momentum for bn in bns}
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+        bn.train()
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model(x)
+    finally:
+        for bn in bns:
+            bn.momentum = momenta[bn]
+        model.train(was_training)

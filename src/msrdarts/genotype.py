@@ -1,0 +1,200 @@
+"""The discrete architecture: a Genotype, its JSON form, and a safe parser for DARTS strings.
+
+A cell has ``steps`` intermediate nodes (2 .. steps+1); each keeps two incoming edges, written as
+``(op, input_node)`` pairs in node order, so pairs 2k and 2k+1 feed node k+2 and their inputs
+must be < k+2. JSON uses the DARTS field names::
+
+    {"normal": [["sep_conv_3x3", 1], ...], "normal_concat": [2, 3, 4, 5],
+     "reduce": [...], "reduce_concat": [2, 3, 4, 5]}
+
+DARTS-style strings (``Genotype(normal=[('sep_conv_3x3', 0), ...], normal_concat=range(2, 6),
+...)``) are parsed with :mod:`ast` as data: only literals, lists/tuples and ``range(a, b)`` are
+accepted, nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import ConfigError
+
+Pairs = tuple[tuple[str, int], ...]
+_FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
+
+
+class GenotypeError(ConfigError):
+    """A malformed genotype: the message names the field and the problem."""
+
+
+@dataclass(frozen=True)
+class Genotype:
+    normal: Pairs
+    normal_concat: tuple[int, ...]
+    reduce: Pairs
+    reduce_concat: tuple[int, ...]
+
+    @property
+    def steps(self) -> int:
+        return len(self.normal) // 2
+
+    def ops(self) -> set[str]:
+        return {op for op, _ in self.normal + self.reduce}
+
+    def to_dict(self) -> dict:
+        return {
+            "normal": [[op, i] for op, i in self.normal],
+            "normal_concat": list(self.normal_concat),
+            "reduce": [[op, i] for op, i in self.reduce],
+            "reduce_concat": list(self.reduce_concat),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, primitives: Iterable[str] | None = None, source: str = "genotype") -> "Genotype":
+        """Build and validate from the JSON form; errors name ``source`` and the field."""
+        if not isinstance(data, dict):
+            raise GenotypeError(f"{source}: expected an object with fields {', '.join(_FIELDS)}")
+        missing = [f for f in _FIELDS if f not in data]
+        extra = [f for f in data if f not in _FIELDS]
+        if missing or extra:
+            what = (f"missing field(s) {', '.join(missing)}" if missing else "") + \
+                   ("; " if missing and extra else "") + (f"unknown field(s) {', '.join(extra)}" if extra else "")
+            raise GenotypeError(f"{source}: {what}")
+        geno = cls(
+            normal=_pairs(data["normal"], f"{source}: normal"),
+            normal_concat=_ints(data["normal_concat"], f"{source}: normal_concat"),
+            reduce=_pairs(data["reduce"], f"{source}: reduce"),
+            reduce_concat=_ints(data["reduce_concat"], f"{source}: reduce_concat"),
+        )
+        geno.validate(primitives, source)
+        return geno
+
+    def validate(self, primitives: Iterable[str] | None = None, source: str = "genotype") -> None:
+        """Check the cell structure (and, if given, that every op is one of ``primitives``)."""
+        allowed = None if primitives is None else list(primitives)
+        if len(self.normal) != len(self.reduce):
+            raise GenotypeError(f"{source}: normal has {len(self.normal)} pairs but reduce has {len(self.reduce)}")
+        for name in ("normal", "reduce"):
+            pairs = getattr(self, name)
+            if len(pairs) == 0 or len(pairs) % 2:
+                raise GenotypeError(f"{source}: {name} must hold two (op, input) pairs per node, got {len(pairs)}")
+            for k, (op, inp) in enumerate(pairs):
+                node = 2 + k // 2
+                if allowed is not None and op not in allowed:
+                    raise GenotypeError(f"{source}: {name}[{k}] has op {op!r}; allowed ops: {', '.join(allowed)}")
+                if not 0 <= inp < node:
+                    raise GenotypeError(f"{source}: {name}[{k}] feeds node {node} from node {inp}; "
+                                        f"inputs must be in 0..{node - 1}")
+            concat = getattr(self, name + "_concat")
+            n_nodes = 2 + len(pairs) // 2
+            if not concat or len(set(concat)) != len(concat) or not all(0 <= c < n_nodes for c in concat):
+                raise GenotypeError(f"{source}: {name}_concat {list(concat)} must list distinct nodes in 0..{n_nodes - 1}")
+
+    def __str__(self) -> str:
+        def fmt(pairs: Pairs) -> str:
+            return "[" + ", ".join(f"({op!r}, {i})" for op, i in pairs) + "]"
+
+        def rng(c: tuple[int, ...]) -> str:
+            return f"range({c[0]}, {c[-1] + 1})" if list(c) == list(range(c[0], c[-1] + 1)) else str(list(c))
+
+        return (f"Genotype(normal={fmt(self.normal)}, normal_concat={rng(self.normal_concat)}, "
+                f"reduce={fmt(self.reduce)}, reduce_concat={rng(self.reduce_concat)})")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON form atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def _pairs(value: object, where: str) -> Pairs:
+    if not isinstance(value, (list, tuple)):
+        raise GenotypeError(f"{where}: expected a list of [op, input] pairs")
+    out = []
+    for k, pair in enumerate(value):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str)
+                or not isinstance(pair[1], int) or isinstance(pair[1], bool)):
+            raise GenotypeError(f"{where}[{k}]: expected [op_name, input_node], got {pair!r}")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+def _ints(value: object, where: str) -> tuple[int, ...]:
+    if isinstance(value, range):
+        value = list(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise GenotypeError(f"{where}: expected a list of node indices, got {value!r}")
+    return tuple(value)
+
+
+def _literal(node: ast.AST, where: str) -> object:
+    """Convert an AST node of plain data (and range(a, b)) to a Python value; refuse the rest."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int)):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e, where) for e in node.elts]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range" \
+            and not node.keywords and 1 <= len(node.args) <= 2:
+        args = [_literal(a, where) for a in node.args]
+        if all(isinstance(a, int) for a in args):
+            return list(range(*args))
+    raise GenotypeError(f"{where}: only literals and range(a, b) are allowed, found {ast.unparse(node)!r}")
+
+
+def parse_genotype(text: str, primitives: Iterable[str] | None = None, source: str = "genotype string") -> Genotype:
+    """Parse a DARTS-style ``Genotype(normal=[...], normal_concat=range(2, 6), ...)`` string safely."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        raise GenotypeError(f"{source}: not a valid Genotype(...) expression ({e.msg})") from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Genotype"):
+        raise GenotypeError(f"{source}: expected Genotype(normal=..., normal_concat=..., reduce=..., reduce_concat=...)")
+    if len(call.args) > len(_FIELDS):
+        raise GenotypeError(f"{source}: Genotype takes at most {len(_FIELDS)} fields")
+    data: dict[str, object] = {}
+    for name, arg in zip(_FIELDS, call.args):
+        data[name] = _literal(arg, f"{source}: {name}")
+    for kw in call.keywords:
+        if kw.arg is None or kw.arg in data:
+            raise GenotypeError(f"{source}: field {kw.arg!r} given twice or unpacked")
+        data[kw.arg] = _literal(kw.value, f"{source}: {kw.arg}")
+    return Genotype.from_dict(data, primitives, source)
+
+
+def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = None) -> Genotype:
+    """A genotype from a JSON file, a file holding a DARTS string, a DARTS string, or a zoo name."""
+    from . import zoo
+
+    text = str(spec)
+    if text in zoo.list_genotypes():
+        geno = zoo.get_genotype(text)
+        geno.validate(primitives, text)
+        return geno
+    path = Path(text)
+    if text.lstrip().startswith("Genotype("):
+        return parse_genotype(text, primitives)
+    if not path.is_file():
+        raise GenotypeError(f"genotype {text!r} is neither a file, a Genotype(...) string nor a zoo name "
+                            f"({', '.join(zoo.list_genotypes())})")
+    try:
+        content = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenotypeError(f"{path}: cannot read genotype file ({e})") from None
+    if content.lstrip().startswith("Genotype("):
+        return parse_genotype(content, primitives, source=str(path))
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as e:
+        raise GenotypeError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return Genotype.from_dict(data, primitives, source=str(path))
+
+
+def pairs(items: Sequence[tuple[str, int]]) -> Pairs:
+    """Normalise a sequence of (op, input) pairs to the tuple form stored in a Genotype."""
+    return tuple((str(op), int(i)) for op, i in items)

@@ -1,0 +1,207 @@
+"""``run_search``: train the supernet weights and read the architecture off them (SPEC sections 2-5).
+
+Run folder::
+
+    config.json      every setting used
+    history.jsonl    one line per epoch: losses, accuracies, lr, that epoch's genotype and the
+                     per-cell-type mean stable rank of every (edge, op)
+    genotype.json    the genotype of the epoch with the lowest validation error
+    checkpoint.pt    the last completed epoch (weights, optimiser, scheduler, RNG, history)
+    cells.png        the normal and reduction cells of genotype.json
+
+The checkpoint is the source of truth: history.jsonl and genotype.json are rewritten from it, so
+a run killed between two writes resumes consistently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json, write_jsonl
+from .config import SearchConfig
+from .data import DeviceLoader, ImageData, load_dataset, search_split
+from .derive import edge_index
+from .engine import evaluate, recalibrate_bn, train_one_epoch
+from .errors import CheckpointError, ConfigError
+from .genotype import Genotype
+from .supernet import SuperNet
+from .visualize import plot_genotype
+
+CHECKPOINT_FORMAT = "msrdarts-search-v1"
+RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt")
+#: Settings that may differ on --resume without changing what the run computes.
+RESUMABLE_CHANGES = ("data", "download", "device", "progress")
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    best_epoch: int
+    best_valid_acc: float
+    history: list[dict]
+    out: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks the accelerator torch reports (if any), else the CPU; others must exist."""
+    accel = torch.accelerator.current_accelerator(check_available=True)
+    if name == "auto":
+        return accel if accel is not None else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device={name!r}: not a device name (cpu, cuda, cuda:0, mps, ...)") from None
+    if device.type != "cpu" and (accel is None or accel.type != device.type):
+        raise ConfigError(f"--device={name!r}: not available on this machine "
+                          f"(available: cpu{', ' + accel.type if accel is not None else ''})")
+    return device
+
+
+def build_supernet(cfg: SearchConfig, data: ImageData) -> SuperNet:
+    return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
+                    primitives=cfg.primitives, mixing=cfg.mixing, in_channels=data.in_channels,
+                    spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations)
+
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse to start over an existing run, or to resume where there is none."""
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise CheckpointError(f"--resume: {out}/checkpoint.pt not found; nothing to resume")
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if present:
+        raise CheckpointError(f"--out {out} already holds a run ({', '.join(present)}); "
+                              f"pass --resume to continue it or choose another --out")
+
+
+def config_mismatch(saved: SearchConfig, cfg: SearchConfig) -> list[str]:
+    return [f"{f.name}: run has {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}"
+            for f in fields(SearchConfig)
+            if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
+
+
+def _rank_options(cfg: SearchConfig) -> dict[str, bool]:
+    return {"resolution_normalized": cfg.rank_per_pixel, "authors_quirk": cfg.authors_reduce_resolution}
+
+
+def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
+               on_epoch_end: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print
+               ) -> SearchResult:
+    """Run (or resume) an MSR-DARTS search into the folder ``out``.
+
+    ``on_epoch_end(epoch, record)`` is called after each epoch's files are written.
+    """
+    cfg.validate()
+    out = Path(out)
+    check_run_folder(out, resume)
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{out}/checkpoint.pt: format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        saved = SearchConfig.from_dict(ckpt["config"], source=f"{out}/checkpoint.pt")
+        diff = config_mismatch(saved, cfg)
+        if diff:
+            raise CheckpointError(f"--resume with changed settings ({'; '.join(diff)})")
+    device = resolve_device(cfg.device)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.data, cfg.download)
+    train_idx, valid_idx = search_split(len(data.y_train), cfg.train_portion, cfg.split_seed)
+    model = build_supernet(cfg, data).to(device)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DeviceLoader(data.x_train[train_idx], data.y_train[train_idx], cfg.batch_size, data.mean,
+                                data.std, device, shuffle=True, crop_padding=data.crop_padding, flip=data.flip,
+                                drop_last=len(train_idx) > cfg.batch_size, generator=loader_gen)
+    valid_loader = DeviceLoader(data.x_train[valid_idx], data.y_train[valid_idx], cfg.batch_size, data.mean,
+                                data.std, device)
+    # Fixed, unaugmented search-train batches for BN recalibration (touches no RNG).
+    bn_loader = DeviceLoader(data.x_train[train_idx], data.y_train[train_idx], cfg.batch_size, data.mean,
+                             data.std, device)
+    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.lr_min)
+
+    history: list[dict] = []
+    best: dict | None = None
+    start_epoch = 0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{out}/checkpoint.pt does not match this network "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+        set_rng_state(ckpt["rng"], device, {"loader": loader_gen})
+        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
+        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg.to_dict())
+    _write_derived(out, history, best)
+
+    ranks = _rank_options(cfg)
+    edges = [list(e) for e in edge_index(model.steps)]
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        if cfg.mixing == "srsoftmax":
+            model.refresh_mixing(**ranks)
+        lr = optimizer.param_groups[0]["lr"]
+        tag = f"epoch {epoch + 1}/{cfg.epochs}"
+        tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag, progress=cfg.progress)
+        recalibrate_bn(model, bn_loader, cfg.bn_recalibration)
+        va = evaluate(model, valid_loader, device, desc=f"{tag} valid", progress=cfg.progress)
+        scheduler.step()
+        table = model.stable_rank_table(**ranks).cpu()
+        geno = model.genotype(table=table)
+        record = {
+            "epoch": epoch + 1, "lr": lr,
+            "train_loss": tr["loss"], "train_acc": tr["acc"], "valid_loss": va["loss"], "valid_acc": va["acc"],
+            "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
+            "genotype": geno.to_dict(),
+            "stable_rank": {"ops": list(model.primitives), "edges": edges,
+                            "normal": table[0].tolist(), "reduce": table[1].tolist()},
+        }
+        history.append(record)
+        if best is None or va["acc"] > best["valid_acc"]:  # lowest validation error; ties keep the earlier
+            best = {"epoch": epoch + 1, "valid_acc": va["acc"], "genotype": geno.to_dict()}
+        save_checkpoint(out / "checkpoint.pt", {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(device, {"loader": loader_gen}), "history": history, "best": best,
+        })
+        _write_derived(out, history, best)
+        log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {va['loss']:.4f} "
+            f"acc {va['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+
+    if best is None:
+        raise CheckpointError(f"{out}: no completed epoch to derive a genotype from")
+    genotype = Genotype.from_dict(best["genotype"])
+    plot_genotype(genotype, out / "cells.png")
+    log(f"genotype (epoch {best['epoch']}, valid acc {best['valid_acc']:.2f}%): {genotype}")
+    log(f"results in {out}/ (genotype.json, history.jsonl, checkpoint.pt, cells.png)")
+    return SearchResult(genotype, best["epoch"], best["valid_acc"], history, out)
+
+
+def _write_derived(out: Path, history: list[dict], best: dict | None) -> None:
+    write_jsonl(out / "history.jsonl", history)
+    if best is not None:
+        write_json(out / "genotype.json", best["genotype"])
+
+
+def read_history(out: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "history.jsonl").read_text().splitlines() if line.strip()]

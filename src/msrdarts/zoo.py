@@ -1,0 +1,64 @@
+"""Published genotypes by name (SPEC sections 5 and 6): a registry of data, looked up by name."""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+from .genotype import Genotype, pairs
+
+_CONCAT = (2, 3, 4, 5)
+_ZOO: dict[str, Genotype] = {}
+
+
+def register_genotype(name: str, genotype: Genotype) -> Genotype:
+    if name in _ZOO:
+        raise ValueError(f"genotype {name!r} is already registered")
+    genotype.validate(source=name)
+    _ZOO[name] = genotype
+    return genotype
+
+
+def list_genotypes() -> list[str]:
+    return list(_ZOO)
+
+
+def get_genotype(name: str) -> Genotype:
+    try:
+        return _ZOO[name]
+    except KeyError:
+        raise ConfigError(f"unknown genotype {name!r}; zoo: {', '.join(_ZOO)}") from None
+
+
+def _g(normal: list[tuple[str, int]], reduce: list[tuple[str, int]]) -> Genotype:
+    return Genotype(pairs(normal), _CONCAT, pairs(reduce), _CONCAT)
+
+
+register_genotype("MSR_DARTS", _g(
+    [("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 2), ("dil_conv_5x5", 1),
+     ("dil_conv_3x3", 3), ("dil_conv_3x3", 0), ("sep_conv_5x5", 1), ("dil_conv_5x5", 2)],
+    [("sep_conv_3x3", 0), ("dil_conv_3x3", 1), ("dil_conv_3x3", 1), ("sep_conv_5x5", 0),
+     ("sep_conv_3x3", 0), ("dil_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_5x5", 1)],
+))
+register_genotype("DARTS_V1", _g(
+    [("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
+     ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2)],
+    [("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 0),
+     ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("avg_pool_3x3", 0)],
+))
+register_genotype("DARTS_V2", _g(
+    [("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+     ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2)],
+    [("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
+     ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1)],
+))
+register_genotype("PC_DARTS", _g(
+    [("sep_conv_3x3", 1), ("skip_connect", 0), ("sep_conv_3x3", 0), ("dil_conv_3x3", 1),
+     ("sep_conv_5x5", 0), ("sep_conv_3x3", 1), ("avg_pool_3x3", 0), ("dil_conv_3x3", 1)],
+    [("sep_conv_5x5", 1), ("max_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_5x5", 2),
+     ("sep_conv_3x3", 0), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2)],
+))
+register_genotype("P_DARTS", _g(
+    [("skip_connect", 0), ("dil_conv_3x3", 1), ("skip_connect", 0), ("sep_conv_3x3", 1),
+     ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 0), ("dil_conv_5x5", 4)],
+    [("avg_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_3x3", 0), ("dil_conv_5x5", 2),
+     ("max_pool_3x3", 0), ("dil_conv_3x3", 1), ("dil_conv_3x3", 1), ("dil_conv_5x5", 3)],
+))
