@@ -1,4 +1,4 @@
-"""Command line: ``msrdarts search | bench``.
+"""Command line: ``msrdarts search | plot | bench``.
 
 Flags are generated from :class:`msrdarts.config.SearchConfig`, so every setting of a preset can
 be overridden and ``--help`` shows each preset's value. Parsing produces a typed config and calls
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     _add_config_flags(s, SearchConfig, SEARCH_PRESETS)
 
+    p = sub.add_parser("plot", help="draw a genotype's two cells (PNG, SVG or PDF by --out suffix)")
+    p.add_argument("--genotype", required=True,
+                   help="genotype.json, a file or string in DARTS Genotype(...) form, or a zoo name")
+    p.add_argument("--out", required=True, type=Path, help="picture file to write (.png, .svg, .pdf)")
+
     b = sub.add_parser("bench", help="micro-benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     st = bsub.add_parser("search-step", help="time one supernet training step, with and without spectral norm")
@@ -94,6 +99,20 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from .genotype import load_genotype
+    from .visualize import plot_genotype
+
+    genotype = load_genotype(args.genotype)
+    if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise MsrdartsError(f"--out {args.out}: unsupported picture type; use .png, .svg or .pdf")
+    if not args.out.parent.is_dir():
+        raise MsrdartsError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    plot_genotype(genotype, args.out, title=str(args.genotype) if len(str(args.genotype)) < 60 else None)
+    print(f"{genotype}\nwrote {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_search_step
 
@@ -112,9 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "search":
-            return _search(args)
-        return _bench(args)
+        commands = {"search": _search, "plot": _plot, "bench": _bench}
+        return commands[args.command](args)
     except MsrdartsError as e:
         print(f"msrdarts: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,78 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from msrdarts.cli import main
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny networks: one thread, no spin-wait contention
+    return subprocess.run([sys.executable, "-m", "msrdarts", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, env=env)
+
+
+def test_help_shows_every_preset_value():
+    r = run_cli("search", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for fragment in ("--epochs", "cifar10: 50", "quick: 10", "--batch-size", "cifar10: 128", "--lr-min",
+                     "--no-spectral-norm", "--resume", "--primitives"):
+        assert fragment in text, fragment
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--preset", "bogus"], "unknown preset 'bogus'; allowed: cifar10, quick"),
+    (["--preset", "quick", "--epochs", "0"], "--epochs=0: must be a positive integer"),
+    (["--preset", "quick", "--channels", "-3"], "--channels=-3"),
+    (["--preset", "quick", "--primitives", "sep_conv_3x3,conv_9x9"], "unknown op(s) conv_9x9"),
+    (["--preset", "cifar10", "--data", "DIR/nowhere"], "CIFAR-10 not found in"),
+    (["--preset", "quick", "--resume"], "nothing to resume"),
+])
+def test_bad_input_one_line_no_traceback(tmp_path, capsys, args, fragment):
+    args = [a.replace("DIR", str(tmp_path)) for a in args]
+    code = main(["search", "--out", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err
+    assert err.count("\n") == 1 and err.startswith("msrdarts: error: ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"precious": true}')
+    code = main(["search", "--preset", "quick", "--out", str(out)])
+    assert code == 2
+    assert "already holds a run (config.json)" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == '{"precious": true}'
+
+
+def test_plot_zoo_and_bad_genotype_file(tmp_path, capsys):
+    assert main(["plot", "--genotype", "MSR_DARTS", "--out", str(tmp_path / "msr.png")]) == 0
+    assert (tmp_path / "msr.png").read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "g.json"
+    bad.write_text(json.dumps({"normal": [["sep_conv_3x3", 0], ["conv", 5]], "normal_concat": [2],
+                               "reduce": [["sep_conv_3x3", 0], ["sep_conv_3x3", 1]], "reduce_concat": [2]}))
+    capsys.readouterr()
+    assert main(["plot", "--genotype", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "g.json: normal[1] feeds node 2 from node 5" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_console_search_end_to_end(tmp_path):
+    """The installed entry point runs a (tiny) search offline and reports where the results are."""
+    out = tmp_path / "run"
+    r = run_cli("search", "--preset", "quick", "--out", str(out), "--epochs", "1", "--layers", "3",
+                "--channels", "2", "--batch-size", "512", "--no-progress", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "genotype (epoch 1" in r.stdout and f"results in {out}" in r.stdout
+    assert json.loads((out / "config.json").read_text())["channels"] == 2
+    r2 = run_cli("search", "--out", str(out), "--resume", "--no-progress")
+    assert r2.returncode == 0, r2.stderr  # already complete: nothing to do, files rewritten identically
+    assert "resuming" in r2.stdout

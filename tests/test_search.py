@@ -1,0 +1,146 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from msrdarts.checkpoint import load_checkpoint
+from msrdarts.config import SearchConfig, get_preset
+from msrdarts.errors import CheckpointError, ConfigError
+from msrdarts.genotype import load_genotype
+from msrdarts.search import read_history, run_search
+
+TINY = SearchConfig(dataset="digits", layers=3, channels=4, batch_size=256, epochs=2, lr=0.05, seed=0,
+                    bn_recalibration=2, device="cpu", progress=False)
+TIMING = ("epoch_time_s", "train_images_per_s")
+
+
+def quiet(_msg):
+    pass
+
+
+class Stop(Exception):
+    pass
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = run_search(TINY, out, log=quiet)
+    return out, result
+
+
+def test_run_folder_contents(full_run):
+    out, result = full_run
+    assert sorted(p.name for p in out.iterdir()) == ["cells.png", "checkpoint.pt", "config.json", "genotype.json",
+                                                      "history.jsonl"]
+    assert SearchConfig.from_dict(json.loads((out / "config.json").read_text())) == TINY
+    history = read_history(out)
+    assert [r["epoch"] for r in history] == [1, 2]
+    for r in history:
+        for key in ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr"):
+            assert isinstance(r[key], float)
+        table = r["stable_rank"]
+        assert table["ops"] == list(TINY.primitives) and len(table["edges"]) == 14
+        assert len(table["normal"]) == 14 and len(table["normal"][0]) == 4
+        load_genotype(out / "genotype.json")  # valid file
+    assert history[0]["lr"] == pytest.approx(TINY.lr)
+    # genotype.json is the genotype of the epoch with the best validation accuracy.
+    best = max(history, key=lambda r: (r["valid_acc"], -r["epoch"]))
+    assert json.loads((out / "genotype.json").read_text()) == best["genotype"]
+    assert result.best_epoch == best["epoch"] and result.genotype.to_dict() == best["genotype"]
+    assert (out / "cells.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["config"] == TINY.to_dict()
+
+
+def test_history_genotype_is_derived_from_the_recorded_table(full_run):
+    from msrdarts.derive import derive_genotype
+
+    out, _ = full_run
+    for r in read_history(out):
+        t = r["stable_rank"]
+        g = derive_genotype(torch.tensor(t["normal"]), torch.tensor(t["reduce"]), t["ops"])
+        assert g.to_dict() == r["genotype"]
+
+
+def test_refuses_existing_run_and_leaves_it_untouched(full_run):
+    out, _ = full_run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        run_search(TINY, out, log=quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_equals_uninterrupted_run(full_run, tmp_path):
+    out_full, _ = full_run
+    out = tmp_path / "interrupted"
+
+    def stop_after_first(epoch, record):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_search(TINY, out, on_epoch_end=stop_after_first, log=quiet)
+    assert [r["epoch"] for r in read_history(out)] == [1]
+    run_search(TINY, out, resume=True, log=quiet)
+    assert _strip(read_history(out)) == _strip(read_history(out_full))
+    assert (out / "genotype.json").read_text() == (out_full / "genotype.json").read_text()
+    a, b = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(out_full / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(full_run, tmp_path):
+    out, _ = full_run
+    with pytest.raises(CheckpointError, match="changed settings \\(channels: run has 4, now 6"):
+        run_search(replace(TINY, channels=6), out, resume=True, log=quiet)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        run_search(TINY, tmp_path / "empty", resume=True, log=quiet)
+
+
+def test_corrupted_checkpoint_is_named(full_run, tmp_path):
+    out, _ = full_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="checkpoint.pt: not a readable msrdarts checkpoint"):
+        run_search(TINY, bad, resume=True, log=quiet)
+
+
+def test_srsoftmax_search_runs(tmp_path):
+    cfg = replace(TINY, mixing="srsoftmax", epochs=1, authors_reduce_resolution=True)
+    result = run_search(cfg, tmp_path / "sr", log=quiet)
+    result.genotype.validate(cfg.primitives)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(epochs=0), "--epochs=0"),
+    (dict(layers=2), "--layers=2"),
+    (dict(dataset="imagenet21k"), "--dataset='imagenet21k'"),
+    (dict(primitives=("sep_conv_3x3", "skip_connect")), "skip_connect have none"),
+    (dict(train_portion=1.5), "--train-portion=1.5"),
+    (dict(device="tpu9"), "--device='tpu9'"),
+])
+def test_bad_settings_fail_before_touching_the_folder(tmp_path, change, fragment):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as info:
+        run_search(replace(TINY, **change), out, log=quiet)
+    assert fragment in str(info.value)
+    assert not out.exists()
+
+
+def test_presets_follow_the_spec():
+    c = get_preset("cifar10")
+    assert (c.layers, c.channels, c.batch_size, c.epochs, c.lr, c.lr_min, c.momentum, c.weight_decay, c.grad_clip,
+            c.train_portion, c.dataset, c.mixing, c.spectral_norm) == \
+           (8, 16, 128, 50, 0.025, 0.001, 0.9, 3e-4, 5.0, 0.8, "cifar10", "sum", True)
+    assert c.primitives == ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+    assert get_preset("quick").dataset == "digits"
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        get_preset("fast")

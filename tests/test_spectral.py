@@ -1,0 +1,332 @@
+"""Spectral normalisation of OpConvs against the dense zero-padding operator (brute force)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from msrdarts.ops import FactorizedReduce, OpConv, record_input_sizes
+from msrdarts.spectral import ConvSpectralNorm, apply_spectral_norm
+
+from _reference import dense_conv, dense_of, op_norm
+
+# name -> (C_in, C_out, k, stride, padding, dilation, groups, (H, W))
+GEOMS = {
+    "dw3_s1_8x8": (4, 4, 3, 1, 1, 1, 4, (8, 8)),
+    "dw3_s1_7x7": (3, 3, 3, 1, 1, 1, 3, (7, 7)),
+    "dw3_s2_8x8": (4, 4, 3, 2, 1, 1, 4, (8, 8)),
+    "dw3_s2_7x7": (4, 4, 3, 2, 1, 1, 4, (7, 7)),
+    "dw3_s2_6x5": (3, 3, 3, 2, 1, 1, 3, (6, 5)),
+    "dw5_s1_8x8": (3, 3, 5, 1, 2, 1, 3, (8, 8)),
+    "dw5_s2_7x7": (3, 3, 5, 2, 2, 1, 3, (7, 7)),
+    "dw3_d2_s1_7x7": (3, 3, 3, 1, 2, 2, 3, (7, 7)),
+    "dw3_d2_s2_8x8": (3, 3, 3, 2, 2, 2, 3, (8, 8)),
+    "dw5_d2_s1_8x8": (3, 3, 5, 1, 4, 2, 3, (8, 8)),
+    "dw5_d2_s2_8x8": (3, 3, 5, 2, 4, 2, 3, (8, 8)),
+    "dw5_d2_s2_7x7": (3, 3, 5, 2, 4, 2, 3, (7, 7)),
+    "dw5_d2_s1_3x3": (2, 2, 5, 1, 4, 2, 2, (3, 3)),  # kernel span exceeds the input
+    "pw_4to4_8x8": (4, 4, 1, 1, 0, 1, 1, (8, 8)),
+    "pw_3to5_5x7": (3, 5, 1, 1, 0, 1, 1, (5, 7)),
+    "dense3_s2_7x7": (2, 3, 3, 2, 1, 1, 1, (7, 7)),  # non-matrix, non-depthwise
+}
+MATRIX = {n for n, g in GEOMS.items() if g[2] == 1}
+
+
+def make_conv(name: str, seed: int = 0, dtype=torch.float32, scale: float = 1.0) -> OpConv:
+    c_in, c_out, k, s, p, d, g, hw = GEOMS[name]
+    torch.manual_seed(seed)
+    conv = OpConv(c_in, c_out, k, stride=s, padding=p, dilation=d, groups=g, bias=False).to(dtype)
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    conv.input_hw = hw
+    return conv
+
+
+def register(conv: OpConv, **kw) -> ConvSpectralNorm:
+    sn = ConvSpectralNorm(conv, conv.input_hw, **kw)
+    parametrize.register_parametrization(conv, "weight", sn)
+    return sn
+
+
+def true_norm(conv: OpConv, weight: torch.Tensor | None = None) -> float:
+    return op_norm(dense_of(conv, weight=weight))
+
+
+@pytest.mark.parametrize("name", list(GEOMS))
+@pytest.mark.parametrize("scale", [1.0, 37.0])
+def test_normalised_operator_norm_is_one(name, scale):
+    conv = make_conv(name, seed=1, scale=scale)
+    raw = conv.weight.detach().clone()
+    raw_norm = true_norm(conv)
+    sn = register(conv)
+    assert sn.matrix == (name in MATRIX)
+    for mode in (False, True):  # eval reads the stored vectors; train runs one more iteration
+        conv.train(mode)
+        w = conv.weight
+        assert w.shape == raw.shape
+        assert true_norm(conv, w) == pytest.approx(1.0, rel=0.01)
+    # sigma estimates the operator norm of the raw weight
+    assert float(sn.sigma(raw)) == pytest.approx(raw_norm, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["dw3_s1_8x8", "dw5_d2_s2_7x7", "pw_3to5_5x7"])
+def test_input_hw_from_record_input_sizes(name):
+    c_in, c_out, k, s, p, d, g, hw = GEOMS[name]
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.ReLU(), OpConv(c_in, c_out, k, stride=s, padding=p, dilation=d, groups=g, bias=False))
+    record_input_sizes(net, torch.zeros(1, c_in, *hw))
+    conv = net[1]
+    assert conv.input_hw == hw
+    assert apply_spectral_norm(net) == 1
+    assert parametrize.is_parametrized(conv, "weight")
+    assert conv.parametrizations.weight[0].input_hw == hw
+    assert true_norm(conv) == pytest.approx(1.0, rel=0.01)
+
+
+@pytest.mark.parametrize("target", [0.5, 2.0])
+def test_target(target):
+    conv = make_conv("dw3_s2_7x7", seed=3)
+    register(conv, target=target)
+    assert true_norm(conv) == pytest.approx(target, rel=0.01)
+
+
+def test_operator_norm_differs_from_kernel_matrix_norm():
+    # the reference that matters is the operator on (C_in, H, W), not the reshaped kernel matrix:
+    # make sure the geometry used here is one where the two differ a lot.
+    conv = make_conv("dw3_s1_8x8", seed=4)
+    kernel_matrix_norm = float(torch.linalg.matrix_norm(conv.weight.detach().double().flatten(1), ord=2))
+    register(conv)
+    assert true_norm(conv) == pytest.approx(1.0, rel=0.01)
+    assert abs(kernel_matrix_norm / float(conv.parametrizations.weight[0].sigma(
+        conv.parametrizations.weight.original)) - 1) > 0.1
+
+
+@pytest.mark.parametrize("name", [n for n in GEOMS if n not in MATRIX])
+def test_A_and_At_match_dense_matrix(name):
+    conv = make_conv(name, seed=5, dtype=torch.float64)
+    sn = ConvSpectralNorm(conv, conv.input_hw)
+    w = conv.weight.detach()
+    A = dense_of(conv)
+    c_in, H, W = conv.in_channels, *conv.input_hw
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, c_in, H, W, generator=gen, dtype=torch.float64)
+    Ax = sn._A(x, w)
+    torch.testing.assert_close(Ax.reshape(2, -1), x.reshape(2, -1) @ A.t(), atol=1e-12, rtol=0)
+    y = torch.randn(2, *Ax.shape[1:], generator=gen, dtype=torch.float64)
+    Aty = sn._At(y, w)
+    assert Aty.shape == x.shape, "conv_transpose2d output_padding does not restore the input size"
+    torch.testing.assert_close(Aty.reshape(2, -1), y.reshape(2, -1) @ A, atol=1e-12, rtol=0)
+    # adjointness: <A x, y> == <x, A^T y>
+    lhs = (Ax * y).sum()
+    rhs = (x * Aty).sum()
+    assert float(lhs) == pytest.approx(float(rhs), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX))
+def test_matrix_path_A_and_At(name):
+    conv = make_conv(name, seed=7, dtype=torch.float64)
+    sn = ConvSpectralNorm(conv, conv.input_hw)
+    assert sn.matrix and sn.u.shape == (conv.in_channels,) and sn.v.shape == (conv.out_channels,)
+    w = conv.weight.detach()
+    M = w[:, :, 0, 0]
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(conv.in_channels, generator=gen, dtype=torch.float64)
+    y = torch.randn(conv.out_channels, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(sn._A(x, w), M @ x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(sn._At(y, w), M.t() @ y, atol=1e-12, rtol=0)
+    assert float((sn._A(x, w) * y).sum()) == pytest.approx(float((x * sn._At(y, w)).sum()), rel=1e-12)
+    # the operator norm of a 1x1 conv on any H x W is its matrix norm
+    assert true_norm(conv) == pytest.approx(float(torch.linalg.matrix_norm(M, ord=2)), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dw5_d2_s2_8x8", "pw_4to4_8x8"])
+def test_original_kept_and_weight_is_original_over_sigma(name):
+    conv = make_conv(name, seed=9, dtype=torch.float64)
+    raw = conv.weight.detach().clone()
+    target = 2.5
+    sn = register(conv, target=target)
+    orig = conv.parametrizations.weight.original
+    assert isinstance(orig, nn.Parameter)
+    assert torch.equal(orig.detach(), raw)
+    conv.eval()
+    sigma = sn.sigma(orig).detach()
+    assert float(sigma) == pytest.approx(true_norm(conv, raw), rel=0.01)
+    torch.testing.assert_close(conv.weight.detach(), raw / sigma * target, atol=1e-14, rtol=1e-12)
+    assert not torch.allclose(conv.weight.detach(), raw)  # the raw weight is not already normalised
+    # the forward of the conv uses the normalised weight
+    x = torch.randn(2, conv.in_channels, *conv.input_hw, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), F.conv2d(x, raw / sigma * target, None, conv.stride, conv.padding,
+                                                 conv.dilation, conv.groups))
+    # and training the conv leaves `original` a free parameter (the optimizer sees it)
+    assert any(p is orig for p in conv.parameters())
+
+
+@pytest.mark.parametrize("name", ["dw3_s2_7x7", "pw_3to5_5x7"])
+def test_vectors_persist_update_in_training_only(name):
+    conv = make_conv(name, seed=10)
+    sn = register(conv)
+    sd = conv.state_dict()
+    assert "parametrizations.weight.0.u" in sd and "parametrizations.weight.0.v" in sd
+    torch.testing.assert_close(sd["parametrizations.weight.0.u"], sn.u)
+
+    # new raw weights: the stored vectors are now stale
+    with torch.no_grad():
+        conv.parametrizations.weight.original.copy_(torch.randn_like(conv.parametrizations.weight.original))
+    u0, v0 = sn.u.clone(), sn.v.clone()
+    conv.eval()
+    for _ in range(3):
+        conv.weight
+        conv(torch.randn(1, conv.in_channels, *conv.input_hw))
+    assert torch.equal(sn.u, u0) and torch.equal(sn.v, v0), "eval-mode forward changed the power-iteration vectors"
+
+    conv.train()
+    conv(torch.randn(1, conv.in_channels, *conv.input_hw))
+    assert (sn.u - u0).abs().max() > 1e-3, "training forward did not update u"
+    assert torch.equal(conv.state_dict()["parametrizations.weight.0.u"], sn.u)
+    u1 = sn.u.clone()
+    # a few more training forwards track the new weight's operator norm
+    for _ in range(30):
+        conv(torch.randn(1, conv.in_channels, *conv.input_hw))
+    assert not torch.equal(sn.u, u1)
+    conv.eval()
+    assert true_norm(conv) == pytest.approx(1.0, rel=0.01)
+
+    # loading the state dict restores the vectors (and hence the normalised weight in eval)
+    other = make_conv(name, seed=11)
+    register(other)
+    other.load_state_dict(conv.state_dict())
+    other.eval()
+    assert torch.equal(other.parametrizations.weight[0].u, sn.u)
+    torch.testing.assert_close(other.weight, conv.weight, atol=0, rtol=0)
+
+
+def _dilconv_stack(C: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ReLU(),
+        OpConv(C, C, 3, stride=1, padding=1, groups=C, bias=False),
+        OpConv(C, C, 1, bias=False),
+        nn.BatchNorm2d(C, affine=False),
+        nn.ReLU(),
+        OpConv(C, C, 5, stride=2, padding=4, dilation=2, groups=C, bias=False),
+        OpConv(C, C, 1, bias=False),
+        nn.BatchNorm2d(C, affine=False),
+        nn.ReLU(),
+        OpConv(C, C, 3, stride=2, padding=1, groups=C, bias=False),
+        OpConv(C, 2 * C, 1, bias=False),
+    )
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 7)])
+def test_training_keeps_true_operator_norm_near_one(hw):
+    torch.manual_seed(12)
+    C = 4
+    net = _dilconv_stack(C)
+    record_input_sizes(net, torch.zeros(1, C, *hw))
+    convs = [m for m in net.modules() if isinstance(m, OpConv)]
+    assert [c.input_hw for c in convs] == [hw, hw, hw, ((hw[0] + 1) // 2,) * 2, ((hw[0] + 1) // 2,) * 2,
+                                           ((hw[0] + 3) // 4,) * 2]
+    assert apply_spectral_norm(net) == len(convs) == 6
+    assert apply_spectral_norm(net) == 0  # idempotent
+    raw0 = [c.parametrizations.weight.original.detach().clone() for c in convs]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(16, C, *hw)
+    target = torch.randn(16, 2 * C, (hw[0] + 3) // 4, (hw[1] + 3) // 4)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = F.mse_loss(net(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    for c, r0 in zip(convs, raw0):
+        orig = c.parametrizations.weight.original.detach()
+        assert (orig - r0).abs().max() > 1e-4, "weights did not move, the scenario tests nothing"
+    net.eval()
+    for c in convs:
+        assert true_norm(c) == pytest.approx(1.0, rel=0.05)
+    net.train()
+    for c in convs:
+        assert true_norm(c) == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["dw5_d2_s2_7x7", "pw_4to4_8x8"])
+def test_gradient_flows_to_original(name):
+    conv = make_conv(name, seed=13)
+    register(conv)
+    x = torch.randn(2, conv.in_channels, *conv.input_hw)
+    conv(x).square().sum().backward()
+    g = conv.parametrizations.weight.original.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().max() > 0
+    # the gradient sees sigma: for loss = ||A_W x||^2 with W = W_o / sigma(W_o), scaling W_o leaves
+    # the loss unchanged, so its gradient is orthogonal to W_o.
+    w0 = conv.parametrizations.weight.original.detach()
+    assert abs(float((g * w0).sum())) < 1e-4 * float(g.norm() * w0.norm())
+
+
+@pytest.mark.parametrize("name", ["dw3_s2_7x7", "dw5_d2_s1_8x8", "pw_3to5_5x7", "dense3_s2_7x7"])
+def test_gradcheck_parametrized_forward(name):
+    conv = make_conv(name, seed=14, dtype=torch.float64)
+    sn = ConvSpectralNorm(conv, conv.input_hw)
+    sn.eval()
+    w = conv.weight.detach().clone().requires_grad_(True)
+    u0, v0 = sn.u.clone(), sn.v.clone()
+    assert torch.autograd.gradcheck(lambda w: sn(w), (w,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda w: sn.sigma(w), (w,), eps=1e-6, atol=1e-6)
+    x = torch.randn(1, conv.in_channels, *conv.input_hw, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda w: F.conv2d(x, sn(w), None, conv.stride, conv.padding, conv.dilation, conv.groups), (w,),
+        eps=1e-6, atol=1e-6)
+    assert torch.equal(sn.u, u0) and torch.equal(sn.v, v0)
+    # at a converged pair, d sigma / d W is the gradient of the true top singular value
+    g, = torch.autograd.grad(sn.sigma(w), w)
+    eps = 1e-6
+    direction = torch.randn_like(w)
+    fd = (true_norm(conv, w.detach() + eps * direction) - true_norm(conv, w.detach() - eps * direction)) / (2 * eps)
+    assert float((g * direction).sum()) == pytest.approx(fd, rel=1e-3, abs=1e-6)
+
+
+def test_supernet_registers_on_every_opconv_only():
+    from msrdarts.supernet import SuperNet
+
+    torch.manual_seed(15)
+    net = SuperNet(10, 3, 4, 8, in_channels=1)
+    op_convs, plain, factorized = [], [], []
+    for m in net.modules():
+        if isinstance(m, OpConv):
+            op_convs.append(m)
+        elif isinstance(m, nn.Conv2d):
+            plain.append(m)
+        if isinstance(m, FactorizedReduce):
+            factorized.append(m)
+    # 3 cells x 14 edges x (2 sep ops x 4 convs + 2 dil ops x 2 convs)
+    assert len(op_convs) == 3 * 14 * 12
+    assert factorized, "expected a FactorizedReduce preprocess after the reduction cell"
+    assert len(plain) >= 1 + 2 * 3  # stem + two preprocess convs per cell (FR has two)
+    for c in op_convs:
+        assert parametrize.is_parametrized(c, "weight")
+        assert isinstance(c.parametrizations.weight[0], ConvSpectralNorm)
+    for c in plain:
+        assert not parametrize.is_parametrized(c), f"plain conv {c} was normalised"
+    for fr in factorized:
+        assert not parametrize.is_parametrized(fr.conv_1) and not parametrize.is_parametrized(fr.conv_2)
+
+    # each parametrization uses the input size the conv really sees
+    seen = {}
+    hooks = [c.register_forward_pre_hook(lambda mod, args: seen.__setitem__(id(mod), tuple(args[0].shape[-2:])))
+             for c in op_convs]
+    net.eval()
+    with torch.no_grad():
+        net(torch.randn(2, 1, 8, 8))
+    for h in hooks:
+        h.remove()
+    for c in op_convs:
+        assert c.parametrizations.weight[0].input_hw == seen[id(c)] == c.input_hw
+    assert {seen[id(c)] for c in op_convs} == {(8, 8), (4, 4), (2, 2)}
+
+    # and normalises them: spot-check the true operator norm of a sample of convs
+    for c in op_convs[::37]:
+        assert true_norm(c) == pytest.approx(1.0, rel=0.01)
