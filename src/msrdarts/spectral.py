@@ -14,32 +14,71 @@ normalised weight, ``conv.parametrizations.weight.original`` the trained one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .ops import OpConv
+from .stable_rank import kernel_spectrum
 
 
-def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x / x.norm().clamp_min(eps)
+def _normalize(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """Scale each (sample, group) block of ``x`` (shape (B, C, ...)) to unit norm."""
+    flat = x.reshape(x.shape[0], groups, -1)
+    return (flat / flat.norm(dim=2, keepdim=True).clamp_min(eps)).view_as(x)
+
+
+@torch.no_grad()
+def circular_top_vectors(weight: torch.Tensor, input_hw: tuple[int, int], dilation: int, groups: int) -> torch.Tensor:
+    """Per group, a top right singular vector of the conv with *circular* boundary, shape (1, C_in, H, W).
+
+    It is Re(r exp(2 pi i f.x)) at the frequency f of the largest singular value of K^(f)
+    (msrdarts.stable_rank), a real eigenvector of A^T A. The zero-padded operator differs only at the
+    border, so this starts power iteration close to its answer.
+    """
+    H, W = input_hw
+    spec = kernel_spectrum(weight, input_hw, dilation, groups)             # (H, W, g, co/g, ci/g)
+    _, s, vh = torch.linalg.svd(spec.permute(2, 0, 1, 3, 4))                 # (g, H, W, ...)
+    top = s[..., 0].flatten(1).argmax(1)                                     # (g,) flat frequency index
+    f1, f2 = top // W, top % W
+    r = vh[torch.arange(groups), f1, f2, 0]                                  # (g, ci/g) complex
+    ys = torch.arange(H, device=weight.device, dtype=r.real.dtype)
+    xs = torch.arange(W, device=weight.device, dtype=r.real.dtype)
+    phase = 2 * math.pi * (f1[:, None, None] * ys[None, :, None] / H + f2[:, None, None] * xs[None, None, :] / W)
+    wave = torch.polar(torch.ones_like(phase), phase)                        # (g, H, W)
+    u = (r[:, :, None, None] * wave[:, None]).real                           # (g, ci/g, H, W)
+    return _normalize(u.reshape(1, -1, H, W).to(weight.dtype), groups, 1e-12)
 
 
 class ConvSpectralNorm(nn.Module):
     """Parametrization ``weight -> target * weight / sigma(weight)`` for one conv.
 
+    sigma is the operator norm of the conv on its input (C_in, H, W):
+    - 1x1 convs without padding (the pointwise convs): the exact largest singular value of the
+      C_out x C_in matrix (``torch.linalg.matrix_norm``), which is their operator norm on any input.
+    - other convs: power iteration with conv2d / conv_transpose2d, one unit vector per group
+      (per channel for depthwise convs, whose operator is block-diagonal), sigma = max over
+      groups. The vectors start at the circular-boundary top singular vectors, are iterated to
+      convergence at construction, persist across steps (buffers ``u``, ``v``), and advance
+      ``n_power_iterations`` per training forward. Depthwise convs also iterate a probe started
+      at the current circular top vector, in the same batched call, and keep per channel
+      whichever of the two gives the larger sigma: a singular value that overtakes the tracked
+      one is picked up at once instead of after hundreds of steps, and since both are lower
+      bounds of the true norm, the choice adds no bias.
+
     Args:
         conv: the conv whose ``weight`` this will parametrize (its geometry is copied).
         input_hw: spatial size of the conv's input.
-        n_power_iterations: iterations per training forward (the authors' code uses 5 from a
-            random start; with persistent vectors 1 is enough to track sigma).
-        init_iterations: iterations run once at construction to start from a converged state.
+        n_power_iterations: iterations per training forward.
         target: the operator norm to normalise to (C in the paper, 1 by default).
     """
 
     def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int], n_power_iterations: int = 1,
-                 init_iterations: int = 20, target: float = 1.0, eps: float = 1e-12):
+                 target: float = 1.0, eps: float = 1e-12, init_tol: float = 1e-7,
+                 max_init_iterations: int = 500):
         super().__init__()
         if n_power_iterations < 1:
             raise ValueError("n_power_iterations must be >= 1")
@@ -47,26 +86,33 @@ class ConvSpectralNorm(nn.Module):
         self.groups, self.kernel_size = conv.groups, conv.kernel_size
         self.n_power_iterations, self.target, self.eps = n_power_iterations, target, eps
         self.input_hw = tuple(input_hw)
-        weight = conv.weight.detach()
         self.matrix = conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
-        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.depthwise = conv.groups == conv.in_channels == conv.out_channels
         if self.matrix:
-            u = torch.randn(conv.in_channels, generator=gen)
-        else:
-            u = torch.randn(1, conv.in_channels, *self.input_hw, generator=gen)
-        u = _normalize(u.to(weight), eps)
-        self.register_buffer("u", u)  # input-space vector (unit norm)
-        self.register_buffer("v", _normalize(self._A(u, weight), eps))  # output-space vector
-        self._power_iterate(weight, init_iterations)
+            return
+        weight = conv.weight.detach()
+        u = self._circular_u(weight)
+        self.register_buffer("u", u)                                         # (1, C_in, H, W), unit per group
+        self.register_buffer("v", _normalize(self._A(u, weight), self.groups, eps))  # (1, C_out, H', W')
+        # Iterate to convergence once, checking sigma every 10 iterations (each check syncs).
+        last = self._group_sigmas(weight).max()
+        for _ in range(0, max_init_iterations, 10):
+            self._power_iterate(weight, 10)
+            now = self._group_sigmas(weight).max()
+            if (now - last).abs() <= init_tol * now:
+                break
+            last = now
+
+    def _circular_u(self, weight: torch.Tensor) -> torch.Tensor:
+        return circular_top_vectors(weight, self.input_hw, self.dilation[0], self.groups) \
+            if self.dilation[0] == self.dilation[1] else _normalize(torch.ones(1, weight.shape[1] * self.groups,
+                                                                               *self.input_hw).to(weight),
+                                                                    self.groups, self.eps)
 
     def _A(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.matrix:
-            return w.flatten(1) @ x
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
     def _At(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.matrix:
-            return w.flatten(1).t() @ y
         # conv_transpose2d is the adjoint of conv2d once output_padding restores the input size.
         out_pad = []
         for dim in range(2):
@@ -77,23 +123,45 @@ class ConvSpectralNorm(nn.Module):
                                   self.dilation)
 
     @torch.no_grad()
-    def _power_iterate(self, weight: torch.Tensor, n: int) -> None:
-        u, v = self.u, self.v
+    def _power_iterate(self, weight: torch.Tensor, n: int, probe: torch.Tensor | None = None) -> None:
+        """``n`` power iterations on ``u`` (and on ``probe``, batched); keep the better vector per group."""
+        u = self.u if probe is None else torch.cat([self.u, probe])           # (B, C_in, H, W), B = 1 or 2
+        B, g = u.shape[0], self.groups
         for _ in range(n):
-            v = _normalize(self._A(u, weight), self.eps)
-            u = _normalize(self._At(v, weight), self.eps)
-        # sigma = v^T A u = ||A^T v|| for this pair: a lower bound that converges to the top singular value.
+            v = _normalize(self._A(u, weight), g, self.eps)
+            at_v = self._At(v, weight)
+            # ||A^T v|| per sample and group: a lower bound of that group's top singular value.
+            est = at_v.reshape(B, g, -1).norm(dim=2)
+            u = _normalize(at_v, g, self.eps)
+        if B == 2:
+            use_probe = (est[1] > est[0]).view(1, g, 1, 1, 1)
+            u = torch.where(use_probe, u[1:].reshape(1, g, -1, 1, 1), u[:1].reshape(1, g, -1, 1, 1)).view_as(self.u)
+            v = torch.where(use_probe, v[1:].reshape(1, g, -1, 1, 1), v[:1].reshape(1, g, -1, 1, 1)).view_as(self.v)
+        # For the pair (u, v), v^T A u = ||A^T v|| per group.
         self.u.copy_(u)
         self.v.copy_(v)
 
+    @torch.no_grad()
+    def dsigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """G = d(v^T A u)/dW for the current vectors (a conv weight-gradient); block g belongs to group g."""
+        return torch.nn.grad.conv2d_weight(self.u, weight.shape, self.v, self.stride, self.padding, self.dilation,
+                                           self.groups)
+
+    def _group_sigmas(self, weight: torch.Tensor) -> torch.Tensor:
+        # v^T A u is linear in the weight, so it equals <W, G> with G = dsigma(W): one elementwise
+        # product instead of a conv with autograd (the same value and the same gradient).
+        return (weight * self.dsigma(weight)).reshape(self.groups, -1).sum(1)
+
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
-        """sigma = v^T A u for the current vectors; differentiable in ``weight``."""
-        u, v = self.u.clone(), self.v.clone()  # clones: the buffers change in place next step
-        return (v * self._A(u, weight)).sum()
+        """The operator norm estimate, differentiable in ``weight``."""
+        if self.matrix:
+            return torch.linalg.matrix_norm(weight.flatten(1), ord=2)
+        return self._group_sigmas(weight).max()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self._power_iterate(weight.detach(), self.n_power_iterations)
+        if self.training and not self.matrix:
+            w = weight.detach()
+            self._power_iterate(w, self.n_power_iterations, self._circular_u(w) if self.depthwise else None)
         return weight * (self.target / self.sigma(weight))
 
 
