@@ -40,11 +40,17 @@ def circular_top_vectors(weight: torch.Tensor, input_hw: tuple[int, int], dilati
     border, so this starts power iteration close to its answer.
     """
     H, W = input_hw
-    spec = kernel_spectrum(weight, input_hw, dilation, groups)             # (H, W, g, co/g, ci/g)
-    _, s, vh = torch.linalg.svd(spec.permute(2, 0, 1, 3, 4))                 # (g, H, W, ...)
-    top = s[..., 0].flatten(1).argmax(1)                                     # (g,) flat frequency index
+    spec = kernel_spectrum(weight, input_hw, dilation, groups).permute(2, 0, 1, 3, 4)  # (g, H, W, co/g, ci/g)
+    if spec.shape[-1] == 1:  # depthwise: K^(f) is a column; its norm is the singular value, r = 1
+        s = spec.abs().square().sum(-2).squeeze(-1)                            # (g, H, W)
+        top = s.flatten(1).argmax(1)
+        r = torch.ones(groups, 1, dtype=spec.dtype, device=spec.device)
+    else:
+        _, sv, vh = torch.linalg.svd(spec)
+        top = sv[..., 0].flatten(1).argmax(1)                                 # (g,) flat frequency index
     f1, f2 = top // W, top % W
-    r = vh[torch.arange(groups), f1, f2, 0]                                  # (g, ci/g) complex
+    if spec.shape[-1] != 1:
+        r = vh[torch.arange(groups), f1, f2, 0]                                # (g, ci/g) complex
     ys = torch.arange(H, device=weight.device, dtype=r.real.dtype)
     xs = torch.arange(W, device=weight.device, dtype=r.real.dtype)
     phase = 2 * math.pi * (f1[:, None, None] * ys[None, :, None] / H + f2[:, None, None] * xs[None, None, :] / W)
