@@ -70,8 +70,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int) -> None:
 
     Running averages lag behind weights that change quickly (few steps per epoch, large lr); this
     "precise BN" pass makes eval-mode metrics reflect the current weights. Costs ``batches``
-    forward passes. Spectral-norm power iterations do not advance (they run in eval mode only
-    for the BNs: the rest of the model stays in eval mode).
+    forward passes. Only the BatchNorms run in training mode; everything else (spectral-norm
+    power iterations included) stays in eval mode and does not change.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if batches <= 0 or not bns:
