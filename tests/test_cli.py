@@ -76,3 +76,12 @@ def test_console_search_end_to_end(tmp_path):
     r2 = run_cli("search", "--out", str(out), "--resume", "--no-progress")
     assert r2.returncode == 0, r2.stderr  # already complete: nothing to do, files rewritten identically
     assert "resuming" in r2.stdout
+
+
+def test_plot_rejects_unknown_op_and_bench_rejects_bad_counts(tmp_path, capsys):
+    text = ("Genotype(normal=[('conv_9x9', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+            "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])")
+    assert main(["plot", "--genotype", text, "--out", str(tmp_path / "g.png")]) == 2
+    assert "normal[0] has op 'conv_9x9'" in capsys.readouterr().err
+    assert main(["bench", "search-step", "--steps", "0"]) == 2
+    assert "--steps=0: must be a positive integer" in capsys.readouterr().err

@@ -126,6 +126,7 @@ def test_srsoftmax_search_runs(tmp_path):
     (dict(primitives=("sep_conv_3x3", "skip_connect")), "skip_connect have none"),
     (dict(train_portion=1.5), "--train-portion=1.5"),
     (dict(device="tpu9"), "--device='tpu9'"),
+    (dict(rank_per_pixel=True, authors_reduce_resolution=True), "exclude each other"),
 ])
 def test_bad_settings_fail_before_touching_the_folder(tmp_path, change, fragment):
     out = tmp_path / "run"
@@ -144,3 +145,20 @@ def test_presets_follow_the_spec():
     assert get_preset("quick").dataset == "digits"
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         get_preset("fast")
+
+
+def test_crash_before_the_first_epoch_leaves_a_restartable_folder(tmp_path, monkeypatch):
+    import msrdarts.search as search_module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(search_module, "train_one_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(TINY, out, log=quiet)
+    assert list(out.iterdir()) == []          # nothing that would block a fresh start
+    monkeypatch.undo()
+    run_search(replace(TINY, epochs=1), out, log=quiet)
+    assert [r["epoch"] for r in read_history(out)] == [1]
+    assert json.loads((out / "config.json").read_text())["runtime"]["device"] == "cpu"

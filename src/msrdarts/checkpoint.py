@@ -1,14 +1,13 @@
-"""Atomic run-folder writes and checkpoints that load without executing code.
+"""Checkpoints that load without executing code, and RNG state as plain data.
 
 Checkpoints are dicts of tensors, numbers, strings, lists and dicts only, so they load with
 ``torch.load(weights_only=True)``; the model is rebuilt from the stored config, never unpickled.
-Every write goes to a temporary file in the same folder, is fsynced, then renamed over the
-target, so a crash leaves either the old file or the new one, never a torn one.
+Checkpoints are written atomically (see :mod:`msrdarts._io`).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import random
 from pathlib import Path
@@ -17,50 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._io import atomic_write_bytes
 from .errors import CheckpointError
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Serialise ``state`` (plain data and tensors only) and write it atomically."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

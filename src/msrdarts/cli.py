@@ -83,27 +83,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
     from .config import SearchConfig, get_preset, with_overrides
     from .search import run_search
 
-    if args.resume and args.preset is None and (args.out / "config.json").is_file():
+    if args.resume and args.preset is None and (args.out / "checkpoint.pt").is_file():
+        # The run's own settings; the checkpoint is their source of truth.
+        saved = load_checkpoint(args.out / "checkpoint.pt").get("config")
         try:
-            base = SearchConfig.from_dict(json.loads((args.out / "config.json").read_text()),
-                                          source=str(args.out / "config.json"))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise MsrdartsError(f"{args.out / 'config.json'}: unreadable ({e})") from None
+            base = SearchConfig.from_dict(saved, source=str(args.out / "checkpoint.pt"))
+        except (TypeError, AttributeError) as e:
+            raise MsrdartsError(f"{args.out / 'checkpoint.pt'}: no usable config ({e})") from None
     else:
         base = get_preset(args.preset or "cifar10")
     cfg = with_overrides(base, _overrides(args, SearchConfig))
-    run_search(cfg, args.out, resume=args.resume)
+    try:
+        run_search(cfg, args.out, resume=args.resume)
+    except KeyboardInterrupt:
+        if (args.out / "checkpoint.pt").is_file():
+            print(f"msrdarts: interrupted; continue with: msrdarts search --out {args.out} --resume", file=sys.stderr)
+        else:
+            print("msrdarts: interrupted before the first epoch completed; nothing was saved", file=sys.stderr)
+        return 130
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
     from .genotype import load_genotype
+    from .ops import list_ops
     from .visualize import plot_genotype
 
-    genotype = load_genotype(args.genotype)
+    genotype = load_genotype(args.genotype, primitives=list_ops())
     if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise MsrdartsError(f"--out {args.out}: unsupported picture type; use .png, .svg or .pdf")
     if not args.out.parent.is_dir():
@@ -116,6 +126,11 @@ def _plot(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_search_step
 
+    for name in ("layers", "channels", "batch_size", "input_size", "in_channels", "steps"):
+        if getattr(args, name) < 1:
+            raise MsrdartsError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a positive integer")
+    if args.warmup < 0:
+        raise MsrdartsError(f"--warmup={args.warmup}: must be >= 0")
     result = bench_search_step(layers=args.layers, channels=args.channels, batch_size=args.batch_size,
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
                                warmup=args.warmup, device=args.device, threads=args.threads)
@@ -137,5 +152,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"msrdarts: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("msrdarts: interrupted; the last completed epoch is in the checkpoint (use --resume)", file=sys.stderr)
+        print("msrdarts: interrupted", file=sys.stderr)
         return 130

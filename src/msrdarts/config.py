@@ -23,7 +23,7 @@ def _f(default: Any, help: str) -> Any:
 class SearchConfig:
     """Everything an MSR-DARTS search run depends on (stored as config.json in the run folder)."""
 
-    dataset: str = _f("cifar10", "data set (see `msrdarts search --help` for the list)")
+    dataset: str = _f("cifar10", "data set: digits (offline demo) or cifar10")
     data: str = _f("data", "folder holding (or receiving) the data set files")
     download: bool = _f(False, "let torchvision download the data set into --data if it is missing")
     layers: int = _f(8, "cells in the supernet (reduction cells at L/3 and 2L/3)")
@@ -43,6 +43,8 @@ class SearchConfig:
     mixing: str = _f("sum", "edge mixing: 'sum' (paper) or 'srsoftmax' (authors' code: softmax(-stable rank))")
     spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
+    sn_refresh_every: int = _f(10, "steps between checks of every depthwise conv's power iteration against a "
+                                   "fresh circular-boundary start (catches singular values that overtake)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated")
     rank_per_pixel: bool = _f(False, "divide stable ranks by the conv's H*W before averaging over cells")
     authors_reduce_resolution: bool = _f(
@@ -54,7 +56,7 @@ class SearchConfig:
         """Raise ConfigError naming the first invalid field; return self."""
         from .data import list_datasets
 
-        for name in ("layers", "channels", "batch_size", "epochs", "sn_iterations"):
+        for name in ("layers", "channels", "batch_size", "epochs", "sn_iterations", "sn_refresh_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{_flag(name)}={value}: must be a positive integer")
@@ -71,6 +73,9 @@ class SearchConfig:
             raise ConfigError(f"--train-portion={self.train_portion}: must be strictly between 0 and 1")
         if self.dataset not in list_datasets():
             raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
+        if self.rank_per_pixel and self.authors_reduce_resolution:
+            raise ConfigError("--rank-per-pixel and --authors-reduce-resolution exclude each other "
+                              "(per-pixel ranks have no resolution left to misstate)")
         if self.mixing not in MIXING_MODES:
             raise ConfigError(f"--mixing={self.mixing!r}: unknown; allowed: {', '.join(MIXING_MODES)}")
         unknown = [p for p in self.primitives if p not in list_ops()]
@@ -92,10 +97,10 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SearchConfig":
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k != "runtime"}  # what config.json adds on top
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        data = dict(data)
         if "primitives" in data:
             data["primitives"] = tuple(data["primitives"])
         return cls(**data)
@@ -110,7 +115,7 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
     # SPEC section 5 / the authors' code: 8 cells, C = 16, 4:1 split, SGD 0.025 cosine to 0.001,
     # wd 3e-4, clip 5, 50 epochs, batch 128.
     "cifar10": SearchConfig(),
-    # Offline demo: scikit-learn's digits (8 x 8 grey), a 5-cell C = 8 supernet, ~3 minutes on 2 CPU cores.
+    # Offline demo: scikit-learn's digits (8 x 8 grey), a 5-cell C = 8 supernet, a few minutes on 2 CPU cores.
     # Few steps per epoch, so BN statistics are recomputed before validation.
     "quick": SearchConfig(dataset="digits", layers=5, channels=8, batch_size=64, epochs=10, lr=0.05,
                           bn_recalibration=8),

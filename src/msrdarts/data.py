@@ -137,7 +137,7 @@ class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], device: torch.device | str, shuffle: bool = False,
                  crop_padding: int = 0, flip: bool = False, drop_last: bool = False,
-                 generator: torch.Generator | None = None, channels_last: bool = False):
+                 generator: torch.Generator | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be a positive integer")
         self.device = torch.device(device)
@@ -146,7 +146,6 @@ class DeviceLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.crop_padding, self.flip = crop_padding, flip
         self.generator = generator if generator is not None else torch.Generator()
-        self.channels_last = channels_last
         c = images.shape[1]
         self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255
@@ -164,8 +163,6 @@ class DeviceLoader:
             if self.crop_padding or self.flip:
                 x = self._augment(x)
             x = (x.float() - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:

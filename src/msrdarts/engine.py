@@ -7,7 +7,7 @@ Metrics accumulate on the device (no host sync per step); the progress bar reads
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -16,8 +16,11 @@ from tqdm.auto import tqdm
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
                     grad_clip: float = 0.0, desc: str = "train", progress: bool = True,
-                    log_every: int = 10) -> dict[str, float]:
-    """Train ``model`` for one pass over ``loader``; returns mean loss, accuracy (%) and images/s."""
+                    log_every: int = 10, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train ``model`` for one pass over ``loader``; returns mean loss, accuracy (%) and images/s.
+
+    ``after_step(step)`` runs after every optimiser step (step counts from 0 within the epoch).
+    """
     model.train()
     criterion = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -33,6 +36,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)

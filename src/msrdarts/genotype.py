@@ -106,10 +106,9 @@ class Genotype:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON form atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        from ._io import write_json
+
+        write_json(path, self.to_dict())
 
 
 def _pairs(value: object, where: str) -> Pairs:

@@ -73,11 +73,18 @@ class OpConv(nn.Conv2d):
     input_hw: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The custom backward pays off from 16 x 16 maps up; below, per-op overhead dominates.
-        if (x.device.type == "cpu" and x.shape[-1] * x.shape[-2] >= 256 and self.stride == (1, 1) and self.groups == self.in_channels == self.out_channels
-                and self.kernel_size != (1, 1) and self.bias is None and self.padding_mode == "zeros"):
+        if self._fast_depthwise(x):
             return depthwise_conv2d(x, self.weight, self.padding, self.dilation)
         return super().forward(x)
+
+    def _fast_depthwise(self, x: torch.Tensor) -> bool:
+        """Stride-1 depthwise conv on the CPU with maps of 16 x 16 or more.
+
+        There the custom backward of :func:`depthwise_conv2d` pays off; below, per-op overhead dominates.
+        """
+        depthwise = self.groups == self.in_channels == self.out_channels and self.kernel_size != (1, 1)
+        return (x.device.type == "cpu" and depthwise and self.stride == (1, 1) and self.bias is None
+                and self.padding_mode == "zeros" and x.shape[-1] * x.shape[-2] >= 256)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):

@@ -25,18 +25,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json, write_jsonl
+from ._io import write_json, write_jsonl
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SearchConfig
 from .data import DeviceLoader, ImageData, load_dataset, search_split
 from .derive import edge_index
 from .engine import evaluate, recalibrate_bn, train_one_epoch
 from .errors import CheckpointError, ConfigError
 from .genotype import Genotype
+from .spectral import refresh_spectral_norms
 from .supernet import SuperNet
 from .visualize import plot_genotype
 
 CHECKPOINT_FORMAT = "msrdarts-search-v1"
-RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt")
+RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt", "cells.png")
 #: Settings that may differ on --resume without changing what the run computes.
 RESUMABLE_CHANGES = ("data", "download", "device", "progress")
 
@@ -62,6 +64,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cpu" and (accel is None or accel.type != device.type):
         raise ConfigError(f"--device={name!r}: not available on this machine "
                           f"(available: cpu{', ' + accel.type if accel is not None else ''})")
+    if device.type != "cpu" and device.index is not None and device.index >= torch.accelerator.device_count():
+        raise ConfigError(f"--device={name!r}: this machine has {torch.accelerator.device_count()} "
+                          f"{device.type} device(s)")
     return device
 
 
@@ -148,19 +153,30 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
         set_rng_state(ckpt["rng"], device, {"loader": loader_gen})
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
         log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_dict())
-    _write_derived(out, history, best)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
+    # config.json records the settings and what they resolved to on this machine.
+    run_config = {**cfg.to_dict(), "runtime": {"device": str(device), "torch": torch.__version__}}
+    if ckpt is not None:
+        _write_derived(out, run_config, history, best)
 
     ranks = _rank_options(cfg)
+
+    def refresh_sn(step: int) -> None:
+        if cfg.spectral_norm and step % cfg.sn_refresh_every == 0:
+            refresh_spectral_norms(model)
+
     edges = [list(e) for e in edge_index(model.steps)]
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        if cfg.mixing == "srsoftmax":
-            model.refresh_mixing(**ranks)
+        if cfg.mixing == "srsoftmax":  # the authors' raw ranks (per-pixel ranks would soften the softmax)
+            model.refresh_mixing(authors_quirk=cfg.authors_reduce_resolution)
         lr = optimizer.param_groups[0]["lr"]
         tag = f"epoch {epoch + 1}/{cfg.epochs}"
-        tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag, progress=cfg.progress)
+        tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag, progress=cfg.progress,
+                             after_step=refresh_sn)
         recalibrate_bn(model, bn_loader, cfg.bn_recalibration)
         va = evaluate(model, valid_loader, device, desc=f"{tag} valid", progress=cfg.progress)
         scheduler.step()
@@ -182,7 +198,7 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": rng_state(device, {"loader": loader_gen}), "history": history, "best": best,
         })
-        _write_derived(out, history, best)
+        _write_derived(out, run_config, history, best)  # files a crash before epoch 1 never leaves
         log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {va['loss']:.4f} "
             f"acc {va['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s")
         if on_epoch_end is not None:
@@ -197,7 +213,9 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     return SearchResult(genotype, best["epoch"], best["valid_acc"], history, out)
 
 
-def _write_derived(out: Path, history: list[dict], best: dict | None) -> None:
+def _write_derived(out: Path, run_config: dict, history: list[dict], best: dict | None) -> None:
+    """Rewrite the run folder's JSON files from the checkpointed state."""
+    write_json(out / "config.json", run_config)
     write_jsonl(out / "history.jsonl", history)
     if best is not None:
         write_json(out / "genotype.json", best["genotype"])

@@ -2,11 +2,11 @@
 
 ``W = C * W_orig / sigma(W_orig)`` where sigma is the largest singular value of the conv as a
 linear map on its actual input shape (C_in, H, W), with its zero padding, stride, dilation and
-groups: not the norm of the reshaped kernel matrix. sigma comes from power iteration with
-``conv2d`` (A) and ``conv_transpose2d`` (A^T). The iteration vectors are buffers that persist
-across steps (and in checkpoints), so one iteration per training forward tracks sigma closely;
-a 1x1 conv without padding has the operator norm of its C_out x C_in matrix, so it iterates on
-vectors of length C_in / C_out instead of whole feature maps.
+groups: not the norm of the reshaped kernel matrix. A 1x1 conv without padding has the operator
+norm of its C_out x C_in matrix on any input, so sigma is that exact matrix norm. Other convs
+(the depthwise ones) use power iteration with ``conv2d`` (A) and ``conv_transpose2d`` (A^T),
+one vector per channel group, with state that persists across steps and in checkpoints (see
+:class:`ConvSpectralNorm`).
 
 The parametrization is registered with ``torch.nn.utils.parametrize``: ``conv.weight`` is the
 normalised weight, ``conv.parametrizations.weight.original`` the trained one.
@@ -69,11 +69,12 @@ class ConvSpectralNorm(nn.Module):
       (per channel for depthwise convs, whose operator is block-diagonal), sigma = max over
       groups. The vectors start at the circular-boundary top singular vectors, are iterated to
       convergence at construction, persist across steps (buffers ``u``, ``v``), and advance
-      ``n_power_iterations`` per training forward. Depthwise convs also iterate a probe started
-      at the current circular top vector, in the same batched call, and keep per channel
-      whichever of the two gives the larger sigma: a singular value that overtakes the tracked
-      one is picked up at once instead of after hundreds of steps, and since both are lower
-      bounds of the true norm, the choice adds no bias.
+      ``n_power_iterations`` per training forward. :meth:`refresh` (called every few steps by
+      the search loop through :func:`refresh_spectral_norms`) iterates a probe started at the
+      current circular top vector and keeps, per group, whichever of the probe and ``u`` gives
+      the larger sigma: a singular value that overtakes the tracked one is caught within a few
+      steps instead of hundreds, and since both are lower bounds of the true norm, the choice
+      adds no bias.
 
     Args:
         conv: the conv whose ``weight`` this will parametrize (its geometry is copied).
@@ -129,23 +130,30 @@ class ConvSpectralNorm(nn.Module):
                                   self.dilation)
 
     @torch.no_grad()
-    def _power_iterate(self, weight: torch.Tensor, n: int, probe: torch.Tensor | None = None) -> None:
-        """``n`` power iterations on ``u`` (and on ``probe``, batched); keep the better vector per group."""
-        u = self.u if probe is None else torch.cat([self.u, probe])           # (B, C_in, H, W), B = 1 or 2
-        B, g = u.shape[0], self.groups
+    def _power_iterate(self, weight: torch.Tensor, n: int) -> None:
+        u = self.u
         for _ in range(n):
-            v = _normalize(self._A(u, weight), g, self.eps)
-            at_v = self._At(v, weight)
-            # ||A^T v|| per sample and group: a lower bound of that group's top singular value.
-            est = at_v.reshape(B, g, -1).norm(dim=2)
-            u = _normalize(at_v, g, self.eps)
-        if B == 2:
-            use_probe = (est[1] > est[0]).view(1, g, 1, 1, 1)
-            u = torch.where(use_probe, u[1:].reshape(1, g, -1, 1, 1), u[:1].reshape(1, g, -1, 1, 1)).view_as(self.u)
-            v = torch.where(use_probe, v[1:].reshape(1, g, -1, 1, 1), v[:1].reshape(1, g, -1, 1, 1)).view_as(self.v)
-        # For the pair (u, v), v^T A u = ||A^T v|| per group.
+            v = _normalize(self._A(u, weight), self.groups, self.eps)
+            u = _normalize(self._At(v, weight), self.groups, self.eps)
+        # For the pair (u, v), v^T A u = ||A^T v|| per group: a lower bound of its top singular value.
         self.u.copy_(u)
         self.v.copy_(v)
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor, iterations: int = 3) -> None:
+        """Iterate ``u`` and a circular-start probe side by side; keep the better vector per group."""
+        if self.matrix:
+            return
+        g = self.groups
+        u = torch.cat([self.u, self._circular_u(weight)])                    # (2, C_in, H, W)
+        for _ in range(iterations):
+            v = _normalize(self._A(u, weight), g, self.eps)
+            at_v = self._At(v, weight)
+            est = at_v.reshape(2, g, -1).norm(dim=2)                           # lower bounds, (2, g)
+            u = _normalize(at_v, g, self.eps)
+        use_probe = (est[1] > est[0]).view(g, 1)
+        self.u.copy_(torch.where(use_probe, u[1].reshape(g, -1), u[0].reshape(g, -1)).view_as(self.u))
+        self.v.copy_(torch.where(use_probe, v[1].reshape(g, -1), v[0].reshape(g, -1)).view_as(self.v))
 
     @torch.no_grad()
     def dsigma(self, weight: torch.Tensor) -> torch.Tensor:
@@ -166,8 +174,7 @@ class ConvSpectralNorm(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and not self.matrix:
-            w = weight.detach()
-            self._power_iterate(w, self.n_power_iterations, self._circular_u(w) if self.depthwise else None)
+            self._power_iterate(weight.detach(), self.n_power_iterations)
         return weight * (self.target / self.sigma(weight))
 
 
@@ -186,3 +193,12 @@ def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: f
             count += 1
     return count
 
+
+
+def refresh_spectral_norms(model: nn.Module, iterations: int = 3) -> None:
+    """Run :meth:`ConvSpectralNorm.refresh` for every spectrally normalised conv of ``model``."""
+    for m in model.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations.weight:
+                if isinstance(p, ConvSpectralNorm):
+                    p.refresh(m.parametrizations.weight.original.detach(), iterations)

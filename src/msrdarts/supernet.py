@@ -8,7 +8,7 @@ the op stable ranks R of that edge in that cell (the authors' code), refreshed b
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -137,9 +137,6 @@ class SuperNet(nn.Module):
     def cell_types(self) -> torch.Tensor:
         """Bool tensor (layers,): True where the cell is a reduction cell."""
         return torch.tensor([cell.reduction for cell in self.cells])
-
-    def op_convs(self) -> Iterator[OpConv]:
-        return (m for m in self.modules() if isinstance(m, OpConv))
 
     @torch.no_grad()
     def stable_ranks(self, resolution_normalized: bool = False, authors_quirk: bool = False) -> torch.Tensor:

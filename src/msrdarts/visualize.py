@@ -5,9 +5,11 @@ Uses matplotlib's object API (Figure + Agg canvas), so no global pyplot state an
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
+from ._io import atomic_write_bytes
 from .genotype import Genotype, Pairs
 
 _OP_COLOURS = {
@@ -75,7 +77,7 @@ def plot_genotype(genotype: Genotype, path: str | os.PathLike, title: str | None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=130)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=130, format=path.suffix.lstrip(".").lower() or "png")
+    atomic_write_bytes(path, buf.getvalue())
     return path
