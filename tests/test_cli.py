@@ -18,7 +18,7 @@ def test_help_shows_every_preset_value():
     r = run_cli("search", "--help")
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
-    for fragment in ("--epochs", "cifar10: 50", "quick: 10", "--batch-size", "cifar10: 128", "--lr-min",
+    for fragment in ("--epochs", "cifar10: 50", "quick: 8", "--batch-size", "cifar10: 128", "--lr-min",
                      "--no-spectral-norm", "--resume", "--primitives"):
         assert fragment in text, fragment
 

@@ -117,7 +117,7 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
     "cifar10": SearchConfig(),
     # Offline demo: scikit-learn's digits (8 x 8 grey), a 5-cell C = 8 supernet, a few minutes on 2 CPU cores.
     # Few steps per epoch, so BN statistics are recomputed before validation.
-    "quick": SearchConfig(dataset="digits", layers=5, channels=8, batch_size=64, epochs=10, lr=0.05,
+    "quick": SearchConfig(dataset="digits", layers=5, channels=8, batch_size=64, epochs=8, lr=0.05,
                           bn_recalibration=8),
 }
 

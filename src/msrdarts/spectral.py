@@ -157,9 +157,18 @@ class ConvSpectralNorm(nn.Module):
 
     @torch.no_grad()
     def dsigma(self, weight: torch.Tensor) -> torch.Tensor:
-        """G = d(v^T A u)/dW for the current vectors (a conv weight-gradient); block g belongs to group g."""
-        return torch.nn.grad.conv2d_weight(self.u, weight.shape, self.v, self.stride, self.padding, self.dilation,
-                                           self.groups)
+        """G = d(v^T A u)/dW for the current vectors; block g belongs to group g.
+
+        G[o, i, p, q] = sum over output pixels of v[o] * (the input patch tap (p, q) of u)[i]: one
+        unfold and one batched matmul (the conv weight-gradient kernels are slow for batch-1
+        depthwise convs on the CPU).
+        """
+        c_out, c_in_g, kh, kw = weight.shape
+        g = self.groups
+        patches = F.unfold(self.u, (kh, kw), self.dilation, self.padding, self.stride)  # (1, C_in*kh*kw, L)
+        patches = patches.view(g, c_in_g * kh * kw, -1)
+        v = self.v.reshape(g, c_out // g, -1)                                            # (g, C_out/g, L)
+        return torch.bmm(v, patches.transpose(1, 2)).view_as(weight)
 
     def _group_sigmas(self, weight: torch.Tensor) -> torch.Tensor:
         # v^T A u is linear in the weight, so it equals <W, G> with G = dsigma(W): one elementwise
