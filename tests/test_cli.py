@@ -56,7 +56,7 @@ def test_plot_zoo_and_bad_genotype_file(tmp_path, capsys):
     assert main(["plot", "--genotype", "MSR_DARTS", "--out", str(tmp_path / "msr.png")]) == 0
     assert (tmp_path / "msr.png").read_bytes()[:4] == b"\x89PNG"
     bad = tmp_path / "g.json"
-    bad.write_text(json.dumps({"normal": [["sep_conv_3x3", 0], ["conv", 5]], "normal_concat": [2],
+    bad.write_text(json.dumps({"normal": [["sep_conv_3x3", 0], ["sep_conv_5x5", 5]], "normal_concat": [2],
                                "reduce": [["sep_conv_3x3", 0], ["sep_conv_3x3", 1]], "reduce_concat": [2]}))
     capsys.readouterr()
     assert main(["plot", "--genotype", str(bad), "--out", str(tmp_path / "x.png")]) == 2
