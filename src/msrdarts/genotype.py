@@ -104,11 +104,15 @@ class Genotype:
         return (f"Genotype(normal={fmt(self.normal)}, normal_concat={rng(self.normal_concat)}, "
                 f"reduce={fmt(self.reduce)}, reduce_concat={rng(self.reduce_concat)})")
 
+    def to_json(self) -> str:
+        """The JSON form, one field per line (each cell's pairs on one line)."""
+        return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_dict().items()) + "\n}\n"
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON form atomically."""
-        from ._io import write_json
+        from ._io import atomic_write_bytes
 
-        write_json(path, self.to_dict())
+        atomic_write_bytes(path, self.to_json().encode())
 
 
 def _pairs(value: object, where: str) -> Pairs:

@@ -218,7 +218,7 @@ def _write_derived(out: Path, run_config: dict, history: list[dict], best: dict 
     write_json(out / "config.json", run_config)
     write_jsonl(out / "history.jsonl", history)
     if best is not None:
-        write_json(out / "genotype.json", best["genotype"])
+        Genotype.from_dict(best["genotype"]).save(out / "genotype.json")
 
 
 def read_history(out: str | Path) -> list[dict]:

@@ -46,9 +46,12 @@ def _draw_cell(ax, pairs: Pairs, concat: tuple[int, ...], title: str) -> None:
                     arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.6, shrinkA=14, shrinkB=14,
                                     connectionstyle=f"arc3,rad={rad}"))
         if op:
-            # Label near the middle of the (possibly curved) edge, offset along the bend.
-            mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-            mx, my = mx + rad * (y1 - y0) / 2, my - rad * (x1 - x0) / 2
+            # Label on the edge's curve (the quadratic Bezier of matplotlib's arc3 at parameter t);
+            # edges from the cell inputs get theirs near the source, where they do not cross.
+            t = 0.3 if src.startswith("c_") else 0.5
+            cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+            mx = (1 - t) ** 2 * x0 + 2 * t * (1 - t) * cx + t ** 2 * x1
+            my = (1 - t) ** 2 * y0 + 2 * t * (1 - t) * cy + t ** 2 * y1
             ax.text(mx, my, op, fontsize=7, ha="center", va="center", color=colour,
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=colour, lw=0.6))
     for name, (x, y) in pos.items():
