@@ -85,3 +85,11 @@ def test_plot_rejects_unknown_op_and_bench_rejects_bad_counts(tmp_path, capsys):
     assert "normal[0] has op 'conv_9x9'" in capsys.readouterr().err
     assert main(["bench", "search-step", "--steps", "0"]) == 2
     assert "--steps=0: must be a positive integer" in capsys.readouterr().err
+
+
+def test_info_prints_params_and_mult_adds(capsys):
+    assert main(["info", "--genotype", "P_DARTS", "--dataset", "cifar10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params_m"] == pytest.approx(3.43, abs=0.01) and out["mult_adds_m"] == pytest.approx(532, rel=0.01)
+    assert main(["info", "--genotype", "P_DARTS", "--dataset", "mnist"]) == 2
+    assert "unknown dataset 'mnist'" in capsys.readouterr().err

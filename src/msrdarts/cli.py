@@ -1,4 +1,4 @@
-"""Command line: ``msrdarts search | plot | bench``.
+"""Command line: ``msrdarts search | plot | info | bench``.
 
 Flags are generated from :class:`msrdarts.config.SearchConfig`, so every setting of a preset can
 be overridden and ``--help`` shows each preset's value. Parsing produces a typed config and calls
@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="genotype.json, a file or string in DARTS Genotype(...) form, or a zoo name")
     p.add_argument("--out", required=True, type=Path, help="picture file to write (.png, .svg, .pdf)")
 
+    i = sub.add_parser("info", help="parameters and mult-adds of the evaluation network of a genotype")
+    i.add_argument("--genotype", required=True, help="genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
+    i.add_argument("--dataset", default="cifar10", help="data set whose shape to use (default: cifar10; also "
+                                                       "digits, imagenet)")
+    i.add_argument("--layers", type=int, default=20, help="cells (default: 20)")
+    i.add_argument("--channels", type=int, default=36, help="initial channels (default: 36)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+
     b = sub.add_parser("bench", help="micro-benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     st = bsub.add_parser("search-step", help="time one supernet training step, with and without spectral norm")
@@ -123,6 +131,24 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    from .data import dataset_info
+    from .genotype import load_genotype
+    from .metrics import count_mult_adds, count_parameters
+    from .network import Network
+    from .ops import list_ops
+
+    genotype = load_genotype(args.genotype, primitives=list_ops())
+    shape = dataset_info(args.dataset)
+    net = Network(genotype, shape.num_classes, args.layers, args.channels, stem=shape.stem,
+                  in_channels=shape.in_channels, input_size=shape.input_size, auxiliary=True)
+    result = {"genotype": str(args.genotype), "dataset": args.dataset, "layers": args.layers,
+              "channels": args.channels, "params_m": round(count_parameters(net) / 1e6, 4),
+              "mult_adds_m": round(count_mult_adds(net, shape.in_channels, shape.input_size) / 1e6, 2)}
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>12}: {v}" for k, v in result.items()))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_search_step
 
@@ -146,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = {"search": _search, "plot": _plot, "bench": _bench}
+        commands = {"search": _search, "plot": _plot, "info": _info, "bench": _bench}
         return commands[args.command](args)
     except MsrdartsError as e:
         print(f"msrdarts: error: {e}", file=sys.stderr)

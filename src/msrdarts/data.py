@@ -44,6 +44,31 @@ class ImageData:
         return self.x_train.shape[-1]
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a network needs to know about a data set without loading it."""
+
+    num_classes: int
+    in_channels: int
+    input_size: int
+    stem: str
+
+
+#: Shapes of the data sets (ImageNet is listed for network sizes; it has no loader yet).
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(10, 1, 8, "cifar"),
+    "cifar10": DatasetInfo(10, 3, 32, "cifar"),
+    "imagenet": DatasetInfo(1000, 3, 224, "imagenet"),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASET_INFO[name]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_INFO)}") from None
+
+
 DatasetLoader = Callable[[Path, bool], ImageData]
 _DATASETS: dict[str, DatasetLoader] = {}
 
@@ -89,7 +114,8 @@ def _digits(root: Path, download: bool) -> ImageData:
     n_train = int(0.8 * len(y))
     tr, te = perm[:n_train], perm[n_train:]
     mean, std = _channel_stats(x[tr])
-    return ImageData("digits", x[tr], y[tr], x[te], y[te], 10, mean, std, crop_padding=1, flip=False)
+    return ImageData("digits", x[tr], y[tr], x[te], y[te], DATASET_INFO["digits"].num_classes, mean, std,
+                     crop_padding=1, flip=False)
 
 
 @register_dataset("cifar10")
@@ -110,8 +136,8 @@ def _cifar10(root: Path, download: bool) -> ImageData:
 
     x_tr, y_tr = to_tensors(train)
     x_te, y_te = to_tensors(test)
-    return ImageData("cifar10", x_tr, y_tr, x_te, y_te, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                     crop_padding=4, flip=True)
+    return ImageData("cifar10", x_tr, y_tr, x_te, y_te, DATASET_INFO["cifar10"].num_classes,
+                     (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_padding=4, flip=True)
 
 
 def search_split(n: int, train_fraction: float = 0.8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,117 @@
+"""The evaluation network: a derived (or published) genotype trained from scratch (SPEC sections 1, 5-7).
+
+One network class for CIFAR and ImageNet (the stem is chosen by ``stem``), one auxiliary head
+parameterised by its input size, drop path as a method. No spectral normalisation here: the
+authors' evaluation network has none (SPEC section 8).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .genotype import Genotype
+from .ops import Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
+
+
+class EvalCell(nn.Module):
+    """A discrete cell: node j = op_a(x_a) + op_b(x_b) for the two (op, input) pairs of node j."""
+
+    def __init__(self, genotype: Genotype, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        self.pre0, self.pre1 = cell_preprocess(C_pp, C_p, C, reduction_prev, affine=True)
+        pairs = genotype.reduce if reduction else genotype.normal
+        self.concat = tuple(genotype.reduce_concat if reduction else genotype.normal_concat)
+        self.inputs = tuple(i for _, i in pairs)
+        self.ops = nn.ModuleList(get_op(name)(C, 2 if reduction and i < 2 else 1, True) for name, i in pairs)
+        self.steps = len(pairs) // 2
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+        states = [self.pre0(s0), self.pre1(s1)]
+        for j in range(self.steps):
+            node = 0
+            for k in (2 * j, 2 * j + 1):
+                h = self.ops[k](states[self.inputs[k]])
+                if not isinstance(self.ops[k], nn.Identity):  # DARTS: identity edges are never dropped
+                    h = drop_path(h, drop_prob, self.training)
+                node = node + h
+            states.append(node)
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class AuxiliaryHead(nn.Module):
+    """The DARTS auxiliary classifier, for an ``input_size`` x ``input_size`` feature map.
+
+    CIFAR (8 x 8 input): average pool 5 / stride 3 to 2 x 2; ImageNet (14 x 14): pool 5 / stride 2
+    to 5 x 5. Then conv1x1 -> 128, conv2x2 -> 768, global average, linear.
+    """
+
+    def __init__(self, C: int, num_classes: int, input_size: int):
+        super().__init__()
+        stride = 3 if input_size <= 8 else 2
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.AvgPool2d(min(5, input_size), stride=stride, padding=0, count_include_pad=False),
+            nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, min(2, max(1, (input_size - min(5, input_size)) // stride + 1)), bias=False),
+            nn.BatchNorm2d(768), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class Network(nn.Module):
+    """Stem, ``layers`` cells of ``genotype`` (reductions at L/3 and 2L/3), global pool, linear.
+
+    ``forward`` returns (logits, auxiliary logits or None); the auxiliary head sits after the
+    second reduction cell and runs only in training mode.
+    """
+
+    def __init__(self, genotype: Genotype, num_classes: int, layers: int, channels: int, stem: str = "cifar",
+                 in_channels: int = 3, input_size: int = 32, auxiliary: bool = False, stem_multiplier: int = 3):
+        super().__init__()
+        genotype.validate(list_ops())
+        if layers < 3:
+            raise ConfigError(f"layers={layers}: need at least 3 cells (normal and reduction cells)")
+        if channels < 2:
+            raise ConfigError(f"channels={channels}: need at least 2")
+        self.stem = Stem(stem, in_channels, channels, stem_multiplier)
+        C_pp, C_p = self.stem.out_channels
+        reduction_prev, C_curr = self.stem.reduction_prev, channels
+        size = input_size if stem == "cifar" else -(-input_size // 8)
+        cells, self.aux_index, aux_channels, aux_size = [], None, 0, 0
+        for i in range(layers):
+            reduction = i in reduction_layers(layers)
+            if reduction:
+                C_curr *= 2
+                size = -(-size // 2)
+            cell = EvalCell(genotype, C_pp, C_p, C_curr, reduction, reduction_prev)
+            cells.append(cell)
+            reduction_prev = reduction
+            C_pp, C_p = C_p, len(cell.concat) * C_curr
+            if i == 2 * layers // 3:
+                self.aux_index, aux_channels, aux_size = i, C_p, size
+        self.cells = nn.ModuleList(cells)
+        self.auxiliary_head = AuxiliaryHead(aux_channels, num_classes, aux_size) if auxiliary else None
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, num_classes)
+        self.drop_prob = 0.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s0, s1 = self.stem(x)
+        aux = None
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_prob)
+            if i == self.aux_index and self.auxiliary_head is not None and self.training:
+                aux = self.auxiliary_head(s1)
+        return self.classifier(self.global_pooling(s1).flatten(1)), aux
+
+    def set_drop_path(self, prob: float) -> None:
+        """Drop-path probability for the next forwards (DARTS ramps it linearly over training)."""
+        self.drop_prob = float(prob)
+
