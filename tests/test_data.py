@@ -90,3 +90,22 @@ def test_loader_is_reproducible_from_generator_state():
     again = [b for b in loader]
     for (a, ya), (b, yb) in zip(first, again):
         assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_cutout_zeroes_one_square_per_image():
+    n, size, L = 2000, 6, 2
+    x = torch.full((n, 1, size, size), 200, dtype=torch.uint8)
+    loader = DeviceLoader(x, torch.zeros(n, dtype=torch.long), n, (0.0,), (1 / 255,), "cpu", cutout=L,
+                          generator=torch.Generator().manual_seed(3))
+    out = next(iter(loader))[0][:, 0]
+    holes = out == 0
+    counts = holes.flatten(1).sum(1)
+    assert counts.max() == L * L and counts.min() >= 1     # clipped at the border, never empty
+    for img, hole in zip(out[:50], holes[:50]):            # the hole is one axis-aligned rectangle
+        r, c = hole.nonzero(as_tuple=True)
+        assert hole[r.min():r.max() + 1, c.min():c.max() + 1].all()
+        assert torch.all(img[~hole] == 200)
+    # Centres are uniform: every pixel is covered about equally often away from the border.
+    cover = holes.float().mean(0)
+    interior = cover[1:-1, 1:-1]
+    assert (interior.max() - interior.min()) < 0.05

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ import numpy as np
 import torch
 
 from ._io import atomic_write_bytes
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+
+#: Settings that may differ on --resume without changing what a run computes.
+RESUMABLE_CHANGES = ("data", "download", "device", "progress")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -71,3 +75,24 @@ def set_rng_state(state: dict[str, Any], device: torch.device, extra: dict[str, 
 
 def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def check_run_folder(out: Path, resume: bool, run_files: tuple[str, ...]) -> None:
+    """Refuse to start over an existing run, or to resume where there is none."""
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise CheckpointError(f"--resume: {out}/checkpoint.pt not found; nothing to resume")
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    present = [f for f in run_files if (out / f).exists()]
+    if present:
+        raise CheckpointError(f"--out {out} already holds a run ({', '.join(present)}); "
+                              f"pass --resume to continue it or choose another --out")
+
+
+def config_mismatch(saved: Any, cfg: Any) -> list[str]:
+    """The settings (dataclass fields) in which ``cfg`` differs from ``saved``, resumable ones aside."""
+    return [f"{f.name}: run has {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}"
+            for f in fields(cfg)
+            if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]

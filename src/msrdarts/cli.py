@@ -1,4 +1,4 @@
-"""Command line: ``msrdarts search | plot | info | bench``.
+"""Command line: ``msrdarts search | train | eval | plot | info | bench``.
 
 Flags are generated from :class:`msrdarts.config.SearchConfig`, so every setting of a preset can
 be overridden and ``--help`` shows each preset's value. Parsing produces a typed config and calls
@@ -46,7 +46,7 @@ def _overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import SEARCH_PRESETS, SearchConfig
+    from .config import SEARCH_PRESETS, TRAIN_PRESETS, SearchConfig, TrainConfig
     from .data import list_datasets
 
     parser = argparse.ArgumentParser(prog="msrdarts", description="MSR-DARTS neural architecture search")
@@ -60,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="run folder (refuses one that holds a run unless --resume)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     _add_config_flags(s, SearchConfig, SEARCH_PRESETS)
+
+    t = sub.add_parser("train", help="train a genotype from scratch (DARTS protocol)",
+                       description="Train a genotype's evaluation network from scratch and report test error, "
+                                   "parameters and mult-adds.")
+    t.add_argument("--preset", default=None, help=f"protocol preset: {', '.join(TRAIN_PRESETS)} "
+                                                  f"(default: cifar10; on --resume, the run's own config)")
+    t.add_argument("--out", required=True, type=Path, help="run folder (refuses one that holds a run unless --resume)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
+    _add_config_flags(t, TrainConfig, TRAIN_PRESETS)
+
+    e = sub.add_parser("eval", help="re-evaluate a trained checkpoint (best.pt or checkpoint.pt) on the test split")
+    e.add_argument("--checkpoint", required=True, type=Path, help="RUN/best.pt or RUN/checkpoint.pt")
+    e.add_argument("--data", default=None, help="data folder (default: the one the run used)")
+    e.add_argument("--device", default="auto", help="device (default: auto)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("plot", help="draw a genotype's two cells (PNG, SVG or PDF by --out suffix)")
     p.add_argument("--genotype", required=True,
@@ -90,29 +105,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _search(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace, cls: type, get_preset) -> Any:
+    """The preset (or, on --resume, the run's own settings) with the flags' overrides applied."""
     from .checkpoint import load_checkpoint
-    from .config import SearchConfig, get_preset, with_overrides
-    from .search import run_search
+    from .config import with_overrides
 
     if args.resume and args.preset is None and (args.out / "checkpoint.pt").is_file():
         # The run's own settings; the checkpoint is their source of truth.
         saved = load_checkpoint(args.out / "checkpoint.pt").get("config")
         try:
-            base = SearchConfig.from_dict(saved, source=str(args.out / "checkpoint.pt"))
+            base = cls.from_dict(saved, source=str(args.out / "checkpoint.pt"))
         except (TypeError, AttributeError) as e:
             raise MsrdartsError(f"{args.out / 'checkpoint.pt'}: no usable config ({e})") from None
     else:
         base = get_preset(args.preset or "cifar10")
-    cfg = with_overrides(base, _overrides(args, SearchConfig))
+    return with_overrides(base, _overrides(args, cls))
+
+
+def _run(args: argparse.Namespace, run: Any, cfg: Any) -> int:
     try:
-        run_search(cfg, args.out, resume=args.resume)
+        run(cfg, args.out, resume=args.resume)
     except KeyboardInterrupt:
         if (args.out / "checkpoint.pt").is_file():
             print(f"msrdarts: interrupted; continue with: msrdarts search --out {args.out} --resume", file=sys.stderr)
         else:
             print("msrdarts: interrupted before the first epoch completed; nothing was saved", file=sys.stderr)
         return 130
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .config import SearchConfig, get_preset
+    from .search import run_search
+
+    return _run(args, run_search, _config(args, SearchConfig, get_preset))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, get_train_preset
+    from .train import run_train
+
+    return _run(args, run_train, _config(args, TrainConfig, get_train_preset))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.device, progress=not args.json)
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in result.items()))
     return 0
 
 
@@ -172,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = {"search": _search, "plot": _plot, "info": _info, "bench": _bench}
+        commands = {"search": _search, "train": _train, "eval": _eval, "plot": _plot, "info": _info,
+                    "bench": _bench}
         return commands[args.command](args)
     except MsrdartsError as e:
         print(f"msrdarts: error: {e}", file=sys.stderr)

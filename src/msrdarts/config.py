@@ -129,6 +129,81 @@ def get_preset(name: str) -> SearchConfig:
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(SEARCH_PRESETS)}") from None
 
 
-def with_overrides(cfg: SearchConfig, overrides: dict[str, Any]) -> SearchConfig:
+def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """``cfg`` with the non-None entries of ``overrides`` replaced, validated."""
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a from-scratch training run depends on (stored as config.json in the run folder)."""
+
+    genotype: str = _f("MSR_DARTS", "genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
+    dataset: str = _f("cifar10", "data set: digits (offline demo) or cifar10")
+    data: str = _f("data", "folder holding (or receiving) the data set files")
+    download: bool = _f(False, "let torchvision download the data set into --data if it is missing")
+    layers: int = _f(20, "cells (reduction cells at L/3 and 2L/3)")
+    channels: int = _f(36, "initial channels C")
+    batch_size: int = _f(96, "images per step")
+    epochs: int = _f(600, "training epochs")
+    lr: float = _f(0.025, "initial SGD learning rate (cosine-annealed to --lr-min)")
+    lr_min: float = _f(0.0, "final learning rate of the cosine schedule")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(3e-4, "L2 weight decay")
+    grad_clip: float = _f(5.0, "gradient-norm clipping threshold (0 disables)")
+    auxiliary_weight: float = _f(0.4, "weight of the auxiliary head's loss (0 disables the head)")
+    drop_path: float = _f(0.2, "final drop-path probability, ramped linearly from 0 over training")
+    cutout: int = _f(16, "cutout square side in pixels (0 disables)")
+    seed: int = _f(0, "seed of weights, batch order and augmentation")
+    device: str = _f("auto", "'auto' (the accelerator if any, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' ...")
+    progress: bool = _f(True, "show a progress bar per epoch")
+
+    def validate(self) -> "TrainConfig":
+        from .data import list_datasets
+
+        for name in ("layers", "channels", "batch_size", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{_flag(name)}={value}: must be a positive integer")
+        for name in ("lr_min", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "cutout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)}={getattr(self, name)}: must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr={self.lr}: must be > 0")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"--drop-path={self.drop_path}: must be in [0, 1)")
+        if self.dataset not in list_datasets():
+            raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k != "runtime"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+#: Training presets, each citing the protocol it reproduces.
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    # DARTS protocol (SPEC section 5): L = 20, C = 36, 600 epochs, batch 96, SGD 0.025 cosine, wd 3e-4,
+    # cutout 16, auxiliary 0.4, drop path 0.2, clip 5, all 50k training images, 10k test images.
+    "cifar10": TrainConfig(),
+    # The paper's Table 1 comparison at the search depth (L = 8).
+    "cifar10-l8": TrainConfig(layers=8),
+    # Offline demo on digits: a 5-cell C = 16 network, about a minute on 2 CPU cores.
+    "quick": TrainConfig(dataset="digits", layers=5, channels=16, batch_size=64, epochs=15, lr=0.05, cutout=0,
+                         drop_path=0.1),
+}
+
+
+def get_train_preset(name: str) -> TrainConfig:
+    try:
+        return TRAIN_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(TRAIN_PRESETS)}") from None

@@ -163,14 +163,14 @@ class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], device: torch.device | str, shuffle: bool = False,
                  crop_padding: int = 0, flip: bool = False, drop_last: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, cutout: int = 0):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be a positive integer")
         self.device = torch.device(device)
         self.images = images.to(self.device)  # uint8: 4x less memory than float
         self.labels = labels.to(self.device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.crop_padding, self.flip = crop_padding, flip
+        self.crop_padding, self.flip, self.cutout = crop_padding, flip, cutout
         self.generator = generator if generator is not None else torch.Generator()
         c = images.shape[1]
         self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255
@@ -189,6 +189,8 @@ class DeviceLoader:
             if self.crop_padding or self.flip:
                 x = self._augment(x)
             x = (x.float() - self.mean) / self.std
+            if self.cutout:
+                x = self._cutout(x)
             yield x, self.labels[idx]
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,3 +209,17 @@ class DeviceLoader:
             mask = (torch.rand(B, generator=self.generator) < 0.5).to(self.device)
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
         return x
+
+    def _cutout(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero one cutout x cutout square per image (centre uniform over the image, clipped at the
+        border), after normalisation, as DARTS's Cutout does."""
+        B, _, H, W = x.shape
+        cy = torch.randint(0, H, (B,), generator=self.generator).to(self.device)
+        cx = torch.randint(0, W, (B,), generator=self.generator).to(self.device)
+        half = self.cutout // 2
+        rows = torch.arange(H, device=self.device)[None, :]
+        cols = torch.arange(W, device=self.device)[None, :]
+        in_rows = (rows >= (cy[:, None] - half)) & (rows < (cy[:, None] - half + self.cutout))   # (B, H)
+        in_cols = (cols >= (cx[:, None] - half)) & (cols < (cx[:, None] - half + self.cutout))   # (B, W)
+        hole = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+        return x.masked_fill(hole, 0.0)

@@ -7,30 +7,43 @@ Metrics accumulate on the device (no host sync per step); the progress bar reads
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 
+Criterion = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """Networks return logits, or (logits, auxiliary logits) like the evaluation network."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def cross_entropy(output: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = _logits(output)
+    return nn.functional.cross_entropy(logits, y), logits
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
                     grad_clip: float = 0.0, desc: str = "train", progress: bool = True,
-                    log_every: int = 10, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+                    log_every: int = 10, after_step: Callable[[int], None] | None = None,
+                    criterion: Criterion = cross_entropy) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader``; returns mean loss, accuracy (%) and images/s.
 
-    ``after_step(step)`` runs after every optimiser step (step counts from 0 within the epoch).
+    ``criterion(output, y)`` returns (loss, logits); ``after_step(step)`` runs after every
+    optimiser step (step counts from 0 within the epoch).
     """
     model.train()
-    criterion = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
-        logits = model(x)
-        loss = criterion(logits, y)
+        loss, logits = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -53,20 +66,26 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str = "valid",
              progress: bool = True) -> dict[str, float]:
-    """Mean loss and accuracy (%) of ``model`` over ``loader`` (eval mode: BN running statistics)."""
+    """Mean loss, top-1 accuracy ``acc`` and top-5 accuracy ``acc5`` (%) of ``model`` over ``loader``.
+
+    Eval mode: BN running statistics, no drop path, no auxiliary head.
+    """
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    correct5 = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        logits = model(x)
-        loss_sum += criterion(logits.float(), y)
-        correct += (logits.argmax(1) == y).sum()
+        logits = _logits(model(x)).float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct += (top[:, 0] == y).sum()
+        correct5 += (top == y[:, None]).any(dim=1).sum()
         seen += len(y)
     if seen == 0:
         raise ValueError("the evaluation loader yielded no batch")
-    return {"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen}
+    return {"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen,
+            "acc5": 100.0 * correct5.item() / seen}
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ._io import write_json, write_jsonl
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (check_run_folder, config_mismatch, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import SearchConfig
 from .data import DeviceLoader, ImageData, load_dataset, search_split
 from .derive import edge_index
@@ -39,8 +40,6 @@ from .visualize import plot_genotype
 
 CHECKPOINT_FORMAT = "msrdarts-search-v1"
 RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt", "cells.png")
-#: Settings that may differ on --resume without changing what the run computes.
-RESUMABLE_CHANGES = ("data", "download", "device", "progress")
 
 
 @dataclass
@@ -76,26 +75,6 @@ def build_supernet(cfg: SearchConfig, data: ImageData) -> SuperNet:
                     spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations)
 
 
-def check_run_folder(out: Path, resume: bool) -> None:
-    """Refuse to start over an existing run, or to resume where there is none."""
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise CheckpointError(f"--resume: {out}/checkpoint.pt not found; nothing to resume")
-        return
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    present = [f for f in RUN_FILES if (out / f).exists()]
-    if present:
-        raise CheckpointError(f"--out {out} already holds a run ({', '.join(present)}); "
-                              f"pass --resume to continue it or choose another --out")
-
-
-def config_mismatch(saved: SearchConfig, cfg: SearchConfig) -> list[str]:
-    return [f"{f.name}: run has {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}"
-            for f in fields(SearchConfig)
-            if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
-
-
 def _rank_options(cfg: SearchConfig) -> dict[str, bool]:
     return {"resolution_normalized": cfg.rank_per_pixel, "authors_quirk": cfg.authors_reduce_resolution}
 
@@ -109,7 +88,7 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     """
     cfg.validate()
     out = Path(out)
-    check_run_folder(out, resume)
+    check_run_folder(out, resume, RUN_FILES)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(out / "checkpoint.pt")

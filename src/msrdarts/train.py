@@ -1,0 +1,195 @@
+"""``run_train``: train a genotype's evaluation network from scratch (DARTS protocol, SPEC section 5).
+
+Run folder::
+
+    config.json      every setting used (plus the device and torch version it ran with)
+    history.jsonl    one line per epoch: train loss/top-1, test loss/top-1/top-5, lr, drop path, time
+    checkpoint.pt    the last completed epoch (weights, optimiser, scheduler, RNG, history)
+    best.pt          the weights of the epoch with the best test top-1 (for `eval`)
+    results.json     final test_top1_error / test_top5_error (%), params_m, mult_adds_m, device_hours
+    genotype.json    the genotype trained
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import write_json, write_jsonl
+from .checkpoint import (check_run_folder, config_mismatch, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
+from .config import TrainConfig
+from .data import DeviceLoader, dataset_info, load_dataset
+from .engine import evaluate, train_one_epoch
+from .errors import CheckpointError, ConfigError
+from .genotype import load_genotype
+from .metrics import count_mult_adds, count_parameters
+from .network import Network
+from .ops import list_ops
+from .search import resolve_device
+
+CHECKPOINT_FORMAT = "msrdarts-train-v1"
+RUN_FILES = ("config.json", "history.jsonl", "checkpoint.pt", "best.pt", "results.json", "genotype.json")
+
+
+@dataclass
+class TrainResult:
+    results: dict[str, Any]
+    history: list[dict]
+    out: Path
+
+
+def auxiliary_criterion(weight: float) -> Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Cross entropy of the logits plus ``weight`` times that of the auxiliary logits (DARTS)."""
+
+    def criterion(output: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, aux = output
+        loss = nn.functional.cross_entropy(logits, y)
+        if aux is not None and weight > 0:
+            loss = loss + weight * nn.functional.cross_entropy(aux, y)
+        return loss, logits
+
+    return criterion
+
+
+def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
+              on_epoch_end: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print
+              ) -> TrainResult:
+    """Train (or resume training) ``cfg.genotype`` from scratch into the folder ``out``."""
+    cfg.validate()
+    out = Path(out)
+    check_run_folder(out, resume, RUN_FILES)
+    genotype = load_genotype(cfg.genotype, primitives=list_ops())
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{out}/checkpoint.pt: format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        diff = config_mismatch(TrainConfig.from_dict(ckpt["config"], source=f"{out}/checkpoint.pt"), cfg)
+        if diff:
+            raise CheckpointError(f"--resume with changed settings ({'; '.join(diff)})")
+    device = resolve_device(cfg.device)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.data, cfg.download)
+    shape = dataset_info(cfg.dataset)
+    model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=shape.stem,
+                    in_channels=data.in_channels, input_size=data.input_size,
+                    auxiliary=cfg.auxiliary_weight > 0).to(device)
+    params_m = count_parameters(model) / 1e6
+    mult_adds_m = count_mult_adds(model, data.in_channels, data.input_size) / 1e6
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, data.mean, data.std, device,
+                                shuffle=True, crop_padding=data.crop_padding, flip=data.flip, cutout=cfg.cutout,
+                                drop_last=len(data.y_train) > cfg.batch_size, generator=loader_gen)
+    test_loader = DeviceLoader(data.x_test, data.y_test, cfg.batch_size, data.mean, data.std, device)
+    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.lr_min)
+    criterion = auxiliary_criterion(cfg.auxiliary_weight)
+
+    history: list[dict] = []
+    best: dict | None = None
+    start_epoch, train_seconds = 0, 0.0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{out}/checkpoint.pt does not match this network "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+        set_rng_state(ckpt["rng"], device, {"loader": loader_gen})
+        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
+        train_seconds = ckpt["train_seconds"]
+        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
+    run_config = {**cfg.to_dict(), "runtime": {"device": str(device), "torch": torch.__version__}}
+    log(f"training {cfg.genotype}: {params_m:.3f}M parameters, {mult_adds_m:.1f}M mult-adds")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        drop = cfg.drop_path * epoch / cfg.epochs   # DARTS: linear ramp from 0
+        model.set_drop_path(drop)
+        tag = f"epoch {epoch + 1}/{cfg.epochs}"
+        tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag, progress=cfg.progress,
+                             criterion=criterion)
+        te = evaluate(model, test_loader, device, desc=f"{tag} test", progress=cfg.progress)
+        scheduler.step()
+        elapsed = time.perf_counter() - t0
+        train_seconds += elapsed
+        record = {"epoch": epoch + 1, "lr": lr, "drop_path": drop, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                  "test_loss": te["loss"], "test_acc": te["acc"], "test_acc5": te["acc5"],
+                  "train_images_per_s": tr["images_per_s"], "epoch_time_s": elapsed}
+        history.append(record)
+        if best is None or te["acc"] > best["test_acc"]:
+            best = {"epoch": epoch + 1, "test_acc": te["acc"]}
+            save_checkpoint(out / "best.pt", {"format": CHECKPOINT_FORMAT + "-weights", "epoch": epoch + 1,
+                                              "config": cfg.to_dict(), "genotype": genotype.to_dict(),
+                                              "model": model.state_dict()})
+        save_checkpoint(out / "checkpoint.pt", {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(), "genotype": genotype.to_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(device, {"loader": loader_gen}), "history": history, "best": best,
+            "train_seconds": train_seconds,
+        })
+        write_json(out / "config.json", run_config)
+        write_jsonl(out / "history.jsonl", history)
+        genotype.save(out / "genotype.json")
+        log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | test loss {te['loss']:.4f} "
+            f"top-1 {te['acc']:.2f}% top-5 {te['acc5']:.2f}% | lr {lr:.5f} | {elapsed:.1f}s")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+
+    last = history[-1]
+    results = {
+        "test_top1_error": round(100.0 - last["test_acc"], 4), "test_top5_error": round(100.0 - last["test_acc5"], 4),
+        "best_epoch": best["epoch"], "best_test_top1_error": round(100.0 - best["test_acc"], 4),
+        "params_m": round(params_m, 4), "mult_adds_m": round(mult_adds_m, 2),
+        "device_hours": round(train_seconds / 3600.0, 5), "epochs": cfg.epochs, "device": str(device),
+    }
+    write_json(out / "results.json", results)
+    log(f"test top-1 error {results['test_top1_error']:.2f}% (top-5 {results['test_top5_error']:.2f}%), "
+        f"{results['params_m']}M parameters; results in {out}/results.json")
+    return TrainResult(results, history, out)
+
+
+def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str = "auto",
+                        progress: bool = True) -> dict[str, Any]:
+    """Rebuild the network stored in a train checkpoint (best.pt or checkpoint.pt) and test it."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    if not str(ckpt.get("format", "")).startswith(CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path}: not a training checkpoint (format {ckpt.get('format')!r})")
+    cfg = TrainConfig.from_dict(ckpt["config"], source=str(path))
+    from .genotype import Genotype
+
+    genotype = Genotype.from_dict(ckpt["genotype"], list_ops(), source=f"{path}: genotype")
+    dev = resolve_device(device)
+    data = load_dataset(cfg.dataset, data_root or cfg.data, download=False)
+    shape = dataset_info(cfg.dataset)
+    model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=shape.stem,
+                    in_channels=data.in_channels, input_size=data.input_size, auxiliary=cfg.auxiliary_weight > 0)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the stored architecture "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    model.to(dev)
+    te = evaluate(model, DeviceLoader(data.x_test, data.y_test, cfg.batch_size, data.mean, data.std, dev), dev,
+                  desc="test", progress=progress)
+    return {"checkpoint": str(path), "epoch": ckpt["epoch"], "test_top1_error": round(100.0 - te["acc"], 4),
+            "test_top5_error": round(100.0 - te["acc5"], 4), "params_m": round(count_parameters(model) / 1e6, 4),
+            "mult_adds_m": round(count_mult_adds(model, data.in_channels, data.input_size) / 1e6, 2)}

@@ -1,0 +1,101 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from msrdarts.checkpoint import load_checkpoint
+from msrdarts.cli import main
+from msrdarts.config import TrainConfig, get_train_preset
+from msrdarts.errors import CheckpointError, ConfigError
+from msrdarts.train import evaluate_checkpoint, run_train
+
+TINY = TrainConfig(genotype="DARTS_V2", dataset="digits", layers=3, channels=4, batch_size=256, epochs=2,
+                   lr=0.05, cutout=2, drop_path=0.2, seed=0, device="cpu", progress=False)
+TIMING = ("epoch_time_s", "train_images_per_s")
+
+
+def quiet(_msg):
+    pass
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "full"
+    return out, run_train(TINY, out, log=quiet)
+
+
+def test_run_folder_and_results(full_run):
+    out, result = full_run
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.json", "genotype.json",
+                                                      "history.jsonl", "results.json"]
+    res = json.loads((out / "results.json").read_text())
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert [h["drop_path"] for h in hist] == [0.0, pytest.approx(0.1)]      # linear ramp from 0
+    assert res["test_top1_error"] == pytest.approx(100 - hist[-1]["test_acc"], abs=1e-3)
+    assert res["test_top5_error"] <= res["test_top1_error"]
+    assert res["device_hours"] > 0 and res["params_m"] > 0 and res["mult_adds_m"] > 0
+    assert json.loads((out / "genotype.json").read_text())["reduce"][0] == ["max_pool_3x3", 0]
+    assert result.results == res
+
+
+def test_eval_reproduces_the_recorded_test_error(full_run):
+    out, _ = full_run
+    best = load_checkpoint(out / "best.pt")
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    again = evaluate_checkpoint(out / "best.pt", device="cpu", progress=False)
+    assert again["test_top1_error"] == pytest.approx(100 - hist[best["epoch"] - 1]["test_acc"], abs=1e-3)
+    with pytest.raises(CheckpointError, match="not a readable msrdarts checkpoint"):
+        evaluate_checkpoint(out / "genotype.json", device="cpu")
+
+
+def test_resume_equals_uninterrupted_run(full_run, tmp_path):
+    out_full, _ = full_run
+    out = tmp_path / "interrupted"
+
+    def stop(epoch, record):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_train(TINY, out, on_epoch_end=stop, log=quiet)
+    run_train(TINY, out, resume=True, log=quiet)
+    strip = lambda hs: [{k: v for k, v in h.items() if k not in TIMING} for h in hs]   # noqa: E731
+    read = lambda o: [json.loads(line) for line in (o / "history.jsonl").read_text().splitlines()]   # noqa: E731
+    assert strip(read(out)) == strip(read(out_full))
+    a, b = load_checkpoint(out / "checkpoint.pt")["model"], load_checkpoint(out_full / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="changed settings \\(layers"):
+        run_train(replace(TINY, layers=4), out, resume=True, log=quiet)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(genotype="DARTS_V9"), "neither a file"),
+    (dict(epochs=0), "--epochs=0"),
+    (dict(drop_path=1.0), "--drop-path=1.0"),
+    (dict(dataset="imagenet"), "--dataset='imagenet'"),
+])
+def test_bad_settings(tmp_path, change, fragment):
+    with pytest.raises(ConfigError) as info:
+        run_train(replace(TINY, **change), tmp_path / "run", log=quiet)
+    assert fragment in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_presets_follow_the_darts_protocol():
+    c = get_train_preset("cifar10")
+    assert (c.layers, c.channels, c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.cutout,
+            c.auxiliary_weight, c.drop_path, c.grad_clip) == (20, 36, 600, 96, 0.025, 0.9, 3e-4, 16, 0.4, 0.2, 5.0)
+    assert get_train_preset("cifar10-l8").layers == 8
+    assert get_train_preset("quick").dataset == "digits"
+
+
+def test_cli_train_bad_genotype_one_line(tmp_path, capsys):
+    assert main(["train", "--preset", "quick", "--genotype", "NOPE_DARTS", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msrdarts: error: genotype 'NOPE_DARTS'") and err.count("\n") == 1
