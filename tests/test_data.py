@@ -109,3 +109,53 @@ def test_cutout_zeroes_one_square_per_image():
     cover = holes.float().mean(0)
     interior = cover[1:-1, 1:-1]
     assert (interior.max() - interior.min()) < 0.05
+
+
+def _image_tree(root, split, classes, n=2, size=(10, 7)):
+    from PIL import Image
+
+    for c in classes:
+        d = root / split / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", size, color=(40 * i, 100, 200)).save(d / f"{i}.png")
+
+
+def test_folder_dataset_decodes_a_users_images(tmp_path):
+    from msrdarts.data import FOLDER_SIZE
+
+    _image_tree(tmp_path, "train", ["cat", "dog"], n=3)
+    _image_tree(tmp_path, "test", ["cat", "dog"], n=1)
+    d = load_dataset("folder", tmp_path)
+    assert d.x_train.shape == (6, 3, FOLDER_SIZE, FOLDER_SIZE) and d.x_test.shape == (2, 3, FOLDER_SIZE, FOLDER_SIZE)
+    assert d.num_classes == 2 and sorted(d.y_train.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert d.x_train[:, 2].float().mean().item() == pytest.approx(200, abs=1)   # blue channel kept
+
+
+@pytest.mark.parametrize("problem, fragment", [
+    ("no_root", "no such folder"),
+    ("no_test", "needs a train/ folder and a val/ or test/ folder"),
+    ("empty", "no images"),
+    ("classes", "classes differ (only in train: ['dog']"),
+    ("unreadable", "bad.png: unreadable image"),
+])
+def test_folder_dataset_bad_input(tmp_path, problem, fragment):
+    root = tmp_path / "data"
+    if problem != "no_root":
+        _image_tree(root, "train", ["cat", "dog"])
+        if problem != "no_test":
+            _image_tree(root, "val", ["cat"] if problem == "classes" else ["cat", "dog"])
+        if problem == "empty":
+            for f in (root / "val").rglob("*.png"):
+                f.unlink()
+        if problem == "unreadable":
+            (root / "train" / "cat" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError) as info:
+        load_dataset("folder", root)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("name, label", [("cifar100", "CIFAR-100"), ("svhn", "SVHN")])
+def test_torchvision_datasets_missing(tmp_path, name, label):
+    with pytest.raises(DataError, match=f"{label} not found in .*pass --download"):
+        load_dataset(name, tmp_path)

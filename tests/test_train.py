@@ -99,3 +99,30 @@ def test_cli_train_bad_genotype_one_line(tmp_path, capsys):
     assert main(["train", "--preset", "quick", "--genotype", "NOPE_DARTS", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("msrdarts: error: genotype 'NOPE_DARTS'") and err.count("\n") == 1
+
+
+def test_lr_schedules_by_hand():
+    from msrdarts.train import lr_factor
+
+    cos = lr_factor(replace(TINY, epochs=4, lr=0.1, lr_min=0.0))
+    assert [round(cos(e), 6) for e in range(4)] == [1.0, round(0.5 * (1 + 0.7071067811865476), 6), 0.5,
+                                                   round(0.5 * (1 - 0.7071067811865476), 6)]
+    warm = lr_factor(replace(TINY, epochs=6, warmup_epochs=2, lr=0.1, lr_min=0.01))
+    assert warm(0) == 0.5 and warm(1) == 1.0 and warm(2) == pytest.approx(1.0)
+    assert warm(4) == pytest.approx(0.1 + 0.9 * 0.5)     # halfway through the 4 cosine epochs
+    step = lr_factor(replace(TINY, epochs=5, schedule="step"))
+    assert step(3) == pytest.approx(0.97 ** 3)
+
+
+def test_train_on_a_users_image_folder(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 6), ("val", 2)):
+        for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 16), colour).save(tmp_path / "data" / split / c / f"{i}.png")
+    cfg = replace(TINY, dataset="folder", data=str(tmp_path / "data"), epochs=1, batch_size=4, channels=2,
+                  label_smoothing=0.1)
+    res = run_train(cfg, tmp_path / "run", log=quiet).results
+    assert 0.0 <= res["test_top1_error"] <= 100.0 and res["params_m"] > 0

@@ -23,7 +23,8 @@ def _f(default: Any, help: str) -> Any:
 class SearchConfig:
     """Everything an MSR-DARTS search run depends on (stored as config.json in the run folder)."""
 
-    dataset: str = _f("cifar10", "data set: digits (offline demo) or cifar10")
+    dataset: str = _f("cifar10", "data set: digits (offline demo), cifar10, cifar100, svhn, or folder (--data "
+                                 "holding train/ and val/ or test/ class folders)")
     data: str = _f("data", "folder holding (or receiving) the data set files")
     download: bool = _f(False, "let torchvision download the data set into --data if it is missing")
     layers: int = _f(8, "cells in the supernet (reduction cells at L/3 and 2L/3)")
@@ -139,7 +140,8 @@ class TrainConfig:
     """Everything a from-scratch training run depends on (stored as config.json in the run folder)."""
 
     genotype: str = _f("MSR_DARTS", "genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
-    dataset: str = _f("cifar10", "data set: digits (offline demo) or cifar10")
+    dataset: str = _f("cifar10", "data set: digits (offline demo), cifar10, cifar100, svhn, or folder (--data "
+                                 "holding train/ and val/ or test/ class folders)")
     data: str = _f("data", "folder holding (or receiving) the data set files")
     download: bool = _f(False, "let torchvision download the data set into --data if it is missing")
     layers: int = _f(20, "cells (reduction cells at L/3 and 2L/3)")
@@ -154,6 +156,9 @@ class TrainConfig:
     auxiliary_weight: float = _f(0.4, "weight of the auxiliary head's loss (0 disables the head)")
     drop_path: float = _f(0.2, "final drop-path probability, ramped linearly from 0 over training")
     cutout: int = _f(16, "cutout square side in pixels (0 disables)")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss (ImageNet protocol: 0.1)")
+    schedule: str = _f("cosine", "learning-rate schedule: 'cosine' (to --lr-min) or 'step' (x0.97 per epoch, DARTS ImageNet)")
+    warmup_epochs: int = _f(0, "epochs of linear learning-rate warm-up before the schedule")
     seed: int = _f(0, "seed of weights, batch order and augmentation")
     device: str = _f("auto", "'auto' (the accelerator if any, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' ...")
     progress: bool = _f(True, "show a progress bar per epoch")
@@ -170,6 +175,12 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)}: must be >= 0")
         if self.lr <= 0:
             raise ConfigError(f"--lr={self.lr}: must be > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing={self.label_smoothing}: must be in [0, 1)")
+        if self.schedule not in ("cosine", "step"):
+            raise ConfigError(f"--schedule={self.schedule!r}: unknown; allowed: cosine, step")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"--warmup-epochs={self.warmup_epochs}: must be in 0..epochs-1")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"--drop-path={self.drop_path}: must be in [0, 1)")
         if self.dataset not in list_datasets():

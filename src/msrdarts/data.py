@@ -58,6 +58,8 @@ class DatasetInfo:
 DATASET_INFO: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(10, 1, 8, "cifar"),
     "cifar10": DatasetInfo(10, 3, 32, "cifar"),
+    "cifar100": DatasetInfo(100, 3, 32, "cifar"),
+    "svhn": DatasetInfo(10, 3, 32, "cifar"),
     "imagenet": DatasetInfo(1000, 3, 224, "imagenet"),
 }
 
@@ -118,26 +120,103 @@ def _digits(root: Path, download: bool) -> ImageData:
                      crop_padding=1, flip=False)
 
 
+def _torchvision(name: str, root: Path, download: bool, marker: str, size_mb: int, make) -> tuple:
+    """(train, test) torchvision data sets, with a clear error when the files are not there."""
+    if not download and not (root / marker).exists():
+        raise DataError(f"{name} not found in {root}/{marker}; pass --download to fetch it with torchvision "
+                        f"({size_mb} MB) or point --data at the folder that holds it")
+    try:
+        return make(str(root), True, download), make(str(root), False, False)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"{name} in {root} is unreadable ({e}); delete it and pass --download") from None
+
+
+def _hwc_to_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+
 @register_dataset("cifar10")
 def _cifar10(root: Path, download: bool) -> ImageData:
     """CIFAR-10 through torchvision (50k train / 10k test, 32 x 32)."""
     from torchvision.datasets import CIFAR10
 
-    if not download and not (root / "cifar-10-batches-py").is_dir():
-        raise DataError(f"CIFAR-10 not found in {root}/cifar-10-batches-py; pass --download to fetch it "
-                        f"with torchvision (163 MB) or point --data at the folder that holds it")
-    try:
-        train, test = CIFAR10(str(root), train=True, download=download), CIFAR10(str(root), train=False)
-    except (RuntimeError, OSError) as e:
-        raise DataError(f"CIFAR-10 in {root} is unreadable ({e}); delete it and pass --download") from None
-
-    def to_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
-
-    x_tr, y_tr = to_tensors(train)
-    x_te, y_te = to_tensors(test)
+    train, test = _torchvision("CIFAR-10", root, download, "cifar-10-batches-py", 163,
+                               lambda r, tr, dl: CIFAR10(r, train=tr, download=dl))
+    (x_tr, y_tr), (x_te, y_te) = _hwc_to_tensors(train), _hwc_to_tensors(test)
     return ImageData("cifar10", x_tr, y_tr, x_te, y_te, DATASET_INFO["cifar10"].num_classes,
                      (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_padding=4, flip=True)
+
+
+@register_dataset("cifar100")
+def _cifar100(root: Path, download: bool) -> ImageData:
+    """CIFAR-100 through torchvision (50k train / 10k test, 32 x 32, 100 classes)."""
+    from torchvision.datasets import CIFAR100
+
+    train, test = _torchvision("CIFAR-100", root, download, "cifar-100-python", 161,
+                               lambda r, tr, dl: CIFAR100(r, train=tr, download=dl))
+    (x_tr, y_tr), (x_te, y_te) = _hwc_to_tensors(train), _hwc_to_tensors(test)
+    return ImageData("cifar100", x_tr, y_tr, x_te, y_te, DATASET_INFO["cifar100"].num_classes,
+                     (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4, flip=True)
+
+
+@register_dataset("svhn")
+def _svhn(root: Path, download: bool) -> ImageData:
+    """SVHN through torchvision (73k train / 26k test, 32 x 32; digits, so no flips)."""
+    from torchvision.datasets import SVHN
+
+    train, test = _torchvision("SVHN", root, download, "train_32x32.mat", 182,
+                               lambda r, tr, dl: SVHN(r, split="train" if tr else "test", download=dl))
+    x_tr, y_tr = torch.from_numpy(train.data), torch.from_numpy(train.labels.astype(np.int64))
+    x_te, y_te = torch.from_numpy(test.data), torch.from_numpy(test.labels.astype(np.int64))
+    mean, std = _channel_stats(x_tr)
+    return ImageData("svhn", x_tr, y_tr, x_te, y_te, DATASET_INFO["svhn"].num_classes, mean, std,
+                     crop_padding=4, flip=False)
+
+
+FOLDER_SIZE = 32  # side every image of a `folder` data set is resized to (the in-memory small-data path)
+
+
+@register_dataset("folder")
+def _folder(root: Path, download: bool) -> ImageData:
+    """A user's images: ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), ImageFolder layout.
+
+    Decoded once, converted to RGB and resized to FOLDER_SIZE x FOLDER_SIZE, held as uint8.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DataError(f"--data {root}: no such folder (expected {root}/train and {root}/val or {root}/test)")
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"--data {root}: needs a train/ folder and a val/ or test/ folder, one subfolder per class")
+    splits = []
+    for d in (root / "train", test_dir):
+        try:
+            ds = ImageFolder(str(d))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"{d}: no images ({str(e).splitlines()[0]})") from None
+        splits.append(ds)
+    if splits[0].classes != splits[1].classes:
+        only_train = sorted(set(splits[0].classes) - set(splits[1].classes))
+        only_test = sorted(set(splits[1].classes) - set(splits[0].classes))
+        raise DataError(f"--data {root}: train and {test_dir.name} classes differ "
+                        f"(only in train: {only_train or '-'}; only in {test_dir.name}: {only_test or '-'})")
+
+    def decode(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        images = []
+        for path, _ in ds.samples:
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB").resize((FOLDER_SIZE, FOLDER_SIZE), Image.BILINEAR)
+                    images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"{path}: unreadable image ({e})") from None
+        return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+    (x_tr, y_tr), (x_te, y_te) = decode(splits[0]), decode(splits[1])
+    mean, std = _channel_stats(x_tr)
+    return ImageData("folder", x_tr, y_tr, x_te, y_te, len(splits[0].classes), mean, std, crop_padding=4, flip=True)
 
 
 def search_split(n: int, train_fraction: float = 0.8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ Run folder::
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from ._io import write_json, write_jsonl
 from .checkpoint import (check_run_folder, config_mismatch, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig
-from .data import DeviceLoader, dataset_info, load_dataset
+from .data import DeviceLoader, load_dataset
 from .engine import evaluate, train_one_epoch
 from .errors import CheckpointError, ConfigError
 from .genotype import load_genotype
@@ -46,17 +47,33 @@ class TrainResult:
     out: Path
 
 
-def auxiliary_criterion(weight: float) -> Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def auxiliary_criterion(weight: float, label_smoothing: float = 0.0
+                        ) -> Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Cross entropy of the logits plus ``weight`` times that of the auxiliary logits (DARTS)."""
 
     def criterion(output: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, aux = output
-        loss = nn.functional.cross_entropy(logits, y)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if aux is not None and weight > 0:
-            loss = loss + weight * nn.functional.cross_entropy(aux, y)
+            loss = loss + weight * nn.functional.cross_entropy(aux, y, label_smoothing=label_smoothing)
         return loss, logits
 
     return criterion
+
+
+def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """Learning rate of epoch e as a multiple of --lr: linear warm-up, then cosine to --lr-min or x0.97 steps."""
+
+    def factor(epoch: int) -> float:
+        if epoch < cfg.warmup_epochs:
+            return (epoch + 1) / cfg.warmup_epochs
+        e, n = epoch - cfg.warmup_epochs, cfg.epochs - cfg.warmup_epochs
+        if cfg.schedule == "step":
+            return 0.97 ** e
+        floor = cfg.lr_min / cfg.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * e / n))
+
+    return factor
 
 
 def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
@@ -81,8 +98,7 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data, cfg.download)
-    shape = dataset_info(cfg.dataset)
-    model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=shape.stem,
+    model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=data.stem,
                     in_channels=data.in_channels, input_size=data.input_size,
                     auxiliary=cfg.auxiliary_weight > 0).to(device)
     params_m = count_parameters(model) / 1e6
@@ -93,8 +109,8 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
                                 drop_last=len(data.y_train) > cfg.batch_size, generator=loader_gen)
     test_loader = DeviceLoader(data.x_test, data.y_test, cfg.batch_size, data.mean, data.std, device)
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.lr_min)
-    criterion = auxiliary_criterion(cfg.auxiliary_weight)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    criterion = auxiliary_criterion(cfg.auxiliary_weight, cfg.label_smoothing)
 
     history: list[dict] = []
     best: dict | None = None
@@ -179,8 +195,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     genotype = Genotype.from_dict(ckpt["genotype"], list_ops(), source=f"{path}: genotype")
     dev = resolve_device(device)
     data = load_dataset(cfg.dataset, data_root or cfg.data, download=False)
-    shape = dataset_info(cfg.dataset)
-    model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=shape.stem,
+    model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=data.stem,
                     in_channels=data.in_channels, input_size=data.input_size, auxiliary=cfg.auxiliary_weight > 0)
     try:
         model.load_state_dict(ckpt["model"])
