@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from msrdarts.ops import FactorizedReduce, OpConv, record_input_sizes
 from msrdarts.spectral import ConvSpectralNorm, apply_spectral_norm, refresh_spectral_norms
 
-from _reference import dense_conv, dense_of, op_norm
+from _reference import dense_of, op_norm
 
 # name -> (C_in, C_out, k, stride, padding, dilation, groups, (H, W))
 GEOMS = {

@@ -96,3 +96,42 @@ def config_mismatch(saved: Any, cfg: Any) -> list[str]:
     return [f"{f.name}: run has {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}"
             for f in fields(cfg)
             if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
+
+
+def open_run(out: Path, resume: bool, run_files: tuple[str, ...], fmt: str, cfg: Any) -> dict[str, Any] | None:
+    """Check the run folder; on ``resume`` load its checkpoint and refuse changed settings.
+
+    Returns the checkpoint (None for a new run). ``cfg`` is the run's config dataclass.
+    """
+    check_run_folder(out, resume, run_files)
+    if not resume:
+        return None
+    path = out / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != fmt:
+        raise CheckpointError(f"{path}: format {ckpt.get('format')!r}, expected {fmt}")
+    diff = config_mismatch(type(cfg).from_dict(ckpt["config"], source=str(path)), cfg)
+    if diff:
+        raise CheckpointError(f"--resume with changed settings ({'; '.join(diff)})")
+    return ckpt
+
+
+def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, scheduler: Any, generators: dict[str, torch.Generator]) -> None:
+    """Load weights, optimiser, scheduler and every RNG state of a checkpoint; errors name the file."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not match this network ({str(e).splitlines()[0][:200]})") from None
+    set_rng_state(ckpt["rng"], device, generators)
+
+
+def make_run_folder(out: Path, device: torch.device, cfg: Any) -> dict[str, Any]:
+    """Create ``out``; return what config.json records: the settings plus the runtime they resolved to."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
+    return {**cfg.to_dict(), "runtime": {"device": str(device), "torch": torch.__version__}}

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from ._io import write_json, write_jsonl
-from .checkpoint import (check_run_folder, config_mismatch, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import make_run_folder, open_run, restore_state, rng_state, save_checkpoint
 from .config import SearchConfig
 from .data import DeviceLoader, ImageData, load_dataset, search_split
 from .derive import edge_index
@@ -88,16 +87,7 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     """
     cfg.validate()
     out = Path(out)
-    check_run_folder(out, resume, RUN_FILES)
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(out / "checkpoint.pt")
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{out}/checkpoint.pt: format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        saved = SearchConfig.from_dict(ckpt["config"], source=f"{out}/checkpoint.pt")
-        diff = config_mismatch(saved, cfg)
-        if diff:
-            raise CheckpointError(f"--resume with changed settings ({'; '.join(diff)})")
+    ckpt = open_run(out, resume, RUN_FILES, CHECKPOINT_FORMAT, cfg)
     device = resolve_device(cfg.device)
 
     random.seed(cfg.seed)
@@ -122,22 +112,10 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     best: dict | None = None
     start_epoch = 0
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{out}/checkpoint.pt does not match this network "
-                                  f"({str(e).splitlines()[0][:200]})") from None
-        set_rng_state(ckpt["rng"], device, {"loader": loader_gen})
+        restore_state(ckpt, out / "checkpoint.pt", device, model, optimizer, scheduler, {"loader": loader_gen})
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
         log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
-    # config.json records the settings and what they resolved to on this machine.
-    run_config = {**cfg.to_dict(), "runtime": {"device": str(device), "torch": torch.__version__}}
+    run_config = make_run_folder(out, device, cfg)
     if ckpt is not None:
         _write_derived(out, run_config, history, best)
 

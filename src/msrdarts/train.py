@@ -24,12 +24,11 @@ import torch
 from torch import nn
 
 from ._io import write_json, write_jsonl
-from .checkpoint import (check_run_folder, config_mismatch, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import load_checkpoint, make_run_folder, open_run, restore_state, rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import DeviceLoader, load_dataset
 from .engine import evaluate, train_one_epoch
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .genotype import load_genotype
 from .metrics import count_mult_adds, count_parameters
 from .network import Network
@@ -82,16 +81,8 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     """Train (or resume training) ``cfg.genotype`` from scratch into the folder ``out``."""
     cfg.validate()
     out = Path(out)
-    check_run_folder(out, resume, RUN_FILES)
+    ckpt = open_run(out, resume, RUN_FILES, CHECKPOINT_FORMAT, cfg)
     genotype = load_genotype(cfg.genotype, primitives=list_ops())
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(out / "checkpoint.pt")
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{out}/checkpoint.pt: format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        diff = config_mismatch(TrainConfig.from_dict(ckpt["config"], source=f"{out}/checkpoint.pt"), cfg)
-        if diff:
-            raise CheckpointError(f"--resume with changed settings ({'; '.join(diff)})")
     device = resolve_device(cfg.device)
 
     random.seed(cfg.seed)
@@ -116,22 +107,11 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     best: dict | None = None
     start_epoch, train_seconds = 0, 0.0
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{out}/checkpoint.pt does not match this network "
-                                  f"({str(e).splitlines()[0][:200]})") from None
-        set_rng_state(ckpt["rng"], device, {"loader": loader_gen})
+        restore_state(ckpt, out / "checkpoint.pt", device, model, optimizer, scheduler, {"loader": loader_gen})
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
         train_seconds = ckpt["train_seconds"]
         log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
-    run_config = {**cfg.to_dict(), "runtime": {"device": str(device), "torch": torch.__version__}}
+    run_config = make_run_folder(out, device, cfg)
     log(f"training {cfg.genotype}: {params_m:.3f}M parameters, {mult_adds_m:.1f}M mult-adds")
 
     for epoch in range(start_epoch, cfg.epochs):
