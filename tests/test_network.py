@@ -82,3 +82,24 @@ def test_mult_adds_match_published_cifar_figures(name, millions):
 def test_mult_adds_of_a_single_conv_by_hand():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False))
     assert count_mult_adds(conv, 3, 10) == 8 * 3 * 9 * 10 * 10
+
+
+@pytest.mark.parametrize("size", [8, 7, 4, 2])
+def test_auxiliary_head_pools_to_2x2_then_1x1(size):
+    from msrdarts.network import AuxiliaryHead
+
+    head = AuxiliaryHead(6, 10, size)
+    x = torch.randn(2, 6, size, size)
+    pooled = head.features[:2](x)
+    assert pooled.shape[-2:] == (2, 2)                      # DARTS: 8 -> 2 (pool 5/3), 7 -> 2 (pool 5/2)
+    assert head.features(x).shape == (2, 768, 1, 1) and head(x).shape == (2, 10)
+
+
+def test_imagenet_auxiliary_head_sees_7x7():
+    net = Network(get_genotype("MSR_DARTS"), 10, 6, 4, stem="imagenet", input_size=224, auxiliary=True)
+    seen = []
+    net.auxiliary_head.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    net.train()
+    net(torch.randn(2, 3, 224, 224))
+    assert seen == [(7, 7)]
+    assert isinstance(net.auxiliary_head.features[1], torch.nn.AvgPool2d) and net.auxiliary_head.features[1].stride == 2

@@ -126,3 +126,23 @@ def test_train_on_a_users_image_folder(tmp_path):
                   label_smoothing=0.1)
     res = run_train(cfg, tmp_path / "run", log=quiet).results
     assert 0.0 <= res["test_top1_error"] <= 100.0 and res["params_m"] > 0
+
+
+def test_resume_refuses_a_genotype_file_that_changed(tmp_path):
+    from msrdarts.zoo import get_genotype
+
+    gfile = tmp_path / "g.json"
+    get_genotype("DARTS_V2").save(gfile)
+    cfg = replace(TINY, genotype=str(gfile), epochs=2)
+
+    def stop(epoch, record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_train(cfg, tmp_path / "run", on_epoch_end=stop, log=quiet)
+    get_genotype("PC_DARTS").save(gfile)
+    with pytest.raises(CheckpointError, match="no longer holds the genotype"):
+        run_train(cfg, tmp_path / "run", resume=True, log=quiet)
+    gfile.unlink()   # moved away: the checkpoint's own genotype is used
+    res = run_train(cfg, tmp_path / "run", resume=True, log=quiet).results
+    assert res["genotype"] == get_genotype("DARTS_V2").to_dict() and "best_test_top1_error" not in res

@@ -1,7 +1,8 @@
 """Command line: ``msrdarts search | train | eval | plot | info | bench``.
 
-Flags are generated from :class:`msrdarts.config.SearchConfig`, so every setting of a preset can
-be overridden and ``--help`` shows each preset's value. Parsing produces a typed config and calls
+The flags of ``search`` and ``train`` are generated from :class:`msrdarts.config.SearchConfig` and
+:class:`msrdarts.config.TrainConfig`, so every setting of a preset can be overridden and
+``--help`` shows each preset's value. Parsing produces a typed config and calls
 one function; user errors are printed as one line (``msrdarts: error: ...``) with exit status 2.
 """
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters and mult-adds of the evaluation network of a genotype")
     i.add_argument("--genotype", required=True, help="genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
     i.add_argument("--dataset", default="cifar10", help="data set whose shape to use (default: cifar10; also "
-                                                       "digits, imagenet)")
+                                                       "digits, cifar100, svhn, imagenet)")
     i.add_argument("--layers", type=int, default=20, help="cells (default: 20)")
     i.add_argument("--channels", type=int, default=36, help="initial channels (default: 36)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -127,7 +128,8 @@ def _run(args: argparse.Namespace, run: Any, cfg: Any) -> int:
         run(cfg, args.out, resume=args.resume)
     except KeyboardInterrupt:
         if (args.out / "checkpoint.pt").is_file():
-            print(f"msrdarts: interrupted; continue with: msrdarts search --out {args.out} --resume", file=sys.stderr)
+            print(f"msrdarts: interrupted; continue with: msrdarts {args.command} --out {args.out} --resume",
+                  file=sys.stderr)
         else:
             print("msrdarts: interrupted before the first epoch completed; nothing was saved", file=sys.stderr)
         return 130

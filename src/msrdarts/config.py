@@ -154,7 +154,7 @@ class TrainConfig:
     weight_decay: float = _f(3e-4, "L2 weight decay")
     grad_clip: float = _f(5.0, "gradient-norm clipping threshold (0 disables)")
     auxiliary_weight: float = _f(0.4, "weight of the auxiliary head's loss (0 disables the head)")
-    drop_path: float = _f(0.2, "final drop-path probability, ramped linearly from 0 over training")
+    drop_path: float = _f(0.2, "drop-path probability, ramped linearly from 0 (epoch e uses drop_path * e / epochs)")
     cutout: int = _f(16, "cutout square side in pixels (0 disables)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss (ImageNet protocol: 0.1)")
     schedule: str = _f("cosine", "learning-rate schedule: 'cosine' (to --lr-min) or 'step' (x0.97 per epoch, DARTS ImageNet)")
@@ -175,6 +175,8 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)}: must be >= 0")
         if self.lr <= 0:
             raise ConfigError(f"--lr={self.lr}: must be > 0")
+        if self.lr_min > self.lr:
+            raise ConfigError(f"--lr-min={self.lr_min}: must not exceed --lr={self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing={self.label_smoothing}: must be in [0, 1)")
         if self.schedule not in ("cosine", "step"):

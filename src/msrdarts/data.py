@@ -126,7 +126,7 @@ def _torchvision(name: str, root: Path, download: bool, marker: str, size_mb: in
         raise DataError(f"{name} not found in {root}/{marker}; pass --download to fetch it with torchvision "
                         f"({size_mb} MB) or point --data at the folder that holds it")
     try:
-        return make(str(root), True, download), make(str(root), False, False)
+        return make(str(root), True, download), make(str(root), False, download)
     except (RuntimeError, OSError) as e:
         raise DataError(f"{name} in {root} is unreadable ({e}); delete it and pass --download") from None
 
@@ -168,9 +168,8 @@ def _svhn(root: Path, download: bool) -> ImageData:
                                lambda r, tr, dl: SVHN(r, split="train" if tr else "test", download=dl))
     x_tr, y_tr = torch.from_numpy(train.data), torch.from_numpy(train.labels.astype(np.int64))
     x_te, y_te = torch.from_numpy(test.data), torch.from_numpy(test.labels.astype(np.int64))
-    mean, std = _channel_stats(x_tr)
-    return ImageData("svhn", x_tr, y_tr, x_te, y_te, DATASET_INFO["svhn"].num_classes, mean, std,
-                     crop_padding=4, flip=False)
+    return ImageData("svhn", x_tr, y_tr, x_te, y_te, DATASET_INFO["svhn"].num_classes,
+                     (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), crop_padding=4, flip=False)
 
 
 FOLDER_SIZE = 32  # side every image of a `folder` data set is resized to (the in-memory small-data path)

@@ -42,22 +42,23 @@ class EvalCell(nn.Module):
 
 
 class AuxiliaryHead(nn.Module):
-    """The DARTS auxiliary classifier, for an ``input_size`` x ``input_size`` feature map.
+    """The DARTS auxiliary classifier on an ``input_size`` x ``input_size`` feature map.
 
-    CIFAR (8 x 8 input): average pool 5 / stride 3 to 2 x 2; ImageNet (14 x 14): pool 5 / stride 2
-    to 5 x 5. Then conv1x1 -> 128, conv2x2 -> 768, global average, linear.
+    It pools to 2 x 2 (CIFAR's 8 x 8 map: average pool 5 / stride 3; ImageNet's 7 x 7: pool 5 /
+    stride 2, both as in DARTS; other sizes: adaptive), then conv1x1 -> 128, conv2x2 -> 768
+    (1 x 1), linear.
     """
 
     def __init__(self, C: int, num_classes: int, input_size: int):
         super().__init__()
-        stride = 3 if input_size <= 8 else 2
+        if input_size in (7, 8):
+            pool = nn.AvgPool2d(5, stride=3 if input_size == 8 else 2, padding=0, count_include_pad=False)
+        else:
+            pool = nn.AdaptiveAvgPool2d(2)
         self.features = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.AvgPool2d(min(5, input_size), stride=stride, padding=0, count_include_pad=False),
+            nn.ReLU(inplace=False), pool,
             nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
-            nn.Conv2d(128, 768, min(2, max(1, (input_size - min(5, input_size)) // stride + 1)), bias=False),
-            nn.BatchNorm2d(768), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(768, num_classes)
 

@@ -5,7 +5,7 @@ Run folder::
     config.json      every setting used (plus the device and torch version it ran with)
     history.jsonl    one line per epoch: train loss/top-1, test loss/top-1/top-5, lr, drop path, time
     checkpoint.pt    the last completed epoch (weights, optimiser, scheduler, RNG, history)
-    best.pt          the weights of the epoch with the best test top-1 (for `eval`)
+    best.pt          the weights of the epoch with the best test top-1 (chosen on the test set: optimistic)
     results.json     final test_top1_error / test_top5_error (%), params_m, mult_adds_m, device_hours
     genotype.json    the genotype trained
 """
@@ -28,8 +28,8 @@ from .checkpoint import load_checkpoint, make_run_folder, open_run, restore_stat
 from .config import TrainConfig
 from .data import DeviceLoader, load_dataset
 from .engine import evaluate, train_one_epoch
-from .errors import CheckpointError
-from .genotype import load_genotype
+from .errors import CheckpointError, ConfigError
+from .genotype import Genotype, load_genotype
 from .metrics import count_mult_adds, count_parameters
 from .network import Network
 from .ops import list_ops
@@ -82,7 +82,17 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     cfg.validate()
     out = Path(out)
     ckpt = open_run(out, resume, RUN_FILES, CHECKPOINT_FORMAT, cfg)
-    genotype = load_genotype(cfg.genotype, primitives=list_ops())
+    if ckpt is None:
+        genotype = load_genotype(cfg.genotype, primitives=list_ops())
+    else:  # the architecture the run trained, whatever --genotype points at now
+        genotype = Genotype.from_dict(ckpt["genotype"], list_ops(), source=f"{out}/checkpoint.pt: genotype")
+        try:
+            now = load_genotype(cfg.genotype, primitives=list_ops())
+        except ConfigError:
+            now = genotype  # the file may have moved; the checkpoint is the record
+        if now != genotype:
+            raise CheckpointError(f"--resume: {cfg.genotype} no longer holds the genotype this run trained "
+                                  f"({out}/genotype.json does)")
     device = resolve_device(cfg.device)
 
     random.seed(cfg.seed)
@@ -150,11 +160,15 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
             on_epoch_end(epoch + 1, record)
 
     last = history[-1]
-    results = {
+    results = {  # final-epoch figures, as the papers report them
         "test_top1_error": round(100.0 - last["test_acc"], 4), "test_top5_error": round(100.0 - last["test_acc5"], 4),
-        "best_epoch": best["epoch"], "best_test_top1_error": round(100.0 - best["test_acc"], 4),
-        "params_m": round(params_m, 4), "mult_adds_m": round(mult_adds_m, 2),
-        "device_hours": round(train_seconds / 3600.0, 5), "epochs": cfg.epochs, "device": str(device),
+        "test_loss": round(last["test_loss"], 6),
+        "params_m": round(params_m, 4), "mult_adds_m": round(mult_adds_m, 2), "input_size": data.input_size,
+        # wall time of training and per-epoch testing, times the number of devices (1)
+        "device_hours": round(train_seconds / 3600.0, 5), "devices": 1, "device": str(device),
+        "epochs": cfg.epochs, "dataset": cfg.dataset, "genotype": genotype.to_dict(),
+        # best.pt is chosen on test accuracy: an optimistic figure, for inspection only
+        "best_pt_epoch": best["epoch"],
     }
     write_json(out / "results.json", results)
     log(f"test top-1 error {results['test_top1_error']:.2f}% (top-5 {results['test_top5_error']:.2f}%), "
@@ -170,8 +184,6 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     if not str(ckpt.get("format", "")).startswith(CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path}: not a training checkpoint (format {ckpt.get('format')!r})")
     cfg = TrainConfig.from_dict(ckpt["config"], source=str(path))
-    from .genotype import Genotype
-
     genotype = Genotype.from_dict(ckpt["genotype"], list_ops(), source=f"{path}: genotype")
     dev = resolve_device(device)
     data = load_dataset(cfg.dataset, data_root or cfg.data, download=False)
