@@ -19,8 +19,24 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+class _Config:
+    """JSON round trip shared by the run configs (tuples are stored as lists)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Any:
+        known = {f.name: f for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k != "runtime"}  # what config.json adds on top
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(known[k].default, tuple) else v for k, v in data.items()})
+
+
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(_Config):
     """Everything an MSR-DARTS search run depends on (stored as config.json in the run folder)."""
 
     dataset: str = _f("cifar10", "data set: digits (offline demo), cifar10, cifar100, svhn, or folder (--data "
@@ -90,23 +106,6 @@ class SearchConfig:
                               f"{', '.join(convless)} have none (allowed: sep_conv_*, dil_conv_*)")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["primitives"] = list(self.primitives)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SearchConfig":
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k != "runtime"}  # what config.json adds on top
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        if "primitives" in data:
-            data["primitives"] = tuple(data["primitives"])
-        return cls(**data)
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -136,7 +135,7 @@ def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Config):
     """Everything a from-scratch training run depends on (stored as config.json in the run folder)."""
 
     genotype: str = _f("MSR_DARTS", "genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
@@ -188,18 +187,6 @@ class TrainConfig:
         if self.dataset not in list_datasets():
             raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k != "runtime"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
 
 
 #: Training presets, each citing the protocol it reproduces.
