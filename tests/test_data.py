@@ -159,3 +159,31 @@ def test_folder_dataset_bad_input(tmp_path, problem, fragment):
 def test_torchvision_datasets_missing(tmp_path, name, label):
     with pytest.raises(DataError, match=f"{label} not found in .*pass --download"):
         load_dataset(name, tmp_path)
+
+
+def test_device_augmentation_has_the_distribution_of_torchvision_transforms():
+    """Same image through torchvision's RandomCrop(padding) + RandomHorizontalFlip and through the
+    DeviceLoader: the frequency of every (window, flip) outcome must agree (two-sample chi-square)."""
+    from torchvision import transforms
+
+    torch.manual_seed(0)
+    n, p, size = 3000, 2, 5
+    img = torch.randint(1, 255, (3, size, size), dtype=torch.uint8)
+    tv = transforms.Compose([transforms.RandomCrop(size, padding=p), transforms.RandomHorizontalFlip()])
+    ours = DeviceLoader(img.expand(n, -1, -1, -1).contiguous(), torch.zeros(n, dtype=torch.long), n, (0.0,) * 3,
+                        (1 / 255,) * 3, "cpu", crop_padding=p, flip=True, generator=torch.Generator().manual_seed(2))
+    ours_out = next(iter(ours))[0].round().to(torch.uint8)
+    tv_out = torch.stack([tv(img) for _ in range(n)])
+
+    def counts(batch):
+        keys = {}
+        for o in batch:
+            k = o.flatten().tolist().__repr__()
+            keys[k] = keys.get(k, 0) + 1
+        return keys
+
+    a, b = counts(ours_out), counts(tv_out)
+    assert set(a) == set(b)                       # exactly the same set of possible outputs
+    chi2 = sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in a)
+    dof = len(a) - 1                              # 49 outcomes (25 windows x 2 flips, minus coincidences)
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5      # ~4 sigma above the mean of a chi-square

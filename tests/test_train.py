@@ -92,6 +92,8 @@ def test_presets_follow_the_darts_protocol():
     assert (c.layers, c.channels, c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.cutout,
             c.auxiliary_weight, c.drop_path, c.grad_clip) == (20, 36, 600, 96, 0.025, 0.9, 3e-4, 16, 0.4, 0.2, 5.0)
     assert get_train_preset("cifar10-l8").layers == 8
+    assert get_train_preset("cifar100").dataset == "cifar100" and get_train_preset("svhn").dataset == "svhn"
+    assert get_train_preset("cifar100").epochs == 600
     assert get_train_preset("quick").dataset == "digits"
 
 

@@ -196,6 +196,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cifar10": TrainConfig(),
     # The paper's Table 1 comparison at the search depth (L = 8).
     "cifar10-l8": TrainConfig(layers=8),
+    # The DARTS protocol on CIFAR-100 and SVHN (the usual transfer settings of DARTS-family papers).
+    "cifar100": TrainConfig(dataset="cifar100"),
+    "svhn": TrainConfig(dataset="svhn"),
     # Offline demo on digits: a 5-cell C = 16 network, about a minute on 2 CPU cores.
     "quick": TrainConfig(dataset="digits", layers=5, channels=16, batch_size=64, epochs=15, lr=0.05, cutout=0,
                          drop_path=0.1),
