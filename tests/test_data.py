@@ -1,8 +1,10 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from msrdarts.data import DeviceLoader, list_datasets, load_dataset, search_split
+from msrdarts.data import (DeviceLoader, ImageData, StreamData, list_datasets, load_dataset, search_split,
+                           subset_split)
 from msrdarts.errors import ConfigError, DataError
 
 
@@ -187,3 +189,124 @@ def test_device_augmentation_has_the_distribution_of_torchvision_transforms():
     chi2 = sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in a)
     dof = len(a) - 1                              # 49 outcomes (25 windows x 2 flips, minus coincidences)
     assert chi2 < dof + 4 * (2 * dof) ** 0.5      # ~4 sigma above the mean of a chi-square
+
+
+def _noise_tree(root, split, classes, n, size, seed=0):
+    """Random RGB images (PNG, lossless) so that every crop and resize is visible in the pixels."""
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    for c in classes:
+        d = root / split / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(g.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_folder_loading_modes_agree_on_unaugmented_images(tmp_path):
+    """The same folder in memory and streamed: identical decoded test images and labels."""
+    _noise_tree(tmp_path, "train", ["a", "b", "c"], 4, (20, 13))
+    _noise_tree(tmp_path, "val", ["a", "b", "c"], 2, (9, 30), seed=1)
+    mem = load_dataset("folder", tmp_path, image_size=16, loading="memory")
+    st = load_dataset("folder", tmp_path, image_size=16, loading="stream")
+    auto = load_dataset("folder", tmp_path, image_size=16)
+    assert isinstance(mem, ImageData) and isinstance(st, StreamData) and isinstance(auto, ImageData)
+    assert st.stem == mem.stem == "cifar" and st.input_size == mem.input_size == 16
+    assert st.num_classes == 3 and torch.equal(st.train_labels, mem.train_labels)
+    # Same channel statistics (the stream estimates them from all 12 images here).
+    assert st.mean == pytest.approx(mem.mean) and st.std == pytest.approx(mem.std)
+    xs, ys = zip(*st.loader("test", 4, "cpu"))
+    xm, ym = zip(*mem.loader("test", 4, "cpu"))
+    torch.testing.assert_close(torch.cat(xs), torch.cat(xm), rtol=0, atol=1e-5)
+    assert torch.equal(torch.cat(ys), torch.cat(ym))
+    # The in-memory images are exactly torchvision's Resize of the decoded files.
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor, resize
+
+    path = sorted((tmp_path / "val" / "b").glob("*.png"))[1]
+    ref = pil_to_tensor(resize(Image.open(path).convert("RGB"), [16, 16]))
+    assert torch.equal(mem.x_test[3], ref)
+
+
+def test_stream_loader_is_reproducible_whatever_the_workers(tmp_path):
+    _noise_tree(tmp_path, "train", ["a", "b"], 5, (40, 30))
+    _noise_tree(tmp_path, "val", ["a", "b"], 1, (40, 30))
+    d = load_dataset("folder", tmp_path, image_size=72)        # > 64 px: streamed, ImageNet pipeline
+    assert isinstance(d, StreamData) and d.stem == "imagenet"
+
+    def epoch(workers, state=None):
+        g = torch.Generator().manual_seed(3)
+        if state is not None:
+            g.set_state(state)
+        loader = d.loader("train", 4, "cpu", indices=torch.arange(1, 10), augment=True, shuffle=True, cutout=8,
+                          generator=g, workers=workers)
+        batches = list(loader)
+        return batches, g.get_state()
+
+    b0, after0 = epoch(0)
+    b2, after2 = epoch(2)
+    assert [x.shape for x, _ in b0] == [(4, 3, 72, 72), (4, 3, 72, 72), (1, 3, 72, 72)]
+    assert sorted(torch.cat([y for _, y in b0]).tolist()) == sorted(d.train_labels[1:10].tolist())
+    for (x0, y0), (x2, y2) in zip(b0, b2):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    assert torch.equal(after0, after2)
+    second, _ = epoch(0, after0)                                 # the next epoch differs, and
+    assert not torch.equal(second[0][0], b0[0][0])
+    again, _ = epoch(2, after0)                                  # restoring the generator repeats it
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(second, again))
+    # The test pipeline is deterministic: resize the short side to 72*256/224, centre crop.
+    x, _ = next(iter(d.loader("test", 2, "cpu")))
+    assert x.shape == (2, 3, 72, 72)
+
+
+def test_stream_loader_names_an_unreadable_image_from_a_worker(tmp_path):
+    _noise_tree(tmp_path, "train", ["a", "b"], 3, (70, 70))
+    _noise_tree(tmp_path, "val", ["a", "b"], 1, (70, 70))
+    d = load_dataset("folder", tmp_path, image_size=66)
+    (tmp_path / "train" / "b" / "1.png").write_bytes(b"truncated")
+    with pytest.raises(DataError) as info:
+        list(d.loader("train", 2, "cpu", workers=1))
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("unreadable image (cannot identify image file "
+                                                     f"'{tmp_path / 'train' / 'b' / '1.png'}')")
+
+
+def test_imagenet_folder_layout_and_errors(tmp_path):
+    with pytest.raises(DataError, match="imagenet data set needs a train/ folder and a val/ folder"):
+        load_dataset("imagenet", tmp_path)
+    _noise_tree(tmp_path, "train", ["n01", "n02"], 2, (50, 40))
+    (tmp_path / "val").mkdir()   # the raw ILSVRC layout: validation images not sorted into class folders
+    _noise_tree(tmp_path, "val_flat", ["x"], 1, (50, 40))
+    (tmp_path / "val_flat" / "x" / "0.png").replace(tmp_path / "val" / "ILSVRC2012_val_00000001.png")
+    with pytest.raises(DataError, match="val: no images in class subfolders"):
+        load_dataset("imagenet", tmp_path)
+    _noise_tree(tmp_path, "val", ["n01", "n02"], 1, (50, 40))
+    d = load_dataset("imagenet", tmp_path)
+    assert isinstance(d, StreamData) and d.input_size == 224 and d.stem == "imagenet"
+    assert d.mean == (0.485, 0.456, 0.406)
+    with pytest.raises(ConfigError, match="--loading=memory: 224 px images"):
+        load_dataset("imagenet", tmp_path, loading="memory")
+    with pytest.raises(ConfigError, match="--image-size=64: cifar10 images are 32 px"):
+        load_dataset("cifar10", tmp_path, image_size=64)
+    with pytest.raises(ConfigError, match="--loading=stream: digits is always held in memory"):
+        load_dataset("digits", loading="stream")
+
+
+def test_subset_split_is_class_balanced_disjoint_and_seeded():
+    labels = torch.tensor([0] * 400 + [1] * 200 + [2] * 120)[torch.randperm(720, generator=torch.Generator().manual_seed(5))]
+    tr, va = subset_split(labels, 0.1, 0.025, seed=7)
+    assert [int((labels[tr] == c).sum()) for c in range(3)] == [40, 20, 12]
+    assert [int((labels[va] == c).sum()) for c in range(3)] == [10, 5, 3]
+    assert not set(tr.tolist()) & set(va.tolist())
+    tr2, va2 = subset_split(labels, 0.1, 0.025, seed=7)
+    tr3, _ = subset_split(labels, 0.1, 0.025, seed=8)
+    assert torch.equal(tr, tr2) and torch.equal(va, va2) and not torch.equal(tr, tr3)
+    # Every image of a class is equally likely to be drawn: over many seeds, the counts are flat.
+    hits = torch.zeros(720)
+    for s in range(400):
+        hits[subset_split(labels, 0.1, 0.025, seed=s)[0]] += 1
+    for c in range(3):   # each image is drawn in Binomial(400, 0.1) runs: variance 36
+        h = hits[labels == c]
+        assert 25 < h.var().item() < 48 and h.min() > 10 and h.max() < 70
+    with pytest.raises(ConfigError, match="--subset=0.9, --subset-valid=0.2"):
+        subset_split(labels, 0.9, 0.2)

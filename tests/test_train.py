@@ -78,7 +78,7 @@ def test_resume_equals_uninterrupted_run(full_run, tmp_path):
     (dict(genotype="DARTS_V9"), "neither a file"),
     (dict(epochs=0), "--epochs=0"),
     (dict(drop_path=1.0), "--drop-path=1.0"),
-    (dict(dataset="imagenet"), "--dataset='imagenet'"),
+    (dict(dataset="mnist"), "--dataset='mnist'"),
 ])
 def test_bad_settings(tmp_path, change, fragment):
     with pytest.raises(ConfigError) as info:
@@ -148,3 +148,28 @@ def test_resume_refuses_a_genotype_file_that_changed(tmp_path):
     gfile.unlink()   # moved away: the checkpoint's own genotype is used
     res = run_train(cfg, tmp_path / "run", resume=True, log=quiet).results
     assert res["genotype"] == get_genotype("DARTS_V2").to_dict() and "best_test_top1_error" not in res
+
+
+def test_imagenet_preset_trains_and_evaluates_a_streamed_folder(tmp_path):
+    """The mobile-setting preset on a fake ImageNet tree at 72 px: warm-up, label smoothing, the
+    ImageNet stem and auxiliary head, figures counted at the run's input size."""
+    from test_data import _noise_tree
+
+    _noise_tree(tmp_path / "inet", "train", ["n1", "n2"], 6, (80, 64))
+    _noise_tree(tmp_path / "inet", "val", ["n1", "n2"], 3, (80, 64))
+    preset = get_train_preset("imagenet")
+    assert (preset.layers, preset.channels, preset.label_smoothing, preset.weight_decay) == (14, 48, 0.1, 3e-5)
+    cfg = replace(preset, genotype="MSR_DARTS", data=str(tmp_path / "inet"), image_size=72, layers=3, channels=4,
+                  epochs=3, warmup_epochs=2, batch_size=4, workers=0, device="cpu", progress=False)
+    result = run_train(cfg, tmp_path / "run", log=quiet)
+    assert [h["lr"] for h in result.history][:2] == [pytest.approx(0.05), pytest.approx(0.1)]  # linear warm-up
+    res = result.results
+    assert res["input_size"] == 72 and res["dataset"] == "imagenet"
+    from msrdarts.genotype import load_genotype
+    from msrdarts.metrics import count_mult_adds
+    from msrdarts.network import Network
+
+    net = Network(load_genotype("MSR_DARTS"), 2, 3, 4, stem="imagenet", input_size=72, auxiliary=True)
+    assert res["mult_adds_m"] == pytest.approx(count_mult_adds(net, 3, 72) / 1e6, abs=0.01)
+    again = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", device="cpu", progress=False)
+    assert again["test_top1_error"] == pytest.approx(res["test_top1_error"])

@@ -21,7 +21,7 @@ from ._io import atomic_write_bytes
 from .errors import CheckpointError, ConfigError
 
 #: Settings that may differ on --resume without changing what a run computes.
-RESUMABLE_CHANGES = ("data", "download", "device", "progress")
+RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -35,14 +35,52 @@ class _Config:
         return cls(**{k: tuple(v) if isinstance(known[k].default, tuple) else v for k, v in data.items()})
 
 
-@dataclass(frozen=True)
-class SearchConfig(_Config):
-    """Everything an MSR-DARTS search run depends on (stored as config.json in the run folder)."""
+_DATASET_HELP = ("data set: digits (offline demo), cifar10, cifar100, svhn (torchvision), imagenet (--data holding "
+                 "train/ and val/ class folders), or folder (your images: --data holding train/ and val/ or test/ "
+                 "class folders)")
 
-    dataset: str = _f("cifar10", "data set: digits (offline demo), cifar10, cifar100, svhn, or folder (--data "
-                                 "holding train/ and val/ or test/ class folders)")
+
+@dataclass(frozen=True)
+class _DataConfig(_Config):
+    """The data settings shared by search and train runs."""
+
+    dataset: str = _f("cifar10", _DATASET_HELP)
     data: str = _f("data", "folder holding (or receiving) the data set files")
     download: bool = _f(False, "let torchvision download the data set into --data if it is missing")
+    image_size: int = _f(0, "image side in pixels for folder and imagenet (0: the data set's own: folder 32, "
+                            "imagenet 224); up to 64 px the CIFAR pipeline, above it ImageNet's")
+    loading: str = _f("auto", "'memory' (decoded once, held on the device as uint8), 'stream' (decoded per batch "
+                              "by --workers processes) or 'auto' (memory for images of at most 64 px and 2 GiB)")
+    workers: int = _f(-1, "DataLoader worker processes decoding streamed images (-1: one per core, at most 8; "
+                          "0: in the main process)")
+
+    def load_data(self, root: str | None = None, download: bool | None = None, progress: bool | None = None) -> Any:
+        """The run's data set (:func:`msrdarts.data.load_dataset`); arguments override the stored settings."""
+        from .data import load_dataset, resolve_workers
+
+        return load_dataset(self.dataset, root or self.data, self.download if download is None else download,
+                            image_size=self.image_size, loading=self.loading, workers=resolve_workers(self.workers),
+                            progress=getattr(self, "progress", False) if progress is None else progress)
+
+    def _validate_data(self) -> None:
+        from .data import LOADING_MODES, list_datasets
+
+        if self.dataset not in list_datasets():
+            raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
+        if not isinstance(self.image_size, int) or self.image_size < 0:
+            raise ConfigError(f"--image-size={self.image_size}: must be an integer >= 0 (0: the data set's own)")
+        if 0 < self.image_size < 8:
+            raise ConfigError(f"--image-size={self.image_size}: need at least 8 px")
+        if self.loading not in LOADING_MODES:
+            raise ConfigError(f"--loading={self.loading!r}: unknown; allowed: {', '.join(LOADING_MODES)}")
+        if not isinstance(self.workers, int) or self.workers < -1:
+            raise ConfigError(f"--workers={self.workers}: must be -1 (auto), 0 or a positive integer")
+
+
+@dataclass(frozen=True)
+class SearchConfig(_DataConfig):
+    """Everything an MSR-DARTS search run depends on (stored as config.json in the run folder)."""
+
     layers: int = _f(8, "cells in the supernet (reduction cells at L/3 and 2L/3)")
     channels: int = _f(16, "initial channels C")
     batch_size: int = _f(128, "images per step")
@@ -55,6 +93,10 @@ class SearchConfig(_Config):
     bn_recalibration: int = _f(0, "batches of search-train images used to recompute BN statistics before each "
                                   "validation (0: running averages, as the authors' code)")
     train_portion: float = _f(0.8, "fraction of the training set used for search-train (rest: search-valid)")
+    subset: float = _f(0.0, "class-balanced fraction of the training images sampled for search-train, with a disjoint "
+                            "--subset-valid fraction for search-valid (PC-DARTS's ImageNet search: 0.1); 0: split all "
+                            "images by --train-portion")
+    subset_valid: float = _f(0.025, "class-balanced fraction of the training images for search-valid when --subset is set")
     split_seed: int = _f(0, "seed of the search-train / search-valid split")
     seed: int = _f(2, "seed of weights, batch order and augmentation")
     mixing: str = _f("sum", "edge mixing: 'sum' (paper) or 'srsoftmax' (authors' code: softmax(-stable rank))")
@@ -71,8 +113,6 @@ class SearchConfig(_Config):
 
     def validate(self) -> "SearchConfig":
         """Raise ConfigError naming the first invalid field; return self."""
-        from .data import list_datasets
-
         for name in ("layers", "channels", "batch_size", "epochs", "sn_iterations", "sn_refresh_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -88,8 +128,11 @@ class SearchConfig(_Config):
             raise ConfigError(f"--lr={self.lr}: must be > 0")
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train-portion={self.train_portion}: must be strictly between 0 and 1")
-        if self.dataset not in list_datasets():
-            raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
+        if not 0.0 <= self.subset < 1.0:
+            raise ConfigError(f"--subset={self.subset}: must be in [0, 1) (0: no subset)")
+        if self.subset and not (0.0 < self.subset_valid < 1.0 and self.subset + self.subset_valid <= 1.0):
+            raise ConfigError(f"--subset-valid={self.subset_valid}: must be in (0, 1) with --subset + --subset-valid <= 1")
+        self._validate_data()
         if self.rank_per_pixel and self.authors_reduce_resolution:
             raise ConfigError("--rank-per-pixel and --authors-reduce-resolution exclude each other "
                               "(per-pixel ranks have no resolution left to misstate)")
@@ -119,6 +162,11 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
     # Few steps per epoch, so BN statistics are recomputed before validation.
     "quick": SearchConfig(dataset="digits", layers=5, channels=8, batch_size=64, epochs=8, lr=0.05,
                           bn_recalibration=8),
+    # ImageNet search (SPEC section 5): L = 14 cells on a class-balanced 10% of the training images,
+    # with a disjoint 2.5% for search-valid (the authors' code, following PC-DARTS). The schedule is
+    # PC-DARTS's ImageNet search (batch 1024, lr 0.5 cosine to 0, wd 3e-4, 50 epochs); SPEC gives none.
+    "imagenet": SearchConfig(dataset="imagenet", layers=14, channels=16, batch_size=1024, epochs=50, lr=0.5,
+                             lr_min=0.0, subset=0.1, subset_valid=0.025),
 }
 
 
@@ -135,14 +183,10 @@ def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Config):
+class TrainConfig(_DataConfig):
     """Everything a from-scratch training run depends on (stored as config.json in the run folder)."""
 
     genotype: str = _f("MSR_DARTS", "genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
-    dataset: str = _f("cifar10", "data set: digits (offline demo), cifar10, cifar100, svhn, or folder (--data "
-                                 "holding train/ and val/ or test/ class folders)")
-    data: str = _f("data", "folder holding (or receiving) the data set files")
-    download: bool = _f(False, "let torchvision download the data set into --data if it is missing")
     layers: int = _f(20, "cells (reduction cells at L/3 and 2L/3)")
     channels: int = _f(36, "initial channels C")
     batch_size: int = _f(96, "images per step")
@@ -163,8 +207,6 @@ class TrainConfig(_Config):
     progress: bool = _f(True, "show a progress bar per epoch")
 
     def validate(self) -> "TrainConfig":
-        from .data import list_datasets
-
         for name in ("layers", "channels", "batch_size", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -184,8 +226,7 @@ class TrainConfig(_Config):
             raise ConfigError(f"--warmup-epochs={self.warmup_epochs}: must be in 0..epochs-1")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"--drop-path={self.drop_path}: must be in [0, 1)")
-        if self.dataset not in list_datasets():
-            raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
+        self._validate_data()
         return self
 
 
@@ -199,6 +240,14 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # The DARTS protocol on CIFAR-100 and SVHN (the usual transfer settings of DARTS-family papers).
     "cifar100": TrainConfig(dataset="cifar100"),
     "svhn": TrainConfig(dataset="svhn"),
+    # ImageNet mobile setting (SPEC section 5, the authors' code): L = 14, C = 48, 224 px, batch 128,
+    # SGD 0.1 cosine to 0 after 10 warm-up epochs, wd 3e-5, label smoothing 0.1, auxiliary 0.4, 300 epochs,
+    # clip 5, no drop path and no cutout (DARTS's ImageNet script).
+    "imagenet": TrainConfig(dataset="imagenet", layers=14, channels=48, batch_size=128, epochs=300, lr=0.1,
+                            weight_decay=3e-5, label_smoothing=0.1, warmup_epochs=10, drop_path=0.0, cutout=0),
+    # DARTS's own ImageNet schedule: 250 epochs, lr x0.97 per epoch, no warm-up.
+    "imagenet-darts": TrainConfig(dataset="imagenet", layers=14, channels=48, batch_size=128, epochs=250, lr=0.1,
+                                  weight_decay=3e-5, label_smoothing=0.1, schedule="step", drop_path=0.0, cutout=0),
     # Offline demo on digits: a 5-cell C = 16 network, about a minute on 2 CPU cores.
     "quick": TrainConfig(dataset="digits", layers=5, channels=16, batch_size=64, epochs=15, lr=0.05, cutout=0,
                          drop_path=0.1),

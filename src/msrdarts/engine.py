@@ -55,7 +55,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         if progress and step % log_every == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}")
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}",
+                            img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}")
     elapsed = time.perf_counter() - start
     if seen == 0:
         raise ValueError("the training loader yielded no batch")

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch
 from ._io import write_json, write_jsonl
 from .checkpoint import make_run_folder, open_run, restore_state, rng_state, save_checkpoint
 from .config import SearchConfig
-from .data import DeviceLoader, ImageData, load_dataset, search_split
+from .data import StreamData, resolve_workers, search_split, subset_split
 from .derive import edge_index
 from .engine import evaluate, recalibrate_bn, train_one_epoch
 from .errors import CheckpointError, ConfigError
@@ -68,7 +68,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_supernet(cfg: SearchConfig, data: ImageData) -> SuperNet:
+def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
     return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
                     primitives=cfg.primitives, mixing=cfg.mixing, in_channels=data.in_channels,
                     spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations)
@@ -93,18 +93,21 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data, cfg.download)
-    train_idx, valid_idx = search_split(len(data.y_train), cfg.train_portion, cfg.split_seed)
+    data = cfg.load_data()
+    if cfg.subset:  # class-balanced samples (ImageNet-scale search)
+        train_idx, valid_idx = subset_split(data.train_labels, cfg.subset, cfg.subset_valid, cfg.split_seed)
+    else:
+        train_idx, valid_idx = search_split(len(data.train_labels), cfg.train_portion, cfg.split_seed)
+    log(f"{cfg.dataset}: {len(train_idx)} search-train / {len(valid_idx)} search-valid images, "
+        f"{data.input_size} px, {'streamed' if isinstance(data, StreamData) else 'in memory'}")
     model = build_supernet(cfg, data).to(device)
     loader_gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DeviceLoader(data.x_train[train_idx], data.y_train[train_idx], cfg.batch_size, data.mean,
-                                data.std, device, shuffle=True, crop_padding=data.crop_padding, flip=data.flip,
-                                drop_last=len(train_idx) > cfg.batch_size, generator=loader_gen)
-    valid_loader = DeviceLoader(data.x_train[valid_idx], data.y_train[valid_idx], cfg.batch_size, data.mean,
-                                data.std, device)
+    workers = resolve_workers(cfg.workers)
+    train_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, augment=True, shuffle=True,
+                               drop_last=len(train_idx) > cfg.batch_size, generator=loader_gen, workers=workers)
+    valid_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, workers=workers)
     # Fixed, unaugmented search-train batches for BN recalibration (touches no RNG).
-    bn_loader = DeviceLoader(data.x_train[train_idx], data.y_train[train_idx], cfg.batch_size, data.mean,
-                             data.std, device)
+    bn_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, workers=workers)
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.lr_min)
 
@@ -157,7 +160,7 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
         })
         _write_derived(out, run_config, history, best)  # files a crash before epoch 1 never leaves
         log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {va['loss']:.4f} "
-            f"acc {va['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s")
+            f"acc {va['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s | {tr['images_per_s']:.0f} img/s")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
 

@@ -26,7 +26,7 @@ from torch import nn
 from ._io import write_json, write_jsonl
 from .checkpoint import load_checkpoint, make_run_folder, open_run, restore_state, rng_state, save_checkpoint
 from .config import TrainConfig
-from .data import DeviceLoader, load_dataset
+from .data import resolve_workers
 from .engine import evaluate, train_one_epoch
 from .errors import CheckpointError, ConfigError
 from .genotype import Genotype, load_genotype
@@ -98,17 +98,18 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data, cfg.download)
+    data = cfg.load_data()
     model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=data.stem,
                     in_channels=data.in_channels, input_size=data.input_size,
                     auxiliary=cfg.auxiliary_weight > 0).to(device)
     params_m = count_parameters(model) / 1e6
     mult_adds_m = count_mult_adds(model, data.in_channels, data.input_size) / 1e6
     loader_gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, data.mean, data.std, device,
-                                shuffle=True, crop_padding=data.crop_padding, flip=data.flip, cutout=cfg.cutout,
-                                drop_last=len(data.y_train) > cfg.batch_size, generator=loader_gen)
-    test_loader = DeviceLoader(data.x_test, data.y_test, cfg.batch_size, data.mean, data.std, device)
+    workers = resolve_workers(cfg.workers)
+    train_loader = data.loader("train", cfg.batch_size, device, augment=True, shuffle=True, cutout=cfg.cutout,
+                               drop_last=len(data.train_labels) > cfg.batch_size, generator=loader_gen,
+                               workers=workers)
+    test_loader = data.loader("test", cfg.batch_size, device, workers=workers)
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     criterion = auxiliary_criterion(cfg.auxiliary_weight, cfg.label_smoothing)
@@ -155,7 +156,7 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
         write_jsonl(out / "history.jsonl", history)
         genotype.save(out / "genotype.json")
         log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | test loss {te['loss']:.4f} "
-            f"top-1 {te['acc']:.2f}% top-5 {te['acc5']:.2f}% | lr {lr:.5f} | {elapsed:.1f}s")
+            f"top-1 {te['acc']:.2f}% top-5 {te['acc5']:.2f}% | lr {lr:.5f} | {elapsed:.1f}s | {tr['images_per_s']:.0f} img/s")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
 
@@ -186,7 +187,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     cfg = TrainConfig.from_dict(ckpt["config"], source=str(path))
     genotype = Genotype.from_dict(ckpt["genotype"], list_ops(), source=f"{path}: genotype")
     dev = resolve_device(device)
-    data = load_dataset(cfg.dataset, data_root or cfg.data, download=False)
+    data = cfg.load_data(root=data_root, download=False, progress=progress)
     model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=data.stem,
                     in_channels=data.in_channels, input_size=data.input_size, auxiliary=cfg.auxiliary_weight > 0)
     try:
@@ -195,7 +196,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
         raise CheckpointError(f"{path}: weights do not match the stored architecture "
                               f"({str(e).splitlines()[0][:200]})") from None
     model.to(dev)
-    te = evaluate(model, DeviceLoader(data.x_test, data.y_test, cfg.batch_size, data.mean, data.std, dev), dev,
+    te = evaluate(model, data.loader("test", cfg.batch_size, dev, workers=resolve_workers(cfg.workers)), dev,
                   desc="test", progress=progress)
     return {"checkpoint": str(path), "epoch": ckpt["epoch"], "test_top1_error": round(100.0 - te["acc"], 4),
             "test_top5_error": round(100.0 - te["acc5"], 4), "params_m": round(count_parameters(model) / 1e6, 4),
