@@ -93,3 +93,16 @@ def test_info_prints_params_and_mult_adds(capsys):
     assert out["params_m"] == pytest.approx(3.43, abs=0.01) and out["mult_adds_m"] == pytest.approx(532, rel=0.01)
     assert main(["info", "--genotype", "P_DARTS", "--dataset", "mnist"]) == 2
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
+
+
+def test_bench_search_step_runs_and_reports_every_figure(capsys):
+    rc = main(["bench", "search-step", "--layers", "3", "--channels", "2", "--batch-size", "2", "--input-size", "8",
+               "--in-channels", "1", "--steps", "2", "--warmup", "0", "--json", "--no-memory"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("ms_per_step_reference", "ms_per_step_fused", "ms_per_step_fused_no_sn", "speedup_fused_vs_reference",
+                "sn_overhead_fused", "gflop_s_fused", "gb_s_fused", "copy_gb_s", "matmul_gflop_s",
+                "stable_rank_table_and_derivation_ms"):
+        assert out[key] > 0, key
+    assert out["speedup_fused_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fused"],
+                                                             rel=0.01)

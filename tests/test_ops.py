@@ -217,14 +217,16 @@ def test_factorized_reduce(hw, c_in, c_out):
 
 @pytest.mark.parametrize("k,pad,dil", [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2), (3, 0, 1), (3, 3, 1)])
 @pytest.mark.parametrize("hw", [(6, 6), (5, 7)])
-def test_depthwise_conv2d_matches_conv2d(k, pad, dil, hw):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_conv2d_matches_conv2d(k, pad, dil, hw, stride, monkeypatch):
     torch.manual_seed(4)
     C = 3
+    monkeypatch.setattr(ops, "TAP_BLOCK_ELEMENTS", 2 * 9)   # channel blocks of 1 or 2: the blocked loop
     x = torch.randn(2, C, *hw, dtype=torch.float64, requires_grad=True)
     w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
-    y = depthwise_conv2d(x, w, (pad, pad), (dil, dil))
+    y = depthwise_conv2d(x, w, (pad, pad), (dil, dil), (stride, stride))
     x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
-    ref = F.conv2d(x2, w2, None, 1, pad, dil, C)
+    ref = F.conv2d(x2, w2, None, stride, pad, dil, C)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
     g = torch.randn_like(ref)
@@ -232,10 +234,11 @@ def test_depthwise_conv2d_matches_conv2d(k, pad, dil, hw):
     rx, rw = torch.autograd.grad(ref, (x2, w2), g)
     torch.testing.assert_close(gx, rx, atol=1e-12, rtol=0)
     torch.testing.assert_close(gw, rw, atol=1e-12, rtol=0)
-    assert torch.autograd.gradcheck(lambda a, b: depthwise_conv2d(a, b, (pad, pad), (dil, dil)), (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: depthwise_conv2d(a, b, (pad, pad), (dil, dil), (stride, stride)),
+                                    (x, w))
 
 
-@pytest.mark.parametrize("k,pad,dil", [(3, 1, 1), (5, 4, 2)])
+@pytest.mark.parametrize("k,pad,dil", [(5, 2, 1), (5, 4, 2)])
 def test_opconv_fast_depthwise_path_matches_conv2d(k, pad, dil, monkeypatch):
     # OpConv routes stride-1 depthwise convs on >= 256-pixel CPU maps through depthwise_conv2d
     calls = []

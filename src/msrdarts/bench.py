@@ -1,14 +1,30 @@
-"""Micro-benchmarks behind ``msrdarts bench`` (results are recorded in BENCHMARKS.md)."""
+"""Micro-benchmarks behind ``msrdarts bench`` (results are recorded in BENCHMARKS.md).
+
+``bench_search_step`` times one supernet training step (forward, backward, clip, SGD) for the
+fused and the reference implementation and for the fused one without spectral norms, in
+alternating rounds so that machine noise hits all alike, and puts the step against the machine's
+own ceilings measured in the same run: the bandwidth of a large tensor copy and the throughput
+of a large matmul.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from .search import resolve_device
+from .device import resolve_device
 from .supernet import SuperNet
+
+VARIANTS = ("reference", "fused", "fused_no_sn")
 
 
 def _sync(device: torch.device) -> None:
@@ -16,51 +32,185 @@ def _sync(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
-def time_search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> list[float]:
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+
+
+def time_search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
+                     opt: torch.optim.Optimizer | None = None) -> list[float]:
     """Wall time (s) of ``steps`` full training steps (forward, backward, clip, SGD) after ``warmup``."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
-    criterion = torch.nn.CrossEntropyLoss()
+    opt = opt or _optimizer(model)
     model.train()
     times = []
     for i in range(warmup + steps):
         _sync(x.device)
         t0 = time.perf_counter()
-        loss = criterion(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
+        _step(model, opt, x, y)
         _sync(x.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
 
 
+class _TrafficCounter(TorchDispatchMode):
+    """Bytes of every tensor read and written by the aten ops of a region: the memory traffic a
+    step would cause with no cache reuse across ops (an upper bound on DRAM traffic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def machine_ceilings(device: torch.device, copy_mb: int = 256, matmul_n: int = 2048, repeats: int = 5
+                     ) -> dict[str, float]:
+    """Copy bandwidth (GB/s, read + write) of a ``copy_mb`` MB tensor and fp32 matmul GFLOP/s."""
+    a = torch.empty(copy_mb * (1 << 20) // 4, device=device).uniform_()
+    b = torch.empty_like(a)
+    m1, m2 = torch.randn(matmul_n, matmul_n, device=device), torch.randn(matmul_n, matmul_n, device=device)
+    copy_s, mm_s = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        copy_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch.mm(m1, m2)
+        _sync(device)
+        mm_s.append(time.perf_counter() - t0)
+    return {"copy_gb_s": round(2 * a.numel() * 4 / min(copy_s) / 1e9, 2),
+            "matmul_gflop_s": round(2 * matmul_n ** 3 / min(mm_s) / 1e9, 2)}
+
+
+def _build(variant: str, layers: int, channels: int, input_size: int, in_channels: int, seed: int) -> SuperNet:
+    torch.manual_seed(seed)
+    return SuperNet(10, layers, channels, input_size, in_channels=in_channels,
+                    impl="reference" if variant == "reference" else "fused",
+                    spectral_norm=variant != "fused_no_sn")
+
+
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
                       in_channels: int = 3, steps: int = 10, warmup: int = 2, device: str = "cpu",
-                      threads: int | None = None, seed: int = 0) -> dict:
-    """Median step time of the supernet with and without spectral normalisation, interleaved.
-
-    The two models are timed in alternating rounds so that machine noise hits both alike.
-    """
+                      threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False
+                      ) -> dict[str, Any]:
+    """Median step times of the three VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory."""
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     x = torch.randn(batch_size, in_channels, input_size, input_size, device=dev)
     y = torch.randint(0, 10, (batch_size,), device=dev)
-    models = {sn: SuperNet(10, layers, channels, input_size, in_channels=in_channels, spectral_norm=sn).to(dev)
-              for sn in (True, False)}
-    times: dict[bool, list[float]] = {True: [], False: []}
+    models = {v: _build(v, layers, channels, input_size, in_channels, seed).to(dev) for v in VARIANTS}
+    opts = {v: _optimizer(m) for v, m in models.items()}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rounds = max(1, steps // 2)
     for r in range(rounds):
-        for sn in (True, False):
-            times[sn] += time_search_step(models[sn], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 0)
-    ms, ms_no_sn = 1000 * statistics.median(times[True]), 1000 * statistics.median(times[False])
-    return {
+        for v in VARIANTS:
+            times[v] += time_search_step(models[v], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 0,
+                                         opt=opts[v])
+    ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
+
+    # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some).
+    with FlopCounterMode(display=False) as flops:
+        _step(models["reference"], opts["reference"], x, y)
+    traffic = {}
+    for v in ("reference", "fused"):
+        with _TrafficCounter() as counter:
+            _step(models[v], opts[v], x, y)
+        traffic[v] = counter.bytes
+    ceilings = machine_ceilings(dev)
+
+    t0 = time.perf_counter()   # the per-epoch table and derivation of a whole supernet
+    models["fused"].genotype(table=models["fused"].stable_rank_table().cpu())
+    derive_ms = 1000 * (time.perf_counter() - t0)
+
+    result: dict[str, Any] = {
         "layers": layers, "channels": channels, "batch_size": batch_size, "input_size": input_size,
-        "device": str(dev), "threads": torch.get_num_threads(), "steps": len(times[True]),
-        "ms_per_step": round(ms, 2), "ms_per_step_no_sn": round(ms_no_sn, 2),
-        "sn_overhead": round(ms / ms_no_sn, 3), "images_per_s": round(batch_size / (ms / 1000), 2),
-        "torch": torch.__version__,
+        "in_channels": in_channels, "device": str(dev), "threads": torch.get_num_threads(),
+        "steps": len(times["fused"]), "torch": torch.__version__,
+        "ms_per_step_reference": round(ms["reference"], 1), "ms_per_step_fused": round(ms["fused"], 1),
+        "ms_per_step_fused_no_sn": round(ms["fused_no_sn"], 1),
+        "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
+        "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
+        "images_per_s_fused": round(batch_size / (ms["fused"] / 1000), 1),
+        "gflop_per_step": round(flops.get_total_flops() / 1e9, 2),
+        "gflop_s_reference": round(flops.get_total_flops() / ms["reference"] / 1e6, 2),
+        "gflop_s_fused": round(flops.get_total_flops() / ms["fused"] / 1e6, 2),
+        "traffic_gb_reference": round(traffic["reference"] / 1e9, 2),
+        "traffic_gb_fused": round(traffic["fused"] / 1e9, 2),
+        "gb_s_reference": round(traffic["reference"] / ms["reference"] / 1e6, 2),
+        "gb_s_fused": round(traffic["fused"] / ms["fused"] / 1e6, 2),
+        **ceilings,
+        "stable_rank_table_and_derivation_ms": round(derive_ms, 1),
     }
+    if memory:
+        for v in ("reference", "fused"):
+            result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
+                                                                     in_channels, device, seed)
+    if profile:
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile() as prof:
+            _step(models["fused"], opts["fused"], x, y)
+        result["profile_fused"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                                            max_name_column_width=40)
+    return result
+
+
+def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: int, input_size: int,
+                        in_channels: int, device: str, seed: int) -> float | None:
+    """Peak memory (MB) one training step adds over the built model, in a fresh process.
+
+    On the CPU: the process's resident high-water mark (reset after building, Linux only) minus
+    the resident size before the step; on an accelerator: its peak allocated memory.
+    """
+    args = json.dumps([variant, layers, channels, batch_size, input_size, in_channels, device, seed])
+    code = f"import json, msrdarts.bench as b; print(json.dumps(b._peak_child(*json.loads({args!r}))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _peak_child(variant: str, layers: int, channels: int, batch_size: int, input_size: int, in_channels: int,
+                device: str, seed: int) -> float | None:
+    dev = resolve_device(device)
+    model = _build(variant, layers, channels, input_size, in_channels, seed).to(dev)
+    opt = _optimizer(model)
+    x = torch.randn(batch_size, in_channels, input_size, input_size, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    if dev.type != "cpu":
+        mod = getattr(torch, dev.type)
+        mod.reset_peak_memory_stats(dev)
+        before = mod.memory_allocated(dev)
+        _step(model, opt, x, y)
+        return round((mod.max_memory_allocated(dev) - before) / 2 ** 20, 1)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")   # reset the high-water mark
+        before = _rss_kb("VmRSS")
+        _step(model, opt, x, y)
+        return round((_rss_kb("VmHWM") - before) / 1024, 1)
+    except OSError:
+        return None

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="micro-benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    st = bsub.add_parser("search-step", help="time one supernet training step, with and without spectral norm")
+    st = bsub.add_parser("search-step", help="time one supernet training step: fused vs reference, with and "
+                                             "without spectral norm, against the machine's copy and matmul ceilings")
     st.add_argument("--layers", type=int, default=8, help="cells (default: 8)")
     st.add_argument("--channels", type=int, default=16, help="initial channels (default: 16)")
     st.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cpu", help="device (default: cpu)")
     st.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     st.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    st.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="skip the peak-memory measurement (two extra processes)")
+    st.add_argument("--profile", action="store_true", help="also print the fused step's top operators by self time")
     return parser
 
 
@@ -201,12 +205,16 @@ def _bench(args: argparse.Namespace) -> int:
         raise MsrdartsError(f"--warmup={args.warmup}: must be >= 0")
     result = bench_search_step(layers=args.layers, channels=args.channels, batch_size=args.batch_size,
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
-                               warmup=args.warmup, device=args.device, threads=args.threads)
+                               warmup=args.warmup, device=args.device, threads=args.threads, memory=args.memory,
+                               profile=args.profile)
+    table = result.pop("profile_fused", None)
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:>22}: {v}")
+            print(f"{k:>36}: {v}")
+    if table is not None:
+        print(table)
     return 0
 
 

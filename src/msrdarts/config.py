@@ -12,7 +12,8 @@ from typing import Any
 
 from .errors import ConfigError
 from .ops import MSR_PRIMITIVES, list_ops
-from .supernet import MIXING_MODES
+from .fused import FUSABLE_OPS, can_fuse
+from .supernet import IMPLS, MIXING_MODES
 
 
 def _f(default: Any, help: str) -> Any:
@@ -42,7 +43,7 @@ _DATASET_HELP = ("data set: digits (offline demo), cifar10, cifar100, svhn (torc
 
 @dataclass(frozen=True)
 class _DataConfig(_Config):
-    """The data settings shared by search and train runs."""
+    """The data and device settings shared by search and train runs."""
 
     dataset: str = _f("cifar10", _DATASET_HELP)
     data: str = _f("data", "folder holding (or receiving) the data set files")
@@ -53,6 +54,12 @@ class _DataConfig(_Config):
                               "by --workers processes) or 'auto' (memory for images of at most 64 px and 2 GiB)")
     workers: int = _f(-1, "DataLoader worker processes decoding streamed images (-1: one per core, at most 8; "
                           "0: in the main process)")
+    device: str = _f("auto", "'auto' (the accelerator if any, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' ...")
+    amp: str = _f("auto", "bf16 autocast of forward and backward: 'bf16', 'off', or 'auto' (bf16 on an accelerator, "
+                          "off on the CPU); spectral norms and stable ranks stay in float32")
+    channels_last: str = _f("auto", "channels_last memory format: 'on', 'off', or 'auto' (on on an accelerator)")
+    compile: str = _f("auto", "torch.compile the network: 'on', 'off', or 'auto' (on on an accelerator); falls back "
+                              "to eager with a message where compiling fails")
 
     def load_data(self, root: str | None = None, download: bool | None = None, progress: bool | None = None) -> Any:
         """The run's data set (:func:`msrdarts.data.load_dataset`); arguments override the stored settings."""
@@ -62,8 +69,19 @@ class _DataConfig(_Config):
                             image_size=self.image_size, loading=self.loading, workers=resolve_workers(self.workers),
                             progress=getattr(self, "progress", False) if progress is None else progress)
 
+    def accel(self, device: Any) -> Any:
+        """The resolved :class:`msrdarts.device.Accel` of this run on ``device``."""
+        from .device import Accel
+
+        return Accel.resolve(device, self.amp, self.channels_last, self.compile)
+
     def _validate_data(self) -> None:
         from .data import LOADING_MODES, list_datasets
+        from .device import AMP_MODES, SWITCHES
+
+        for name, allowed in (("amp", AMP_MODES), ("channels_last", SWITCHES), ("compile", SWITCHES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_flag(name)}={getattr(self, name)!r}: unknown; allowed: {', '.join(allowed)}")
 
         if self.dataset not in list_datasets():
             raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
@@ -100,6 +118,9 @@ class SearchConfig(_DataConfig):
     split_seed: int = _f(0, "seed of the search-train / search-valid split")
     seed: int = _f(2, "seed of weights, batch order and augmentation")
     mixing: str = _f("sum", "edge mixing: 'sum' (paper) or 'srsoftmax' (authors' code: softmax(-stable rank))")
+    impl: str = _f("auto", "supernet forward: 'fused' (edges leaving a node computed together, batched spectral "
+                           "norms), 'reference' (one module call per op), 'auto' (fused where the ops allow it); "
+                           "the same function either way")
     spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
     sn_refresh_every: int = _f(10, "steps between checks of every depthwise conv's power iteration against a "
@@ -108,7 +129,6 @@ class SearchConfig(_DataConfig):
     rank_per_pixel: bool = _f(False, "divide stable ranks by the conv's H*W before averaging over cells")
     authors_reduce_resolution: bool = _f(
         False, "authors' quirk: rank the stride-1 edges of reduction cells at the cell's input resolution")
-    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' ...")
     progress: bool = _f(True, "show a progress bar per epoch")
 
     def validate(self) -> "SearchConfig":
@@ -136,6 +156,10 @@ class SearchConfig(_DataConfig):
         if self.rank_per_pixel and self.authors_reduce_resolution:
             raise ConfigError("--rank-per-pixel and --authors-reduce-resolution exclude each other "
                               "(per-pixel ranks have no resolution left to misstate)")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"--impl={self.impl!r}: unknown; allowed: {', '.join(IMPLS)}")
+        if self.impl == "fused" and not can_fuse(self.primitives):
+            raise ConfigError(f"--impl=fused: supports the ops {', '.join(FUSABLE_OPS)}; use --impl reference")
         if self.mixing not in MIXING_MODES:
             raise ConfigError(f"--mixing={self.mixing!r}: unknown; allowed: {', '.join(MIXING_MODES)}")
         unknown = [p for p in self.primitives if p not in list_ops()]
@@ -203,7 +227,6 @@ class TrainConfig(_DataConfig):
     schedule: str = _f("cosine", "learning-rate schedule: 'cosine' (to --lr-min) or 'step' (x0.97 per epoch, DARTS ImageNet)")
     warmup_epochs: int = _f(0, "epochs of linear learning-rate warm-up before the schedule")
     seed: int = _f(0, "seed of weights, batch order and augmentation")
-    device: str = _f("auto", "'auto' (the accelerator if any, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' ...")
     progress: bool = _f(True, "show a progress bar per epoch")
 
     def validate(self) -> "TrainConfig":

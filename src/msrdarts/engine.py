@@ -6,6 +6,7 @@ Metrics accumulate on the device (no host sync per step); the progress bar reads
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Iterable
 
@@ -30,12 +31,16 @@ def cross_entropy(output: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
                     grad_clip: float = 0.0, desc: str = "train", progress: bool = True,
                     log_every: int = 10, after_step: Callable[[int], None] | None = None,
-                    criterion: Criterion = cross_entropy) -> dict[str, float]:
+                    criterion: Criterion = cross_entropy, accel: Any = None,
+                    forward: Callable[[torch.Tensor], Any] | None = None) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader``; returns mean loss, accuracy (%) and images/s.
 
     ``criterion(output, y)`` returns (loss, logits); ``after_step(step)`` runs after every
-    optimiser step (step counts from 0 within the epoch).
+    optimiser step (step counts from 0 within the epoch). ``accel`` (a :class:`msrdarts.device.Accel`)
+    sets autocast and the input memory format; ``forward`` replaces ``model(x)`` (a compiled model).
     """
+    forward = forward or model
+    autocast = accel.autocast if accel is not None else contextlib.nullcontext
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -43,7 +48,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
-        loss, logits = criterion(model(x), y)
+        if accel is not None:
+            x = accel.input(x)
+        with autocast():
+            loss, logits = criterion(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -66,18 +74,24 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str = "valid",
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, accel: Any = None,
+             forward: Callable[[torch.Tensor], Any] | None = None) -> dict[str, float]:
     """Mean loss, top-1 accuracy ``acc`` and top-5 accuracy ``acc5`` (%) of ``model`` over ``loader``.
 
     Eval mode: BN running statistics, no drop path, no auxiliary head.
     """
     model.eval()
+    forward = forward or model
+    autocast = accel.autocast if accel is not None else contextlib.nullcontext
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     correct5 = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        logits = _logits(model(x)).float()
+        if accel is not None:
+            x = accel.input(x)
+        with autocast():
+            logits = _logits(forward(x)).float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct += (top[:, 0] == y).sum()
@@ -90,7 +104,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int) -> None:
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, accel: Any = None) -> None:
     """Recompute every BatchNorm's running statistics as the plain mean over ``batches`` batches.
 
     Running averages lag behind weights that change quickly (few steps per epoch, large lr); this
@@ -112,7 +126,10 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int) -> None:
         for i, (x, _) in enumerate(loader):
             if i >= batches:
                 break
-            model(x)
+            if accel is not None:
+                x = accel.input(x)
+            with accel.autocast() if accel is not None else contextlib.nullcontext():
+                model(x)
     finally:
         for bn in bns:
             bn.momentum = momenta[bn]

@@ -74,58 +74,80 @@ class OpConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_depthwise(x):
-            return depthwise_conv2d(x, self.weight, self.padding, self.dilation)
+            return depthwise_conv2d(x, self.weight, self.padding, self.dilation, self.stride)
         return super().forward(x)
 
     def _fast_depthwise(self, x: torch.Tensor) -> bool:
-        """Stride-1 depthwise conv on the CPU with maps of 16 x 16 or more.
-
-        There the custom backward of :func:`depthwise_conv2d` pays off; below, per-op overhead dominates.
-        """
         depthwise = self.groups == self.in_channels == self.out_channels and self.kernel_size != (1, 1)
-        return (x.device.type == "cpu" and depthwise and self.stride == (1, 1) and self.bias is None
-                and self.padding_mode == "zeros" and x.shape[-1] * x.shape[-2] >= 256)
+        return (depthwise and self.bias is None and self.padding_mode == "zeros"
+                and use_fast_depthwise(x, self.kernel_size, self.stride, self.dilation))
+
+
+def use_fast_depthwise(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+                       dilation: tuple[int, int]) -> bool:
+    """Whether :func:`depthwise_conv2d` beats PyTorch's own depthwise conv for input ``x``.
+
+    Measured on a 2-core CPU (bench/depthwise.py, BENCHMARKS.md): for stride-1 convs on maps of
+    16 x 16 or more, except the 3 x 3 undilated kernel, for which PyTorch's backward is fast; on
+    smaller maps per-op overhead dominates. Never on other devices.
+    """
+    return (x.device.type == "cpu" and stride == (1, 1) and x.shape[-1] * x.shape[-2] >= 256
+            and not (kernel_size == (3, 3) and dilation == (1, 1)))
+
+
+#: Elements of grad_output per channel block in depthwise_conv2d's weight gradient (4 MB in fp32).
+TAP_BLOCK_ELEMENTS = 1 << 20
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
-    """Stride-1 depthwise conv with a backward that is fast on CPU.
+    """Depthwise conv with a backward that is fast on CPU.
 
-    PyTorch's CPU backward for depthwise (especially dilated) convs takes 10-40x the forward. Here
-    grad_input is the forward conv of grad_output with the flipped kernel (padding d(k-1)-p), and
-    grad_weight[c, i, j] = sum over batch and pixels of grad_output * the input shifted by tap (i, j):
-    k*k fused multiply-reduce passes over memory.
+    PyTorch's CPU backward for depthwise (especially dilated or strided) convs takes 10-40x the
+    forward. Here grad_input is a depthwise conv of grad_output with the flipped kernel (padding
+    d(k-1)-p; for stride s, the transposed conv), and grad_weight[c, i, j] = sum over batch and
+    output pixels of grad_output * the input tap (i, j): k*k multiply-reduce passes, over channel
+    blocks of about 4 MB so that a block's k*k passes stay in cache.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, padding: tuple[int, int], dilation: tuple[int, int]):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int]):
         ctx.save_for_backward(x, w)
-        ctx.padding, ctx.dilation = padding, dilation
-        return F.conv2d(x, w, None, 1, padding, dilation, x.shape[1])
+        ctx.stride, ctx.padding, ctx.dilation = stride, padding, dilation
+        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
-        (ph, pw), (dh, dw) = ctx.padding, ctx.dilation
+        (sh, sw), (ph, pw), (dh, dw) = ctx.stride, ctx.padding, ctx.dilation
         C, _, kh, kw = w.shape
+        Ho, Wo = g.shape[-2:]
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(g, w.flip(-2, -1), None, 1, (dh * (kh - 1) - ph, dw * (kw - 1) - pw), (dh, dw), C)
+            if (sh, sw) == (1, 1):
+                grad_x = F.conv2d(g, w.flip(-2, -1), None, 1, (dh * (kh - 1) - ph, dw * (kw - 1) - pw), (dh, dw), C)
+            else:  # the adjoint of the strided conv; output_padding restores the input size
+                out_pad = (x.shape[2] - ((Ho - 1) * sh - 2 * ph + dh * (kh - 1) + 1),
+                           x.shape[3] - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1))
+                grad_x = F.conv_transpose2d(g, w, None, (sh, sw), (ph, pw), out_pad, C, (dh, dw))
         if ctx.needs_input_grad[1]:
-            Ho, Wo = g.shape[-2:]
             xp = F.pad(x, (pw, pw, ph, ph))
-            taps = [(xp[:, :, i * dh:i * dh + Ho, j * dw:j * dw + Wo] * g).sum((0, 2, 3))
-                    for i in range(kh) for j in range(kw)]
-            grad_w = torch.stack(taps, dim=1).view(C, 1, kh, kw)
-        return grad_x, grad_w, None, None
+            block = min(C, max(1, TAP_BLOCK_ELEMENTS // max(1, g.shape[0] * Ho * Wo)))
+            hs, ws = sh * (Ho - 1) + 1, sw * (Wo - 1) + 1     # input rows / columns one tap spans
+            grad_w = torch.cat([
+                torch.stack([(xp[:, c:c + block, i * dh:i * dh + hs:sh, j * dw:j * dw + ws:sw] * g[:, c:c + block])
+                             .sum((0, 2, 3)) for i in range(kh) for j in range(kw)], dim=1)
+                for c in range(0, C, block)]).view(C, 1, kh, kw)
+        return grad_x, grad_w, None, None, None
 
 
-def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, padding: tuple[int, int], dilation: tuple[int, int]
-                     ) -> torch.Tensor:
-    """``F.conv2d(x, w, padding=padding, dilation=dilation, groups=C)`` (stride 1), faster backward on CPU."""
+def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, padding: tuple[int, int], dilation: tuple[int, int],
+                     stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)``, with a faster backward on CPU."""
     (ph, pw), (dh, dw) = padding, dilation
     if dh * (w.shape[2] - 1) < ph or dw * (w.shape[3] - 1) < pw:  # more padding than the kernel spans
-        return F.conv2d(x, w, None, 1, padding, dilation, x.shape[1])
-    return _DepthwiseConv2d.apply(x, w, padding, dilation)
+        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
+    return _DepthwiseConv2d.apply(x, w, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def record_input_sizes(model: nn.Module, example: torch.Tensor) -> None:

@@ -31,7 +31,8 @@ from .config import SearchConfig
 from .data import StreamData, resolve_workers, search_split, subset_split
 from .derive import edge_index
 from .engine import evaluate, recalibrate_bn, train_one_epoch
-from .errors import CheckpointError, ConfigError
+from .device import resolve_device
+from .errors import CheckpointError
 from .genotype import Genotype
 from .spectral import refresh_spectral_norms
 from .supernet import SuperNet
@@ -50,28 +51,10 @@ class SearchResult:
     out: Path
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks the accelerator torch reports (if any), else the CPU; others must exist."""
-    accel = torch.accelerator.current_accelerator(check_available=True)
-    if name == "auto":
-        return accel if accel is not None else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device={name!r}: not a device name (cpu, cuda, cuda:0, mps, ...)") from None
-    if device.type != "cpu" and (accel is None or accel.type != device.type):
-        raise ConfigError(f"--device={name!r}: not available on this machine "
-                          f"(available: cpu{', ' + accel.type if accel is not None else ''})")
-    if device.type != "cpu" and device.index is not None and device.index >= torch.accelerator.device_count():
-        raise ConfigError(f"--device={name!r}: this machine has {torch.accelerator.device_count()} "
-                          f"{device.type} device(s)")
-    return device
-
-
 def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
     return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
                     primitives=cfg.primitives, mixing=cfg.mixing, in_channels=data.in_channels,
-                    spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations)
+                    spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations, impl=cfg.impl)
 
 
 def _rank_options(cfg: SearchConfig) -> dict[str, bool]:
@@ -100,7 +83,8 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
         train_idx, valid_idx = search_split(len(data.train_labels), cfg.train_portion, cfg.split_seed)
     log(f"{cfg.dataset}: {len(train_idx)} search-train / {len(valid_idx)} search-valid images, "
         f"{data.input_size} px, {'streamed' if isinstance(data, StreamData) else 'in memory'}")
-    model = build_supernet(cfg, data).to(device)
+    accel = cfg.accel(device)
+    model = accel.prepare_model(build_supernet(cfg, data))
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     workers = resolve_workers(cfg.workers)
     train_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, augment=True, shuffle=True,
@@ -128,6 +112,7 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
         if cfg.spectral_norm and step % cfg.sn_refresh_every == 0:
             refresh_spectral_norms(model)
 
+    forward = accel.forward_fn(model, log)
     edges = [list(e) for e in edge_index(model.steps)]
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -136,9 +121,10 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
         lr = optimizer.param_groups[0]["lr"]
         tag = f"epoch {epoch + 1}/{cfg.epochs}"
         tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag, progress=cfg.progress,
-                             after_step=refresh_sn)
-        recalibrate_bn(model, bn_loader, cfg.bn_recalibration)
-        va = evaluate(model, valid_loader, device, desc=f"{tag} valid", progress=cfg.progress)
+                             after_step=refresh_sn, accel=accel, forward=forward)
+        recalibrate_bn(model, bn_loader, cfg.bn_recalibration, accel=accel)
+        va = evaluate(model, valid_loader, device, desc=f"{tag} valid", progress=cfg.progress, accel=accel,
+                      forward=forward)
         scheduler.step()
         table = model.stable_rank_table(**ranks).cpu()
         geno = model.genotype(table=table)

@@ -85,7 +85,7 @@ class ConvSpectralNorm(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int], n_power_iterations: int = 1,
                  target: float = 1.0, eps: float = 1e-12, init_tol: float = 1e-7,
-                 max_init_iterations: int = 500):
+                 max_init_iterations: int = 500, converge: bool = True):
         super().__init__()
         if n_power_iterations < 1:
             raise ValueError("n_power_iterations must be >= 1")
@@ -101,6 +101,8 @@ class ConvSpectralNorm(nn.Module):
         u = self._circular_u(weight)
         self.register_buffer("u", u)                                         # (1, C_in, H, W), unit per group
         self.register_buffer("v", _normalize(self._A(u, weight), self.groups, eps))  # (1, C_out, H', W')
+        if not converge:   # the caller converges many convs at once (msrdarts.fused.SpectralBatch.converge)
+            return
         # Iterate to convergence once, checking sigma every 10 iterations (each check syncs).
         last = self._group_sigmas(weight).max()
         for _ in range(0, max_init_iterations, 10):
@@ -182,15 +184,19 @@ class ConvSpectralNorm(nn.Module):
         return self._group_sigmas(weight).max()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.training and not self.matrix:
-            self._power_iterate(weight.detach(), self.n_power_iterations)
-        return weight * (self.target / self.sigma(weight))
+        with torch.autocast(weight.device.type, enabled=False):   # norms in the weight's own precision
+            if self.training and not self.matrix:
+                self._power_iterate(weight.detach(), self.n_power_iterations)
+            return weight * (self.target / self.sigma(weight))
 
 
-def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: float = 1.0) -> int:
+def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: float = 1.0,
+                        converge: bool = True) -> int:
     """Spectrally normalise every :class:`OpConv` of ``model``; returns how many.
 
-    Each conv must know its ``input_hw`` (see :func:`msrdarts.ops.record_input_sizes`).
+    Each conv must know its ``input_hw`` (see :func:`msrdarts.ops.record_input_sizes`). With
+    ``converge=False`` the power iterations start at the circular-boundary vectors and the caller
+    converges them (batched, as :class:`msrdarts.supernet.SuperNet` does).
     """
     count = 0
     for conv in model.modules():
@@ -198,7 +204,8 @@ def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: f
             if conv.input_hw is None:
                 raise RuntimeError("record_input_sizes() must run before apply_spectral_norm()")
             parametrize.register_parametrization(
-                conv, "weight", ConvSpectralNorm(conv, conv.input_hw, n_power_iterations, target=target))
+                conv, "weight", ConvSpectralNorm(conv, conv.input_hw, n_power_iterations, target=target,
+                                                 converge=converge))
             count += 1
     return count
 

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from .derive import derive_genotype, edge_index, num_edges
 from .errors import ConfigError
+from .fused import FUSABLE_OPS, FusedSuperNet, SpectralBatch, can_fuse, fused_conv_order
 from .genotype import Genotype
 from .ops import (MSR_PRIMITIVES, OpConv, Stem, cell_preprocess, get_op, record_input_sizes,
                   reduction_layers)
@@ -23,6 +24,9 @@ from .spectral import apply_spectral_norm
 from .stable_rank import pointwise_stable_ranks
 
 MIXING_MODES = ("sum", "srsoftmax")
+#: Supernet forward implementations: "fused" (see msrdarts.fused), "reference" (one module call
+#: per op), "auto" (fused where the ops allow it).
+IMPLS = ("auto", "fused", "reference")
 
 
 class MixedOp(nn.Module):
@@ -87,12 +91,14 @@ class SuperNet(nn.Module):
         mixing: ``"sum"`` (paper) or ``"srsoftmax"`` (authors' code).
         spectral_norm: spectrally normalise every conv inside every op to operator norm 1.
         sn_iterations: power iterations per training forward of each normalised conv.
+        impl: ``"fused"``, ``"reference"`` or ``"auto"`` (fused if every op is a sep/dil conv); both
+            compute the same function with the same modules and state.
     """
 
     def __init__(self, num_classes: int, layers: int, channels: int, input_size: int, stem: str = "cifar",
                  primitives: Sequence[str] = MSR_PRIMITIVES, mixing: str = "sum", in_channels: int = 3,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, spectral_norm: bool = True,
-                 sn_iterations: int = 1):
+                 sn_iterations: int = 1, impl: str = "auto"):
         super().__init__()
         _check_positive(num_classes=num_classes, channels=channels, input_size=input_size, in_channels=in_channels,
                         steps=steps, sn_iterations=sn_iterations)
@@ -106,6 +112,12 @@ class SuperNet(nn.Module):
             raise ConfigError(f"primitives must be a non-empty list of distinct ops, got {list(primitives)}")
         if not 1 <= multiplier <= steps:
             raise ConfigError(f"multiplier={multiplier} must be in 1..steps={steps}")
+        if impl not in IMPLS:
+            raise ConfigError(f"impl={impl!r}: unknown; allowed: {', '.join(IMPLS)}")
+        if impl == "fused" and not can_fuse(primitives):
+            raise ConfigError(f"impl='fused' supports the ops {', '.join(FUSABLE_OPS)}; got {', '.join(primitives)} "
+                              f"(use impl='reference')")
+        self.impl = impl if impl != "auto" else ("fused" if can_fuse(primitives) else "reference")
         self.primitives = tuple(primitives)
         self.mixing, self.steps, self.multiplier, self.layers = mixing, steps, multiplier, layers
         self.stem = Stem(stem, in_channels, channels, stem_multiplier)
@@ -122,13 +134,28 @@ class SuperNet(nn.Module):
         self.cells = nn.ModuleList(cells)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
+        self._fused: FusedSuperNet | None = None   # the reference forward records the conv input sizes
         record_input_sizes(self, torch.zeros(1, in_channels, input_size, input_size))
+        # The op convs grouped by geometry for batched spectral norms, in the fused forward's order.
+        fusable = can_fuse(self.primitives)
+        batch = SpectralBatch(fused_conv_order(self) if fusable else
+                              [m for m in self.modules() if isinstance(m, OpConv)])
         if spectral_norm:
-            apply_spectral_norm(self, sn_iterations)
+            apply_spectral_norm(self, sn_iterations, converge=False)
+            batch.converge()
         if mixing == "srsoftmax":
             self.refresh_mixing()
+        self._fused = None
+        if self.impl == "fused":   # the plan holds references to this network's own modules, no state
+            self._fused = FusedSuperNet(self, batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            return self._fused(self, x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The readable definition: every edge a :class:`MixedOp`, every op and conv on its own."""
         s0, s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, cell.mix if self.mixing == "srsoftmax" else None)

@@ -33,7 +33,7 @@ from .genotype import Genotype, load_genotype
 from .metrics import count_mult_adds, count_parameters
 from .network import Network
 from .ops import list_ops
-from .search import resolve_device
+from .device import resolve_device
 
 CHECKPOINT_FORMAT = "msrdarts-train-v1"
 RUN_FILES = ("config.json", "history.jsonl", "checkpoint.pt", "best.pt", "results.json", "genotype.json")
@@ -101,7 +101,9 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     data = cfg.load_data()
     model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=data.stem,
                     in_channels=data.in_channels, input_size=data.input_size,
-                    auxiliary=cfg.auxiliary_weight > 0).to(device)
+                    auxiliary=cfg.auxiliary_weight > 0)
+    accel = cfg.accel(device)
+    model = accel.prepare_model(model)
     params_m = count_parameters(model) / 1e6
     mult_adds_m = count_mult_adds(model, data.in_channels, data.input_size) / 1e6
     loader_gen = torch.Generator().manual_seed(cfg.seed)
@@ -125,6 +127,7 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     run_config = make_run_folder(out, device, cfg)
     log(f"training {cfg.genotype}: {params_m:.3f}M parameters, {mult_adds_m:.1f}M mult-adds")
 
+    forward = accel.forward_fn(model, log)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -132,8 +135,9 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
         model.set_drop_path(drop)
         tag = f"epoch {epoch + 1}/{cfg.epochs}"
         tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag, progress=cfg.progress,
-                             criterion=criterion)
-        te = evaluate(model, test_loader, device, desc=f"{tag} test", progress=cfg.progress)
+                             criterion=criterion, accel=accel, forward=forward)
+        te = evaluate(model, test_loader, device, desc=f"{tag} test", progress=cfg.progress, accel=accel,
+                      forward=forward)
         scheduler.step()
         elapsed = time.perf_counter() - t0
         train_seconds += elapsed

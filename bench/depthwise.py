@@ -1,0 +1,49 @@
+"""Depthwise conv forward + backward on the CPU: PyTorch's F.conv2d vs msrdarts's two alternatives.
+
+    python bench/depthwise.py            # prints one row per geometry, times in ms (median of 5)
+
+Columns: ``conv`` (F.conv2d), ``taps`` (msrdarts.ops.depthwise_conv2d: custom backward), ``dense``
+(the fused path's dense-operator matmul for maps of at most 64 pixels). These figures choose
+msrdarts.ops.use_fast_depthwise and msrdarts.fused.DepthwiseRunner; see BENCHMARKS.md.
+"""
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from msrdarts.fused import DepthwiseRunner
+from msrdarts.ops import OpConv, depthwise_conv2d
+
+
+def timed(fn, x, w, repeats=5):
+    for _ in range(2):
+        fn(x, w).square().sum().backward()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x, w).square().sum().backward()
+        times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 2)
+
+
+def main():
+    torch.manual_seed(0)
+    print("batch channels side kernel dilation stride | conv taps dense (ms)")
+    for C in (32, 128):
+        for side in (4, 8, 16, 32):
+            for k, d in ((3, 1), (5, 1), (3, 2), (5, 2)):
+                for s in (1, 2):
+                    p = d * (k - 1) // 2
+                    conv = OpConv(C, C, k, stride=s, padding=p, dilation=d, groups=C, bias=False)
+                    x = torch.randn(64, C, side, side, requires_grad=True)
+                    w = torch.randn(C, 1, k, k, requires_grad=True)
+                    row = [timed(lambda a, b: F.conv2d(a, b, None, s, p, d, C), x, w),
+                           timed(lambda a, b: depthwise_conv2d(a, b, (p, p), (d, d), (s, s)), x, w)]
+                    row.append(timed(lambda a, b: DepthwiseRunner()._dense(a, b, conv), x, w) if side <= 8 else "-")
+                    print(64, C, side, k, d, s, "|", *row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

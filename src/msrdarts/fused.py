@@ -1,0 +1,377 @@
+"""The fused supernet forward: the same function as the per-op reference, in far fewer kernels.
+
+The reference :class:`msrdarts.supernet.SearchCell` applies every (edge, op) separately: 14 edges
+x 4 ops x (ReLU, depthwise, pointwise, BN, twice for sep convs), each conv also running its own
+spectral-norm computation. Here, per cell:
+
+* **By source node.** All m edges leaving node i share its input h (B, C, H, W). One ReLU, one
+  ``repeat`` to (B, m*C, H, W) ordered (edge, channel), then per op kind one depthwise conv with
+  m*C groups (weights of the m edges stacked: (m*C, 1, k, k)). The P kind outputs are
+  concatenated to (B, P*m*C, H', W') ordered (op, edge, channel), so the P*m pointwise convs are
+  one grouped 1x1 conv (P*m groups of C -> C) and the P*m affine-free BNs one ``batch_norm`` over
+  the concatenated channels. Sep convs repeat the three steps on their slice; the op sum is a
+  view as (B, P, m, C, H', W') summed over P (weighted by the srsoftmax mixing if set).
+* **Batched spectral normalisation** (:class:`SpectralBatch`). All normalised convs of the
+  network with the same shape form one group: pointwise C x C matrices get one batched exact
+  ``matrix_norm``; depthwise kernels with the same (C, k, dilation, stride, input size) one
+  batched power iteration (a single grouped conv and transposed conv for the whole group) with
+  the persistent per-conv vectors gathered and written back. Groups are ordered so that the
+  weights one fused conv needs are a contiguous slice: no gather per use.
+
+The modules are the reference's: every conv keeps its spectral-norm parametrization (so
+``conv.weight`` is its normalised weight, and checkpoints, stable ranks and derivation do not
+depend on the implementation). The fused path only reads their parameters and buffers and
+writes back exactly the state the reference forward would update (power-iteration vectors, BN
+running statistics). tests/test_fused.py checks forward, gradients and state against the
+reference in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .derive import edge_index
+from .ops import DilConv, OpConv, SepConv, depthwise_conv2d, use_fast_depthwise
+from .spectral import ConvSpectralNorm, _normalize
+
+#: Ops the fused path understands: a sequence of ReLU - depthwise - pointwise - BN blocks.
+FUSABLE_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+
+
+def can_fuse(primitives: Sequence[str]) -> bool:
+    return all(p in FUSABLE_OPS for p in primitives)
+
+
+def _blocks(op: nn.Module) -> list[DilConv]:
+    """The ReLU-depthwise-pointwise-BN blocks of an op, in order (1 for dil convs, 2 for sep convs)."""
+    if isinstance(op, SepConv):
+        return [op[0], op[1]]
+    if isinstance(op, DilConv):
+        return [op]
+    raise TypeError(f"op {type(op).__name__} cannot be fused")
+
+
+def _sn(conv: OpConv) -> ConvSpectralNorm | None:
+    if parametrize.is_parametrized(conv, "weight"):
+        return next(p for p in conv.parametrizations.weight if isinstance(p, ConvSpectralNorm))
+    return None
+
+
+def _raw(conv: OpConv) -> torch.Tensor:
+    return conv.parametrizations.weight.original if parametrize.is_parametrized(conv, "weight") else conv.weight
+
+
+@dataclass
+class _Slice:
+    group: int      # index into SpectralBatch.groups
+    start: int      # first conv of the slice within the group
+    count: int
+
+
+class SpectralBatch:
+    """Normalised weights of many convs, computed group by group (see the module docstring).
+
+    ``convs`` must be listed in the order their weights are consumed; :meth:`slice_of` maps a run
+    of consecutive convs of one group to its position.
+    """
+
+    def __init__(self, convs: Sequence[OpConv]):
+        self.groups: list[list[OpConv]] = []
+        keys: dict[tuple, int] = {}
+        self.where: dict[int, tuple[int, int]] = {}
+        for conv in convs:
+            sn = _sn(conv)
+            key = (tuple(conv.weight.shape) if sn is None else None, conv.in_channels, conv.out_channels,
+                   conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.input_hw,
+                   None if sn is None else (sn.matrix, sn.n_power_iterations))
+            if key not in keys:
+                keys[key] = len(self.groups)
+                self.groups.append([])
+            g = keys[key]
+            self.where[id(conv)] = (g, len(self.groups[g]))
+            self.groups[g].append(conv)
+
+    def slice_of(self, convs: Sequence[OpConv]) -> _Slice:
+        g, start = self.where[id(convs[0])]
+        for k, c in enumerate(convs):
+            if self.where[id(c)] != (g, start + k):
+                raise ValueError("convs of one fused op must be consecutive in one group")
+        return _Slice(g, start, len(convs))
+
+    def weights(self, training: bool) -> list[torch.Tensor]:
+        """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
+
+        In training mode the depthwise groups first advance their power iterations (and store the
+        vectors back in each conv's buffers), as each conv's parametrization would.
+        """
+        return [self._group_weights(convs, training) for convs in self.groups]
+
+    def _group_weights(self, convs: list[OpConv], training: bool) -> torch.Tensor:
+        w = torch.stack([_raw(c) for c in convs])                                  # (N, Co, Ci/g, k, k)
+        sns = [_sn(c) for c in convs]
+        if sns[0] is None:
+            return w
+        device_type = w.device.type
+        with torch.autocast(device_type, enabled=False):                          # norms always in fp32+
+            w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+            targets = w.new_tensor([sn.target for sn in sns]).view(-1, 1, 1, 1, 1)
+            if sns[0].matrix:                       # 1x1 convs: the exact norm of the Co x Ci matrix
+                sigma = torch.linalg.matrix_norm(w.flatten(2), ord=2)
+                return w * (targets / sigma.view(-1, 1, 1, 1, 1))
+            iterations = sns[0].n_power_iterations if training else 0
+            return w * (targets / self._power_sigma(sns, w, iterations).view(-1, 1, 1, 1, 1))
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-7, max_iterations: int = 500) -> None:
+        """Iterate every depthwise group's power iterations until each sigma changes by at most
+        ``tol`` (relative) over 10 iterations: the convergence each ConvSpectralNorm would do alone
+        at construction, one batched computation per group."""
+        for convs in self.groups:
+            sns = [_sn(c) for c in convs]
+            if sns[0] is None or sns[0].matrix:
+                continue
+            w = torch.stack([_raw(c) for c in convs]).detach()
+            active = list(range(len(convs)))            # convs still converging
+            last = self._power_sigma(sns, w, 0)
+            for _ in range(0, max_iterations, 10):
+                now = self._power_sigma([sns[i] for i in active], w[active], 10)
+                moving = ((now - last).abs() > tol * now).tolist()
+                active, last = [i for i, m in zip(active, moving) if m], now[torch.tensor(moving, dtype=torch.bool)]
+                if not active:
+                    break
+
+    @staticmethod
+    def _power_sigma(sns: list[ConvSpectralNorm], w: torch.Tensor, iterations: int) -> torch.Tensor:
+        """sigma (N,) of N convs of one geometry after ``iterations`` batched power iterations (their
+        union is one grouped conv with N times the groups); the vectors are stored back."""
+        sn, n = sns[0], len(sns)
+        groups = sn.groups * n
+        wd = w.detach().flatten(0, 1)                                               # (N*Co, Ci/g, k, k)
+        u = torch.cat([s.u for s in sns], dim=1)                                    # (1, N*Ci, H, W)
+        v = torch.cat([s.v for s in sns], dim=1)
+        if iterations:
+            with torch.no_grad():
+                for _ in range(iterations):
+                    v = _normalize(F.conv2d(u, wd, None, sn.stride, sn.padding, sn.dilation, groups), groups, sn.eps)
+                    u = _normalize(_adjoint(sn, v, wd, groups), groups, sn.eps)
+                torch._foreach_copy_([s.u for s in sns], list(u.chunk(n, dim=1)))
+                torch._foreach_copy_([s.v for s in sns], list(v.chunk(n, dim=1)))
+        with torch.no_grad():                       # G = d(v^T A u)/dW, one unfold + one bmm
+            c_out, c_in_g, kh, kw = w.shape[1:]
+            patches = F.unfold(u, (kh, kw), sn.dilation, sn.padding, sn.stride)      # (1, N*Ci*k*k, L)
+            patches = patches.view(groups, c_in_g * kh * kw, -1)
+            vv = v.reshape(groups, c_out // sn.groups, -1)
+            G = torch.bmm(vv, patches.transpose(1, 2)).view_as(w)
+        return (w * G).reshape(n, sn.groups, -1).sum(-1).amax(1)                     # max over groups
+
+
+def _adjoint(sn: ConvSpectralNorm, y: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+    """conv_transpose2d restoring the conv's input size (the adjoint of the grouped conv)."""
+    out_pad = []
+    for dim in range(2):
+        full = (y.shape[2 + dim] - 1) * sn.stride[dim] - 2 * sn.padding[dim] \
+            + sn.dilation[dim] * (sn.kernel_size[dim] - 1) + 1
+        out_pad.append(sn.input_hw[dim] - full)
+    return F.conv_transpose2d(y, w, None, sn.stride, sn.padding, tuple(out_pad), groups, sn.dilation)
+
+
+class _FusedBN:
+    """The affine-free BNs of one fused stage as one ``batch_norm`` over concatenated channels."""
+
+    def __init__(self, bns: list[nn.BatchNorm2d]):
+        self.bns = bns
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        bn0 = self.bns[0]
+        means = torch.cat([b.running_mean for b in self.bns])
+        variances = torch.cat([b.running_var for b in self.bns])
+        if not bn0.training:
+            return F.batch_norm(x, means, variances, None, None, False, 0.0, bn0.eps)
+        torch._foreach_add_([b.num_batches_tracked for b in self.bns], 1)
+        # as nn.BatchNorm2d: momentum None means a cumulative average over the batches seen
+        factor = bn0.momentum if bn0.momentum is not None else 1.0 / float(bn0.num_batches_tracked)
+        out = F.batch_norm(x, means, variances, None, None, True, factor, bn0.eps)
+        with torch.no_grad():
+            torch._foreach_copy_([b.running_mean for b in self.bns], list(means.chunk(len(self.bns))))
+            torch._foreach_copy_([b.running_var for b in self.bns], list(variances.chunk(len(self.bns))))
+        return out
+
+
+@dataclass
+class _Block:
+    """One ReLU - depthwise - pointwise - BN block of one op kind, for the m edges of a source."""
+
+    depthwise: _Slice
+    conv: OpConv            # a representative depthwise conv (geometry)
+    pointwise: _Slice
+    bn: _FusedBN
+    runner: "DepthwiseRunner"
+
+    def __call__(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """x: (B, m*C, H, W) ordered (edge, channel), already through the ReLU."""
+        dw, pw = self.depthwise, self.pointwise
+        y = self.runner(x, weights[dw.group][dw.start:dw.start + dw.count].flatten(0, 1), self.conv)
+        w = weights[pw.group][pw.start:pw.start + pw.count].flatten(2)            # (m, C_out, C_in)
+        return self.bn(_pointwise(y, w))
+
+
+def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """m 1x1 convs (w: (m, C_out, C_in)) on the m channel blocks of x (B, m*C_in, H, W), as one
+    batched matmul (faster than a grouped conv on CPU); keeps channels_last inputs channels_last."""
+    B, _, H, W = x.shape
+    m, c_out, c_in = w.shape
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.einsum("mdc,bmcl->bmdl", w, x.reshape(B, m, c_in, H * W)).reshape(B, m * c_out, H, W)
+    xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in)                        # a view for NHWC
+    return torch.einsum("bpmc,mdc->bpmd", xl, w).reshape(B, H, W, m * c_out).permute(0, 3, 1, 2)
+
+
+class _SourcePlan:
+    """The fused computation of all edges leaving one node of one cell."""
+
+    def __init__(self, edges: list[int], targets: list[int], ops: list[list[nn.Module]], batch: SpectralBatch,
+                 runner: DepthwiseRunner):
+        self.edges, self.targets, self.m = edges, targets, len(edges)
+        self.kinds: list[list[_Block]] = []        # per op kind, its 1 (dil) or 2 (sep) blocks
+        for p in range(len(ops[0])):
+            per_edge = [_blocks(ops[e][p]) for e in range(self.m)]
+            self.kinds.append([
+                _Block(batch.slice_of([b[level][1] for b in per_edge]), per_edge[0][level][1],
+                       batch.slice_of([b[level][2] for b in per_edge]), _FusedBN([b[level][3] for b in per_edge]),
+                       runner)
+                for level in range(len(per_edge[0]))])
+
+    def __call__(self, h: torch.Tensor, weights: list[torch.Tensor], mix: torch.Tensor | None) -> torch.Tensor:
+        """(B, m, C, H', W'): the outputs of the m edges, ops summed (weighted by ``mix`` (m, P))."""
+        B, C = h.shape[:2]
+        m = self.m
+        x = F.relu(h).repeat(1, m, 1, 1)                                            # (B, m*C, H, W)
+        total = None
+        for p, blocks in enumerate(self.kinds):
+            y = blocks[0](x, weights)
+            for block in blocks[1:]:
+                y = block(F.relu(y), weights)
+            y = y.view(B, m, C, *y.shape[-2:])
+            if mix is not None:
+                y = y * mix[:, p].view(1, m, 1, 1, 1).to(y.dtype)
+            total = y if total is None else total + y
+        return total
+
+
+class DepthwiseRunner:
+    """Runs the fused depthwise convs, each in the fastest of three ways for its geometry (CPU).
+
+    * maps of at most 64 pixels: as a matmul with the conv's dense operator. Channel c's
+      (H*W, H'*W') matrix is sum_t w[c, t] * T[t], with T the 0/1 tap tensor of the geometry,
+      cached here. PyTorch's depthwise kernels cost about a millisecond per call at these sizes
+      whatever the work; the matmuls cost a tenth of that (bench/depthwise.py).
+    * larger stride-1 maps: :func:`msrdarts.ops.depthwise_conv2d` where it is faster;
+    * otherwise ``F.conv2d``. On other devices always ``F.conv2d``.
+    """
+
+    DENSE_MAX_PIXELS = 64
+
+    def __init__(self):
+        self.taps: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, conv: OpConv) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if x.device.type == "cpu" and H * W <= self.DENSE_MAX_PIXELS and not (
+                H * W == self.DENSE_MAX_PIXELS and conv.kernel_size == (3, 3) and conv.dilation == (1, 1)
+                and conv.stride == (1, 1)):
+            return self._dense(x, w, conv)
+        if use_fast_depthwise(x, conv.kernel_size, conv.stride, conv.dilation):
+            return depthwise_conv2d(x, w, conv.padding, conv.dilation, conv.stride)
+        return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, x.shape[1])
+
+    def _dense(self, x: torch.Tensor, w: torch.Tensor, conv: OpConv) -> torch.Tensor:
+        B, C, H, W = x.shape
+        key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, H, W, x.dtype, x.device)
+        if key not in self.taps:   # T[t, i, l] = 1 where output pixel l reads input pixel i through tap t
+            eye = torch.eye(H * W, dtype=x.dtype, device=x.device).view(H * W, 1, H, W)
+            cols = F.unfold(eye, conv.kernel_size, conv.dilation, conv.padding, conv.stride)   # (HW, k*k, L)
+            self.taps[key] = cols.permute(1, 0, 2).contiguous()                            # (k*k, HW, L)
+        T = self.taps[key]
+        kk, _, L = T.shape
+        M = torch.matmul(w.reshape(C, kk), T.view(kk, -1)).view(C, H * W, L)             # (C, HW, L)
+        y = torch.einsum("bci,cil->bcl", x.reshape(B, C, H * W), M)                    # per channel: X_c M_c
+        Ho = (H + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+        return y.view(B, C, Ho, L // Ho)
+
+
+class FusedCell:
+    """Plans the fused forward of one :class:`msrdarts.supernet.SearchCell` (see the module docstring)."""
+
+    def __init__(self, cell: nn.Module, batch: SpectralBatch, runner: DepthwiseRunner):
+        self.cell = cell
+        pairs = edge_index(cell.steps)
+        n_ops = len(cell.edges[0].ops)
+        self.sources: list[_SourcePlan | None] = []
+        for i in range(cell.steps + 2):
+            edges = [e for e, (src, _) in enumerate(pairs) if src == i]
+            if not edges:
+                self.sources.append(None)
+                continue
+            ops = [[cell.edges[e].ops[p] for p in range(n_ops)] for e in edges]
+            self.sources.append(_SourcePlan(edges, [pairs[e][1] for e in edges], ops, batch, runner))
+
+    @staticmethod
+    def conv_order(cell: nn.Module) -> list[OpConv]:
+        """The cell's op convs in the order the fused forward consumes them (see SpectralBatch):
+        per source node, op kind and block, the depthwise convs of its m edges, then their pointwise convs."""
+        pairs = edge_index(cell.steps)
+        order: list[OpConv] = []
+        for i in range(cell.steps + 2):
+            edges = [e for e, (src, _) in enumerate(pairs) if src == i]
+            if not edges:
+                continue
+            for p in range(len(cell.edges[0].ops)):
+                per_edge = [_blocks(cell.edges[e].ops[p]) for e in edges]
+                for level in range(len(per_edge[0])):
+                    order += [b[level][1] for b in per_edge] + [b[level][2] for b in per_edge]
+        return order
+
+    def __call__(self, s0: torch.Tensor, s1: torch.Tensor, weights: list[torch.Tensor],
+                 mix: torch.Tensor | None) -> torch.Tensor:
+        cell = self.cell
+        states = [cell.pre0(s0), cell.pre1(s1)]
+        partial: list[torch.Tensor | None] = [None] * cell.steps
+        for i, plan in enumerate(self.sources):
+            if i >= 2:
+                states.append(partial[i - 2])        # node i is complete once all sources < i are done
+            if plan is None:
+                continue
+            out = plan(states[i], weights, None if mix is None else mix[plan.edges])
+            for k, j in enumerate(plan.targets):
+                partial[j - 2] = out[:, k] if partial[j - 2] is None else partial[j - 2] + out[:, k]
+        return torch.cat(states[-cell.multiplier:], dim=1)
+
+
+class FusedSuperNet:
+    """The fused forward of a whole :class:`msrdarts.supernet.SuperNet`.
+
+    ``batch`` must list the op convs in :meth:`conv_order` (see :func:`fused_conv_order`).
+    """
+
+    def __init__(self, net: nn.Module, batch: SpectralBatch):
+        self.batch = batch
+        self.runner = DepthwiseRunner()
+        self.cells = [FusedCell(cell, self.batch, self.runner) for cell in net.cells]
+
+    def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        weights = self.batch.weights(net.training)
+        s0, s1 = net.stem(x)
+        for cell, fused in zip(net.cells, self.cells):
+            s0, s1 = s1, fused(s0, s1, weights, cell.mix if net.mixing == "srsoftmax" else None)
+        return net.classifier(net.global_pooling(s1).flatten(1))
+
+
+def fused_conv_order(net: nn.Module) -> list[OpConv]:
+    """Every op conv of a supernet, in the order the fused forward consumes them."""
+    return [conv for cell in net.cells for conv in FusedCell.conv_order(cell)]

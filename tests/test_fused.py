@@ -1,0 +1,163 @@
+"""The fused supernet forward against the per-op reference, in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from msrdarts.device import Accel
+from msrdarts.errors import ConfigError
+from msrdarts.fused import DepthwiseRunner, SpectralBatch
+from msrdarts.ops import DARTS_PRIMITIVES, OpConv
+from msrdarts.supernet import SuperNet
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _pair(**kw):
+    torch.manual_seed(kw.pop("seed", 0))
+    ref = SuperNet(impl="reference", **kw).double()
+    fused = SuperNet(impl="fused", **kw).double()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("stem, size", [("cifar", 16), ("imagenet", 64)])
+@pytest.mark.parametrize("mixing", ["sum", "srsoftmax"])
+def test_fused_matches_reference_forward_backward_and_state(stem, size, mixing):
+    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=size, stem=stem, mixing=mixing)
+    assert ref.cells[1].reduction and not ref.cells[0].reduction   # normal and reduction cells both covered
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    for _ in range(2):   # two training forwards: power iterations and BN statistics advance twice
+        out_r, out_f = ref(x), fused(x)
+        torch.testing.assert_close(out_f, out_r, **TOL)
+        g = torch.randn_like(out_r)
+        grads_r = torch.autograd.grad(out_r, list(ref.parameters()), g)
+        grads_f = torch.autograd.grad(out_f, list(fused.parameters()), g)
+        for (name, _), gr, gf in zip(ref.named_parameters(), grads_r, grads_f):
+            torch.testing.assert_close(gf, gr, **TOL, msg=name)
+    # Every buffer the reference updates (u, v, BN running statistics, batch counts) is the same.
+    sr, sf = _state(ref), _state(fused)
+    assert sr.keys() == sf.keys()
+    for k in sr:
+        torch.testing.assert_close(sf[k], sr[k], **TOL, msg=k)
+    # The normalised weights the fused path gathers are the convs' own ``weight``s (eval: no iteration).
+    ref.eval()
+    fused.eval()
+    convs = [c for c in fused.modules() if isinstance(c, OpConv)]
+    batch = fused._fused.batch
+    weights = batch.weights(training=False)
+    for c in convs:
+        g, i = batch.where[id(c)]
+        torch.testing.assert_close(weights[g][i], c.weight, **TOL)
+    torch.testing.assert_close(fused(x), ref(x), **TOL)
+    # Stable ranks and the derived genotype do not depend on the implementation.
+    torch.testing.assert_close(fused.stable_rank_table(), ref.stable_rank_table(), **TOL)
+    assert fused.genotype() == ref.genotype()
+
+
+def test_fused_with_a_subset_of_ops_in_another_order():
+    """Sep and dil ops interleaved: the sep ops' second blocks are not a contiguous slice."""
+    ref, fused = _pair(num_classes=3, layers=3, channels=4, input_size=8, in_channels=1,
+                       primitives=("dil_conv_5x5", "sep_conv_3x3", "dil_conv_3x3"))
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    out_r, out_f = ref(x), fused(x)
+    torch.testing.assert_close(out_f, out_r, **TOL)
+    out_r.sum().backward()
+    out_f.sum().backward()
+    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, **TOL, msg=name)
+
+
+def test_fused_without_spectral_norm_matches_reference():
+    ref, fused = _pair(num_classes=3, layers=3, channels=4, input_size=8, in_channels=1, spectral_norm=False)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), ref(x), **TOL)
+
+
+def test_impl_choice_and_errors():
+    assert SuperNet(10, 3, 4, 8, in_channels=1).impl == "fused"
+    assert SuperNet(10, 3, 4, 8, in_channels=1, primitives=DARTS_PRIMITIVES, spectral_norm=False).impl == "reference"
+    with pytest.raises(ConfigError, match="impl='fused' supports the ops"):
+        SuperNet(10, 3, 4, 8, in_channels=1, primitives=DARTS_PRIMITIVES, spectral_norm=False, impl="fused")
+    with pytest.raises(ConfigError, match="impl='fast': unknown"):
+        SuperNet(10, 3, 4, 8, in_channels=1, impl="fast")
+
+
+@pytest.mark.parametrize("k, dil, stride, hw", [(3, 1, 1, (4, 4)), (5, 1, 1, (8, 8)), (3, 2, 2, (8, 8)),
+                                                (5, 2, 1, (2, 2)), (5, 2, 2, (5, 7)), (3, 2, 1, (6, 6))])
+def test_depthwise_runner_dense_operator_matches_conv2d(k, dil, stride, hw):
+    """The dense-operator path (maps of at most 64 pixels) against F.conv2d, values and gradients."""
+    torch.manual_seed(2)
+    C, pad = 6, dil * (k - 1) // 2
+    conv = OpConv(C, C, k, stride=stride, padding=pad, dilation=dil, groups=C, bias=False)
+    x = torch.randn(3, C, *hw, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
+    runner = DepthwiseRunner()
+    y = runner(x, w, conv)
+    assert runner.taps, "the dense path was not taken"
+    ref = F.conv2d(x, w, None, stride, pad, dil, C)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_spectral_batch_groups_consecutive_convs_and_refuses_scattered_ones():
+    net = SuperNet(10, 3, 4, 8, in_channels=1)
+    batch = net._fused.batch
+    convs = [c for c in net.modules() if isinstance(c, OpConv)]
+    assert sum(len(g) for g in batch.groups) == len(convs)
+    for group in batch.groups:   # one geometry per group
+        assert len({(c.kernel_size, c.stride, c.dilation, c.in_channels, c.input_hw) for c in group}) == 1
+    g = batch.groups[0]
+    assert batch.slice_of(g[2:5]).count == 3
+    with pytest.raises(ValueError, match="consecutive"):
+        batch.slice_of([g[0], g[2]])
+    assert isinstance(batch, SpectralBatch)
+
+
+def test_bf16_autocast_keeps_spectral_norms_in_float32():
+    torch.manual_seed(0)
+    net = SuperNet(10, 3, 4, 8, in_channels=1)
+    accel = Accel.resolve(torch.device("cpu"), amp="bf16")
+    assert accel.amp and not Accel.resolve(torch.device("cpu")).amp   # auto: off on the CPU
+    before = copy.deepcopy(net)
+    x = accel.input(torch.randn(4, 1, 8, 8))
+    with accel.autocast():
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+    # The power iterations advanced in float32, as in a float32 forward of the same weights.
+    before(torch.randn(4, 1, 8, 8))
+    for (name, b), a in zip(before.named_buffers(), net.buffers()):
+        if name.endswith(".u") or name.endswith(".v"):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for c in net.modules():
+        if isinstance(c, OpConv) and parametrize.is_parametrized(c, "weight"):
+            assert c.weight.dtype == torch.float32
+
+
+def test_compile_failure_falls_back_to_eager_with_one_message():
+    from msrdarts.device import _CompileOrEager
+
+    net = torch.nn.Linear(3, 2)
+    messages = []
+
+    def broken(x):
+        raise RuntimeError("backend exploded\nsecond line")
+
+    fn = _CompileOrEager(net, broken, messages.append)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(fn(x), net(x))
+    torch.testing.assert_close(fn(x), net(x))
+    assert len(messages) == 1 and "backend exploded" in messages[0] and "--compile off" in messages[0]
