@@ -394,3 +394,15 @@ def test_refresh_catches_a_singular_value_the_iteration_is_locked_away_from():
     assert float(sn.sigma(w)) == pytest.approx(s1, rel=1e-2)
     conv.eval()
     assert true_norm(conv) == pytest.approx(1.0, rel=1e-2)
+
+
+def test_top_singular_value_is_exact_with_the_svd_gradient():
+    from msrdarts.spectral import top_singular_value
+
+    torch.manual_seed(3)
+    w = torch.randn(5, 7, 4, dtype=torch.float64, requires_grad=True)
+    sigma = top_singular_value(w)
+    U, S, Vh = torch.linalg.svd(w.detach())
+    torch.testing.assert_close(sigma, S[:, 0], rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(sigma.sum(), w)
+    torch.testing.assert_close(grad, U[:, :, :1] @ Vh[:, :1, :], rtol=1e-10, atol=1e-10)   # d sigma / dW = u v^T

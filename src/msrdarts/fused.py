@@ -4,18 +4,25 @@ The reference :class:`msrdarts.supernet.SearchCell` applies every (edge, op) sep
 x 4 ops x (ReLU, depthwise, pointwise, BN, twice for sep convs), each conv also running its own
 spectral-norm computation. Here, per cell:
 
-* **By source node.** All m edges leaving node i share its input h (B, C, H, W). One ReLU, one
-  ``repeat`` to (B, m*C, H, W) ordered (edge, channel), then per op kind one depthwise conv with
-  m*C groups (weights of the m edges stacked: (m*C, 1, k, k)). The P kind outputs are
-  concatenated to (B, P*m*C, H', W') ordered (op, edge, channel), so the P*m pointwise convs are
-  one grouped 1x1 conv (P*m groups of C -> C) and the P*m affine-free BNs one ``batch_norm`` over
-  the concatenated channels. Sep convs repeat the three steps on their slice; the op sum is a
-  view as (B, P, m, C, H', W') summed over P (weighted by the srsoftmax mixing if set).
+* **By source node.** All m edges leaving node i share its input h (B, C, H, W): one ReLU and
+  one ``repeat`` to x (B, m*C, H, W), ordered (edge, channel). Then, per op kind (a sep or dil
+  conv of given kernel and dilation), each block of ReLU - depthwise - pointwise - BN runs for
+  all m edges at once:
+  - the m depthwise convs are one depthwise conv over m*C channels, with weights (m*C, 1, k, k).
+    On the CPU, maps of at most 64 pixels use the conv's dense operator instead (a batched
+    matmul, see :class:`DepthwiseRunner`);
+  - the m pointwise convs are one batched matmul, (m, C, C) x (B, m, C, H*W);
+  - the m affine-free BNs are one ``batch_norm`` over the m*C channels, with the modules'
+    running statistics gathered and written back.
+  A sep conv runs its second block on the first block's output. The op outputs, viewed as
+  (B, m, C, H', W'), are summed over the kinds (weighted by the srsoftmax mixing if set), and
+  edge e's slice is added to its target node.
 * **Batched spectral normalisation** (:class:`SpectralBatch`). All normalised convs of the
   network with the same shape form one group: pointwise C x C matrices get one batched exact
-  ``matrix_norm``; depthwise kernels with the same (C, k, dilation, stride, input size) one
-  batched power iteration (a single grouped conv and transposed conv for the whole group) with
-  the persistent per-conv vectors gathered and written back. Groups are ordered so that the
+  top singular value (:func:`msrdarts.spectral.top_singular_value`); depthwise kernels with the
+  same (C, k, dilation, stride, input size) one batched power iteration (a single grouped conv
+  and transposed conv for the whole group) with the persistent per-conv vectors gathered and
+  written back. Groups are ordered so that the
   weights one fused conv needs are a contiguous slice: no gather per use.
 
 The modules are the reference's: every conv keeps its spectral-norm parametrization (so
@@ -38,7 +45,7 @@ from torch.nn.utils import parametrize
 
 from .derive import edge_index
 from .ops import DilConv, OpConv, SepConv, depthwise_conv2d, use_fast_depthwise
-from .spectral import ConvSpectralNorm, _normalize
+from .spectral import ConvSpectralNorm, _normalize, top_singular_value
 
 #: Ops the fused path understands: a sequence of ReLU - depthwise - pointwise - BN blocks.
 FUSABLE_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -122,7 +129,7 @@ class SpectralBatch:
             w = w if w.dtype in (torch.float32, torch.float64) else w.float()
             targets = w.new_tensor([sn.target for sn in sns]).view(-1, 1, 1, 1, 1)
             if sns[0].matrix:                       # 1x1 convs: the exact norm of the Co x Ci matrix
-                sigma = torch.linalg.matrix_norm(w.flatten(2), ord=2)
+                sigma = top_singular_value(w.flatten(2))
                 return w * (targets / sigma.view(-1, 1, 1, 1, 1))
             iterations = sns[0].n_power_iterations if training else 0
             return w * (targets / self._power_sigma(sns, w, iterations).view(-1, 1, 1, 1, 1))
