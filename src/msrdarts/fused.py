@@ -90,6 +90,7 @@ class SpectralBatch:
 
     def __init__(self, convs: Sequence[OpConv]):
         self.groups: list[list[OpConv]] = []
+        self._sn_cache: list[list[ConvSpectralNorm | None]] | None = None
         keys: dict[tuple, int] = {}
         self.where: dict[int, tuple[int, int]] = {}
         for conv in convs:
@@ -111,17 +112,24 @@ class SpectralBatch:
                 raise ValueError("convs of one fused op must be consecutive in one group")
         return _Slice(g, start, len(convs))
 
+    def _norms(self) -> list[list[ConvSpectralNorm | None]]:
+        """Each group's spectral-norm modules, looked up once (after the parametrizations exist),
+        so that a training step does not walk every conv's parametrization list."""
+        if self._sn_cache is None:
+            self._sn_cache = [[_sn(c) for c in convs] for convs in self.groups]
+        return self._sn_cache
+
     def weights(self, training: bool) -> list[torch.Tensor]:
         """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
 
         In training mode the depthwise groups first advance their power iterations (and store the
         vectors back in each conv's buffers), as each conv's parametrization would.
         """
-        return [self._group_weights(convs, training) for convs in self.groups]
+        return [self._group_weights(convs, sns, training) for convs, sns in zip(self.groups, self._norms())]
 
-    def _group_weights(self, convs: list[OpConv], training: bool) -> torch.Tensor:
+    def _group_weights(self, convs: list[OpConv], sns: list[ConvSpectralNorm | None], training: bool
+                       ) -> torch.Tensor:
         w = torch.stack([_raw(c) for c in convs])                                  # (N, Co, Ci/g, k, k)
-        sns = [_sn(c) for c in convs]
         if sns[0] is None:
             return w
         device_type = w.device.type
@@ -139,8 +147,7 @@ class SpectralBatch:
         """Iterate every depthwise group's power iterations until each sigma changes by at most
         ``tol`` (relative) over 10 iterations: the convergence each ConvSpectralNorm would do alone
         at construction, one batched computation per group."""
-        for convs in self.groups:
-            sns = [_sn(c) for c in convs]
+        for convs, sns in zip(self.groups, self._norms()):
             if sns[0] is None or sns[0].matrix:
                 continue
             w = torch.stack([_raw(c) for c in convs]).detach()
