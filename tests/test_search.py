@@ -36,8 +36,8 @@ def full_run(tmp_path_factory):
 
 def test_run_folder_contents(full_run):
     out, result = full_run
-    assert sorted(p.name for p in out.iterdir()) == ["cells.png", "checkpoint.pt", "config.json", "genotype.json",
-                                                      "history.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["cells.png", "checkpoint.prev.pt", "checkpoint.pt", "config.json",
+                                                      "genotype.json", "history.jsonl"]
     assert SearchConfig.from_dict(json.loads((out / "config.json").read_text())) == TINY
     history = read_history(out)
     assert [r["epoch"] for r in history] == [1, 2]

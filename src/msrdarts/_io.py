@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, keep: str | os.PathLike | None = None) -> None:
+    """Write ``data`` to ``path`` atomically; with ``keep``, the file it replaces is kept there.
+
+    ``path`` exists (old or new, whole) at every moment: the old file is hard-linked (or copied)
+    to ``keep`` before the new one is renamed over it.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if keep is not None and path.is_file():
+        keep = Path(keep)
+        keep_tmp = keep.with_name(f".{keep.name}.tmp")
+        keep_tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, keep_tmp)
+        except OSError:   # a file system without hard links
+            shutil.copyfile(path, keep_tmp)
+        os.replace(keep_tmp, keep)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

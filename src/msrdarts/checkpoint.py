@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,14 +21,26 @@ from ._io import atomic_write_bytes
 from .errors import CheckpointError, ConfigError
 
 #: Settings that may differ on --resume without changing what a run computes.
-RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers")
+RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers", "checkpoint_every", "lr")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Serialise ``state`` (plain data and tensors only) and write it atomically."""
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced: ``checkpoint.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep_previous: bool = False) -> None:
+    """Serialise ``state`` (plain data and tensors only) and write it atomically.
+
+    The new file is complete and fsynced before it replaces the old one, so ``path`` always holds a
+    whole checkpoint. With ``keep_previous`` the replaced one stays as :func:`previous_path`, a
+    fallback should the newest turn out unreadable.
+    """
+    path = Path(path)
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), keep=previous_path(path) if keep_previous else None)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -61,20 +73,41 @@ def rng_state(device: torch.device, extra: dict[str, torch.Generator] | None = N
     return state
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device, extra: dict[str, torch.Generator] | None = None) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device, extra: dict[str, torch.Generator] | None = None,
+                  torch_state: bool = True) -> None:
+    """Restore what :func:`rng_state` saved (``torch_state=False``: only the named generators)."""
+    for k, g in (extra or {}).items():
+        g.set_state(state["generators"][k])
+    if not torch_state:
+        return
     random.setstate(_tuplify(state["python"]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    for k, g in (extra or {}).items():
-        g.set_state(state["generators"][k])
     if device.type != "cpu" and "device" in state:
         getattr(torch, device.type).set_rng_state(state["device"], device)
 
 
 def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def load_resume_checkpoint(path: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], Path]:
+    """The checkpoint to resume from: ``path``, or the previous one kept beside it if ``path`` is
+    unreadable (a disk fault; a kill mid-write never leaves a torn ``path``). Errors name both."""
+    try:
+        return load_checkpoint(path), path
+    except CheckpointError as first:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        try:
+            state = load_checkpoint(prev)
+        except CheckpointError as second:
+            raise CheckpointError(f"{first}; the previous one is unusable too ({second})") from None
+        log(f"warning: {first}; resuming from the previous checkpoint {prev} instead")
+        return state, prev
 
 
 def check_run_folder(out: Path, resume: bool, run_files: tuple[str, ...]) -> None:
@@ -98,7 +131,8 @@ def config_mismatch(saved: Any, cfg: Any) -> list[str]:
             if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
 
 
-def open_run(out: Path, resume: bool, run_files: tuple[str, ...], fmt: str, cfg: Any) -> dict[str, Any] | None:
+def open_run(out: Path, resume: bool, run_files: tuple[str, ...], fmt: str, cfg: Any,
+             log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Check the run folder; on ``resume`` load its checkpoint and refuse changed settings.
 
     Returns the checkpoint (None for a new run). ``cfg`` is the run's config dataclass.
@@ -106,8 +140,7 @@ def open_run(out: Path, resume: bool, run_files: tuple[str, ...], fmt: str, cfg:
     check_run_folder(out, resume, run_files)
     if not resume:
         return None
-    path = out / "checkpoint.pt"
-    ckpt = load_checkpoint(path)
+    ckpt, path = load_resume_checkpoint(out / "checkpoint.pt", log)
     if ckpt.get("format") != fmt:
         raise CheckpointError(f"{path}: format {ckpt.get('format')!r}, expected {fmt}")
     diff = config_mismatch(type(cfg).from_dict(ckpt["config"], source=str(path)), cfg)
@@ -117,15 +150,35 @@ def open_run(out: Path, resume: bool, run_files: tuple[str, ...], fmt: str, cfg:
 
 
 def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, scheduler: Any, generators: dict[str, torch.Generator]) -> None:
-    """Load weights, optimiser, scheduler and every RNG state of a checkpoint; errors name the file."""
+                  optimizer: torch.optim.Optimizer, scheduler: Any, generators: dict[str, torch.Generator],
+                  lr: float | None = None, rank: int = 0, log: Callable[[str], None] = print) -> None:
+    """Load weights, optimiser, scheduler and every RNG state of a checkpoint; errors name the file.
+
+    ``lr`` (the run's --lr now) rescales the whole schedule if it differs from the checkpoint's,
+    the way to continue a run that diverged. ``rank`` picks that process's RNG states.
+    """
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} does not match this network ({str(e).splitlines()[0][:200]})") from None
-    set_rng_state(ckpt["rng"], device, generators)
+    saved_lr = ckpt["config"].get("lr")
+    if lr is not None and saved_lr and lr != saved_lr:
+        scale = lr / saved_lr
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+            group["initial_lr"] = group.get("initial_lr", saved_lr) * scale
+        scheduler.base_lrs = [b * scale for b in scheduler.base_lrs]
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        log(f"--lr {lr:g} (the run had {saved_lr:g}): the learning-rate schedule is scaled by {scale:g} from here on")
+    ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if rank >= len(ranks):
+        log(f"warning: {path} holds RNG states for {len(ranks)} process(es); rank {rank} starts a fresh stream")
+        torch.manual_seed(int(ckpt["config"].get("seed", 0)) + 1_000_003 * rank)
+        set_rng_state(ckpt["rng"], device, generators, torch_state=False)
+        return
+    set_rng_state(ranks[rank], device, generators)
 
 
 def make_run_folder(out: Path, device: torch.device, cfg: Any) -> dict[str, Any]:
@@ -135,3 +188,30 @@ def make_run_folder(out: Path, device: torch.device, cfg: Any) -> dict[str, Any]
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
     return {**cfg.to_dict(), "runtime": {"device": str(device), "torch": torch.__version__}}
+
+
+def reduced_position(state: Any, dist: Any) -> dict[str, Any] | None:
+    """A mid-epoch position (an :class:`msrdarts.engine.EpochState`) for the checkpoint, its running
+    sums summed over processes; None at an epoch's end."""
+    if state is None:
+        return None
+    totals = dist.sum(torch.tensor([state.loss_sum, state.correct, state.seen], dtype=torch.float64)).tolist()
+    return {**state.to_dict(), "loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2])}
+
+
+def resume_position(ckpt: dict[str, Any], dist: Any) -> Any:
+    """The EpochState a checkpoint saved mid-epoch (None if it was saved at an epoch's end). The
+    running sums are global; rank 0 carries them, the other ranks start theirs at zero."""
+    from .engine import EpochState
+
+    position = ckpt.get("position")
+    if position is None:
+        return None
+    state = EpochState.from_dict(position)
+    if not dist.main:
+        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+    return state
+
+
+def describe_position(epochs_done: int, state: Any) -> str:
+    return f"epoch {epochs_done}" if state is None else f"epoch {epochs_done} + {state.step} steps"

@@ -60,6 +60,8 @@ class _DataConfig(_Config):
     channels_last: str = _f("auto", "channels_last memory format: 'on', 'off', or 'auto' (on on an accelerator)")
     compile: str = _f("auto", "torch.compile the network: 'on', 'off', or 'auto' (on on an accelerator); falls back "
                               "to eager with a message where compiling fails")
+    checkpoint_every: int = _f(0, "also checkpoint every N training steps within an epoch (0: at epoch ends only); "
+                                  "for long epochs such as ImageNet's")
 
     def load_data(self, root: str | None = None, download: bool | None = None, progress: bool | None = None) -> Any:
         """The run's data set (:func:`msrdarts.data.load_dataset`); arguments override the stored settings."""
@@ -93,6 +95,9 @@ class _DataConfig(_Config):
             raise ConfigError(f"--loading={self.loading!r}: unknown; allowed: {', '.join(LOADING_MODES)}")
         if not isinstance(self.workers, int) or self.workers < -1:
             raise ConfigError(f"--workers={self.workers}: must be -1 (auto), 0 or a positive integer")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every={self.checkpoint_every}: must be 0 (epoch ends only) or a "
+                              f"positive number of steps")
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,8 @@ class TrainConfig(_DataConfig):
     schedule: str = _f("cosine", "learning-rate schedule: 'cosine' (to --lr-min) or 'step' (x0.97 per epoch, DARTS ImageNet)")
     warmup_epochs: int = _f(0, "epochs of linear learning-rate warm-up before the schedule")
     seed: int = _f(0, "seed of weights, batch order and augmentation")
+    sync_bn: bool = _f(False, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm) instead "
+                              "of each rank's share")
     progress: bool = _f(True, "show a progress bar per epoch")
 
     def validate(self) -> "TrainConfig":

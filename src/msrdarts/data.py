@@ -81,10 +81,12 @@ class _Data:
     def loader(self, split: str, batch_size: int, device: torch.device | str, *,
                indices: torch.Tensor | None = None, augment: bool = False, shuffle: bool = False,
                drop_last: bool = False, generator: torch.Generator | None = None, cutout: int = 0,
-               workers: int = 0) -> Any:
+               workers: int = 0, rank: int = 0, world: int = 1) -> Any:
         """Batches of split ``'train'`` or ``'test'`` (restricted to ``indices``), normalised, on ``device``.
 
         ``augment`` applies the data set's training augmentation; ``shuffle`` a fresh order per epoch.
+        With ``world`` > 1, process ``rank`` gets its share of every global batch of ``batch_size``
+        (see :func:`shard_bounds`).
         """
         raise NotImplementedError
 
@@ -120,13 +122,14 @@ class ImageData(_Data):
     def loader(self, split: str, batch_size: int, device: torch.device | str, *,
                indices: torch.Tensor | None = None, augment: bool = False, shuffle: bool = False,
                drop_last: bool = False, generator: torch.Generator | None = None, cutout: int = 0,
-               workers: int = 0) -> "DeviceLoader":
+               workers: int = 0, rank: int = 0, world: int = 1) -> "DeviceLoader":
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
         if indices is not None:
             x, y = x[indices], y[indices]
         return DeviceLoader(x, y, batch_size, self.mean, self.std, device, shuffle=shuffle,
                             crop_padding=self.crop_padding if augment else 0, flip=self.flip and augment,
-                            drop_last=drop_last, generator=generator, cutout=cutout if augment else 0)
+                            drop_last=drop_last, generator=generator, cutout=cutout if augment else 0,
+                            rank=rank, world=world)
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,10 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = False, *
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units; a constant channel gets std 1 (not a division by 0)."""
     xf = x.float().div_(255)
-    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).tolist())
+    std = xf.std(dim=(0, 2, 3))
+    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(torch.where(std > 1e-6, std, 1.0).tolist())
 
 
 @register_dataset("digits")
@@ -305,7 +310,7 @@ class FolderImages(torch.utils.data.Dataset):
             raise DataError(f"{path}: unreadable image ({e})") from None
         if self.seeded:
             with torch.random.fork_rng(devices=[]):  # leaves the process's own RNG untouched
-                torch.manual_seed((self.epoch_seed * 0x9E3779B1 + i) % (1 << 63))
+                torch.manual_seed(derived_seed(self.epoch_seed, i))
                 im = self.transform(im)
         else:
             im = self.transform(im)
@@ -376,12 +381,12 @@ class StreamData(_Data):
     def loader(self, split: str, batch_size: int, device: torch.device | str, *,
                indices: torch.Tensor | None = None, augment: bool = False, shuffle: bool = False,
                drop_last: bool = False, generator: torch.Generator | None = None, cutout: int = 0,
-               workers: int = 0) -> "StreamLoader":
+               workers: int = 0, rank: int = 0, world: int = 1) -> "StreamLoader":
         samples = self.train_samples if split == "train" else self.test_samples
         images = FolderImages(samples, image_transforms(self.image_size, augment), seeded=augment)
         return StreamLoader(images, batch_size, self.mean, self.std, device, indices=indices, shuffle=shuffle,
                             drop_last=drop_last, generator=generator, cutout=cutout if augment else 0,
-                            workers=workers)
+                            workers=workers, rank=rank, world=world)
 
 
 def _scan_folder(opts: DataOptions, name: str, test_dirs: tuple[str, ...]) -> tuple[Any, Any]:
@@ -509,22 +514,81 @@ def search_split(n: int, train_fraction: float = 0.8, seed: int = 0) -> tuple[to
     return perm[:k], perm[k:]
 
 
-class DeviceLoader:
+def derived_seed(seed: int, i: int) -> int:
+    """A seed for item ``i`` (an image, a batch) of the stream seeded by ``seed``."""
+    return (seed * 0x9E3779B1 + i) % (1 << 63)
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The [lo, hi) slice of a global batch of ``n`` samples that process ``rank`` of ``world`` takes.
+
+    Contiguous and as even as possible (sizes differ by at most one). Every process draws the
+    random augmentation of the whole global batch and keeps its slice, so the samples, their
+    augmentation and the global batches are the same for any world size.
+    """
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+class _EpochLoader:
+    """Common protocol of the loaders: one epoch is ``batches(epoch_seed, start)``.
+
+    ``len()`` is the number of global batches. Iterating draws a fresh epoch seed from
+    ``generator`` (the loader's only RNG state); the order, every augmentation, and so the epoch's
+    batches, derive from that seed, so a run can restart an epoch at any batch ``start``.
+    """
+
+    batch_size: int
+    drop_last: bool
+    generator: torch.Generator
+    rank: int
+    world: int
+
+    def _init_shard(self, batch_size: int, rank: int, world: int) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be a positive integer")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def _count(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def draw_epoch_seed(self) -> int:
+        return int(torch.randint(0, 1 << 62, (), generator=self.generator))
+
+    def batches(self, epoch_seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches(self.draw_epoch_seed())
+
+    def _global_batches(self, order: torch.Tensor, start: int) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        """(batch index, global size, lo, this rank's indices) for each global batch from ``start``;
+        a rank whose share of a (last, small) batch is empty skips it."""
+        for b in range(start, self._count(len(order))):
+            glob = order[b * self.batch_size:(b + 1) * self.batch_size]
+            lo, hi = shard_bounds(len(glob), self.rank, self.world)
+            if hi > lo:
+                yield b, len(glob), lo, glob[lo:hi]
+
+
+class DeviceLoader(_EpochLoader):
     """Mini-batches from uint8 images held on ``device``, augmented and normalised there.
 
-    Each iteration is one epoch: a fresh permutation (if ``shuffle``) from ``generator``.
+    Global batch b of an epoch is augmented with a generator seeded from (epoch seed, b).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], device: torch.device | str, shuffle: bool = False,
                  crop_padding: int = 0, flip: bool = False, drop_last: bool = False,
-                 generator: torch.Generator | None = None, cutout: int = 0):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size}: must be a positive integer")
+                 generator: torch.Generator | None = None, cutout: int = 0, rank: int = 0, world: int = 1):
+        self._init_shard(batch_size, rank, world)
         self.device = torch.device(device)
         self.images = images.to(self.device)  # uint8: 4x less memory than float
         self.labels = labels.to(self.device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.crop_padding, self.flip, self.cutout = crop_padding, flip, cutout
         self.generator = generator if generator is not None else torch.Generator()
         c = images.shape[1]
@@ -532,46 +596,53 @@ class DeviceLoader:
         self.std = torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._count(len(self.labels))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch_seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)) if self.shuffle \
+            else torch.arange(n)
+        random = self.crop_padding or self.flip or self.cutout
+        for b, size, lo, idx in self._global_batches(order, start):
+            g = torch.Generator().manual_seed(derived_seed(epoch_seed, b)) if random else None
+            keep = slice(lo, lo + len(idx))
+            idx = idx.to(self.device)
             x = self.images[idx]
             if self.crop_padding or self.flip:
-                x = self._augment(x)
+                x = self._augment(x, g, size, keep)
             x = (x.float() - self.mean) / self.std
             if self.cutout:
-                x = cutout(x, self.cutout, self.generator)
+                x = cutout(x, self.cutout, g, size, keep)
             yield x, self.labels[idx]
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Random crop of the zero-padded batch (one offset per image) and random flip, in uint8."""
+    def _augment(self, x: torch.Tensor, g: torch.Generator, size: int, keep: slice) -> torch.Tensor:
+        """Random crop of the zero-padded batch (one offset per image) and random flip, in uint8;
+        the draws are made for the whole global batch of ``size`` and sliced to ``keep``."""
         B, _, H, W = x.shape
         p = self.crop_padding
         if p:
             x = torch.nn.functional.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (B,), generator=self.generator).to(self.device)
-            dx = torch.randint(0, 2 * p + 1, (B,), generator=self.generator).to(self.device)
+            dy = torch.randint(0, 2 * p + 1, (size,), generator=g)[keep].to(self.device)
+            dx = torch.randint(0, 2 * p + 1, (size,), generator=g)[keep].to(self.device)
             rows = (dy[:, None] + torch.arange(H, device=self.device))[:, None, :, None]  # (B, 1, H, 1)
             cols = (dx[:, None] + torch.arange(W, device=self.device))[:, None, None, :]  # (B, 1, 1, W)
             x = x[torch.arange(B, device=self.device)[:, None, None, None],
                   torch.arange(x.shape[1], device=self.device)[None, :, None, None], rows, cols]
         if self.flip:
-            mask = (torch.rand(B, generator=self.generator) < 0.5).to(self.device)
+            mask = (torch.rand(size, generator=g)[keep] < 0.5).to(self.device)
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
         return x
 
 
-def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator, batch: int | None = None,
+           keep: slice = slice(None)) -> torch.Tensor:
     """Zero one size x size square per image (centre uniform over the image, clipped at the
-    border), after normalisation, as DARTS's Cutout does."""
+    border), after normalisation, as DARTS's Cutout does. The centres are drawn for a global
+    batch of ``batch`` images (default: x's) and sliced to ``keep``."""
     B, _, H, W = x.shape
-    cy = torch.randint(0, H, (B,), generator=generator).to(x.device)
-    cx = torch.randint(0, W, (B,), generator=generator).to(x.device)
+    n = B if batch is None else batch
+    cy = torch.randint(0, H, (n,), generator=generator)[keep].to(x.device)
+    cx = torch.randint(0, W, (n,), generator=generator)[keep].to(x.device)
     half = size // 2
     rows = torch.arange(H, device=x.device)[None, :]
     cols = torch.arange(W, device=x.device)[None, :]
@@ -581,45 +652,48 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     return x.masked_fill(hole, 0.0)
 
 
-class StreamLoader:
+class StreamLoader(_EpochLoader):
     """Mini-batches of images decoded from files by DataLoader workers, normalised on ``device``.
 
-    Each iteration is one epoch. It draws one epoch seed from ``generator``; the order (a
-    permutation of ``indices`` if ``shuffle``) and every image's augmentation derive from it, so
-    batches are the same for any number of ``workers``. Workers return uint8 batches (pinned if
-    the device is not the CPU); the float conversion, normalisation and cutout run on the device.
+    The epoch seed fixes the order (a permutation of ``indices`` if ``shuffle``) and every image's
+    augmentation (seeded from (epoch seed, image index)), so batches are the same for any number
+    of ``workers`` and any world size. With ``world`` > 1 the batch sampler gives each rank its
+    share of every global batch (the role of a DistributedSampler, but global batches stay those of
+    a single process). Workers return uint8 batches (pinned if the device is not the CPU); the float
+    conversion, normalisation and cutout run on the device.
     """
 
     def __init__(self, images: FolderImages, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  device: torch.device | str, indices: torch.Tensor | None = None, shuffle: bool = False,
                  drop_last: bool = False, generator: torch.Generator | None = None, cutout: int = 0,
-                 workers: int = 0):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size}: must be a positive integer")
+                 workers: int = 0, rank: int = 0, world: int = 1):
+        self._init_shard(batch_size, rank, world)
         self.images, self.device = images, torch.device(device)
         self.indices = indices if indices is not None else torch.arange(len(images))
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.generator = generator if generator is not None else torch.Generator()
         self.cutout, self.workers = cutout, workers
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
 
     def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._count(len(self.indices))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch_seed = int(torch.randint(0, 1 << 62, (), generator=self.generator))
+    def batches(self, epoch_seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(epoch_seed))]
+        plan = list(self._global_batches(order, start))
+        if not plan:
+            return
         self.images.epoch_seed = epoch_seed  # read by the workers, which start with this iteration
         pin = self.device.type != "cpu"
-        loader = torch.utils.data.DataLoader(self.images, batch_size=self.batch_size, sampler=order.tolist(),
-                                             num_workers=self.workers, pin_memory=pin, drop_last=self.drop_last)
-        for x, y in _batches(loader):
+        loader = torch.utils.data.DataLoader(self.images, batch_sampler=[idx.tolist() for *_, idx in plan],
+                                             num_workers=self.workers, pin_memory=pin)
+        for (b, size, lo, _), (x, y) in zip(plan, _batches(loader)):
             x, y = x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
             x = (x.float() - self.mean) / self.std
             if self.cutout:
-                x = cutout(x, self.cutout, self.generator)
+                g = torch.Generator().manual_seed(derived_seed(epoch_seed, b))
+                x = cutout(x, self.cutout, g, size, slice(lo, lo + len(y)))
             yield x, y

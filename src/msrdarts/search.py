@@ -6,7 +6,9 @@ Run folder::
     history.jsonl    one line per epoch: losses, accuracies, lr, that epoch's genotype and the
                      per-cell-type mean stable rank of every (edge, op)
     genotype.json    the genotype of the epoch with the lowest validation error
-    checkpoint.pt    the last completed epoch (weights, optimiser, scheduler, RNG, history)
+    checkpoint.pt    the last completed epoch, or step with --checkpoint-every (weights, optimiser,
+                     scheduler, RNG states of every process, data-order position, history)
+    checkpoint.prev.pt  the checkpoint before it (a fallback should the newest be unreadable)
     cells.png        the normal and reduction cells of genotype.json
 
 The checkpoint is the source of truth: history.jsonl and genotype.json are rewritten from it, so
@@ -26,12 +28,15 @@ import numpy as np
 import torch
 
 from ._io import write_json, write_jsonl
-from .checkpoint import make_run_folder, open_run, restore_state, rng_state, save_checkpoint
+from .checkpoint import (describe_position, make_run_folder, open_run, reduced_position, restore_state,
+                         resume_position, rng_state, save_checkpoint)
 from .config import SearchConfig
 from .data import StreamData, resolve_workers, search_split, subset_split
 from .derive import edge_index
-from .engine import evaluate, recalibrate_bn, train_one_epoch
+from ._run import StopRequests, diverged, step_hook
 from .device import resolve_device
+from .distributed import Dist
+from .engine import EpochState, NonFiniteLoss, evaluate, recalibrate_bn, train_one_epoch
 from .errors import CheckpointError
 from .genotype import Genotype
 from .spectral import refresh_spectral_norms
@@ -39,7 +44,7 @@ from .supernet import SuperNet
 from .visualize import plot_genotype
 
 CHECKPOINT_FORMAT = "msrdarts-search-v1"
-RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt", "cells.png")
+RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt", "checkpoint.prev.pt", "cells.png")
 
 
 @dataclass
@@ -66,31 +71,50 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
                ) -> SearchResult:
     """Run (or resume) an MSR-DARTS search into the folder ``out``.
 
-    ``on_epoch_end(epoch, record)`` is called after each epoch's files are written.
+    ``on_epoch_end(epoch, record)`` is called after each epoch's files are written. Under torchrun
+    every process calls this; rank 0 alone writes files and logs (see :mod:`msrdarts.distributed`).
     """
     cfg.validate()
-    out = Path(out)
-    ckpt = open_run(out, resume, RUN_FILES, CHECKPOINT_FORMAT, cfg)
-    device = resolve_device(cfg.device)
+    dist, device = Dist.start(resolve_device(cfg.device))
+    try:
+        return _search(cfg, Path(out), resume, on_epoch_end, log if dist.main else _silent, dist, device)
+    finally:
+        dist.close()
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[int, dict], None] | None,
+            log: Callable[[str], None], dist: Dist, device: torch.device) -> SearchResult:
+    dist.per_rank_batch(cfg.batch_size)
+    ckpt = open_run(out, resume, RUN_FILES, CHECKPOINT_FORMAT, cfg, log)
+    dist.barrier()   # every rank has looked at the folder before rank 0 writes to it
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    data = cfg.load_data()
+    with dist.main_first():   # rank 0 downloads (if asked) before the others read
+        data = cfg.load_data(progress=cfg.progress and dist.main)
     if cfg.subset:  # class-balanced samples (ImageNet-scale search)
         train_idx, valid_idx = subset_split(data.train_labels, cfg.subset, cfg.subset_valid, cfg.split_seed)
     else:
         train_idx, valid_idx = search_split(len(data.train_labels), cfg.train_portion, cfg.split_seed)
     log(f"{cfg.dataset}: {len(train_idx)} search-train / {len(valid_idx)} search-valid images, "
-        f"{data.input_size} px, {'streamed' if isinstance(data, StreamData) else 'in memory'}")
+        f"{data.input_size} px, {'streamed' if isinstance(data, StreamData) else 'in memory'}"
+        + (f"; {dist.world} processes, {cfg.batch_size // dist.world} images each per step" if dist.active else ""))
     accel = cfg.accel(device)
-    model = accel.prepare_model(build_supernet(cfg, data))
+    net = accel.prepare_model(build_supernet(cfg, data))   # identical on every rank (same seed)
+    model = dist.wrap(net)
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     workers = resolve_workers(cfg.workers)
+    shard = {"rank": dist.rank, "world": dist.world}
     train_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, augment=True, shuffle=True,
-                               drop_last=len(train_idx) > cfg.batch_size, generator=loader_gen, workers=workers)
-    valid_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, workers=workers)
-    # Fixed, unaugmented search-train batches for BN recalibration (touches no RNG).
+                               drop_last=len(train_idx) > cfg.batch_size, generator=loader_gen, workers=workers,
+                               **shard)
+    valid_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, workers=workers, **shard)
+    # Fixed, unaugmented search-train batches for BN recalibration (touches no RNG), the same on every rank.
     bn_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, workers=workers)
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.lr_min)
@@ -98,63 +122,96 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     history: list[dict] = []
     best: dict | None = None
     start_epoch = 0
+    resume_state: EpochState | None = None
+    last_saved: str | None = None
     if ckpt is not None:
-        restore_state(ckpt, out / "checkpoint.pt", device, model, optimizer, scheduler, {"loader": loader_gen})
+        restore_state(ckpt, out / "checkpoint.pt", device, model, optimizer, scheduler, {"loader": loader_gen},
+                      lr=cfg.lr, rank=dist.rank, log=log)
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
-        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
-    run_config = make_run_folder(out, device, cfg)
-    if ckpt is not None:
+        resume_state = resume_position(ckpt, dist)
+        last_saved = describe_position(start_epoch, resume_state)
+        log(f"resuming {out} after {last_saved} of {cfg.epochs} epochs")
+    run_config = make_run_folder(out, device, cfg) if dist.main else {}
+    if ckpt is not None and dist.main:
         _write_derived(out, run_config, history, best)
+
+    def save(epoch_done: int, state: EpochState | None) -> None:
+        """Checkpoint after ``epoch_done`` epochs (plus ``state``'s steps of the next one)."""
+        nonlocal last_saved
+        position = reduced_position(state, dist)
+        rngs = dist.gather(rng_state(device, {"loader": loader_gen}))
+        if dist.main:
+            save_checkpoint(out / "checkpoint.pt", {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch_done, "position": position, "config": cfg.to_dict(),
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rngs[0], "rng_ranks": rngs, "history": history, "best": best,
+            }, keep_previous=True)
+            _write_derived(out, run_config, history, best)  # files a crash before epoch 1 never leaves
+        last_saved = describe_position(epoch_done, state)
 
     ranks = _rank_options(cfg)
 
     def refresh_sn(step: int) -> None:
         if cfg.spectral_norm and step % cfg.sn_refresh_every == 0:
-            refresh_spectral_norms(model)
+            refresh_spectral_norms(net)
 
     forward = accel.forward_fn(model, log)
-    edges = [list(e) for e in edge_index(model.steps)]
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        if cfg.mixing == "srsoftmax":  # the authors' raw ranks (per-pixel ranks would soften the softmax)
-            model.refresh_mixing(authors_quirk=cfg.authors_reduce_resolution)
-        lr = optimizer.param_groups[0]["lr"]
-        tag = f"epoch {epoch + 1}/{cfg.epochs}"
-        tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag, progress=cfg.progress,
-                             after_step=refresh_sn, accel=accel, forward=forward)
-        recalibrate_bn(model, bn_loader, cfg.bn_recalibration, accel=accel)
-        va = evaluate(model, valid_loader, device, desc=f"{tag} valid", progress=cfg.progress, accel=accel,
-                      forward=forward)
-        scheduler.step()
-        table = model.stable_rank_table(**ranks).cpu()
-        geno = model.genotype(table=table)
-        record = {
-            "epoch": epoch + 1, "lr": lr,
-            "train_loss": tr["loss"], "train_acc": tr["acc"], "valid_loss": va["loss"], "valid_acc": va["acc"],
-            "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
-            "genotype": geno.to_dict(),
-            "stable_rank": {"ops": list(model.primitives), "edges": edges,
-                            "normal": table[0].tolist(), "reduce": table[1].tolist()},
-        }
-        history.append(record)
-        if best is None or va["acc"] > best["valid_acc"]:  # lowest validation error; ties keep the earlier
-            best = {"epoch": epoch + 1, "valid_acc": va["acc"], "genotype": geno.to_dict()}
-        save_checkpoint(out / "checkpoint.pt", {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(device, {"loader": loader_gen}), "history": history, "best": best,
-        })
-        _write_derived(out, run_config, history, best)  # files a crash before epoch 1 never leaves
-        log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {va['loss']:.4f} "
-            f"acc {va['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s | {tr['images_per_s']:.0f} img/s")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
+    eval_forward = None if dist.active else forward   # ranks evaluate the unwrapped network
+    edges = [list(e) for e in edge_index(net.steps)]
+    hint = f"msrdarts search --out {out} --resume"
+    with StopRequests() as stops:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            state, resume_state = resume_state, None
+            if state is None:   # a fresh epoch (a resumed one keeps the mixing weights it started with)
+                if cfg.mixing == "srsoftmax":  # the authors' raw ranks (per-pixel ranks would soften the softmax)
+                    net.refresh_mixing(authors_quirk=cfg.authors_reduce_resolution)
+                state = EpochState(train_loader.draw_epoch_seed())
+            lr = optimizer.param_groups[0]["lr"]
+            tag = f"epoch {epoch + 1}/{cfg.epochs}"
+            on_step = step_hook(dist, stops, cfg.checkpoint_every, len(train_loader),
+                                lambda st, e=epoch: save(e, st), hint)
+            try:
+                tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag,
+                                     progress=cfg.progress and dist.main, after_step=refresh_sn, accel=accel,
+                                     forward=forward, state=state, on_step=on_step, reduce=dist.sum)
+            except NonFiniteLoss as e:
+                raise diverged(e, last_saved, out, "search", cfg.lr) from None
+            dist.sync_buffers(net)   # rank 0's power-iteration vectors everywhere
+            recalibrate_bn(net, bn_loader, cfg.bn_recalibration, accel=accel)
+            dist.sync_buffers(net)   # bitwise-identical BN statistics on every rank
+            va = evaluate(net, valid_loader, device, desc=f"{tag} valid", progress=cfg.progress and dist.main,
+                          accel=accel, forward=eval_forward, reduce=dist.sum)
+            scheduler.step()
+            table = net.stable_rank_table(**ranks).cpu()
+            geno = net.genotype(table=table)
+            dist.agree("genotype", str(geno))
+            record = {
+                "epoch": epoch + 1, "lr": lr,
+                "train_loss": tr["loss"], "train_acc": tr["acc"], "valid_loss": va["loss"], "valid_acc": va["acc"],
+                "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
+                "genotype": geno.to_dict(),
+                "stable_rank": {"ops": list(net.primitives), "edges": edges,
+                                "normal": table[0].tolist(), "reduce": table[1].tolist()},
+            }
+            history.append(record)
+            if best is None or va["acc"] > best["valid_acc"]:  # lowest validation error; ties keep the earlier
+                best = {"epoch": epoch + 1, "valid_acc": va["acc"], "genotype": geno.to_dict()}
+            save(epoch + 1, None)
+            log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {va['loss']:.4f} "
+                f"acc {va['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s | "
+                f"{tr['images_per_s']:.0f} img/s")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
 
     if best is None:
         raise CheckpointError(f"{out}: no completed epoch to derive a genotype from")
     genotype = Genotype.from_dict(best["genotype"])
-    plot_genotype(genotype, out / "cells.png")
+    if dist.main:
+        plot_genotype(genotype, out / "cells.png")
     log(f"genotype (epoch {best['epoch']}, valid acc {best['valid_acc']:.2f}%): {genotype}")
+    if dist.active:
+        log(f"all {dist.world} processes derived this genotype")
     log(f"results in {out}/ (genotype.json, history.jsonl, checkpoint.pt, cells.png)")
     return SearchResult(genotype, best["epoch"], best["valid_acc"], history, out)
 

@@ -36,7 +36,7 @@ from .ops import list_ops
 from .device import resolve_device
 
 CHECKPOINT_FORMAT = "msrdarts-train-v1"
-RUN_FILES = ("config.json", "history.jsonl", "checkpoint.pt", "best.pt", "results.json", "genotype.json")
+RUN_FILES = ("config.json", "history.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "best.pt", "results.json", "genotype.json")
 
 
 @dataclass

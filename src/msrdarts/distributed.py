@@ -1,0 +1,149 @@
+"""Many processes, one run: torch.distributed as torchrun starts it, on one machine or many.
+
+``torchrun --nproc_per_node=N -m msrdarts search|train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK;
+:meth:`Dist.start` then joins the process group (NCCL on CUDA devices, else the device's default
+backend, gloo on the CPU) and gives each process its device. Without those variables everything
+here is a no-op and a run is a plain single process.
+
+Conventions (the README's "Multi-GPU and multi-node runs"):
+
+* ``--batch-size`` is the global batch; each rank takes ``batch_size / world`` samples of every
+  global batch (:func:`msrdarts.data.shard_bounds`), so batches, augmentation and gradients
+  (averaged by DistributedDataParallel) are those of a single process up to rounding.
+* Weights stay identical on every rank (DDP); buffers (BN statistics, power-iteration vectors)
+  are broadcast from rank 0 before anything reads them, so stable ranks and the derived genotype
+  are computed from identical state, and :meth:`Dist.agree` checks that every rank derived the
+  same genotype.
+* Rank 0 alone writes files, logs and shows progress; metrics are sums reduced over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class Dist:
+    """This process's place in the run (rank 0 of 1 when not started by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None   # where collectives' tensors live
+    started_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def start(cls, device: torch.device) -> tuple["Dist", torch.device]:
+        """Join the process group torchrun describes (if any); returns it and this rank's device."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(device=device), device
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type != "cpu":
+            if torch.accelerator.device_count() <= local_rank:
+                raise ConfigError(f"rank {rank}: LOCAL_RANK {local_rank} but this machine has "
+                                  f"{torch.accelerator.device_count()} {device.type} device(s)")
+            device = torch.device(device.type, local_rank)
+            torch.accelerator.set_device_index(local_rank)
+        started = False
+        if not dist.is_initialized():
+            dist.init_process_group(backend=dist.get_default_backend_for_device(device))
+            started = True
+        return cls(rank, world, local_rank, device, started), device
+
+    def close(self) -> None:
+        if self.started_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.started_group = False
+
+    # --- collectives (all no-ops for a single process) -------------------------------------------
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (a download, say); the others once it is done."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over ranks (a new tensor on the values' device)."""
+        if not self.active:
+            return values
+        t = values.detach().to(self.device, torch.float64).clone()
+        dist.all_reduce(t)
+        return t.to(values.device)
+
+    def any(self, flag: bool | torch.Tensor) -> bool:
+        """True if ``flag`` is true on any rank."""
+        if not self.active:
+            return bool(flag)
+        t = torch.as_tensor(flag, dtype=torch.float32).to(self.device).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (plain data), in rank order."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree(self, what: str, value: str) -> None:
+        """Raise if the ranks hold different ``value`` s (an architecture decision must be global)."""
+        values = self.gather(value)
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"ranks disagree on the {what}: " + "; ".join(
+                f"rank {r}: {v}" for r, v in enumerate(values)))
+
+    @torch.no_grad()
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Copy rank 0's buffers (BN statistics, power-iteration vectors, mixing weights) to all."""
+        if not self.active:
+            return
+        buffers = [b for b in model.buffers() if b.numel()]
+        for dtype in {b.dtype for b in buffers}:
+            group = [b for b in buffers if b.dtype == dtype]
+            flat = torch.cat([b.reshape(-1) for b in group]).to(self.device)
+            dist.broadcast(flat, 0)
+            torch._foreach_copy_(group, [f.view_as(b) for f, b in
+                                         zip(flat.to(group[0].device).split([b.numel() for b in group]), group)])
+
+    def wrap(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
+        """DistributedDataParallel around ``model`` (a no-op for one process); ``sync_bn`` first
+        converts its BatchNorms to SyncBatchNorm (statistics over the global batch)."""
+        if not self.active:
+            return model
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [self.device.index] if self.device is not None and self.device.type != "cpu" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def per_rank_batch(self, batch_size: int, flag: str = "--batch-size") -> int:
+        """The per-rank share of a global batch; it must divide evenly."""
+        if batch_size % self.world:
+            raise ConfigError(f"{flag}={batch_size} is the global batch; it must be divisible by the world size "
+                              f"{self.world} (each rank takes {flag} / world samples)")
+        return batch_size // self.world
