@@ -31,8 +31,8 @@ def full_run(tmp_path_factory):
 
 def test_run_folder_and_results(full_run):
     out, result = full_run
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.json", "genotype.json",
-                                                      "history.jsonl", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.prev.pt", "checkpoint.pt", "config.json",
+                                                      "genotype.json", "history.jsonl", "results.json"]
     res = json.loads((out / "results.json").read_text())
     hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2]

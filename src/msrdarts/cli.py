@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._run import RunInterrupted
 from .errors import MsrdartsError
 
 
@@ -225,8 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"search": _search, "train": _train, "eval": _eval, "plot": _plot, "info": _info,
                     "bench": _bench}
         return commands[args.command](args)
+    except RunInterrupted as e:   # SIGINT/SIGTERM: a checkpoint was saved
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"msrdarts: {e}", file=sys.stderr)
+        return e.exit_code
     except MsrdartsError as e:
-        print(f"msrdarts: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"msrdarts: error: {'' if rank is None else f'[rank {rank}] '}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msrdarts: interrupted", file=sys.stderr)

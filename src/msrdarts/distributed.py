@@ -124,7 +124,7 @@ class Dist:
         if not self.active:
             return
         buffers = [b for b in model.buffers() if b.numel()]
-        for dtype in {b.dtype for b in buffers}:
+        for dtype in sorted({b.dtype for b in buffers}, key=str):   # the same order on every rank
             group = [b for b in buffers if b.dtype == dtype]
             flat = torch.cat([b.reshape(-1) for b in group]).to(self.device)
             dist.broadcast(flat, 0)
@@ -137,6 +137,8 @@ class Dist:
         if not self.active:
             return model
         if sync_bn:
+            if self.device is None or self.device.type == "cpu":
+                raise ConfigError("--sync-bn: SyncBatchNorm runs on accelerators only (GPU/XPU), not on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [self.device.index] if self.device is not None and self.device.type != "cpu" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -125,7 +125,7 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
     resume_state: EpochState | None = None
     last_saved: str | None = None
     if ckpt is not None:
-        restore_state(ckpt, out / "checkpoint.pt", device, model, optimizer, scheduler, {"loader": loader_gen},
+        restore_state(ckpt, out / "checkpoint.pt", device, net, optimizer, scheduler, {"loader": loader_gen},
                       lr=cfg.lr, rank=dist.rank, log=log)
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
         resume_state = resume_position(ckpt, dist)
