@@ -31,6 +31,12 @@ from torch import nn
 from .errors import ConfigError
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (the CLI calls this on exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass
 class Dist:
     """This process's place in the run (rank 0 of 1 when not started by torchrun)."""
@@ -39,7 +45,6 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device | None = None   # where collectives' tensors live
-    started_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -62,16 +67,9 @@ class Dist:
                                   f"{torch.accelerator.device_count()} {device.type} device(s)")
             device = torch.device(device.type, local_rank)
             torch.accelerator.set_device_index(local_rank)
-        started = False
-        if not dist.is_initialized():
+        if not dist.is_initialized():   # joined once per process; later runs in it reuse the group
             dist.init_process_group(backend=dist.get_default_backend_for_device(device))
-            started = True
-        return cls(rank, world, local_rank, device, started), device
-
-    def close(self) -> None:
-        if self.started_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.started_group = False
+        return cls(rank, world, local_rank, device), device
 
     # --- collectives (all no-ops for a single process) -------------------------------------------
     def barrier(self) -> None:

@@ -75,11 +75,8 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     every process calls this; rank 0 alone writes files and logs (see :mod:`msrdarts.distributed`).
     """
     cfg.validate()
-    dist, device = Dist.start(resolve_device(cfg.device))
-    try:
-        return _search(cfg, Path(out), resume, on_epoch_end, log if dist.main else _silent, dist, device)
-    finally:
-        dist.close()
+    dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
+    return _search(cfg, Path(out), resume, on_epoch_end, log if dist.main else _silent, dist, device)
 
 
 def _silent(message: str) -> None:

@@ -88,11 +88,8 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     Under torchrun every process calls this; rank 0 alone writes files and logs.
     """
     cfg.validate()
-    dist, device = Dist.start(resolve_device(cfg.device))
-    try:
-        return _train(cfg, Path(out), resume, on_epoch_end, log if dist.main else _silent, dist, device)
-    finally:
-        dist.close()
+    dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
+    return _train(cfg, Path(out), resume, on_epoch_end, log if dist.main else _silent, dist, device)
 
 
 def _silent(message: str) -> None:

@@ -1,0 +1,152 @@
+"""torch.distributed runs (msrdarts.distributed): 2 gloo processes on the CPU, as torchrun starts them.
+
+Each process runs a driver that sets the environment torchrun would set, records every file write
+the library attempts (through the one atomic writer and the plot), and writes what run_search /
+run_train returned on that rank to a file of its own.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from msrdarts.data import DeviceLoader, shard_bounds
+from msrdarts.distributed import Dist
+
+DRIVER = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import msrdarts._io as io_, msrdarts.checkpoint as ck, msrdarts.search as se, msrdarts.train as tr
+    from msrdarts.config import SearchConfig, TrainConfig
+
+    rank, out, report = int(os.environ["RANK"]), Path(sys.argv[1]), Path(sys.argv[2])
+    writes = []
+    real_write = io_.atomic_write_bytes
+
+    def recording(path, data, keep=None):
+        writes.append(str(path))
+        return real_write(path, data, keep)
+
+    def recording_plot(genotype, path, *a, **k):
+        writes.append(str(path))
+        return real_plot(genotype, path, *a, **k)
+
+    real_plot = se.plot_genotype
+    io_.atomic_write_bytes = ck.atomic_write_bytes = recording
+    se.plot_genotype = recording_plot
+    search = se.run_search(SearchConfig(dataset="digits", layers=3, channels=4, batch_size=64, epochs=2,
+                                        bn_recalibration=2, device="cpu", progress=False), out / "search")
+    train = tr.run_train(TrainConfig(dataset="digits", genotype=str(out / "search" / "genotype.json"), layers=3,
+                                     channels=4, batch_size=64, epochs=1, device="cpu", progress=False),
+                         out / "train")
+    report.write_text(json.dumps({"genotype": str(search.genotype), "best_epoch": search.best_epoch,
+                                  "history": search.history, "train": train.results, "writes": writes}))
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    (tmp / "driver.py").write_text(DRIVER)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(tmp / "driver.py"), str(tmp / "runs"),
+                                       str(tmp / f"rank{rank}.json")], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:   # a hang must fail the test, not the suite
+        for p in procs:
+            p.kill()
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    return tmp, [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)], outs
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "train_images_per_s", "device_hours")}
+            for r in records]
+
+
+def test_both_ranks_derive_the_same_genotype_and_history(two_ranks):
+    tmp, (r0, r1), _ = two_ranks
+    assert r0["genotype"] == r1["genotype"] and r0["best_epoch"] == r1["best_epoch"]
+    assert _untimed(r0["history"]) == _untimed(r1["history"])   # reduced metrics, identical stable-rank tables
+    assert _untimed([r0["train"]]) == _untimed([r1["train"]])
+    assert json.loads((tmp / "runs" / "search" / "genotype.json").read_text()) == r0["history"][r0["best_epoch"] - 1]["genotype"]
+
+
+def test_rank_0_alone_writes_files_and_logs(two_ranks):
+    tmp, (r0, r1), outs = two_ranks
+    assert r1["writes"] == []
+    names = {os.path.basename(p) for p in r0["writes"]}
+    assert {"checkpoint.pt", "history.jsonl", "genotype.json", "config.json", "cells.png", "results.json"} <= names
+    assert "epoch 1/2" in outs[0][0] and outs[1][0] == ""
+    assert "all 2 processes derived this genotype" in outs[0][0]
+    assert r0["train"]["devices"] == 2
+
+
+def test_metrics_count_every_validation_image_once(two_ranks):
+    tmp, (r0, _), _ = two_ranks
+    # digits: 1437 training images, 287 search-valid (odd, so the ranks hold 144 and 143 of them):
+    # an accuracy over the exact set is a multiple of 100/287.
+    for h in r0["history"]:
+        k = h["valid_acc"] * 287 / 100
+        assert abs(k - round(k)) < 1e-6
+
+
+def test_shards_of_every_global_batch_make_up_the_single_process_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (23, 1, 6, 6), dtype=torch.uint8, generator=g)
+    y = torch.arange(23)
+
+    def batches(rank, world, start=0):
+        loader = DeviceLoader(x, y, 8, (0.5,), (0.25,), "cpu", shuffle=True, crop_padding=2, flip=True,
+                              cutout=3, rank=rank, world=world)
+        return list(loader.batches(1234, start))
+
+    single = batches(0, 1)
+    assert len(single) == 3 and [len(b[1]) for b in single] == [8, 8, 7]
+    for world in (2, 3):
+        shards = [batches(r, world) for r in range(world)]
+        for b, (xs, ys) in enumerate(single):
+            assert torch.equal(torch.cat([s[b][1] for s in shards]), ys)
+            assert torch.equal(torch.cat([s[b][0] for s in shards]), xs)   # same crops, flips, cutouts
+    # restarting at a batch gives the rest of the epoch
+    for (xa, ya), (xb, yb) in zip(batches(0, 1, start=1), single[1:]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_shard_bounds_partition_evenly():
+    for n in range(0, 20):
+        for world in (1, 2, 3, 8):
+            bounds = [shard_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_is_a_no_op_and_batch_must_divide():
+    d, dev = Dist.start(torch.device("cpu"))
+    assert not d.active and d.main and dev == torch.device("cpu")
+    assert d.sum(torch.tensor([1.0, 2.0])).tolist() == [1.0, 2.0] and d.any(True) and not d.any(False)
+    assert d.per_rank_batch(64) == 64
+    from msrdarts.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible by the world size 3"):
+        Dist(rank=0, world=3).per_rank_batch(64)
