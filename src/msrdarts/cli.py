@@ -114,12 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, cls: type, get_preset) -> Any:
     """The preset (or, on --resume, the run's own settings) with the flags' overrides applied."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_resume_checkpoint
     from .config import with_overrides
 
     if args.resume and args.preset is None and (args.out / "checkpoint.pt").is_file():
-        # The run's own settings; the checkpoint is their source of truth.
-        saved = load_checkpoint(args.out / "checkpoint.pt").get("config")
+        # The run's own settings; the checkpoint is their source of truth (the run warns of a fallback).
+        saved = load_resume_checkpoint(args.out / "checkpoint.pt", log=lambda message: None)[0].get("config")
         try:
             base = cls.from_dict(saved, source=str(args.out / "checkpoint.pt"))
         except (TypeError, AttributeError) as e:
