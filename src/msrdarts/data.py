@@ -317,13 +317,13 @@ class FolderImages(torch.utils.data.Dataset):
         return pil_to_tensor(im), label
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: leave Ctrl-C and SIGTERM to the main process, which checkpoints and
-    then ends the workers (a worker killed by them would fail the run before it could save)."""
+def _ignore_sigint(worker_id: int) -> None:
+    """In a DataLoader worker: leave Ctrl-C (sent to the whole terminal process group) to the main
+    process, which checkpoints and then ends the workers. SIGTERM stays: the DataLoader itself
+    ends its workers with it."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _batches(loader: torch.utils.data.DataLoader) -> Iterator:
@@ -699,7 +699,7 @@ class StreamLoader(_EpochLoader):
         pin = self.device.type != "cpu"
         loader = torch.utils.data.DataLoader(self.images, batch_sampler=[idx.tolist() for *_, idx in plan],
                                              num_workers=self.workers, pin_memory=pin,
-                                             worker_init_fn=_ignore_stop_signals if self.workers else None)
+                                             worker_init_fn=_ignore_sigint if self.workers else None)
         for (b, size, lo, _), (x, y) in zip(plan, _batches(loader)):
             x, y = x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
             x = (x.float() - self.mean) / self.std
