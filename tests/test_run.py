@@ -147,14 +147,15 @@ def test_kill_during_a_checkpoint_write_then_resume_equals_the_uninterrupted_tra
         json.loads((reference_train / "results.json").read_text())["test_top1_error"]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_a_resume_hint(reference_search, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_with_a_resume_hint(reference_search, tmp_path, signum):
     out = tmp_path / "preempted"
     proc = _start(SEARCH_ARGS, out)
     _wait_for_step_checkpoint(out, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM" in err and f"msrdarts search --out {out} --resume" in err
+    assert proc.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and f"msrdarts search --out {out} --resume" in err
     assert "Traceback" not in err
     assert load_checkpoint(out / "checkpoint.pt")["position"] is not None
     r = _cli(["search", "--resume"], out)

@@ -86,7 +86,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     bad = torch.zeros((), device=device, dtype=torch.bool)
     seen0, time0 = state.seen, state.time_s
     start = time.perf_counter()
-    total = len(loader)
+    total = len(loader) if hasattr(loader, "__len__") else None
 
     def check() -> None:
         """Sync the running sums into ``state``; raise if anything was not finite."""
