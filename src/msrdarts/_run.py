@@ -22,6 +22,10 @@ from .errors import MsrdartsError
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def silent(message: str) -> None:
+    """The log of the processes other than rank 0."""
+
+
 class RunInterrupted(MsrdartsError):
     """The run stopped on request after saving a checkpoint; ``exit_code`` is 128 + the signal."""
 

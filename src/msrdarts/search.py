@@ -33,7 +33,7 @@ from .checkpoint import (describe_position, make_run_folder, open_run, reduced_p
 from .config import SearchConfig
 from .data import StreamData, resolve_workers, search_split, subset_split
 from .derive import edge_index
-from ._run import StopRequests, diverged, step_hook
+from ._run import StopRequests, diverged, silent, step_hook
 from .device import resolve_device
 from .distributed import Dist
 from .engine import EpochState, NonFiniteLoss, evaluate, recalibrate_bn, train_one_epoch
@@ -76,11 +76,7 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     """
     cfg.validate()
     dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
-    return _search(cfg, Path(out), resume, on_epoch_end, log if dist.main else _silent, dist, device)
-
-
-def _silent(message: str) -> None:
-    pass
+    return _search(cfg, Path(out), resume, on_epoch_end, log if dist.main else silent, dist, device)
 
 
 def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[int, dict], None] | None,

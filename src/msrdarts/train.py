@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ._io import write_json, write_jsonl
-from ._run import StopRequests, diverged, step_hook
+from ._run import StopRequests, diverged, silent, step_hook
 from .checkpoint import (describe_position, load_checkpoint, make_run_folder, open_run, reduced_position,
                          restore_state, resume_position, rng_state, save_checkpoint)
 from .distributed import Dist
@@ -89,11 +89,7 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
     """
     cfg.validate()
     dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
-    return _train(cfg, Path(out), resume, on_epoch_end, log if dist.main else _silent, dist, device)
-
-
-def _silent(message: str) -> None:
-    pass
+    return _train(cfg, Path(out), resume, on_epoch_end, log if dist.main else silent, dist, device)
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[int, dict], None] | None,
