@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--channels", type=int, default=36, help="initial channels (default: 36)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
 
+    r = sub.add_parser("sample", help="draw random genotypes (the random-search baseline)",
+                       description="Draw genotypes uniformly from a search space, optionally only those within a "
+                                   "parameter budget; each is written as DIR/sample-KK/genotype.json.")
+    r.add_argument("--space", default="msr", help="msr (its 4 conv ops) or darts (the 7 DARTS ops besides none) "
+                                                  "(default: msr)")
+    r.add_argument("--n", type=int, default=8, help="how many genotypes (default: 8)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    r.add_argument("--out", type=Path, required=True, help="folder for the sample-KK/ folders")
+    r.add_argument("--params-m", type=float, default=None,
+                   help="keep only genotypes with this many million parameters, within --tolerance (default: any)")
+    r.add_argument("--tolerance", type=float, default=0.1, help="relative tolerance of --params-m (default: 0.1)")
+    r.add_argument("--dataset", default="cifar10", help="data set whose network --params-m counts (default: cifar10)")
+    r.add_argument("--layers", type=int, default=20, help="cells of that network (default: 20)")
+    r.add_argument("--channels", type=int, default=36, help="initial channels of that network (default: 36)")
+
     b = sub.add_parser("bench", help="micro-benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     st = bsub.add_parser("search-step", help="time one supernet training step: fused vs reference, with and "
@@ -197,6 +212,19 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from .data import dataset_info
+    from .space import run_sample
+
+    dataset_info(args.dataset)   # a one-line error for an unknown name
+    for name in ("layers", "channels"):
+        if getattr(args, name) < 1:
+            raise MsrdartsError(f"--{name}={getattr(args, name)}: must be a positive integer")
+    run_sample(args.space, args.n, args.seed, args.out, args.params_m, args.tolerance, args.dataset, args.layers,
+               args.channels)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_search_step
 
@@ -225,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"search": _search, "train": _train, "eval": _eval, "plot": _plot, "info": _info,
-                    "bench": _bench}
+                    "sample": _sample, "bench": _bench}
         return commands[args.command](args)
     except RunInterrupted as e:   # SIGINT/SIGTERM: a checkpoint was saved
         if int(os.environ.get("RANK", "0")) == 0:

@@ -1,0 +1,130 @@
+"""Search spaces by name, and uniform random genotypes from them (the random-search baseline).
+
+A cell of ``steps`` intermediate nodes: node 2+i takes two *distinct* inputs among nodes 0..1+i
+(an unordered pair, as DARTS derivation keeps the two strongest distinct edges), each through
+one op of the space. ``none`` is never part of a genotype. Every architecture is equally likely:
+the pair is drawn uniformly among the C(2+i, 2) pairs and each op uniformly, so a cell has
+prod_i C(2+i, 2) * |ops|^2 equally likely outcomes (:func:`count_cells`), and a genotype
+(normal, reduce) their square.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ConfigError
+from .genotype import Genotype, pairs
+from .ops import DARTS_PRIMITIVES, MSR_PRIMITIVES
+
+#: The spaces ``--space`` names: their candidate ops (the search supernet's primitives).
+SPACES: dict[str, tuple[str, ...]] = {"msr": MSR_PRIMITIVES, "darts": DARTS_PRIMITIVES}
+
+
+def space_ops(space: str) -> tuple[str, ...]:
+    """The ops a genotype of ``space`` may hold (the space's primitives without ``none``)."""
+    if space not in SPACES:
+        raise ConfigError(f"--space={space!r}: unknown; allowed: {', '.join(SPACES)}")
+    return tuple(op for op in SPACES[space] if op != "none")
+
+
+def count_cells(num_ops: int, steps: int = 4) -> int:
+    """How many distinct cells a space of ``num_ops`` ops has."""
+    return math.prod(math.comb(2 + i, 2) * num_ops ** 2 for i in range(steps))
+
+
+def sample_cell(ops: Sequence[str], generator: torch.Generator, steps: int = 4) -> list[tuple[str, int]]:
+    """One cell, uniform over :func:`count_cells`; each node's pair is listed by input node."""
+    cell = []
+    for i in range(steps):
+        choices = list(combinations(range(2 + i), 2))
+        a, b = choices[int(torch.randint(len(choices), (), generator=generator))]
+        for inp in (a, b):
+            cell.append((ops[int(torch.randint(len(ops), (), generator=generator))], inp))
+    return cell
+
+
+def sample_genotype(ops: Sequence[str], generator: torch.Generator, steps: int = 4) -> Genotype:
+    """A genotype with independent uniform normal and reduction cells, all nodes concatenated."""
+    concat = tuple(range(2, 2 + steps))
+    return Genotype(pairs(sample_cell(ops, generator, steps)), concat, pairs(sample_cell(ops, generator, steps)),
+                    concat)
+
+
+def sample_genotypes(space: str, n: int, seed: int, params_m: float | None = None, tolerance: float = 0.1,
+                     count_params_m: Callable[[Genotype], float] | None = None, max_draws_per_sample: int = 500
+                     ) -> list[tuple[Genotype, int]]:
+    """``n`` genotypes of ``space`` drawn with ``seed``, each with the number of draws it took.
+
+    With ``params_m``, draws outside ``params_m * (1 +- tolerance)`` million parameters (as
+    ``count_params_m`` counts them) are rejected: uniform over the genotypes within the budget.
+    """
+    ops = space_ops(space)
+    if n < 1:
+        raise ConfigError(f"--n={n}: must be a positive integer")
+    if params_m is not None:
+        if params_m <= 0 or not 0 < tolerance < 1:
+            raise ConfigError(f"--params-m={params_m} --tolerance={tolerance}: need params-m > 0 and 0 < tolerance < 1")
+        if count_params_m is None:
+            raise ValueError("a parameter budget needs count_params_m")
+    g = torch.Generator().manual_seed(seed)
+    out: list[tuple[Genotype, int]] = []
+    seen: list[float] = []
+    while len(out) < n:
+        for draws in range(1, max_draws_per_sample + 1):
+            geno = sample_genotype(ops, g)
+            if params_m is None:
+                break
+            p = count_params_m(geno)
+            seen.append(p)
+            if abs(p - params_m) <= tolerance * params_m:
+                break
+        else:
+            raise ConfigError(f"--params-m={params_m}: no genotype within {tolerance:.0%} in {max_draws_per_sample} "
+                              f"draws; the drawn ones had {min(seen):.2f}M to {max(seen):.2f}M parameters "
+                              f"(change --layers/--channels or --tolerance)")
+        out.append((geno, draws))
+    return out
+
+
+def run_sample(space: str, n: int, seed: int, out: str | Path, params_m: float | None = None,
+               tolerance: float = 0.1, dataset: str = "cifar10", layers: int = 20, channels: int = 36,
+               log: Callable[[str], None] = print) -> list[Path]:
+    """Write ``n`` random genotypes into ``out``/sample-KK/ (genotype.json and sample.json).
+
+    Parameters are counted for the evaluation network of ``dataset`` at ``layers`` x ``channels``
+    (auxiliary head excluded). Refuses a folder that already holds samples.
+    """
+    from ._io import write_json
+    from .data import dataset_info
+    from .metrics import count_parameters
+    from .network import Network
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.glob("sample-*"))):
+        raise ConfigError(f"--out {out}: already holds samples (or is not a folder); choose another --out")
+    shape = dataset_info(dataset)
+
+    def count(geno: Genotype) -> float:
+        net = Network(geno, shape.num_classes, layers, channels, stem=shape.stem, in_channels=shape.in_channels,
+                      input_size=shape.input_size, auxiliary=True)
+        return count_parameters(net) / 1e6
+
+    drawn = sample_genotypes(space, n, seed, params_m, tolerance, count)
+    width = max(2, len(str(n - 1)))
+    folders = []
+    for k, (geno, draws) in enumerate(drawn):
+        folder = out / f"sample-{k:0{width}d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        geno.save(folder / "genotype.json")
+        write_json(folder / "sample.json", {
+            "method": "random", "space": space, "seed": seed, "index": k, "draws": draws,
+            "params_m": round(count(geno), 4), "dataset": dataset, "layers": layers, "channels": channels,
+            "params_budget_m": params_m, "tolerance": tolerance if params_m is not None else None})
+        folders.append(folder)
+        log(f"{folder}/genotype.json: {geno}")
+    return folders
