@@ -181,13 +181,14 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
     set_rng_state(ranks[rank], device, generators)
 
 
-def make_run_folder(out: Path, device: torch.device, cfg: Any) -> dict[str, Any]:
-    """Create ``out``; return what config.json records: the settings plus the runtime they resolved to."""
+def make_run_folder(out: Path, device: torch.device, cfg: Any, devices: int = 1) -> dict[str, Any]:
+    """Create ``out``; return what config.json records: the settings plus the runtime they resolved to
+    (``devices``: the number of processes, for the cost in device-hours)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
-    return {**cfg.to_dict(), "runtime": {"device": str(device), "torch": torch.__version__}}
+    return {**cfg.to_dict(), "runtime": {"device": str(device), "devices": devices, "torch": torch.__version__}}
 
 
 def reduced_position(state: Any, dist: Any) -> dict[str, Any] | None:

@@ -107,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", type=int, default=20, help="cells of that network (default: 20)")
     r.add_argument("--channels", type=int, default=36, help="initial channels of that network (default: 36)")
 
+    c = sub.add_parser("compare", help="one table of search, sample and training runs: test error over seeds, "
+                                       "cost, size, rank against the random baseline",
+                       description="Gather run folders into one markdown table (printed, and written to --out) and "
+                                   "CSV files. A training run's method is read from where its genotype came from: "
+                                   "a search run, msrdarts sample (random), or a named genotype.")
+    c.add_argument("runs", nargs="+", type=Path, help="run folders (train, search, sample-KK)")
+    c.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    c.add_argument("--csv", type=Path, default=None,
+                   help="write the per-run rows here, and the per-method summary as <stem>-methods.csv beside it")
+
     b = sub.add_parser("bench", help="micro-benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     st = bsub.add_parser("search-step", help="time one supernet training step: fused vs reference, with and "
@@ -225,6 +235,13 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    print(run_compare(args.runs, args.out, args.csv), end="")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_search_step
 
@@ -253,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"search": _search, "train": _train, "eval": _eval, "plot": _plot, "info": _info,
-                    "sample": _sample, "bench": _bench}
+                    "sample": _sample, "compare": _compare, "bench": _bench}
         return commands[args.command](args)
     except RunInterrupted as e:   # SIGINT/SIGTERM: a checkpoint was saved
         if int(os.environ.get("RANK", "0")) == 0:

@@ -124,7 +124,7 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
         resume_state = resume_position(ckpt, dist)
         last_saved = describe_position(start_epoch, resume_state)
         log(f"resuming {out} after {last_saved} of {cfg.epochs} epochs")
-    run_config = make_run_folder(out, device, cfg) if dist.main else {}
+    run_config = make_run_folder(out, device, cfg, dist.world) if dist.main else {}
     if ckpt is not None and dist.main:
         _write_derived(out, run_config, history, best)
 

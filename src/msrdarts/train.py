@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[in
         resume_state = resume_position(ckpt, dist)
         last_saved = describe_position(start_epoch, resume_state)
         log(f"resuming {out} after {last_saved} of {cfg.epochs} epochs")
-    run_config = make_run_folder(out, device, cfg) if dist.main else {}
+    run_config = make_run_folder(out, device, cfg, dist.world) if dist.main else {}
     log(f"training {cfg.genotype}: {params_m:.3f}M parameters, {mult_adds_m:.1f}M mult-adds"
         + (f"; {dist.world} processes, {cfg.batch_size // dist.world} images each per step" if dist.active else ""))
 
