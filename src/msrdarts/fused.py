@@ -382,7 +382,7 @@ class FusedSuperNet:
         weights = self.batch.weights(net.training)
         s0, s1 = net.stem(x)
         for cell, fused in zip(net.cells, self.cells):
-            s0, s1 = s1, fused(s0, s1, weights, cell.mix if net.mixing == "srsoftmax" else None)
+            s0, s1 = s1, fused(s0, s1, weights, net.mixing_weights(cell))
         return net.classifier(net.global_pooling(s1).flatten(1))
 
 

@@ -4,6 +4,10 @@ A mixed edge applies every candidate op to its input and sums the results: with 
 plainly (the paper: alpha fixed to 1); with ``mixing="srsoftmax"`` weighted by softmax(-R) over
 the op stable ranks R of that edge in that cell (the authors' code), refreshed by
 :meth:`SuperNet.refresh_mixing` at the start of every epoch. No architecture parameter is learned.
+
+``mixing="alpha"`` is the DARTS baseline (msrdarts.darts): learned architecture parameters
+``alphas`` (2, edges, ops), one table per cell type, mixing by softmax(alpha); they are kept apart
+from the weights (:meth:`SuperNet.arch_parameters`, :meth:`SuperNet.weight_parameters`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .ops import (MSR_PRIMITIVES, OpConv, Stem, cell_preprocess, get_op, record_
 from .spectral import apply_spectral_norm
 from .stable_rank import pointwise_stable_ranks
 
-MIXING_MODES = ("sum", "srsoftmax")
+MIXING_MODES = ("sum", "srsoftmax", "alpha")
 #: Supernet forward implementations: "fused" (see msrdarts.fused), "reference" (one module call
 #: per op), "auto" (fused where the ops allow it).
 IMPLS = ("auto", "fused", "reference")
@@ -135,6 +139,9 @@ class SuperNet(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
         self._fused: FusedSuperNet | None = None   # the reference forward records the conv input sizes
+        # DARTS: alphas drawn as 1e-3 * N(0, 1), after the weights (a "sum" network draws the same weights).
+        self.alphas = nn.Parameter(1e-3 * torch.randn(2, num_edges(steps), len(self.primitives))) \
+            if mixing == "alpha" else None
         record_input_sizes(self, torch.zeros(1, in_channels, input_size, input_size))
         # The op convs grouped by geometry for batched spectral norms, in the fused forward's order.
         fusable = can_fuse(self.primitives)
@@ -158,8 +165,35 @@ class SuperNet(nn.Module):
         """The readable definition: every edge a :class:`MixedOp`, every op and conv on its own."""
         s0, s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, cell.mix if self.mixing == "srsoftmax" else None)
+            s0, s1 = s1, cell(s0, s1, self.mixing_weights(cell))
         return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def mixing_weights(self, cell: nn.Module) -> torch.Tensor | None:
+        """The (edges, ops) weights of ``cell``'s mixed edges; None for a plain sum."""
+        if self.mixing == "srsoftmax":
+            return cell.mix
+        if self.mixing == "alpha":
+            return torch.softmax(self.alphas[int(cell.reduction)], dim=-1)
+        return None
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The architecture parameters (DARTS alphas); empty for MSR-DARTS."""
+        return [self.alphas] if self.alphas is not None else []
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the architecture's: what the weight optimiser trains."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def alpha_table(self) -> torch.Tensor:
+        """softmax(alpha) per cell type, shape (2, edges, ops): [normal, reduce]."""
+        return torch.softmax(self.alphas.detach().float(), dim=-1)
+
+    def alpha_genotype(self) -> Genotype:
+        """DARTS derivation: per edge the strongest op but ``none`` by softmax(alpha), per node the 2
+        strongest edges (the shared routine, with costs -softmax(alpha))."""
+        table = self.alpha_table().cpu()
+        return derive_genotype(-table[0], -table[1], self.primitives, self.steps, self.multiplier, exclude=("none",))
 
     def cell_types(self) -> torch.Tensor:
         """Bool tensor (layers,): True where the cell is a reduction cell."""

@@ -1,0 +1,113 @@
+"""The DARTS baseline's architecture step (Liu et al., 2019), for ``msrdarts search --method darts``.
+
+Before every weight step on a search-train batch, the alphas take one Adam step (lr 3e-4, betas
+(0.5, 0.999), weight decay 1e-3) on a search-valid batch:
+
+* ``order=1``: the gradient of L_val(w, alpha) in alpha, the weights held fixed;
+* ``order=2``: the gradient of L_val(w', alpha) through one virtual SGD step
+  w' = w - xi (momentum buffer * mu + grad_w L_train(w, alpha) + wd w), xi the current weight lr:
+  dalpha = grad_alpha L_val(w', alpha) - xi * H g, where g = grad_w' L_val(w', alpha) and the
+  mixed second derivative H g = grad_alpha grad_w L_train . g is approximated by central finite
+  differences, (grad_alpha L_train(w + eps g) - grad_alpha L_train(w - eps g)) / (2 eps) with
+  eps = 0.01 / ||g|| (the DARTS paper, eq. 7-8).
+
+The virtual weights are never written into the network: the extra forwards run through
+``torch.func.functional_call`` with copies of the buffers, so BN statistics only see the real
+weight step. tests/test_darts.py checks both gradients against autograd (order 2 against the
+exact hypergradient by double backward).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+ARCH_BETAS = (0.5, 0.999)
+
+
+class Architect:
+    """One DARTS architecture step per call of :meth:`step`.
+
+    Args:
+        net: a :class:`msrdarts.supernet.SuperNet` with ``mixing="alpha"``.
+        weight_optimizer: the SGD optimiser of the weights (its momentum buffers, momentum and
+            weight decay define the virtual step of ``order=2``).
+        lr, weight_decay: Adam settings of the alphas.
+        order: 1 or 2.
+        reduce_grads: averages the alpha gradient over processes (distributed runs).
+        fd_scale: the finite-difference step is fd_scale / ||g|| (DARTS: 0.01).
+    """
+
+    def __init__(self, net: nn.Module, weight_optimizer: torch.optim.SGD, lr: float = 3e-4,
+                 weight_decay: float = 1e-3, order: int = 1, loss: Loss = nn.functional.cross_entropy,
+                 reduce_grads: Callable[[torch.Tensor], torch.Tensor] | None = None, fd_scale: float = 0.01):
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order}")
+        self.net, self.weight_optimizer, self.order, self.loss = net, weight_optimizer, order, loss
+        self.alphas = net.arch_parameters()
+        if not self.alphas:
+            raise ValueError("the network has no architecture parameters (mixing='alpha')")
+        self.optimizer = torch.optim.Adam(self.alphas, lr=lr, betas=ARCH_BETAS, weight_decay=weight_decay)
+        self.reduce_grads, self.fd_scale = reduce_grads, fd_scale
+
+    def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor
+             ) -> None:
+        grads = self.gradient(x_train, y_train, x_valid, y_valid)
+        if self.reduce_grads is not None:
+            grads = [self.reduce_grads(g) for g in grads]
+        for a, g in zip(self.alphas, grads):
+            a.grad = g
+        self.optimizer.step()
+        for a in self.alphas:
+            a.grad = None
+
+    def gradient(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor,
+                 y_valid: torch.Tensor) -> list[torch.Tensor]:
+        """The alpha gradient of this step (first order, or the unrolled second-order estimate)."""
+        names, weights = self._weights()
+        if self.order == 1:
+            loss = self._loss(names, weights, x_valid, y_valid)
+            return list(torch.autograd.grad(loss, self.alphas))
+        xi = self.weight_optimizer.param_groups[0]["lr"]
+        virtual = self.virtual_step(names, weights, x_train, y_train, xi)
+        loss = self._loss(names, virtual, x_valid, y_valid)
+        grads = torch.autograd.grad(loss, [*self.alphas, *virtual])
+        d_alpha, g = list(grads[:len(self.alphas)]), grads[len(self.alphas):]
+        eps = self.fd_scale / torch.cat([t.reshape(-1) for t in g]).norm()
+        with torch.no_grad():
+            plus = [w + eps * t for w, t in zip(weights, g)]
+            minus = [w - eps * t for w, t in zip(weights, g)]
+        hp = torch.autograd.grad(self._loss(names, plus, x_train, y_train), self.alphas)
+        hm = torch.autograd.grad(self._loss(names, minus, x_train, y_train), self.alphas)
+        return [d - xi * (p - m) / (2 * eps) for d, p, m in zip(d_alpha, hp, hm)]
+
+    def virtual_step(self, names: list[str], weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                     xi: float, create_graph: bool = False) -> list[torch.Tensor]:
+        """w' = w - xi (mu * momentum buffer + grad_w L_train + wd w), as the weight SGD would step."""
+        group = self.weight_optimizer.param_groups[0]
+        mu, wd = group["momentum"], group["weight_decay"]
+        loss = self._loss(names, weights, x, y)
+        grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
+        params = dict(self.net.named_parameters())
+        out = []
+        for name, w, g in zip(names, weights, grads):
+            buf = self.weight_optimizer.state.get(params[name], {}).get("momentum_buffer")
+            moment = mu * buf if buf is not None else torch.zeros_like(w)
+            step = moment + g + wd * w
+            out.append(w - xi * (step if create_graph else step.detach()))
+        return out
+
+    def _weights(self) -> tuple[list[str], list[torch.Tensor]]:
+        arch = {id(a) for a in self.alphas}
+        pairs = [(n, p) for n, p in self.net.named_parameters() if id(p) not in arch]
+        return [n for n, _ in pairs], [p for _, p in pairs]
+
+    def _loss(self, names: list[str], weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of the network with ``weights`` in place of its own, its buffers left untouched."""
+        buffers = {n: b.clone() for n, b in self.net.named_buffers()}
+        return self.loss(functional_call(self.net, ({**dict(zip(names, weights)), **buffers}), (x,)), y)
