@@ -180,3 +180,43 @@ def test_streamed_imagenet_search_on_a_subset_is_the_same_for_any_workers(tmp_pa
     assert lines[0] == "imagenet: 18 search-train / 9 search-valid images, 72 px, streamed"
     assert _strip(r0.history) == _strip(r2.history)
     assert r0.genotype == r2.genotype
+
+
+DARTS_TINY = SearchConfig(dataset="digits", method="darts", space="msr", spectral_norm=False, layers=3, channels=4,
+                          batch_size=128, epochs=2, train_portion=0.5, seed=0, device="cpu", progress=False)
+
+
+def test_darts_search_learns_alphas_and_derives_from_them(tmp_path):
+    from msrdarts.derive import derive_genotype
+
+    res = run_search(DARTS_TINY, tmp_path / "d", log=quiet)
+    for record in res.history:
+        t = record["alpha"]
+        assert "stable_rank" not in record and t["ops"] == list(SearchConfig().primitives)
+        normal, reduce = torch.tensor(t["normal"]), torch.tensor(t["reduce"])
+        assert torch.allclose(normal.sum(-1), torch.ones(14)) and normal.std() > 0   # softmax rows, moved
+        assert derive_genotype(-normal, -reduce, t["ops"]).to_dict() == record["genotype"]
+    ckpt = load_checkpoint(tmp_path / "d" / "checkpoint.pt")
+    assert ckpt["arch_optimizer"]["state"] and ckpt["model"]["alphas"].shape == (2, 14, 4)
+    assert torch.allclose(torch.softmax(ckpt["model"]["alphas"], -1), torch.tensor(
+        [res.history[-1]["alpha"]["normal"], res.history[-1]["alpha"]["reduce"]]), atol=1e-6)
+
+
+def test_darts_resume_equals_uninterrupted(tmp_path):
+    full = run_search(DARTS_TINY, tmp_path / "full", log=quiet)
+
+    def stop(epoch, record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_search(DARTS_TINY, tmp_path / "cut", on_epoch_end=stop, log=quiet)
+    resumed = run_search(DARTS_TINY, tmp_path / "cut", resume=True, log=quiet)
+    assert _strip(resumed.history) == _strip(full.history)
+
+
+def test_second_order_darts_on_the_darts_space_never_picks_none(tmp_path):
+    cfg = replace(DARTS_TINY, space="darts", order=2, epochs=1, batch_size=256)
+    res = run_search(cfg, tmp_path / "d2", log=quiet)
+    assert "none" not in res.genotype.ops() and len(res.history[0]["alpha"]["ops"]) == 8
+    with pytest.raises(ConfigError, match="without spectral normalisation"):
+        replace(cfg, spectral_norm=True).validate()

@@ -13,7 +13,12 @@ from typing import Any
 from .errors import ConfigError
 from .ops import MSR_PRIMITIVES, list_ops
 from .fused import FUSABLE_OPS, can_fuse
-from .supernet import IMPLS, MIXING_MODES
+from .space import SPACES
+from .supernet import IMPLS
+
+SEARCH_METHODS = ("msr", "darts")
+#: Edge mixing of --method msr (the supernet's "alpha" mixing is --method darts).
+MSR_MIXING = ("sum", "srsoftmax")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -130,7 +135,14 @@ class SearchConfig(_DataConfig):
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
     sn_refresh_every: int = _f(10, "steps between checks of every depthwise conv's power iteration against a "
                                    "fresh circular-boundary start (catches singular values that overtake)")
-    primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated")
+    primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
+    method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection) or "
+                            "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates)")
+    space: str = _f("", "the candidate ops by name: 'msr' (4 conv ops) or 'darts' (the 8 DARTS ops); empty: "
+                        "--primitives")
+    order: int = _f(1, "--method darts: 1 (first-order alpha gradient) or 2 (unrolled second-order, finite differences)")
+    arch_lr: float = _f(3e-4, "--method darts: Adam learning rate of the alphas (betas 0.5, 0.999)")
+    arch_weight_decay: float = _f(1e-3, "--method darts: weight decay of the alphas")
     rank_per_pixel: bool = _f(False, "divide stable ranks by the conv's H*W before averaging over cells")
     authors_reduce_resolution: bool = _f(
         False, "authors' quirk: rank the stride-1 edges of reduction cells at the cell's input resolution")
@@ -163,20 +175,43 @@ class SearchConfig(_DataConfig):
                               "(per-pixel ranks have no resolution left to misstate)")
         if self.impl not in IMPLS:
             raise ConfigError(f"--impl={self.impl!r}: unknown; allowed: {', '.join(IMPLS)}")
-        if self.impl == "fused" and not can_fuse(self.primitives):
-            raise ConfigError(f"--impl=fused: supports the ops {', '.join(FUSABLE_OPS)}; use --impl reference")
-        if self.mixing not in MIXING_MODES:
-            raise ConfigError(f"--mixing={self.mixing!r}: unknown; allowed: {', '.join(MIXING_MODES)}")
+        if self.mixing not in MSR_MIXING:
+            raise ConfigError(f"--mixing={self.mixing!r}: unknown; allowed: {', '.join(MSR_MIXING)}")
         unknown = [p for p in self.primitives if p not in list_ops()]
         if unknown:
             raise ConfigError(f"--primitives: unknown op(s) {', '.join(unknown)}; known: {', '.join(list_ops())}")
         if not self.primitives or len(set(self.primitives)) != len(self.primitives):
             raise ConfigError(f"--primitives: need a non-empty list of distinct ops, got {','.join(self.primitives)}")
-        convless = [p for p in self.primitives if p in ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")]
+        if self.method not in SEARCH_METHODS:
+            raise ConfigError(f"--method={self.method!r}: unknown; allowed: {', '.join(SEARCH_METHODS)}")
+        if self.space and self.space not in SPACES:
+            raise ConfigError(f"--space={self.space!r}: unknown; allowed: {', '.join(SPACES)}")
+        if self.space and self.primitives != MSR_PRIMITIVES:
+            raise ConfigError("give --space or --primitives, not both")
+        if self.impl == "fused" and not can_fuse(self.ops):
+            raise ConfigError(f"--impl=fused: supports the ops {', '.join(FUSABLE_OPS)}; use --impl reference")
+        if self.method == "darts":
+            if self.order not in (1, 2):
+                raise ConfigError(f"--order={self.order}: must be 1 or 2")
+            if self.arch_lr <= 0 or self.arch_weight_decay < 0:
+                raise ConfigError(f"--arch-lr={self.arch_lr} --arch-weight-decay={self.arch_weight_decay}: need "
+                                  f"arch-lr > 0 and arch-weight-decay >= 0")
+            if self.spectral_norm:
+                raise ConfigError("--method darts trains without spectral normalisation, as DARTS does: add "
+                                  "--no-spectral-norm (or use --preset darts-cifar10)")
+            if self.mixing != "sum":
+                raise ConfigError("--method darts mixes by its learned alphas; --mixing applies to --method msr only")
+            return self
+        convless = [p for p in self.ops if p in ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")]
         if convless:
             raise ConfigError(f"--primitives: MSR-DARTS ranks ops by the stable rank of their last conv; "
                               f"{', '.join(convless)} have none (allowed: sep_conv_*, dil_conv_*)")
         return self
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The supernet's candidate ops: the named --space, else --primitives."""
+        return SPACES[self.space] if self.space else self.primitives
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -196,6 +231,12 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
     # PC-DARTS's ImageNet search (batch 1024, lr 0.5 cosine to 0, wd 3e-4, 50 epochs); SPEC gives none.
     "imagenet": SearchConfig(dataset="imagenet", layers=14, channels=16, batch_size=1024, epochs=50, lr=0.5,
                              lr_min=0.0, subset=0.1, subset_valid=0.025),
+    # The DARTS baseline with DARTS's published search settings (Liu et al., 2019, and its code):
+    # 8 cells, C = 16, batch 64, 50 epochs, a 1:1 split, SGD 0.025 cosine to 0.001, momentum 0.9,
+    # wd 3e-4, clip 5; alphas by Adam 3e-4, betas (0.5, 0.999), wd 1e-3; second order (DARTS's
+    # headline result), no spectral normalisation, the 8-op DARTS space.
+    "darts-cifar10": SearchConfig(method="darts", space="darts", batch_size=64, train_portion=0.5, order=2,
+                                  spectral_norm=False),
 }
 
 

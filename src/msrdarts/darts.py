@@ -57,7 +57,15 @@ class Architect:
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor
              ) -> None:
-        grads = self.gradient(x_train, y_train, x_valid, y_valid)
+        """One Adam step of the alphas. They take gradients only here: the weight steps between leave
+        them out (``requires_grad`` off), as DARTS keeps them out of the weights' parameters."""
+        for a in self.alphas:
+            a.requires_grad_(True)
+        try:
+            grads = self.gradient(x_train, y_train, x_valid, y_valid)
+        finally:
+            for a in self.alphas:
+                a.requires_grad_(False)
         if self.reduce_grads is not None:
             grads = [self.reduce_grads(g) for g in grads]
         for a, g in zip(self.alphas, grads):

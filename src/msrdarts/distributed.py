@@ -91,7 +91,7 @@ class Dist:
             return values
         t = values.detach().to(self.device, torch.float64).clone()
         dist.all_reduce(t)
-        return t.to(values.device)
+        return t.to(values.device, values.dtype)
 
     def any(self, flag: bool | torch.Tensor) -> bool:
         """True if ``flag`` is true on any rank."""

@@ -62,7 +62,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                     criterion: Criterion = cross_entropy, accel: Any = None,
                     forward: Callable[[torch.Tensor], Any] | None = None, state: EpochState | None = None,
                     on_step: Callable[["EpochState", Callable[[], None]], None] | None = None,
-                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    before_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader``; returns mean loss, accuracy (%) and images/s.
 
     ``criterion(output, y)`` returns (loss, logits); ``after_step(step)`` runs after every
@@ -74,7 +75,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     with ``state`` up to date (sums as plain numbers only after ``check()``, which also raises
     :class:`NonFiniteLoss` if any loss or gradient norm so far was not finite): the caller's place
     to checkpoint or stop. Finiteness is also checked every ``log_every`` steps and at the end.
-    ``reduce`` sums the final totals over processes.
+    ``reduce`` sums the final totals over processes. ``before_step(step, x, y)`` runs before each
+    weight step on its batch (the DARTS architecture step).
     """
     forward = forward or model
     autocast = accel.autocast if accel is not None else contextlib.nullcontext
@@ -101,6 +103,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     for x, y in bar:
         if accel is not None:
             x = accel.input(x)
+        if before_step is not None:
+            before_step(state.step, x, y)
         with autocast():
             loss, logits = criterion(forward(x), y)
         optimizer.zero_grad(set_to_none=True)

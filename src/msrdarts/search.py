@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from ._io import write_json, write_jsonl
 from .checkpoint import (describe_position, make_run_folder, open_run, reduced_position, restore_state,
                          resume_position, rng_state, save_checkpoint)
 from .config import SearchConfig
-from .data import StreamData, resolve_workers, search_split, subset_split
+from .darts import Architect
+from .data import StreamData, derived_seed, resolve_workers, search_split, subset_split
 from .derive import edge_index
 from ._run import StopRequests, diverged, silent, step_hook
 from .device import resolve_device
@@ -57,9 +58,23 @@ class SearchResult:
 
 
 def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
-    return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
-                    primitives=cfg.primitives, mixing=cfg.mixing, in_channels=data.in_channels,
-                    spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations, impl=cfg.impl)
+    net = SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
+                   primitives=cfg.ops, mixing="alpha" if cfg.method == "darts" else cfg.mixing,
+                   in_channels=data.in_channels, spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations,
+                   impl=cfg.impl)
+    for a in net.arch_parameters():   # trained by the Architect's own steps only (msrdarts.darts)
+        a.requires_grad_(False)
+    return net
+
+
+def arch_batches(loader: Any, epoch_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """DARTS's search-valid batches for the architecture steps of one epoch, from batch ``start``:
+    passes over ``loader`` with seeds derived from the epoch's, as many as the epoch needs."""
+    n = len(loader)
+    p, k = divmod(start, n)
+    while True:
+        yield from loader.batches(derived_seed(epoch_seed, (1 << 40) + p), k)
+        p, k = p + 1, 0
 
 
 def _rank_options(cfg: SearchConfig) -> dict[str, bool]:
@@ -109,8 +124,15 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
     valid_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, workers=workers, **shard)
     # Fixed, unaugmented search-train batches for BN recalibration (touches no RNG), the same on every rank.
     bn_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, workers=workers)
-    optimizer = torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.lr_min)
+    architect, arch_loader = None, None
+    if cfg.method == "darts":   # alphas: Adam on search-valid batches, augmented and shuffled as DARTS's
+        architect = Architect(net, optimizer, cfg.arch_lr, cfg.arch_weight_decay, cfg.order,
+                              reduce_grads=(lambda g: dist.sum(g) / dist.world) if dist.active else None)
+        arch_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, augment=True, shuffle=True,
+                                  drop_last=len(valid_idx) > cfg.batch_size, workers=workers, **shard)
 
     history: list[dict] = []
     best: dict | None = None
@@ -120,6 +142,8 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
     if ckpt is not None:
         restore_state(ckpt, out / "checkpoint.pt", device, net, optimizer, scheduler, {"loader": loader_gen},
                       lr=cfg.lr, rank=dist.rank, log=log)
+        if architect is not None:
+            architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
         resume_state = resume_position(ckpt, dist)
         last_saved = describe_position(start_epoch, resume_state)
@@ -138,6 +162,7 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
                 "format": CHECKPOINT_FORMAT, "epoch": epoch_done, "position": position, "config": cfg.to_dict(),
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rngs[0], "rng_ranks": rngs, "history": history, "best": best,
+                "arch_optimizer": architect.optimizer.state_dict() if architect is not None else None,
             }, keep_previous=True)
             _write_derived(out, run_config, history, best)  # files a crash before epoch 1 never leaves
         last_saved = describe_position(epoch_done, state)
@@ -147,6 +172,7 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
     def refresh_sn(step: int) -> None:
         if cfg.spectral_norm and step % cfg.sn_refresh_every == 0:
             refresh_spectral_norms(net)
+
 
     forward = accel.forward_fn(model, log)
     eval_forward = None if dist.active else forward   # ranks evaluate the unwrapped network
@@ -164,10 +190,13 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
             tag = f"epoch {epoch + 1}/{cfg.epochs}"
             on_step = step_hook(dist, stops, cfg.checkpoint_every, len(train_loader),
                                 lambda st, e=epoch: save(e, st), hint)
+            arch_step = None if architect is None else \
+                _arch_stepper(architect, arch_batches(arch_loader, state.epoch_seed, state.step), accel)
             try:
                 tr = train_one_epoch(model, train_loader, optimizer, device, cfg.grad_clip, desc=tag,
                                      progress=cfg.progress and dist.main, after_step=refresh_sn, accel=accel,
-                                     forward=forward, state=state, on_step=on_step, reduce=dist.sum)
+                                     forward=forward, state=state, on_step=on_step, reduce=dist.sum,
+                                     before_step=arch_step)
             except NonFiniteLoss as e:
                 raise diverged(e, last_saved, out, "search", cfg.lr) from None
             dist.sync_buffers(net)   # rank 0's power-iteration vectors everywhere
@@ -176,16 +205,21 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
             va = evaluate(net, valid_loader, device, desc=f"{tag} valid", progress=cfg.progress and dist.main,
                           accel=accel, forward=eval_forward, reduce=dist.sum)
             scheduler.step()
-            table = net.stable_rank_table(**ranks).cpu()
-            geno = net.genotype(table=table)
+            if architect is None:
+                table = net.stable_rank_table(**ranks).cpu()
+                geno = net.genotype(table=table)
+            else:
+                table, geno = net.alpha_table().cpu(), net.alpha_genotype()
             dist.agree("genotype", str(geno))
             record = {
                 "epoch": epoch + 1, "lr": lr,
                 "train_loss": tr["loss"], "train_acc": tr["acc"], "valid_loss": va["loss"], "valid_acc": va["acc"],
                 "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
                 "genotype": geno.to_dict(),
-                "stable_rank": {"ops": list(net.primitives), "edges": edges,
-                                "normal": table[0].tolist(), "reduce": table[1].tolist()},
+                # MSR-DARTS: mean stable rank per (edge, op), lower wins; DARTS: softmax(alpha), higher wins
+                "stable_rank" if architect is None else "alpha": {
+                    "ops": list(net.primitives), "edges": edges, "normal": table[0].tolist(),
+                    "reduce": table[1].tolist()},
             }
             history.append(record)
             if best is None or va["acc"] > best["valid_acc"]:  # lowest validation error; ties keep the earlier
@@ -207,6 +241,16 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
         log(f"all {dist.world} processes derived this genotype")
     log(f"results in {out}/ (genotype.json, history.jsonl, checkpoint.pt, cells.png)")
     return SearchResult(genotype, best["epoch"], best["valid_acc"], history, out)
+
+
+def _arch_stepper(architect: Architect, valid_batches: Iterator, accel: Any
+                  ) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+    """The ``before_step`` of a DARTS epoch: one architecture step on the next search-valid batch."""
+    def step(_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        xv, yv = next(valid_batches)
+        with accel.autocast():
+            architect.step(x, y, accel.input(xv), yv)
+    return step
 
 
 def _write_derived(out: Path, run_config: dict, history: list[dict], best: dict | None) -> None:
