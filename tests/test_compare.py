@@ -95,5 +95,13 @@ def test_not_a_run_folder_is_named(tmp_path):
         gather([tmp_path / "x"])
 
 
+def test_method_labels():
+    from msrdarts.compare import method_name
+
+    assert method_name({"method": "msr"}) == "msr-darts" and method_name({}) == "msr-darts"
+    assert method_name({"method": "darts", "order": 2, "space": "darts"}) == "darts-2nd"
+    assert method_name({"method": "darts", "order": 1, "space": "msr"}) == "darts-1st (msr space)"
+
+
 def test_compact_genotype():
     assert compact(get_genotype("DARTS_V2")).startswith("N: s3@0 s3@1, s3@0 s3@1, s3@1 id@0, id@0 d3@2 | R: mp@0 mp@1")

@@ -310,3 +310,26 @@ def test_subset_split_is_class_balanced_disjoint_and_seeded():
         assert 25 < h.var().item() < 48 and h.min() > 10 and h.max() < 70
     with pytest.raises(ConfigError, match="--subset=0.9, --subset-valid=0.2"):
         subset_split(labels, 0.9, 0.2)
+
+
+def test_npz_dataset_reads_arrays_without_pickle(tmp_path):
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    x_tr = g.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    x_te = g.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x_tr, y_train=np.arange(20) % 4, x_test=x_te, y_test=np.arange(6) % 4)
+    d = load_dataset("npz", tmp_path / "d.npz")
+    assert d.x_train.shape == (20, 3, 16, 16) and d.num_classes == 4 and d.input_size == 16
+    assert torch.equal(d.x_train[3], torch.from_numpy(x_tr[3]).permute(2, 0, 1))   # NHWC -> NCHW
+    assert d.mean == pytest.approx(tuple(x_tr.reshape(-1, 3).mean(0) / 255), rel=1e-5)
+    assert d.crop_padding == 2 and d.flip
+    np.savez(tmp_path / "bad.npz", x_train=x_tr.astype(np.float32), y_train=np.zeros(20), x_test=x_te,
+             y_test=np.zeros(6))
+    with pytest.raises(DataError, match="x_train must be uint8"):
+        load_dataset("npz", tmp_path / "bad.npz")
+    np.savez(tmp_path / "short.npz", x_train=x_tr, y_train=np.zeros(20))
+    with pytest.raises(DataError, match=r"missing array\(s\) x_test, y_test"):
+        load_dataset("npz", tmp_path / "short.npz")
+    with pytest.raises(DataError, match="no such .npz file"):
+        load_dataset("npz", tmp_path / "none.npz")

@@ -3,7 +3,8 @@
 Each training run (a folder with results.json) is one row. Its method comes from where its
 genotype came from:
 
-* ``DIR/genotype.json`` of a search run: that search's method (``msr-darts``), the search's seed,
+* ``DIR/genotype.json`` of a search run: that search's method (``msr-darts``, ``darts-1st``,
+  ``darts-2nd``), the search's seed,
   and the search cost in device-hours (the sum of its epoch times x its processes);
 * ``DIR/genotype.json`` of ``msrdarts sample``: ``random``, the sample's index as its seed, no
   search cost;
@@ -61,6 +62,16 @@ def _json(path: Path) -> Any:
         raise ConfigError(f"{path}: unreadable ({e})") from None
 
 
+def method_name(config: dict[str, Any]) -> str:
+    """A search run's method label: ``msr-darts``, ``darts-1st`` / ``darts-2nd`` (plus the space when
+    DARTS searched another space than its own)."""
+    if config.get("method", "msr") != "darts":
+        return "msr-darts"
+    label = "darts-1st" if config.get("order", 1) == 1 else "darts-2nd"
+    space = config.get("space") or "custom"
+    return label if space == "darts" else f"{label} ({space} space)"
+
+
 def _search_hours(folder: Path) -> float:
     config = _json(folder / "config.json")
     seconds = sum(json.loads(line).get("epoch_time_s", 0.0)
@@ -81,7 +92,7 @@ def _origin(genotype_spec: str, train_seed: int) -> tuple[str, int | None, float
         return "random", int(_json(folder / "sample.json")["index"]), 0.0, folder.resolve()
     if folder is not None and _is_search(folder):
         config = _json(folder / "config.json")
-        return config.get("method", "msr-darts"), int(config.get("seed", 0)), _search_hours(folder), folder.resolve()
+        return method_name(config), int(config.get("seed", 0)), _search_hours(folder), folder.resolve()
     return (path.stem if path.suffix else genotype_spec), train_seed, None, None
 
 
@@ -109,7 +120,7 @@ def gather(paths: Sequence[str | Path]) -> list[Row]:
         if p.resolve() not in trained_from:
             config = _json(p / "config.json")
             geno = Genotype.from_dict(_json(p / "genotype.json"), source=f"{p}/genotype.json")
-            rows.append(Row(config.get("method", "msr-darts"), int(config.get("seed", 0)), str(p), _search_hours(p),
+            rows.append(Row(method_name(config), int(config.get("seed", 0)), str(p), _search_hours(p),
                             None, None, None, None, compact(geno)))
     if not rows:
         raise ConfigError("compare: no run folders given")

@@ -463,6 +463,44 @@ def _image_folder(opts: DataOptions, name: str, default_size: int, test_dirs: tu
                      len(train.classes), mean, std, crop_padding=size // 8, flip=True)
 
 
+@register_dataset("npz")
+def _npz(opts: DataOptions) -> ImageData:
+    """Arrays in one ``.npz`` file (``--data FILE``): uint8 ``x_train``, ``x_test`` (N, H, W, C) or (N, C, H, W)
+    and integer ``y_train``, ``y_test``; read with ``allow_pickle=False``. CIFAR-style augmentation
+    (crop after padding by size/8, flips) for images of at least 16 px."""
+    path = Path(opts.root)
+    if not path.is_file():
+        raise DataError(f"--data {path}: no such .npz file (--dataset npz reads one file of arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(missing)}; need x_train, y_train, x_test, "
+                                f"y_test (has {', '.join(f.files)})")
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    xs = []
+    for key in ("x_train", "x_test"):
+        x = arrays[key]
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise DataError(f"{path}: {key} must be uint8 images (N, H, W, C) or (N, C, H, W), got {x.dtype} {x.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        xs.append(x if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3) else x.permute(0, 3, 1, 2).contiguous())
+    ys = [torch.from_numpy(arrays[k].astype(np.int64)).reshape(-1) for k in ("y_train", "y_test")]
+    if xs[0].shape[1:] != xs[1].shape[1:] or xs[0].shape[-1] != xs[0].shape[-2]:
+        raise DataError(f"{path}: train and test images must be square and of one shape, got "
+                        f"{tuple(xs[0].shape[1:])} and {tuple(xs[1].shape[1:])}")
+    for x, y, key in ((xs[0], ys[0], "train"), (xs[1], ys[1], "test")):
+        if len(x) != len(y):
+            raise DataError(f"{path}: {len(x)} x_{key} images but {len(y)} y_{key} labels")
+    num_classes = int(max(ys[0].max(), ys[1].max())) + 1
+    size = xs[0].shape[-1]
+    mean, std = _channel_stats(xs[0])
+    return ImageData(path.stem, xs[0], ys[0], xs[1], ys[1], num_classes, mean, std,
+                     crop_padding=size // 8 if size >= 16 else 0, flip=size >= 16)
+
+
 @register_dataset("folder")
 def _folder(opts: DataOptions) -> _Data:
     """A user's images: ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), ImageFolder layout.
