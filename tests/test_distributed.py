@@ -44,8 +44,12 @@ DRIVER = textwrap.dedent("""
     train = tr.run_train(TrainConfig(dataset="digits", genotype=str(out / "search" / "genotype.json"), layers=3,
                                      channels=4, batch_size=64, epochs=1, device="cpu", progress=False),
                          out / "train")
+    darts = se.run_search(SearchConfig(dataset="digits", method="darts", space="msr", spectral_norm=False,
+                                       train_portion=0.5, layers=3, channels=4, batch_size=128, epochs=1,
+                                       device="cpu", progress=False), out / "darts")
     report.write_text(json.dumps({"genotype": str(search.genotype), "best_epoch": search.best_epoch,
-                                  "history": search.history, "train": train.results, "writes": writes}))
+                                  "history": search.history, "train": train.results, "writes": writes,
+                                  "darts": darts.history}))
 """)
 
 
@@ -87,6 +91,7 @@ def test_both_ranks_derive_the_same_genotype_and_history(two_ranks):
     assert r0["genotype"] == r1["genotype"] and r0["best_epoch"] == r1["best_epoch"]
     assert _untimed(r0["history"]) == _untimed(r1["history"])   # reduced metrics, identical stable-rank tables
     assert _untimed([r0["train"]]) == _untimed([r1["train"]])
+    assert _untimed(r0["darts"]) == _untimed(r1["darts"])       # DARTS: alphas averaged over ranks
     assert json.loads((tmp / "runs" / "search" / "genotype.json").read_text()) == r0["history"][r0["best_epoch"] - 1]["genotype"]
 
 
