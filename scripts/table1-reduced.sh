@@ -3,7 +3,8 @@
 # MSR-DARTS, DARTS (first order) and random genotypes, 3 seeds each, searched and trained in the
 # same pipeline on a 5,000-image CIFAR-10 subset held in one .npz file, then one table.
 #   bash scripts/table1-reduced.sh DATA.npz [OUT]
-# DATA.npz: uint8 x_train (N, 32, 32, 3), y_train, x_test, y_test (see --dataset npz in the README).
+# DATA.npz: uint8 x_train (N, 32, 32, 3), y_train, x_test, y_test (see --dataset npz in the README);
+# python scripts/cifar10_subset.py data cifar10-5k.npz --download makes one (500 + 100 images per class).
 # Tiny networks and budgets: this checks the pipeline and the bookkeeping, not the paper's claim.
 set -euo pipefail
 NPZ=${1:?usage: bash scripts/table1-reduced.sh DATA.npz [OUT]}
