@@ -155,3 +155,45 @@ def test_single_process_is_a_no_op_and_batch_must_divide():
 
     with pytest.raises(ConfigError, match="divisible by the world size 3"):
         Dist(rank=0, world=3).per_rank_batch(64)
+
+
+def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
+    import signal
+    import time
+
+    from msrdarts.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "msrdarts", "search", "--dataset", "digits", "--layers", "3", "--channels", "4",
+            "--batch-size", "32", "--epochs", "2", "--checkpoint-every", "5", "--device", "cpu", "--no-progress",
+            "--out", str(out)]
+
+    def start(extra=()):
+        port = _free_port()
+        return [subprocess.Popen([*args, *extra], env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r),
+                                                           LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                           MASTER_PORT=str(port)),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+
+    procs = start()
+    try:
+        t0 = time.time()
+        while not (out / "checkpoint.pt").is_file():
+            assert time.time() - t0 < 120 and all(p.poll() is None for p in procs), "no step checkpoint"
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGTERM)          # one rank is preempted: both stop, together
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], outs
+    assert "stopped by SIGTERM" in outs[0][1] and "--resume" in outs[0][1]
+    assert load_checkpoint(out / "checkpoint.pt")["position"] is not None
+    procs = start(["--resume"])
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert "all 2 processes derived this genotype" in outs[0][0]

@@ -20,6 +20,8 @@ from .engine import EpochState
 from .errors import MsrdartsError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Under torchrun, the ranks agree on a stop request every this many steps (all at the same step).
+STOP_CHECK_EVERY = 10
 
 
 def silent(message: str) -> None:
@@ -70,11 +72,15 @@ def step_hook(dist: Dist, stops: StopRequests, every: int, steps_per_epoch: int,
               save: Callable[[EpochState], None], resume_hint: str) -> Callable[[EpochState, Callable[[], None]], None]:
     """The ``on_step`` of :func:`msrdarts.engine.train_one_epoch` for a run: a checkpoint every
     ``every`` steps (not at the epoch's end, which the run saves anyway), and a checkpoint then
-    :class:`RunInterrupted` once a stop was requested (on any rank: all ranks stop at the same step)."""
+    :class:`RunInterrupted` once a stop was requested (on any rank: all ranks stop at the same step,
+    within STOP_CHECK_EVERY steps of the request)."""
 
     def on_step(state: EpochState, check: Callable[[], None]) -> None:
-        stop = dist.any(stops.signum is not None) if dist.active else stops.signum is not None
         due = every > 0 and state.step % every == 0 and state.step < steps_per_epoch
+        if not dist.active:
+            stop = stops.signum is not None
+        else:   # a collective and a host sync: every STOP_CHECK_EVERY steps, not every step
+            stop = (due or state.step % STOP_CHECK_EVERY == 0) and dist.any(stops.signum is not None)
         if stop or due:
             check()
             save(state)
