@@ -216,3 +216,18 @@ def resume_position(ckpt: dict[str, Any], dist: Any) -> Any:
 
 def describe_position(epochs_done: int, state: Any) -> str:
     return f"epoch {epochs_done}" if state is None else f"epoch {epochs_done} + {state.step} steps"
+
+
+def resume_run(ckpt: dict[str, Any] | None, out: Path, device: torch.device, net: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler: Any, loader_gen: torch.Generator, cfg: Any, dist: Any,
+               log: Callable[[str], None]) -> tuple[list[dict], dict | None, int, Any, str | None]:
+    """Restore a run from ``ckpt`` (None: a new run); returns (history, best, completed epochs,
+    the mid-epoch EpochState or None, a description of where the checkpoint stands or None)."""
+    if ckpt is None:
+        return [], None, 0, None, None
+    restore_state(ckpt, out / "checkpoint.pt", device, net, optimizer, scheduler, {"loader": loader_gen},
+                  lr=cfg.lr, rank=dist.rank, log=log)
+    state = resume_position(ckpt, dist)
+    where = describe_position(ckpt["epoch"], state)
+    log(f"resuming {out} after {where} of {cfg.epochs} epochs")
+    return ckpt["history"], ckpt["best"], ckpt["epoch"], state, where

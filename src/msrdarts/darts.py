@@ -54,6 +54,8 @@ class Architect:
             raise ValueError("the network has no architecture parameters (mixing='alpha')")
         self.optimizer = torch.optim.Adam(self.alphas, lr=lr, betas=ARCH_BETAS, weight_decay=weight_decay)
         self.reduce_grads, self.fd_scale = reduce_grads, fd_scale
+        arch = {id(a) for a in self.alphas}   # the weights by name, looked up once (not per step)
+        self._named = [(n, p) for n, p in net.named_parameters() if id(p) not in arch]
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor
              ) -> None:
@@ -101,19 +103,16 @@ class Architect:
         mu, wd = group["momentum"], group["weight_decay"]
         loss = self._loss(names, weights, x, y)
         grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
-        params = dict(self.net.named_parameters())
         out = []
-        for name, w, g in zip(names, weights, grads):
-            buf = self.weight_optimizer.state.get(params[name], {}).get("momentum_buffer")
+        for (_, param), w, g in zip(self._named, weights, grads):
+            buf = self.weight_optimizer.state.get(param, {}).get("momentum_buffer")
             moment = mu * buf if buf is not None else torch.zeros_like(w)
             step = moment + g + wd * w
             out.append(w - xi * (step if create_graph else step.detach()))
         return out
 
     def _weights(self) -> tuple[list[str], list[torch.Tensor]]:
-        arch = {id(a) for a in self.alphas}
-        pairs = [(n, p) for n, p in self.net.named_parameters() if id(p) not in arch]
-        return [n for n, _ in pairs], [p for _, p in pairs]
+        return [n for n, _ in self._named], [p for _, p in self._named]
 
     def _loss(self, names: list[str], weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of the network with ``weights`` in place of its own, its buffers left untouched."""

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ._io import write_json, write_jsonl
-from .checkpoint import (describe_position, make_run_folder, open_run, reduced_position, restore_state,
-                         resume_position, rng_state, save_checkpoint)
+from .checkpoint import (describe_position, make_run_folder, open_run, reduced_position, resume_run, rng_state,
+                         save_checkpoint)
 from .config import SearchConfig
 from .darts import Architect
 from .data import StreamData, derived_seed, resolve_workers, search_split, subset_split
@@ -134,20 +134,10 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
         arch_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, augment=True, shuffle=True,
                                   drop_last=len(valid_idx) > cfg.batch_size, workers=workers, **shard)
 
-    history: list[dict] = []
-    best: dict | None = None
-    start_epoch = 0
-    resume_state: EpochState | None = None
-    last_saved: str | None = None
-    if ckpt is not None:
-        restore_state(ckpt, out / "checkpoint.pt", device, net, optimizer, scheduler, {"loader": loader_gen},
-                      lr=cfg.lr, rank=dist.rank, log=log)
-        if architect is not None:
-            architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
-        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
-        resume_state = resume_position(ckpt, dist)
-        last_saved = describe_position(start_epoch, resume_state)
-        log(f"resuming {out} after {last_saved} of {cfg.epochs} epochs")
+    history, best, start_epoch, resume_state, last_saved = resume_run(
+        ckpt, out, device, net, optimizer, scheduler, loader_gen, cfg, dist, log)
+    if ckpt is not None and architect is not None:
+        architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
     run_config = make_run_folder(out, device, cfg, dist.world) if dist.main else {}
     if ckpt is not None and dist.main:
         _write_derived(out, run_config, history, best)

@@ -28,7 +28,7 @@ from torch import nn
 from ._io import write_json, write_jsonl
 from ._run import StopRequests, diverged, silent, step_hook
 from .checkpoint import (describe_position, load_checkpoint, make_run_folder, open_run, reduced_position,
-                         restore_state, resume_position, rng_state, save_checkpoint)
+                         resume_run, rng_state, save_checkpoint)
 from .distributed import Dist
 from .config import TrainConfig
 from .data import resolve_workers
@@ -136,19 +136,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[in
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     criterion = auxiliary_criterion(cfg.auxiliary_weight, cfg.label_smoothing)
 
-    history: list[dict] = []
-    best: dict | None = None
-    start_epoch, train_seconds = 0, 0.0
-    resume_state: EpochState | None = None
-    last_saved: str | None = None
-    if ckpt is not None:
-        restore_state(ckpt, out / "checkpoint.pt", device, net, optimizer, scheduler, {"loader": loader_gen},
-                      lr=cfg.lr, rank=dist.rank, log=log)
-        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
-        train_seconds = ckpt["train_seconds"]
-        resume_state = resume_position(ckpt, dist)
-        last_saved = describe_position(start_epoch, resume_state)
-        log(f"resuming {out} after {last_saved} of {cfg.epochs} epochs")
+    history, best, start_epoch, resume_state, last_saved = resume_run(
+        ckpt, out, device, net, optimizer, scheduler, loader_gen, cfg, dist, log)
+    train_seconds = ckpt["train_seconds"] if ckpt is not None else 0.0
     run_config = make_run_folder(out, device, cfg, dist.world) if dist.main else {}
     log(f"training {cfg.genotype}: {params_m:.3f}M parameters, {mult_adds_m:.1f}M mult-adds"
         + (f"; {dist.world} processes, {cfg.batch_size // dist.world} images each per step" if dist.active else ""))
