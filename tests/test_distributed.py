@@ -22,6 +22,7 @@ DRIVER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     import msrdarts._io as io_, msrdarts.checkpoint as ck, msrdarts.search as se, msrdarts.train as tr
+    import msrdarts.visualize as vz
     from msrdarts.config import SearchConfig, TrainConfig
 
     rank, out, report = int(os.environ["RANK"]), Path(sys.argv[1]), Path(sys.argv[2])
@@ -32,13 +33,7 @@ DRIVER = textwrap.dedent("""
         writes.append(str(path))
         return real_write(path, data, keep)
 
-    def recording_plot(genotype, path, *a, **k):
-        writes.append(str(path))
-        return real_plot(genotype, path, *a, **k)
-
-    real_plot = se.plot_genotype
-    io_.atomic_write_bytes = ck.atomic_write_bytes = recording
-    se.plot_genotype = recording_plot
+    io_.atomic_write_bytes = ck.atomic_write_bytes = vz.atomic_write_bytes = recording
     search = se.run_search(SearchConfig(dataset="digits", layers=3, channels=4, batch_size=64, epochs=2,
                                         bn_recalibration=2, device="cpu", progress=False), out / "search")
     train = tr.run_train(TrainConfig(dataset="digits", genotype=str(out / "search" / "genotype.json"), layers=3,
@@ -46,7 +41,7 @@ DRIVER = textwrap.dedent("""
                          out / "train")
     darts = se.run_search(SearchConfig(dataset="digits", method="darts", space="msr", spectral_norm=False,
                                        train_portion=0.5, layers=3, channels=4, batch_size=128, epochs=1,
-                                       device="cpu", progress=False), out / "darts")
+                                       device="cpu", progress=False, plots=False, tensorboard=False), out / "darts")
     report.write_text(json.dumps({"genotype": str(search.genotype), "best_epoch": search.best_epoch,
                                   "history": search.history, "train": train.results, "writes": writes,
                                   "darts": darts.history}))
@@ -100,6 +95,9 @@ def test_rank_0_alone_writes_files_and_logs(two_ranks):
     assert r1["writes"] == []
     names = {os.path.basename(p) for p in r0["writes"]}
     assert {"checkpoint.pt", "history.jsonl", "genotype.json", "config.json", "cells.png", "results.json"} <= names
+    assert {"scores.svg", "trajectories-normal.png", "curves.svg"} <= names   # the run's pictures, by rank 0
+    if (tmp / "runs" / "search" / "tensorboard").is_dir():                    # events from rank 0 alone
+        assert len(list((tmp / "runs" / "search" / "tensorboard").iterdir())) == 1
     assert "epoch 1/2" in outs[0][0] and outs[1][0] == ""
     assert "all 2 processes derived this genotype" in outs[0][0]
     assert r0["train"]["devices"] == 2
@@ -166,7 +164,7 @@ def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "msrdarts", "search", "--dataset", "digits", "--layers", "3", "--channels", "4",
             "--batch-size", "32", "--epochs", "2", "--checkpoint-every", "5", "--device", "cpu", "--no-progress",
-            "--out", str(out)]
+            "--no-plots", "--no-tensorboard", "--out", str(out)]
 
     def start(extra=()):
         port = _free_port()

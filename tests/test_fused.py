@@ -161,3 +161,44 @@ def test_compile_failure_falls_back_to_eager_with_one_message():
     torch.testing.assert_close(fn(x), net(x))
     torch.testing.assert_close(fn(x), net(x))
     assert len(messages) == 1 and "backend exploded" in messages[0] and "--compile off" in messages[0]
+
+
+def test_batched_refresh_equals_each_convs_own_refresh():
+    """SuperNet.refresh_spectral_norms (1x1 convs in one eigh per shape) = every conv's own refresh."""
+    from msrdarts.spectral import refresh_spectral_norms
+
+    torch.manual_seed(4)
+    net = SuperNet(10, 3, 4, 8, in_channels=1).double()
+    with torch.no_grad():   # weights moved since the vectors converged
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    other = copy.deepcopy(net)
+    net.refresh_spectral_norms()
+    refresh_spectral_norms(other)
+    n_matrix = 0
+    for (name, a), b in zip(net.named_buffers(), other.buffers()):
+        if a.dim() == 1 and name.endswith((".u", ".v")):   # a 1x1 conv's singular vector: up to sign
+            a = a * torch.sign((a * b).sum())
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    for c in net.modules():
+        if isinstance(c, OpConv) and c.kernel_size == (1, 1):   # 1x1: exact again after the refresh
+            sn = c.parametrizations.weight[0]
+            w = c.parametrizations.weight.original.detach().flatten(1)
+            assert float(sn.sigma(w.view_as(c.weight))) == pytest.approx(
+                float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-10)
+            n_matrix += 1
+    assert n_matrix > 0
+
+
+def test_fused_path_follows_buffers_that_to_replaced():
+    """.to() gives the modules new buffer tensors: the fused path must update those, not stale ones."""
+    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=8, stem="cifar", mixing="sum")
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ref(x), fused(x)                       # the fused path has looked its buffers up
+    ref.float(), fused.float()             # every buffer replaced by a float32 copy
+    for _ in range(2):
+        ref(x.float()), fused(x.float())
+    sr, sf = _state(ref), _state(fused)
+    for k in sr:
+        torch.testing.assert_close(sf[k], sr[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -27,9 +27,11 @@ from msrdarts.search import run_search
 from msrdarts.train import run_train
 
 SEARCH_ARGS = ["search", "--dataset", "digits", "--layers", "3", "--channels", "4", "--batch-size", "64",
-               "--epochs", "2", "--checkpoint-every", "4", "--device", "cpu", "--no-progress"]
+               "--epochs", "2", "--checkpoint-every", "4", "--device", "cpu", "--no-progress", "--no-plots",
+               "--no-tensorboard"]
 TRAIN_ARGS = ["train", "--preset", "quick", "--genotype", "DARTS_V2", "--layers", "3", "--channels", "4",
-              "--batch-size", "32", "--epochs", "2", "--checkpoint-every", "5", "--device", "cpu", "--no-progress"]
+              "--batch-size", "32", "--epochs", "2", "--checkpoint-every", "5", "--device", "cpu", "--no-progress",
+              "--no-plots", "--no-tensorboard"]
 TIMING = ("epoch_time_s", "train_images_per_s")
 
 
@@ -205,7 +207,8 @@ def test_an_epoch_restarted_at_a_step_ends_as_the_uninterrupted_one():
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = TrainConfig(dataset="digits", genotype="DARTS_V2", layers=3, channels=4, batch_size=32, epochs=3,
-                      lr=0.05, grad_clip=0.0, cutout=0, auxiliary_weight=0.0, device="cpu", progress=False)
+                      lr=0.05, grad_clip=0.0, cutout=0, auxiliary_weight=0.0, device="cpu", progress=False,
+                      plots=False, tensorboard=False)
     out = tmp_path / "run"
     seen = []
     # A good first epoch, then an absurd learning rate: the weights overflow for real.
@@ -221,7 +224,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_resume_with_a_lower_lr_scales_the_schedule(tmp_path):
     cfg = TrainConfig(dataset="digits", genotype="DARTS_V2", layers=3, channels=4, batch_size=256, epochs=3,
-                      lr=0.1, device="cpu", progress=False)
+                      lr=0.1, device="cpu", progress=False, plots=False, tensorboard=False)
     out = tmp_path / "run"
 
     class Stop(Exception):
@@ -242,7 +245,7 @@ def test_resume_with_a_lower_lr_scales_the_schedule(tmp_path):
 
 def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     cfg = SearchConfig(dataset="digits", layers=3, channels=4, batch_size=512, epochs=2, device="cpu",
-                       progress=False, bn_recalibration=1)
+                       progress=False, bn_recalibration=1, plots=False, tensorboard=False)
     out = tmp_path / "run"
 
     class Stop(Exception):

@@ -156,15 +156,39 @@ def test_A_and_At_match_dense_matrix(name):
 
 
 @pytest.mark.parametrize("name", sorted(MATRIX))
-def test_matrix_path_is_exact_and_stateless(name):
+def test_matrix_path_starts_exact_iterates_from_below_and_refreshes_exactly(name):
     conv = make_conv(name, seed=7, dtype=torch.float64)
     sn = ConvSpectralNorm(conv, conv.input_hw)
-    assert sn.matrix and not list(sn.buffers())
+    assert sn.matrix and sn.u.shape == (conv.in_channels,) and sn.v.shape == (conv.out_channels,)
     w = conv.weight.detach()
-    # the operator norm of a 1x1 conv on any H x W is its matrix norm, computed exactly
+    # the operator norm of a 1x1 conv on any H x W is its matrix norm; the vectors start exact
     assert float(sn.sigma(w)) == pytest.approx(true_norm(conv), rel=1e-12)
+    U, S, Vh = torch.linalg.svd(w.flatten(1))
     wr = w.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(sn.sigma(wr), wr)
+    torch.testing.assert_close(grad.flatten(1), torch.outer(U[:, 0], Vh[0]) * torch.sign(U[0, 0] * sn.v[0]))
+    sn.eval()
     assert torch.autograd.gradcheck(lambda w: sn(w), (wr,), eps=1e-6, atol=1e-6)
+
+    # a changed weight: each training forward runs one matrix power iteration, a lower bound that
+    # rises to the true norm; eval forwards leave the vectors alone
+    torch.manual_seed(8)
+    w2 = w + 0.5 * torch.randn_like(w)
+    true2 = true_norm(conv, w2)
+    u0 = sn.u.clone()
+    sn(w2)
+    assert torch.equal(sn.u, u0)
+    sn.train()
+    estimates = []
+    for _ in range(40):
+        sn(w2)
+        estimates.append(float(sn.sigma(w2)))
+    assert max(estimates) <= true2 * (1 + 1e-12)
+    assert estimates[0] < estimates[-1] == pytest.approx(true2, rel=1e-9)
+    # refresh: exact at once
+    w3 = torch.randn_like(w)
+    sn.refresh(w3)
+    assert float(sn.sigma(w3)) == pytest.approx(true_norm(conv, w3), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["dw5_d2_s2_8x8", "pw_4to4_8x8"])
@@ -396,13 +420,17 @@ def test_refresh_catches_a_singular_value_the_iteration_is_locked_away_from():
     assert true_norm(conv) == pytest.approx(1.0, rel=1e-2)
 
 
-def test_top_singular_value_is_exact_with_the_svd_gradient():
-    from msrdarts.spectral import top_singular_value
+def test_matrix_top_vectors_and_power_iteration_against_the_svd():
+    from msrdarts.spectral import matrix_power_iteration, matrix_top_vectors
 
     torch.manual_seed(3)
-    w = torch.randn(5, 7, 4, dtype=torch.float64, requires_grad=True)
-    sigma = top_singular_value(w)
-    U, S, Vh = torch.linalg.svd(w.detach())
-    torch.testing.assert_close(sigma, S[:, 0], rtol=1e-12, atol=1e-12)
-    (grad,) = torch.autograd.grad(sigma.sum(), w)
-    torch.testing.assert_close(grad, U[:, :, :1] @ Vh[:, :1, :], rtol=1e-10, atol=1e-10)   # d sigma / dW = u v^T
+    w = torch.randn(5, 7, 4, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(w)
+    u, v = matrix_top_vectors(w)
+    assert u.shape == (5, 4) and v.shape == (5, 7)
+    torch.testing.assert_close((v[:, None, :] @ w @ u[:, :, None]).flatten(), S[:, 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((u * Vh[:, 0]).sum(1).abs(), torch.ones(5, dtype=torch.float64))  # same line
+    # power iteration from a poor start converges to the same pair (up to sign)
+    u1, v1 = matrix_power_iteration(w, torch.full((5, 4), 0.5, dtype=torch.float64), 200)
+    torch.testing.assert_close((u1 * u).sum(1).abs(), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close((v1[:, None, :] @ w @ u1[:, :, None]).flatten(), S[:, 0], rtol=1e-10, atol=0)

@@ -11,7 +11,7 @@ from msrdarts.errors import CheckpointError, ConfigError
 from msrdarts.train import evaluate_checkpoint, run_train
 
 TINY = TrainConfig(genotype="DARTS_V2", dataset="digits", layers=3, channels=4, batch_size=256, epochs=2,
-                   lr=0.05, cutout=2, drop_path=0.2, seed=0, device="cpu", progress=False)
+                   lr=0.05, cutout=2, drop_path=0.2, seed=0, device="cpu", progress=False, plots=False, tensorboard=False)
 TIMING = ("epoch_time_s", "train_images_per_s")
 
 

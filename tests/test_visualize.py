@@ -1,4 +1,11 @@
-from msrdarts.visualize import cell_edges, node_positions, plot_genotype
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from msrdarts.genotype import Genotype
+from msrdarts.visualize import (cell_edges, draw_cells, draw_curves, draw_score_heatmap, draw_trajectories,
+                                node_positions, plot_genotype, render, settle_epoch)
 from msrdarts.zoo import get_genotype
 
 
@@ -6,11 +13,12 @@ def test_drawn_edges_are_the_genotype():
     g = get_genotype("MSR_DARTS")
     edges = cell_edges(g.normal, g.normal_concat)
     # By hand from SPEC section 5: node 2 <- (sep_conv_3x3, 1), (sep_conv_3x3, 0); node 5 <- ..., (dil_conv_5x5, 2)
-    assert edges[:2] == [("c_{k-1}", "0", "sep_conv_3x3"), ("c_{k-2}", "0", "sep_conv_3x3")]
-    assert edges[4] == ("1", "2", "dil_conv_3x3")       # input node 3 is intermediate node "1"
-    assert edges[7] == ("0", "3", "dil_conv_5x5")
-    assert edges[8:] == [(str(i), "c_{k}", "") for i in range(4)]
-    assert set(node_positions(4)) == {"c_{k-2}", "c_{k-1}", "0", "1", "2", "3", "c_{k}"}
+    # (nodes keep the genotype's numbers: inputs 0 and 1 are c_{k-2} and c_{k-1})
+    assert edges[:2] == [("c_{k-1}", "2", "sep_conv_3x3"), ("c_{k-2}", "2", "sep_conv_3x3")]
+    assert edges[4] == ("3", "4", "dil_conv_3x3")
+    assert edges[7] == ("2", "5", "dil_conv_5x5")
+    assert edges[8:] == [(str(i), "c_{k}", "") for i in range(2, 6)]
+    assert set(node_positions(4)) == {"c_{k-2}", "c_{k-1}", "2", "3", "4", "5", "c_{k}"}
 
 
 def test_plot_writes_png_and_svg(tmp_path):
@@ -19,3 +27,86 @@ def test_plot_writes_png_and_svg(tmp_path):
     svg = plot_genotype(g, tmp_path / "g.svg").read_text()
     assert "<svg" in svg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "g.svg"]   # no temporary files left
+
+
+# ---------------------------------------------------------------- pictures read back from the SVG
+
+SVG_NS = "{http://www.w3.org/2000/svg}"
+OPS = ["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+EDGES = [(s, 2 + i) for i in range(4) for s in range(2 + i)]
+
+
+def _ids(fig) -> dict[str, ET.Element]:
+    root = ET.fromstring(render(fig, "svg"))
+    return {el.get("id"): el for el in root.iter() if el.get("id")}
+
+
+def _texts(el) -> list[str]:
+    return ["".join(t.itertext()).strip() for t in el.iter(SVG_NS + "text")]
+
+
+@pytest.mark.parametrize("name", ["MSR_DARTS", "DARTS_V2", "PC_DARTS"])
+def test_cell_picture_draws_exactly_the_genotypes_edges_with_their_ops(name):
+    g = get_genotype(name)
+    ids = _ids(draw_cells(g))
+    for cell, pairs in (("normal", g.normal), ("reduce", g.reduce)):
+        drawn = sorted(i for i in ids if re.fullmatch(rf"{cell}-edge-\d+-\d+-\d+-\w+", i))
+        # by hand: pair k feeds node 2 + k // 2 from its input
+        expected = sorted(f"{cell}-edge-{k}-{inp}-{2 + k // 2}-{op}" for k, (op, inp) in enumerate(pairs))
+        assert drawn == expected
+        for gid in drawn:
+            assert _texts(ids[gid]) == [gid.rsplit("-", 1)[1]]        # the label printed on the edge is its op
+            assert gid + "-arrow" in ids                               # and the edge is drawn
+
+
+def _record(epoch: int, normal_min_op, reduce_min_op, strength) -> dict:
+    """A search record whose edge e has its lowest stable rank at op normal_min_op(e), of value strength(e)."""
+    def table(min_op):
+        return [[strength(e) if j == min_op(e) else strength(e) + 5.0 + j for j in range(4)] for e in range(14)]
+    normal, reduce = table(normal_min_op), table(reduce_min_op)
+    return {"epoch": epoch, "lr": 0.1, "train_loss": 2.0 / epoch, "train_acc": 10.0 * epoch, "valid_loss": 2.5 / epoch,
+            "valid_acc": 9.0 * epoch, "stable_rank": {"ops": OPS, "edges": [list(e) for e in EDGES],
+                                                      "normal": normal, "reduce": reduce},
+            "genotype": _hand_genotype(normal, reduce).to_dict()}
+
+
+def _hand_genotype(normal, reduce) -> Genotype:
+    """Brute force: per edge its cheapest op; per node the 2 cheapest edges (ties: lower source)."""
+    def cell(table):
+        out = []
+        for node in range(2, 6):
+            cands = sorted((min(table[e]), src, OPS[table[e].index(min(table[e]))])
+                           for e, (src, dst) in enumerate(EDGES) if dst == node)
+            out += [(op, src) for _, src, op in cands[:2]]
+        return tuple(out)
+    return Genotype(normal=cell(normal), normal_concat=(2, 3, 4, 5), reduce=cell(reduce), reduce_concat=(2, 3, 4, 5))
+
+
+def test_heatmap_marks_each_edges_chosen_op_and_the_kept_edges():
+    rec = _record(3, lambda e: e % 4, lambda e: (e * 3) % 4, lambda e: 1.0 + (e * 7) % 5)
+    g = Genotype.from_dict(rec["genotype"])
+    ids = _ids(draw_score_heatmap(rec))
+    for cell, min_op, pairs in (("normal", lambda e: e % 4, g.normal), ("reduce", lambda e: (e * 3) % 4, g.reduce)):
+        kept = {(inp, 2 + k // 2) for k, (_, inp) in enumerate(pairs)}
+        expected = {f"{cell}-choice-{s}-{d}-{OPS[min_op(e)]}-{'kept' if (s, d) in kept else 'dropped'}"
+                    for e, (s, d) in enumerate(EDGES)}
+        assert {i for i in ids if i.startswith(f"{cell}-choice-")} == expected
+        assert sum(i.endswith("-kept") for i in expected) == 8
+
+
+def test_trajectories_draw_every_edge_and_op_and_mark_when_the_cell_settled():
+    h = [_record(1, lambda e: 0, lambda e: 1, lambda e: 1.0 + e % 3),
+         _record(2, lambda e: 1, lambda e: 1, lambda e: 1.0 + e % 3),
+         _record(3, lambda e: 1, lambda e: 1, lambda e: 1.0 + e % 3)]
+    assert settle_epoch(h, "normal") == 2 and settle_epoch(h, "reduce") == 1
+    for cell, settled in (("normal", 2), ("reduce", 1)):
+        ids = _ids(draw_trajectories(h, cell))
+        lines = {i for i in ids if i.startswith(f"{cell}-traj-")}
+        assert lines == {f"{cell}-traj-{s}-{d}-{op}" for s, d in EDGES for op in OPS}
+        assert f"{cell}-settled-{settled}" in ids
+
+
+def test_curves_draw_the_history_series():
+    h = [_record(e, lambda e: 0, lambda e: 0, lambda e: 1.0) for e in (1, 2)]
+    ids = _ids(draw_curves(h))
+    assert {"curve-train_loss", "curve-valid_loss", "curve-train_acc", "curve-valid_acc", "curve-lr"} <= set(ids)

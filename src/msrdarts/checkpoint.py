@@ -21,7 +21,8 @@ from ._io import atomic_write_bytes
 from .errors import CheckpointError, ConfigError
 
 #: Settings that may differ on --resume without changing what a run computes.
-RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers", "checkpoint_every", "lr")
+RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers", "checkpoint_every", "lr", "tensorboard",
+                     "plots")
 
 
 def previous_path(path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Command line: ``msrdarts search | train | eval | plot | info | bench``.
+"""Command line: ``msrdarts search | train | eval | plot | report | info | sample | compare | bench``.
 
 The flags of ``search`` and ``train`` are generated from :class:`msrdarts.config.SearchConfig` and
 :class:`msrdarts.config.TrainConfig`, so every setting of a preset can be overridden and
@@ -79,10 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="device (default: auto)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("plot", help="draw a genotype's two cells (PNG, SVG or PDF by --out suffix)")
-    p.add_argument("--genotype", required=True,
+    p = sub.add_parser("plot", help="draw a run's pictures into RUN/plots/, or any genotype's two cells",
+                       description="msrdarts plot RUN_DIR: (re)draw every picture of a search or training run into "
+                                   "RUN_DIR/plots/ (cells, stable-rank heatmap and trajectories, curves; SVG and "
+                                   "PNG). msrdarts plot --genotype NAME_OR_FILE [--out F]: draw one genotype's cells.")
+    p.add_argument("run", nargs="?", type=Path, default=None, help="a run folder (the --out of search or train)")
+    p.add_argument("--genotype", default=None,
                    help="genotype.json, a file or string in DARTS Genotype(...) form, or a zoo name")
-    p.add_argument("--out", required=True, type=Path, help="picture file to write (.png, .svg, .pdf)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="with --genotype: picture file to write (.png, .svg, .pdf; default: NAME-cells.png)")
+
+    rp = sub.add_parser("report", help="one self-contained HTML page for one or several runs",
+                        description="Write an HTML report (pictures inlined, opens without network) of search and "
+                                    "training runs: config, genotype, results, pictures and, for several runs, the "
+                                    "comparison of msrdarts compare.")
+    rp.add_argument("runs", nargs="+", type=Path, help="run folders (the --out of search or train)")
+    rp.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write (default: report.html)")
+    rp.add_argument("--title", default="msrdarts report", help="page title (default: msrdarts report)")
 
     i = sub.add_parser("info", help="parameters and mult-adds of the evaluation network of a genotype")
     i.add_argument("--genotype", required=True, help="genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
@@ -192,15 +205,36 @@ def _eval(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .genotype import load_genotype
     from .ops import list_ops
-    from .visualize import plot_genotype
+    from .visualize import plot_genotype, plot_run
 
+    if (args.run is None) == (args.genotype is None):
+        raise MsrdartsError("plot: give either a run folder or --genotype NAME_OR_FILE")
+    if args.run is not None:
+        if args.out is not None:
+            raise MsrdartsError("plot RUN_DIR writes into RUN_DIR/plots/; --out goes with --genotype")
+        files = plot_run(args.run)
+        print(f"wrote {len(files)} pictures into {args.run / 'plots'}/: "
+              + ", ".join(sorted({f.stem for f in files})))
+        return 0
     genotype = load_genotype(args.genotype, primitives=list_ops())
+    if args.out is None:
+        stem = Path(args.genotype).stem if Path(args.genotype).suffix else str(args.genotype)
+        args.out = Path(("".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:60] or "genotype")
+                        + "-cells.png")
     if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise MsrdartsError(f"--out {args.out}: unsupported picture type; use .png, .svg or .pdf")
     if not args.out.parent.is_dir():
         raise MsrdartsError(f"--out {args.out}: folder {args.out.parent} does not exist")
     plot_genotype(genotype, args.out, title=str(args.genotype) if len(str(args.genotype)) < 60 else None)
     print(f"{genotype}\nwrote {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(args.runs, args.out, title=args.title)
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB, {len(args.runs)} run(s))")
     return 0
 
 
@@ -270,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"search": _search, "train": _train, "eval": _eval, "plot": _plot, "info": _info,
-                    "sample": _sample, "compare": _compare, "bench": _bench}
+                    "sample": _sample, "compare": _compare, "bench": _bench, "report": _report}
         return commands[args.command](args)
     except RunInterrupted as e:   # SIGINT/SIGTERM: a checkpoint was saved
         if int(os.environ.get("RANK", "0")) == 0:

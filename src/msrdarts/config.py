@@ -133,8 +133,9 @@ class SearchConfig(_DataConfig):
                            "the same function either way")
     spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
-    sn_refresh_every: int = _f(10, "steps between checks of every depthwise conv's power iteration against a "
-                                   "fresh circular-boundary start (catches singular values that overtake)")
+    sn_refresh_every: int = _f(10, "steps between refreshes of the power iterations: pointwise convs reset to their "
+                                   "exact top singular vectors, depthwise convs checked against a fresh "
+                                   "circular-boundary start (catches singular values that overtake)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection) or "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates)")
@@ -147,6 +148,9 @@ class SearchConfig(_DataConfig):
     authors_reduce_resolution: bool = _f(
         False, "authors' quirk: rank the stride-1 edges of reduction cells at the cell's input resolution")
     progress: bool = _f(True, "show a progress bar per epoch")
+    tensorboard: bool = _f(True, "write TensorBoard event files into RUN/tensorboard/ (when the tensorboard package "
+                                 "is installed: pip install tensorboard)")
+    plots: bool = _f(True, "draw the run's pictures into RUN/plots/ when it ends (again any time: msrdarts plot RUN)")
 
     def validate(self) -> "SearchConfig":
         """Raise ConfigError naming the first invalid field; return self."""
@@ -276,6 +280,9 @@ class TrainConfig(_DataConfig):
     sync_bn: bool = _f(False, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm) instead "
                               "of each rank's share")
     progress: bool = _f(True, "show a progress bar per epoch")
+    tensorboard: bool = _f(True, "write TensorBoard event files into RUN/tensorboard/ (when the tensorboard package "
+                                 "is installed: pip install tensorboard)")
+    plots: bool = _f(True, "draw the run's pictures into RUN/plots/ when it ends (again any time: msrdarts plot RUN)")
 
     def validate(self) -> "TrainConfig":
         for name in ("layers", "channels", "batch_size", "epochs"):

@@ -18,12 +18,15 @@ spectral-norm computation. Here, per cell:
   (B, m, C, H', W'), are summed over the kinds (weighted by the srsoftmax mixing if set), and
   edge e's slice is added to its target node.
 * **Batched spectral normalisation** (:class:`SpectralBatch`). All normalised convs of the
-  network with the same shape form one group: pointwise C x C matrices get one batched exact
-  top singular value (:func:`msrdarts.spectral.top_singular_value`); depthwise kernels with the
-  same (C, k, dilation, stride, input size) one batched power iteration (a single grouped conv
-  and transposed conv for the whole group) with the persistent per-conv vectors gathered and
-  written back. Groups are ordered so that the
-  weights one fused conv needs are a contiguous slice: no gather per use.
+  network with the same shape form one group, and each group advances the persistent
+  power-iteration vectors of all its convs at once, gathered from and written back to the
+  convs' own buffers:
+  - pointwise C x C matrices (N of them): batched matrix-vector products, (N, C, C) x (N, C);
+  - depthwise kernels with the same (C, k, dilation, stride, input size): on maps of at most 64
+    pixels, batched products with each channel's dense (H*W, H'*W') operator (:class:`DenseTaps`);
+    on larger maps a single grouped conv and transposed conv over the N*C channels.
+  Groups are ordered so that the weights one fused conv needs are a contiguous slice: no
+  gather per use.
 
 The modules are the reference's: every conv keeps its spectral-norm parametrization (so
 ``conv.weight`` is its normalised weight, and checkpoints, stable ranks and derivation do not
@@ -45,7 +48,7 @@ from torch.nn.utils import parametrize
 
 from .derive import edge_index
 from .ops import DilConv, OpConv, SepConv, depthwise_conv2d, use_fast_depthwise
-from .spectral import ConvSpectralNorm, _normalize, top_singular_value
+from .spectral import ConvSpectralNorm, _normalize, matrix_power_iteration, matrix_top_vectors
 
 #: Ops the fused path understands: a sequence of ReLU - depthwise - pointwise - BN blocks.
 FUSABLE_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -74,6 +77,37 @@ def _raw(conv: OpConv) -> torch.Tensor:
     return conv.parametrizations.weight.original if parametrize.is_parametrized(conv, "weight") else conv.weight
 
 
+class DenseTaps:
+    """The 0/1 tap tensors of depthwise conv geometries, cached per geometry, map size, dtype and device.
+
+    ``T[t, i, l] = 1`` where output pixel l reads input pixel i through kernel tap t, so channel
+    c's dense operator (as a right factor: y_c = x_c M_c) is ``M_c = sum_t w[c, t] T[t]``, of
+    shape (H*W, H'*W'). Worth it for maps of at most :attr:`MAX_PIXELS` pixels.
+    """
+
+    MAX_PIXELS = 64
+
+    def __init__(self):
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, kernel_size: tuple, stride: tuple, padding: tuple, dilation: tuple, hw: tuple,
+                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        H, W = hw
+        key = (kernel_size, stride, padding, dilation, H, W, dtype, device)
+        if key not in self._cache:
+            eye = torch.eye(H * W, dtype=dtype, device=device).view(H * W, 1, H, W)
+            cols = F.unfold(eye, kernel_size, dilation, padding, stride)               # (HW, k*k, L)
+            self._cache[key] = cols.permute(1, 0, 2).contiguous()                       # (k*k, HW, L)
+        return self._cache[key]
+
+
+def _raw_slot(conv: OpConv) -> tuple[dict, str]:
+    """Where :func:`_raw` finds the conv's trained weight: (a module's ``_parameters``, key)."""
+    if parametrize.is_parametrized(conv, "weight"):
+        return conv.parametrizations.weight._parameters, "original"
+    return conv._parameters, "weight"
+
+
 @dataclass
 class _Slice:
     group: int      # index into SpectralBatch.groups
@@ -88,9 +122,16 @@ class SpectralBatch:
     of consecutive convs of one group to its position.
     """
 
+    #: Depthwise power iteration uses dense per-channel operators on maps up to this size. On 8x8
+    #: maps the dense operators (64 x 64, 9 or 25 nonzeros per column) cost more than the convs.
+    DENSE_MAX_PIXELS = 16
+
     def __init__(self, convs: Sequence[OpConv]):
+        self.taps = DenseTaps()
         self.groups: list[list[OpConv]] = []
         self._sn_cache: list[list[ConvSpectralNorm | None]] | None = None
+        self._raw_cache: list[list[tuple[dict, str]]] | None = None
+        self._vector_cache: dict[int, list[dict]] = {}
         keys: dict[tuple, int] = {}
         self.where: dict[int, tuple[int, int]] = {}
         for conv in convs:
@@ -119,63 +160,146 @@ class SpectralBatch:
             self._sn_cache = [[_sn(c) for c in convs] for convs in self.groups]
         return self._sn_cache
 
+    def _raws(self, g: int) -> list[torch.Tensor]:
+        """Group g's trained weights, read straight from the modules' parameter dicts (looked up
+        once): walking every conv's parametrization costs microseconds per conv, every step.
+        Reading the dicts each time still sees what ``torch.func.functional_call`` substitutes."""
+        if self._raw_cache is None:
+            self._raw_cache = [[_raw_slot(c) for c in convs] for convs in self.groups]
+        return [params[name] for params, name in self._raw_cache[g]]
+
+    def _vectors(self, g: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Group g's power-iteration buffers (u's and v's), read from the modules' buffer dicts
+        (looked up once), so that buffers replaced by ``.to()`` or substituted by
+        ``functional_call`` are the ones used."""
+        if g not in self._vector_cache:
+            self._vector_cache[g] = [sn._buffers for sn in self._norms()[g]]
+        slots = self._vector_cache[g]
+        return [b["u"] for b in slots], [b["v"] for b in slots]
+
     def weights(self, training: bool) -> list[torch.Tensor]:
         """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
 
-        In training mode the depthwise groups first advance their power iterations (and store the
-        vectors back in each conv's buffers), as each conv's parametrization would.
+        In training mode the groups first advance their power iterations (and store the vectors
+        back in each conv's buffers), as each conv's parametrization would.
         """
-        return [self._group_weights(convs, sns, training) for convs, sns in zip(self.groups, self._norms())]
+        return [self._group_weights(g, training) for g in range(len(self.groups))]
 
-    def _group_weights(self, convs: list[OpConv], sns: list[ConvSpectralNorm | None], training: bool
-                       ) -> torch.Tensor:
-        w = torch.stack([_raw(c) for c in convs])                                  # (N, Co, Ci/g, k, k)
+    def _group_weights(self, g: int, training: bool) -> torch.Tensor:
+        w = torch.stack(self._raws(g))                                            # (N, Co, Ci/g, k, k)
+        sns = self._norms()[g]
         if sns[0] is None:
             return w
         device_type = w.device.type
         with torch.autocast(device_type, enabled=False):                          # norms always in fp32+
             w = w if w.dtype in (torch.float32, torch.float64) else w.float()
-            targets = w.new_tensor([sn.target for sn in sns]).view(-1, 1, 1, 1, 1)
-            if sns[0].matrix:                       # 1x1 convs: the exact norm of the Co x Ci matrix
-                sigma = top_singular_value(w.flatten(2))
-                return w * (targets / sigma.view(-1, 1, 1, 1, 1))
             iterations = sns[0].n_power_iterations if training else 0
-            return w * (targets / self._power_sigma(sns, w, iterations).view(-1, 1, 1, 1, 1))
+            sigma = self._power_sigma(sns, w, iterations, self._vectors(g)).view(-1, 1, 1, 1, 1)
+            target = sns[0].target
+            if all(sn.target == target for sn in sns):
+                return w * (target / sigma)
+            return w * (w.new_tensor([sn.target for sn in sns]).view(-1, 1, 1, 1, 1) / sigma)
 
     @torch.no_grad()
     def converge(self, tol: float = 1e-7, max_iterations: int = 500) -> None:
-        """Iterate every depthwise group's power iterations until each sigma changes by at most
-        ``tol`` (relative) over 10 iterations: the convergence each ConvSpectralNorm would do alone
-        at construction, one batched computation per group."""
+        """Converge every group's vectors, as each ConvSpectralNorm would alone at construction,
+        one batched computation per group: the exact top singular vectors of the 1x1 convs;
+        power iteration for the others until each sigma changes by at most ``tol`` (relative)
+        over 10 iterations."""
         for convs, sns in zip(self.groups, self._norms()):
-            if sns[0] is None or sns[0].matrix:
+            if sns[0] is None:
                 continue
             w = torch.stack([_raw(c) for c in convs]).detach()
+            if sns[0].matrix:
+                self._store(_buffers(sns), *matrix_top_vectors(w.flatten(2), sns[0].eps))
+                continue
             active = list(range(len(convs)))            # convs still converging
-            last = self._power_sigma(sns, w, 0)
+            last = self._power_sigma(sns, w, 0, _buffers(sns))
             for _ in range(0, max_iterations, 10):
-                now = self._power_sigma([sns[i] for i in active], w[active], 10)
+                now = self._power_sigma([sns[i] for i in active], w[active], 10, _buffers([sns[i] for i in active]))
                 moving = ((now - last).abs() > tol * now).tolist()
                 active, last = [i for i, m in zip(active, moving) if m], now[torch.tensor(moving, dtype=torch.bool)]
                 if not active:
                     break
 
+    @torch.no_grad()
+    def refresh(self, iterations: int = 3) -> None:
+        """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
+        in one batched ``eigh`` per group; the other convs run their own refresh."""
+        for convs, sns in zip(self.groups, self._norms()):
+            if sns[0] is None:
+                continue
+            if sns[0].matrix:
+                w = torch.stack([_raw(c) for c in convs]).detach()
+                self._store(_buffers(sns), *matrix_top_vectors(w.flatten(2), sns[0].eps))
+            else:
+                for conv, sn in zip(convs, sns):
+                    sn.refresh(_raw(conv).detach(), iterations)
+
     @staticmethod
-    def _power_sigma(sns: list[ConvSpectralNorm], w: torch.Tensor, iterations: int) -> torch.Tensor:
-        """sigma (N,) of N convs of one geometry after ``iterations`` batched power iterations (their
-        union is one grouped conv with N times the groups); the vectors are stored back."""
-        sn, n = sns[0], len(sns)
+    def _store(vectors: tuple[list[torch.Tensor], list[torch.Tensor]], u: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the rows of u (N, ...) and v (N, ...) back into the N convs' buffers (one shape)."""
+        us, vs = vectors
+        torch._foreach_copy_(us, list(u.view(len(us), *us[0].shape).unbind(0)))
+        torch._foreach_copy_(vs, list(v.view(len(vs), *vs[0].shape).unbind(0)))
+
+    def _power_sigma(self, sns: list[ConvSpectralNorm], w: torch.Tensor, iterations: int,
+                     vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+        """sigma (N,) of N convs of one geometry, v^T A u, after ``iterations`` batched power
+        iterations; ``vectors`` are the convs' (u, v) buffers, read and stored back."""
+        sn = sns[0]
+        if sn.matrix:
+            return self._matrix_sigma(sn, w, iterations, vectors)
+        if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
+            return self._dense_sigma(sn, w, iterations, vectors)
+        return self._conv_sigma(sn, w, iterations, vectors)
+
+    def _matrix_sigma(self, sn: ConvSpectralNorm, w: torch.Tensor, iterations: int,
+                      vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+        m = w.flatten(2)                                                            # (N, Co, Ci)
+        u, v = torch.stack(vectors[0]), torch.stack(vectors[1])                     # (N, Ci), (N, Co)
+        if iterations:
+            u, v = matrix_power_iteration(m.detach(), u, iterations, sn.eps)
+            self._store(vectors, u, v)
+        return (m * (v[:, :, None] * u[:, None, :])).sum((1, 2))                    # v^T W u
+
+    def _dense_sigma(self, sn: ConvSpectralNorm, w: torch.Tensor, iterations: int,
+                     vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+        """Depthwise convs on small maps: per channel c, A_c = M_c^T with M_c (HW, L) its dense
+        operator (see DenseTaps), so A u = u M and A^T v = M v, batched over the N*C channels."""
+        n = w.shape[0]
+        T = self.taps(sn.kernel_size, sn.stride, sn.padding, sn.dilation, sn.input_hw, w.dtype, w.device)
+        kk, hw, L = T.shape
+        channels = w.shape[0] * w.shape[1]
+        taps = T.view(kk, hw * L)
+        u = torch.cat(vectors[0], dim=1).view(channels, hw)
+        v = torch.cat(vectors[1], dim=1).view(channels, L)
+        with torch.no_grad():
+            if iterations:
+                M = (w.detach().reshape(channels, kk) @ taps).view(channels, hw, L)
+                for _ in range(iterations):
+                    v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=sn.eps)
+                    u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=sn.eps)
+                self._store(vectors, u.view(n, -1), v.view(n, -1))
+            # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
+            G = ((u.unsqueeze(2) * v.unsqueeze(1)).view(channels, hw * L) @ taps.mT).view_as(w)
+        return (w * G).reshape(n, sn.groups, -1).sum(-1).amax(1)                     # max over channels
+
+    def _conv_sigma(self, sn: ConvSpectralNorm, w: torch.Tensor, iterations: int,
+                    vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+        """Other convs: their union is one grouped conv with N times the groups."""
+        n = w.shape[0]
         groups = sn.groups * n
         wd = w.detach().flatten(0, 1)                                               # (N*Co, Ci/g, k, k)
-        u = torch.cat([s.u for s in sns], dim=1)                                    # (1, N*Ci, H, W)
-        v = torch.cat([s.v for s in sns], dim=1)
+        u = torch.cat(vectors[0], dim=1)                                            # (1, N*Ci, H, W)
+        v = torch.cat(vectors[1], dim=1)
         if iterations:
             with torch.no_grad():
                 for _ in range(iterations):
                     v = _normalize(F.conv2d(u, wd, None, sn.stride, sn.padding, sn.dilation, groups), groups, sn.eps)
                     u = _normalize(_adjoint(sn, v, wd, groups), groups, sn.eps)
-                torch._foreach_copy_([s.u for s in sns], list(u.chunk(n, dim=1)))
-                torch._foreach_copy_([s.v for s in sns], list(v.chunk(n, dim=1)))
+                torch._foreach_copy_(vectors[0], list(u.chunk(n, dim=1)))
+                torch._foreach_copy_(vectors[1], list(v.chunk(n, dim=1)))
         with torch.no_grad():                       # G = d(v^T A u)/dW, one unfold + one bmm
             c_out, c_in_g, kh, kw = w.shape[1:]
             patches = F.unfold(u, (kh, kw), sn.dilation, sn.padding, sn.stride)      # (1, N*Ci*k*k, L)
@@ -183,6 +307,10 @@ class SpectralBatch:
             vv = v.reshape(groups, c_out // sn.groups, -1)
             G = torch.bmm(vv, patches.transpose(1, 2)).view_as(w)
         return (w * G).reshape(n, sn.groups, -1).sum(-1).amax(1)                     # max over groups
+
+
+def _buffers(sns: list[ConvSpectralNorm]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [s.u for s in sns], [s.v for s in sns]
 
 
 def _adjoint(sn: ConvSpectralNorm, y: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -289,15 +417,13 @@ class DepthwiseRunner:
     * otherwise ``F.conv2d``. On other devices always ``F.conv2d``.
     """
 
-    DENSE_MAX_PIXELS = 64
-
-    def __init__(self):
-        self.taps: dict[tuple, torch.Tensor] = {}
+    def __init__(self, taps: DenseTaps | None = None):
+        self.taps = taps if taps is not None else DenseTaps()
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, conv: OpConv) -> torch.Tensor:
         H, W = x.shape[-2:]
-        if x.device.type == "cpu" and H * W <= self.DENSE_MAX_PIXELS and not (
-                H * W == self.DENSE_MAX_PIXELS and conv.kernel_size == (3, 3) and conv.dilation == (1, 1)
+        if x.device.type == "cpu" and H * W <= DenseTaps.MAX_PIXELS and not (
+                H * W == DenseTaps.MAX_PIXELS and conv.kernel_size == (3, 3) and conv.dilation == (1, 1)
                 and conv.stride == (1, 1)):
             return self._dense(x, w, conv)
         if use_fast_depthwise(x, conv.kernel_size, conv.stride, conv.dilation):
@@ -306,12 +432,7 @@ class DepthwiseRunner:
 
     def _dense(self, x: torch.Tensor, w: torch.Tensor, conv: OpConv) -> torch.Tensor:
         B, C, H, W = x.shape
-        key = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, H, W, x.dtype, x.device)
-        if key not in self.taps:   # T[t, i, l] = 1 where output pixel l reads input pixel i through tap t
-            eye = torch.eye(H * W, dtype=x.dtype, device=x.device).view(H * W, 1, H, W)
-            cols = F.unfold(eye, conv.kernel_size, conv.dilation, conv.padding, conv.stride)   # (HW, k*k, L)
-            self.taps[key] = cols.permute(1, 0, 2).contiguous()                            # (k*k, HW, L)
-        T = self.taps[key]
+        T = self.taps(conv.kernel_size, conv.stride, conv.padding, conv.dilation, (H, W), x.dtype, x.device)
         kk, _, L = T.shape
         M = torch.matmul(w.reshape(C, kk), T.view(kk, -1)).view(C, H * W, L)             # (C, HW, L)
         y = torch.einsum("bci,cil->bcl", x.reshape(B, C, H * W), M)                    # per channel: X_c M_c
@@ -375,7 +496,7 @@ class FusedSuperNet:
 
     def __init__(self, net: nn.Module, batch: SpectralBatch):
         self.batch = batch
-        self.runner = DepthwiseRunner()
+        self.runner = DepthwiseRunner(batch.taps)
         self.cells = [FusedCell(cell, self.batch, self.runner) for cell in net.cells]
 
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:

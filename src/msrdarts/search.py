@@ -9,7 +9,8 @@ Run folder::
     checkpoint.pt    the last completed epoch, or step with --checkpoint-every (weights, optimiser,
                      scheduler, RNG states of every process, data-order position, history)
     checkpoint.prev.pt  the checkpoint before it (a fallback should the newest be unreadable)
-    cells.png        the normal and reduction cells of genotype.json
+    plots/           pictures: cells, stable-rank heatmap and trajectories, curves (SVG and PNG)
+    tensorboard/     TensorBoard event files (when the tensorboard package is installed)
 
 The checkpoint is the source of truth: history.jsonl and genotype.json are rewritten from it, so
 a run killed between two writes resumes consistently.
@@ -17,6 +18,7 @@ a run killed between two writes resumes consistently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -32,6 +34,7 @@ from .checkpoint import (describe_position, make_run_folder, open_run, reduced_p
                          save_checkpoint)
 from .config import SearchConfig
 from .darts import Architect
+from .dashboard import TensorBoardLog
 from .data import StreamData, derived_seed, resolve_workers, search_split, subset_split
 from .derive import edge_index
 from ._run import StopRequests, diverged, silent, step_hook
@@ -40,12 +43,12 @@ from .distributed import Dist
 from .engine import EpochState, NonFiniteLoss, evaluate, recalibrate_bn, train_one_epoch
 from .errors import CheckpointError
 from .genotype import Genotype
-from .spectral import refresh_spectral_norms
 from .supernet import SuperNet
-from .visualize import plot_genotype
+from .visualize import plot_run
 
 CHECKPOINT_FORMAT = "msrdarts-search-v1"
-RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt", "checkpoint.prev.pt", "cells.png")
+RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt", "checkpoint.prev.pt", "plots",
+             "tensorboard")
 
 
 @dataclass
@@ -161,14 +164,15 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
 
     def refresh_sn(step: int) -> None:
         if cfg.spectral_norm and step % cfg.sn_refresh_every == 0:
-            refresh_spectral_norms(net)
+            net.refresh_spectral_norms()
 
 
     forward = accel.forward_fn(model, log)
     eval_forward = None if dist.active else forward   # ranks evaluate the unwrapped network
     edges = [list(e) for e in edge_index(net.steps)]
     hint = f"msrdarts search --out {out} --resume"
-    with StopRequests() as stops:
+    tb = TensorBoardLog(out, cfg.tensorboard and dist.main, log, resume_epoch=start_epoch)
+    with StopRequests() as stops, contextlib.closing(tb):
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             state, resume_state = resume_state, None
@@ -215,6 +219,7 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
             if best is None or va["acc"] > best["valid_acc"]:  # lowest validation error; ties keep the earlier
                 best = {"epoch": epoch + 1, "valid_acc": va["acc"], "genotype": geno.to_dict()}
             save(epoch + 1, None)
+            tb.epoch(record)
             log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {va['loss']:.4f} "
                 f"acc {va['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s | "
                 f"{tr['images_per_s']:.0f} img/s")
@@ -224,12 +229,13 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
     if best is None:
         raise CheckpointError(f"{out}: no completed epoch to derive a genotype from")
     genotype = Genotype.from_dict(best["genotype"])
-    if dist.main:
-        plot_genotype(genotype, out / "cells.png")
+    if dist.main and cfg.plots:
+        plot_run(out)
     log(f"genotype (epoch {best['epoch']}, valid acc {best['valid_acc']:.2f}%): {genotype}")
     if dist.active:
         log(f"all {dist.world} processes derived this genotype")
-    log(f"results in {out}/ (genotype.json, history.jsonl, checkpoint.pt, cells.png)")
+    log(f"results in {out}/ (genotype.json, history.jsonl, checkpoint.pt{', plots/' if cfg.plots else ''}); "
+        f"a page with all of it: msrdarts report {out} --out report.html")
     return SearchResult(genotype, best["epoch"], best["valid_acc"], history, out)
 
 

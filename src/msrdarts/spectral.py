@@ -3,10 +3,11 @@
 ``W = C * W_orig / sigma(W_orig)`` where sigma is the largest singular value of the conv as a
 linear map on its actual input shape (C_in, H, W), with its zero padding, stride, dilation and
 groups: not the norm of the reshaped kernel matrix. A 1x1 conv without padding has the operator
-norm of its C_out x C_in matrix on any input, so sigma is that exact matrix norm. Other convs
-(the depthwise ones) use power iteration with ``conv2d`` (A) and ``conv_transpose2d`` (A^T),
-one vector per channel group, with state that persists across steps and in checkpoints (see
-:class:`ConvSpectralNorm`).
+norm of its C_out x C_in matrix on any input, so its sigma comes from plain matrix power
+iteration (as in the authors' code). Other convs (the depthwise ones) use power iteration with
+``conv2d`` (A) and ``conv_transpose2d`` (A^T), one vector per channel group. The vectors persist
+across steps and in checkpoints, start converged, and are checked against an exact or fresh
+answer every few steps (see :class:`ConvSpectralNorm`).
 
 The parametrization is registered with ``torch.nn.utils.parametrize``: ``conv.weight`` is the
 normalised weight, ``conv.parametrizations.weight.original`` the trained one.
@@ -59,26 +60,38 @@ def circular_top_vectors(weight: torch.Tensor, input_hw: tuple[int, int], dilati
     return _normalize(u.reshape(1, -1, H, W).to(weight.dtype), groups, 1e-12)
 
 
-def top_singular_value(w: torch.Tensor) -> torch.Tensor:
-    """The exact largest singular value of each matrix of ``w`` (..., m, n), differentiable.
+@torch.no_grad()
+def matrix_top_vectors(w: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top singular vectors of each matrix of ``w`` (..., m, n): (u (..., n), v (..., m)).
 
-    From the top eigenvector v of the n x n Gram matrix (a batched ``eigh``, about half the cost
-    of the SVD behind ``matrix_norm(ord=2)``): sigma = u^T W v with u = Wv / ||Wv||, whose
-    gradient u v^T is the SVD's.
+    u is the top eigenvector of the n x n Gram matrix (a batched ``eigh``, about half the cost of
+    an SVD), v = W u / ||W u||; then v^T W u is the largest singular value.
     """
-    with torch.no_grad():
-        v = torch.linalg.eigh(w.mT @ w).eigenvectors[..., -1:]                       # (..., n, 1)
-        u = w @ v
-        u = u / u.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)  # (..., m, 1)
-    return (u.mT @ w @ v)[..., 0, 0]
+    u = torch.linalg.eigh(w.mT @ w).eigenvectors[..., -1]
+    return u, F.normalize((w @ u[..., None])[..., 0], dim=-1, eps=eps)
+
+
+@torch.no_grad()
+def matrix_power_iteration(w: torch.Tensor, u: torch.Tensor, iterations: int, eps: float = 1e-12
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iterations`` power iterations on each matrix of ``w`` (..., m, n) from the unit vectors
+    ``u`` (..., n): returns the new (u, v), v (..., m). Needs ``iterations`` >= 1."""
+    for _ in range(iterations):
+        v = F.normalize((w @ u[..., None])[..., 0], dim=-1, eps=eps)
+        u = F.normalize((v[..., None, :] @ w)[..., 0, :], dim=-1, eps=eps)
+    return u, v
 
 
 class ConvSpectralNorm(nn.Module):
     """Parametrization ``weight -> target * weight / sigma(weight)`` for one conv.
 
-    sigma is the operator norm of the conv on its input (C_in, H, W):
-    - 1x1 convs without padding (the pointwise convs): the exact largest singular value of the
-      C_out x C_in matrix (:func:`top_singular_value`), which is their operator norm on any input.
+    sigma is the operator norm of the conv on its input (C_in, H, W), estimated as v^T A u for
+    unit vectors u (input side, buffer ``u``) and v (output side, buffer ``v``) that power
+    iteration keeps near the top singular pair; v^T A u is then a lower bound of sigma, differentiable
+    in the weight with the exact gradient of the top singular value when (u, v) is exact.
+    - 1x1 convs without padding (the pointwise convs): the operator is the C_out x C_in matrix on
+      any input, so u (C_in,) and v (C_out,) are plain matrix power-iteration vectors. They start
+      at the exact top singular vectors, and :meth:`refresh` resets them to the exact ones.
     - other convs: power iteration with conv2d / conv_transpose2d, one unit vector per group
       (per channel for depthwise convs, whose operator is block-diagonal), sigma = max over
       groups. The vectors start at the circular-boundary top singular vectors, are iterated to
@@ -109,9 +122,16 @@ class ConvSpectralNorm(nn.Module):
         self.input_hw = tuple(input_hw)
         self.matrix = conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
         self.depthwise = conv.groups == conv.in_channels == conv.out_channels
-        if self.matrix:
-            return
         weight = conv.weight.detach()
+        if self.matrix:   # exact at once (or batched by the caller: converge=False starts anywhere)
+            if converge:
+                u, v = matrix_top_vectors(weight.flatten(1), eps)
+            else:
+                u = weight.new_full((conv.in_channels,), conv.in_channels ** -0.5)
+                v = weight.new_full((conv.out_channels,), conv.out_channels ** -0.5)
+            self.register_buffer("u", u)                                     # (C_in,), unit
+            self.register_buffer("v", v)                                     # (C_out,), unit
+            return
         u = self._circular_u(weight)
         self.register_buffer("u", u)                                         # (1, C_in, H, W), unit per group
         self.register_buffer("v", _normalize(self._A(u, weight), self.groups, eps))  # (1, C_out, H', W')
@@ -147,6 +167,11 @@ class ConvSpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _power_iterate(self, weight: torch.Tensor, n: int) -> None:
+        if self.matrix:
+            u, v = matrix_power_iteration(weight.flatten(1), self.u, n, self.eps)
+            self.u.copy_(u)
+            self.v.copy_(v)
+            return
         u = self.u
         for _ in range(n):
             v = _normalize(self._A(u, weight), self.groups, self.eps)
@@ -157,8 +182,12 @@ class ConvSpectralNorm(nn.Module):
 
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor, iterations: int = 3) -> None:
-        """Iterate ``u`` and a circular-start probe side by side; keep the better vector per group."""
+        """Iterate ``u`` and a circular-start probe side by side; keep the better vector per group.
+        A 1x1 conv's vectors become the exact top singular vectors."""
         if self.matrix:
+            u, v = matrix_top_vectors(weight.flatten(1), self.eps)
+            self.u.copy_(u)
+            self.v.copy_(v)
             return
         g = self.groups
         u = torch.cat([self.u, self._circular_u(weight)])                    # (2, C_in, H, W)
@@ -179,6 +208,8 @@ class ConvSpectralNorm(nn.Module):
         unfold and one batched matmul (the conv weight-gradient kernels are slow for batch-1
         depthwise convs on the CPU).
         """
+        if self.matrix:
+            return torch.outer(self.v, self.u).view_as(weight)
         c_out, c_in_g, kh, kw = weight.shape
         g = self.groups
         patches = F.unfold(self.u, (kh, kw), self.dilation, self.padding, self.stride)  # (1, C_in*kh*kw, L)
@@ -193,13 +224,11 @@ class ConvSpectralNorm(nn.Module):
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         """The operator norm estimate, differentiable in ``weight``."""
-        if self.matrix:
-            return top_singular_value(weight.flatten(1))
         return self._group_sigmas(weight).max()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with torch.autocast(weight.device.type, enabled=False):   # norms in the weight's own precision
-            if self.training and not self.matrix:
+            if self.training:
                 self._power_iterate(weight.detach(), self.n_power_iterations)
             return weight * (self.target / self.sigma(weight))
 

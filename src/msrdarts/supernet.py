@@ -152,6 +152,7 @@ class SuperNet(nn.Module):
             batch.converge()
         if mixing == "srsoftmax":
             self.refresh_mixing()
+        self._spectral = batch    # for batched refreshes; references this network's own modules
         self._fused = None
         if self.impl == "fused":   # the plan holds references to this network's own modules, no state
             self._fused = FusedSuperNet(self, batch)
@@ -243,6 +244,11 @@ class SuperNet(nn.Module):
         if table is None:
             table = self.stable_rank_table(resolution_normalized, authors_quirk)
         return derive_genotype(table[0], table[1], self.primitives, self.steps, self.multiplier)
+
+    def refresh_spectral_norms(self, iterations: int = 3) -> None:
+        """:meth:`msrdarts.spectral.ConvSpectralNorm.refresh` for every normalised conv, the 1x1
+        convs batched per shape (the search loop calls it every ``sn_refresh_every`` steps)."""
+        self._spectral.refresh(iterations)
 
     @torch.no_grad()
     def refresh_mixing(self, resolution_normalized: bool = False, authors_quirk: bool = False) -> None:

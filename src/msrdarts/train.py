@@ -10,10 +10,13 @@ Run folder::
     best.pt          the weights of the epoch with the best test top-1 (chosen on the test set: optimistic)
     results.json     final test_top1_error / test_top5_error (%), params_m, mult_adds_m, device_hours
     genotype.json    the genotype trained
+    plots/           pictures: the cells and the training curves (SVG and PNG)
+    tensorboard/     TensorBoard event files (when the tensorboard package is installed)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -39,9 +42,12 @@ from .metrics import count_mult_adds, count_parameters
 from .network import Network
 from .ops import list_ops
 from .device import resolve_device
+from .dashboard import TensorBoardLog
+from .visualize import plot_run
 
 CHECKPOINT_FORMAT = "msrdarts-train-v1"
-RUN_FILES = ("config.json", "history.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "best.pt", "results.json", "genotype.json")
+RUN_FILES = ("config.json", "history.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "best.pt", "results.json", "genotype.json",
+             "plots", "tensorboard")
 
 
 @dataclass
@@ -163,7 +169,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[in
     forward = accel.forward_fn(model, log)
     eval_forward = None if dist.active else forward   # ranks evaluate the unwrapped network
     hint = f"msrdarts train --out {out} --resume"
-    with StopRequests() as stops:
+    tb = TensorBoardLog(out, cfg.tensorboard and dist.main, log, resume_epoch=start_epoch)
+    with StopRequests() as stops, contextlib.closing(tb):
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             state, resume_state = resume_state, None
@@ -199,6 +206,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[in
                                                       "config": cfg.to_dict(), "genotype": genotype.to_dict(),
                                                       "model": net.state_dict()})
             save(epoch + 1, None, train_seconds)
+            tb.epoch(record)
             log(f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | test loss {te['loss']:.4f} "
                 f"top-1 {te['acc']:.2f}% top-5 {te['acc5']:.2f}% | lr {lr:.5f} | {elapsed:.1f}s | "
                 f"{tr['images_per_s']:.0f} img/s")
@@ -218,6 +226,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[in
     }
     if dist.main:
         write_json(out / "results.json", results)
+        if cfg.plots:
+            plot_run(out)
     log(f"test top-1 error {results['test_top1_error']:.2f}% (top-5 {results['test_top5_error']:.2f}%), "
         f"{results['params_m']}M parameters; results in {out}/results.json")
     return TrainResult(results, history, out)

@@ -1,62 +1,117 @@
-"""Pictures of genotypes: both cells as DAGs with the op written on every edge (PNG, SVG, PDF).
+"""Pictures of genotypes and runs (PNG and SVG), drawn from the run folder's own files.
 
-Uses matplotlib's object API (Figure + Agg canvas), so no global pyplot state and no display.
+- :func:`draw_cells`: both cells of a genotype as DAGs, the op written on every edge.
+- :func:`draw_score_heatmap`: the final mean stable rank (or DARTS's softmax(alpha)) of every
+  (edge, op) for each cell type; each edge's chosen op is framed, the kept edges' in bold.
+- :func:`draw_trajectories`: each edge's scores over the epochs, one panel per edge, with the
+  epoch from which the derived cell no longer changed.
+- :func:`draw_curves`: losses, accuracies and learning rate over the epochs.
+
+:func:`plot_run` writes all that applies to a run into ``RUN/plots/`` (``msrdarts plot RUN``).
+Every drawn edge, choice and line carries an SVG id (``gid``) that names what it shows, so tests
+can check the picture against the genotype, and SVG text stays text (``svg.fonttype: none``).
+Uses matplotlib's object API (Figure + Agg canvas): no global pyplot state and no display.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 from ._io import atomic_write_bytes
-from .genotype import Genotype, Pairs
+from .errors import MsrdartsError
+from .genotype import Genotype, Pairs, load_genotype
 
 _OP_COLOURS = {
     "sep_conv_3x3": "#1f77b4", "sep_conv_5x5": "#17becf", "dil_conv_3x3": "#d62728", "dil_conv_5x5": "#ff7f0e",
     "skip_connect": "#7f7f7f", "max_pool_3x3": "#2ca02c", "avg_pool_3x3": "#9467bd", "none": "#cccccc",
 }
+CELL_TYPES = ("normal", "reduce")
+#: Picture formats :func:`plot_run` writes.
+FORMATS = ("svg", "png")
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def render(fig: Any, fmt: str, dpi: int = 110) -> bytes:
+    """The figure as ``fmt`` bytes (png, svg or pdf); SVG text stays searchable text."""
+    import matplotlib
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "msrdarts"}):
+        fig.savefig(buf, dpi=dpi, format=fmt, metadata={"Date": None} if fmt in ("svg", "pdf") else None)
+    return buf.getvalue()
+
+
+def _op_colour(op: str) -> str:
+    return _OP_COLOURS.get(op, "#444444")
+
+
+# ---------------------------------------------------------------- cells
 
 
 def node_positions(steps: int) -> dict[str, tuple[float, float]]:
-    """Layout: the two inputs on the left, intermediate nodes zig-zag left to right, output right."""
+    """Layout: the two inputs on the left, intermediate nodes zig-zag left to right, output right.
+    Intermediate nodes carry the genotype's numbers (2..steps+1), as in history.jsonl and the
+    heatmaps; the inputs c_{k-2} and c_{k-1} are nodes 0 and 1."""
     pos = {"c_{k-2}": (0.0, 1.0), "c_{k-1}": (0.0, -1.0)}
     for i in range(steps):
-        pos[str(i)] = (1.6 + 1.4 * i, 0.9 if i % 2 == 0 else -0.9)
+        pos[str(2 + i)] = (1.6 + 1.4 * i, 0.9 if i % 2 == 0 else -0.9)
     pos["c_{k}"] = (1.6 + 1.4 * steps + 0.6, 0.0)
     return pos
 
 
 def cell_edges(pairs: Pairs, concat: tuple[int, ...]) -> list[tuple[str, str, str]]:
     """(source label, target label, op) of every edge drawn for one cell, output edges included."""
-    names = ["c_{k-2}", "c_{k-1}"] + [str(i) for i in range(len(pairs) // 2)]
+    names = ["c_{k-2}", "c_{k-1}"] + [str(2 + i) for i in range(len(pairs) // 2)]
     edges = [(names[inp], names[2 + k // 2], op) for k, (op, inp) in enumerate(pairs)]
     edges += [(names[c], "c_{k}", "") for c in concat]
     return edges
 
 
-def _draw_cell(ax, pairs: Pairs, concat: tuple[int, ...], title: str) -> None:
+def edge_id(cell: str, k: int, pairs: Pairs) -> str:
+    """The SVG id of the k-th edge of a genotype cell: cell, pair index, source node, target node, op."""
+    op, inp = pairs[k]
+    return f"{cell}-edge-{k}-{inp}-{2 + k // 2}-{op}"
+
+
+def _draw_cell(ax: Any, pairs: Pairs, concat: tuple[int, ...], cell: str, title: str) -> None:
     steps = len(pairs) // 2
     pos = node_positions(steps)
-    for src, dst, op in cell_edges(pairs, concat):
+    for k, (src, dst, op) in enumerate(cell_edges(pairs, concat)):
         (x0, y0), (x1, y1) = pos[src], pos[dst]
         rad = 0.25 if (x1 - x0) > 1.5 else 0.0
-        colour = _OP_COLOURS.get(op, "#444444") if op else "#bbbbbb"
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.6, shrinkA=14, shrinkB=14,
-                                    connectionstyle=f"arc3,rad={rad}"))
-        if op:
-            # Label on the edge's curve (the quadratic Bezier of matplotlib's arc3 at parameter t);
-            # edges from the cell inputs get theirs near the source, where they do not cross.
-            t = 0.3 if src.startswith("c_") else 0.5
-            cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
-            mx = (1 - t) ** 2 * x0 + 2 * t * (1 - t) * cx + t ** 2 * x1
-            my = (1 - t) ** 2 * y0 + 2 * t * (1 - t) * cy + t ** 2 * y1
-            ax.text(mx, my, op, fontsize=7, ha="center", va="center", color=colour,
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=colour, lw=0.6))
+        colour = _op_colour(op) if op else "#bbbbbb"
+        arrow = ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                            arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.6, shrinkA=14, shrinkB=14,
+                                            connectionstyle=f"arc3,rad={rad}"))
+        if not op:
+            continue
+        gid = edge_id(cell, k, pairs)
+        arrow.arrow_patch.set_gid(gid + "-arrow")
+        # Label on the edge's curve (the quadratic Bezier of matplotlib's arc3 at parameter t);
+        # edges from the cell inputs get theirs near the source, where they do not cross.
+        t = 0.3 if src.startswith("c_") else 0.5
+        cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+        mx = (1 - t) ** 2 * x0 + 2 * t * (1 - t) * cx + t ** 2 * x1
+        my = (1 - t) ** 2 * y0 + 2 * t * (1 - t) * cy + t ** 2 * y1
+        ax.text(mx, my, op, fontsize=7, ha="center", va="center", color=colour, gid=gid,
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=colour, lw=0.6))
     for name, (x, y) in pos.items():
         is_io = name.startswith("c_")
-        ax.text(x, y, f"${name}$" if is_io else name, ha="center", va="center", fontsize=9,
+        label = {"c_{k-2}": "0: $c_{k-2}$", "c_{k-1}": "1: $c_{k-1}$"}.get(name, f"${name}$" if is_io else name)
+        ax.text(x, y, label, ha="center", va="center", fontsize=9,
                 bbox=dict(boxstyle="circle,pad=0.3" if not is_io else "round,pad=0.35",
                           fc="#e8f0fe" if not is_io else "#fde8c8", ec="#333333"))
     xs = [p[0] for p in pos.values()]
@@ -66,21 +121,235 @@ def _draw_cell(ax, pairs: Pairs, concat: tuple[int, ...], title: str) -> None:
     ax.axis("off")
 
 
-def plot_genotype(genotype: Genotype, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Draw the normal and the reduction cell one above the other into ``path`` (format from suffix)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    fig = Figure(figsize=(10, 7.5))
-    FigureCanvasAgg(fig)
+def draw_cells(genotype: Genotype, title: str | None = None) -> Any:
+    """The normal and the reduction cell one above the other."""
+    fig = _figure(10, 7.5)
     ax_n, ax_r = fig.subplots(2, 1)
-    _draw_cell(ax_n, genotype.normal, genotype.normal_concat, "normal cell")
-    _draw_cell(ax_r, genotype.reduce, genotype.reduce_concat, "reduction cell")
+    _draw_cell(ax_n, genotype.normal, genotype.normal_concat, "normal", "normal cell")
+    _draw_cell(ax_r, genotype.reduce, genotype.reduce_concat, "reduce", "reduction cell")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=130, format=path.suffix.lstrip(".").lower() or "png")
-    atomic_write_bytes(path, buf.getvalue())
+    return fig
+
+
+def plot_genotype(genotype: Genotype, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw both cells of ``genotype`` into ``path`` (format from the suffix: .png, .svg or .pdf)."""
+    path = Path(path)
+    atomic_write_bytes(path, render(draw_cells(genotype, title), path.suffix.lstrip(".").lower() or "png", dpi=130))
     return path
+
+
+# ---------------------------------------------------------------- search scores
+
+
+def score_table(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-(edge, op) scores of one search epoch: ``kind`` ('stable_rank': lower wins, or
+    'alpha': softmax(alpha), higher wins), ``ops``, ``edges`` [(source, target)], and the
+    ``normal`` and ``reduce`` tables (edges x ops). None for a training record."""
+    for kind in ("stable_rank", "alpha"):
+        if kind in record:
+            t = record[kind]
+            return {"kind": kind, "ops": list(t["ops"]), "edges": [tuple(e) for e in t["edges"]],
+                    "normal": t["normal"], "reduce": t["reduce"]}
+    return None
+
+
+def costs(scores: dict[str, Any], cell: str) -> list[list[float]]:
+    """The costs derivation minimises (msrdarts.derive): stable ranks, or -softmax(alpha) with
+    ``none`` never chosen."""
+    table = scores[cell]
+    if scores["kind"] == "stable_rank":
+        return [list(row) for row in table]
+    return [[math.inf if op == "none" else -a for op, a in zip(scores["ops"], row)] for row in table]
+
+
+def edge_choices(scores: dict[str, Any], cell: str) -> list[int]:
+    """Per edge, the index of its chosen op: the first lowest cost (the derivation's tie rule)."""
+    return [min(range(len(row)), key=lambda j: (row[j], j)) for row in costs(scores, cell)]
+
+
+def kept_edges(genotype: Genotype, cell: str) -> set[tuple[int, int, str]]:
+    """(source, target, op) of the edges the genotype keeps in one cell."""
+    pairs = genotype.normal if cell == "normal" else genotype.reduce
+    return {(inp, 2 + k // 2, op) for k, (op, inp) in enumerate(pairs)}
+
+
+def _fmt_score(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None) -> Any:
+    """One heatmap per cell type of one epoch's scores; the genotype defaults to the record's own."""
+    import numpy as np
+
+    scores = score_table(record)
+    if scores is None:
+        raise ValueError("not a search record: no stable_rank or alpha table")
+    genotype = genotype or Genotype.from_dict(record["genotype"])
+    ops, edges = scores["ops"], scores["edges"]
+    fig = _figure(4.2 + 1.15 * len(ops), 0.5 + 0.36 * len(edges))
+    axes = fig.subplots(1, 2)
+    low_wins = scores["kind"] == "stable_rank"
+    for ax, cell in zip(axes, CELL_TYPES):
+        table = np.array(scores[cell], dtype=float)
+        shown = np.log10(np.maximum(table, 1e-12)) if low_wins else table
+        ax.imshow(shown, cmap="viridis" if low_wins else "viridis_r", aspect="auto")
+        kept = kept_edges(genotype, cell)
+        choices = edge_choices(scores, cell)
+        for e, (src, dst) in enumerate(edges):
+            for j in range(len(ops)):
+                ax.text(j, e, _fmt_score(table[e, j]), ha="center", va="center", fontsize=7,
+                        color="white" if (shown[e, j] - shown.min()) < 0.5 * (np.ptp(shown) or 1) else "black")
+            op = ops[choices[e]]
+            is_kept = (src, dst, op) in kept
+            from matplotlib.patches import Rectangle
+            ax.add_patch(Rectangle((choices[e] - 0.48, e - 0.45), 0.96, 0.9, fill=False,
+                                   ec="#e8112d" if is_kept else "white", lw=2.4 if is_kept else 1.0,
+                                   ls="-" if is_kept else "--",
+                                   gid=f"{cell}-choice-{src}-{dst}-{op}-{'kept' if is_kept else 'dropped'}"))
+        ax.set_xticks(range(len(ops)), [o.replace("_conv", "") for o in ops], rotation=30, ha="right", fontsize=8)
+        labels = [f"{s}->{d}" for s, d in edges]
+        ax.set_yticks(range(len(edges)), labels, fontsize=8)
+        for label, (src, dst), c in zip(ax.get_yticklabels(), edges, choices):
+            if (src, dst, ops[c]) in kept:
+                label.set_fontweight("bold")
+                label.set_color("#e8112d")
+        ax.set_title(f"{cell} cell", fontsize=10)
+        ax.set_xlabel("op", fontsize=8)
+    axes[0].set_ylabel("edge (source -> node; inputs are 0, 1)", fontsize=8)
+    what = "mean stable rank (lower wins; colour: log10)" if low_wins else "softmax(alpha) (higher wins)"
+    fig.suptitle(f"epoch {record['epoch']}: {what}. Frame: each edge's op; red: the kept edges", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def settle_epoch(history: Sequence[dict[str, Any]], cell: str) -> int | None:
+    """The first epoch from which the derived ``cell`` ('normal' or 'reduce') never changed again."""
+    search = [r for r in history if "genotype" in r]
+    if not search:
+        return None
+    final = search[-1]["genotype"][cell]
+    epoch = search[-1]["epoch"]
+    for r in reversed(search):
+        if r["genotype"][cell] != final:
+            break
+        epoch = r["epoch"]
+    return epoch
+
+
+def draw_trajectories(history: Sequence[dict[str, Any]], cell: str) -> Any:
+    """One panel per edge of ``cell``: every op's score over the epochs (rows: target nodes)."""
+    records = [r for r in history if score_table(r) is not None]
+    if not records:
+        raise ValueError("no search records in this history")
+    first = score_table(records[0])
+    ops, edges = first["ops"], first["edges"]
+    epochs = [r["epoch"] for r in records]
+    targets = sorted({d for _, d in edges})
+    width = max(sum(1 for _, d in edges if d == t) for t in targets)
+    height = 1.9 * len(targets) + 0.7
+    fig = _figure(2.5 * width, height)
+    axes = fig.subplots(len(targets), width, squeeze=False)
+    settled = settle_epoch(records, cell)
+    final = Genotype.from_dict(records[-1]["genotype"])
+    kept = {(s, d) for s, d, _ in kept_edges(final, cell)}
+    for ax in axes.flat:
+        ax.axis("off")
+    for e, (src, dst) in enumerate(edges):
+        ax = axes[targets.index(dst)][src]
+        ax.axis("on")
+        for j, op in enumerate(ops):
+            ys = [score_table(r)[cell][e][j] for r in records]
+            ax.plot(epochs, ys, color=_op_colour(op), lw=1.3, label=op, gid=f"{cell}-traj-{src}-{dst}-{op}")
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        if settled is not None and len(epochs) > 1:
+            ax.axvline(settled, color="#555555", ls=":", lw=1, gid=f"{cell}-settled-{settled}" if e == 0 else None)
+        ax.set_title(f"{src}->{dst}" + ("  (kept)" if (src, dst) in kept else ""), fontsize=8,
+                     fontweight="bold" if (src, dst) in kept else "normal")
+        ax.tick_params(labelsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    free = [ax for ax in axes.flat if not ax.axison]                 # an empty slot for the legend, if any
+    (free[-1] if free else axes[0][-1]).legend(handles, labels, loc="center", fontsize=8, title="op")
+    what = "mean stable rank" if first["kind"] == "stable_rank" else "softmax(alpha)"
+    fig.suptitle(f"{cell} cell: {what} per edge (source->node) over the epochs; dotted: the derived cell is "
+                 f"unchanged from epoch {settled} on", fontsize=9, x=0.01, y=0.995, ha="left", va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
+    return fig
+
+
+def draw_curves(history: Sequence[dict[str, Any]]) -> Any:
+    """Loss, top-1 accuracy and learning rate per epoch (validation for a search, test for training)."""
+    epochs = [r["epoch"] for r in history]
+    held = "valid" if any("valid_acc" in r for r in history) else "test"
+    fig = _figure(12, 3.4)
+    axes = fig.subplots(1, 3)
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "top-1 accuracy (%)")):
+        for split, style in (("train", "-"), (held, "--")):
+            key = f"{split}_{metric}"
+            if any(key in r for r in history):
+                ax.plot(epochs, [r.get(key, float("nan")) for r in history], style, marker="o", ms=3,
+                        label=split if split == "train" else f"{split} ({'search-valid' if held == 'valid' else 'test'})",
+                        gid=f"curve-{key}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[2].plot(epochs, [r["lr"] for r in history], color="#555555", marker="o", ms=3, gid="curve-lr")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("learning rate")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- run folders
+
+
+def read_run(run: str | os.PathLike) -> dict[str, Any]:
+    """A run folder's config, history and genotype; a clear error when it is not one."""
+    run = Path(run)
+    if not run.is_dir():
+        raise MsrdartsError(f"{run}: no such run folder")
+    if not (run / "history.jsonl").is_file():
+        raise MsrdartsError(f"{run}: not a run folder (no history.jsonl; give the --out folder of a search or train)")
+    try:
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+        config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    except (OSError, ValueError) as e:
+        raise MsrdartsError(f"{run}: unreadable run file ({e})") from None
+    genotype = load_genotype(run / "genotype.json") if (run / "genotype.json").is_file() else None
+    results = None
+    if (run / "results.json").is_file():
+        results = json.loads((run / "results.json").read_text())
+    return {"path": run, "config": config, "history": history, "genotype": genotype, "results": results,
+            "kind": "search" if any(score_table(r) is not None for r in history) else "train"}
+
+
+def run_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """The pictures of one run (see :func:`read_run`), by name, in reading order."""
+    history, genotype = run["history"], run["genotype"]
+    figures: dict[str, Any] = {}
+    if genotype is not None:
+        figures["cells"] = draw_cells(genotype)
+    if run["kind"] == "search" and history:
+        figures["scores"] = draw_score_heatmap([r for r in history if score_table(r) is not None][-1])
+        for cell in CELL_TYPES:
+            figures[f"trajectories-{cell}"] = draw_trajectories(history, cell)
+    if history:
+        figures["curves"] = draw_curves(history)
+    return figures
+
+
+def plot_run(run_dir: str | os.PathLike, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write every picture of a run into ``RUN/plots/`` (each as SVG and PNG); returns the files."""
+    run = read_run(run_dir)
+    folder = run["path"] / "plots"
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, fig in run_figures(run).items():
+        for fmt in formats:
+            path = folder / f"{name}.{fmt}"
+            atomic_write_bytes(path, render(fig, fmt))
+            written.append(path)
+    return written
