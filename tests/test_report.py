@@ -140,3 +140,24 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
 
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 0.05     # a page, not a blank one
+
+
+def test_tensorboard_on_resume_replaces_the_rerun_epochs(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from msrdarts.dashboard import TensorBoardLog
+
+    first = TensorBoardLog(tmp_path, True, quiet)
+    for epoch, loss in ((1, 3.0), (2, 2.0), (3, 1.5)):          # epoch 3 was logged, then the run died
+        first.epoch({"epoch": epoch, "train_loss": loss})
+    first.close()
+    again = TensorBoardLog(tmp_path, True, quiet, resume_epoch=2)   # resumed after epoch 2's checkpoint
+    again.epoch({"epoch": 3, "train_loss": 1.25})
+    again.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss/train")] == [(1, 3.0), (2, 2.0), (3, 1.25)]
+    off = TensorBoardLog(tmp_path / "off", False, quiet)
+    off.epoch({"epoch": 1, "train_loss": 1.0})
+    assert not (tmp_path / "off").exists()

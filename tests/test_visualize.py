@@ -110,3 +110,20 @@ def test_curves_draw_the_history_series():
     h = [_record(e, lambda e: 0, lambda e: 0, lambda e: 1.0) for e in (1, 2)]
     ids = _ids(draw_curves(h))
     assert {"curve-train_loss", "curve-valid_loss", "curve-train_acc", "curve-valid_acc", "curve-lr"} <= set(ids)
+
+
+def test_darts_heatmap_picks_the_highest_alpha_and_never_none():
+    ops = ["none", "max_pool_3x3", "sep_conv_3x3"]
+    # edge e: 'none' always has the largest weight; among the others op 1 + (e % 2) wins
+    table = [[0.5, 0.3 if e % 2 == 0 else 0.2, 0.2 if e % 2 == 0 else 0.3] for e in range(14)]
+    strength = lambda e: max(table[e][1:])   # noqa: E731
+    normal = [(op, src) for node in range(2, 6)
+              for _, src, op in sorted((-strength(e), s, ops[1 + e % 2])
+                                       for e, (s, d) in enumerate(EDGES) if d == node)[:2]]
+    g = Genotype(normal=tuple(normal), normal_concat=(2, 3, 4, 5), reduce=tuple(normal), reduce_concat=(2, 3, 4, 5))
+    rec = {"epoch": 1, "alpha": {"ops": ops, "edges": [list(e) for e in EDGES], "normal": table, "reduce": table},
+           "genotype": g.to_dict()}
+    ids = _ids(draw_score_heatmap(rec))
+    choices = {i.split("-")[4] for i in ids if i.startswith("normal-choice-")}
+    assert choices == {"max_pool_3x3", "sep_conv_3x3"}
+    assert len([i for i in ids if i.startswith("normal-choice-")]) == 14

@@ -175,7 +175,9 @@ def kept_edges(genotype: Genotype, cell: str) -> set[tuple[int, int, str]]:
     return {(inp, 2 + k // 2, op) for k, (op, inp) in enumerate(pairs)}
 
 
-def _fmt_score(value: float) -> str:
+def _fmt_score(value: float, kind: str) -> str:
+    if kind == "alpha":              # softmax weights near 1/ops: the differences are in the 3rd-4th digit
+        return f"{value:.4f}"
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
@@ -199,7 +201,7 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None)
         choices = edge_choices(scores, cell)
         for e, (src, dst) in enumerate(edges):
             for j in range(len(ops)):
-                ax.text(j, e, _fmt_score(table[e, j]), ha="center", va="center", fontsize=7,
+                ax.text(j, e, _fmt_score(table[e, j], scores["kind"]), ha="center", va="center", fontsize=7,
                         color="white" if (shown[e, j] - shown.min()) < 0.5 * (np.ptp(shown) or 1) else "black")
             op = ops[choices[e]]
             is_kept = (src, dst, op) in kept
