@@ -5,6 +5,7 @@ the library attempts (through the one atomic writer and the plot), and writes wh
 run_train returned on that rank to a file of its own.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -96,7 +97,7 @@ def test_rank_0_alone_writes_files_and_logs(two_ranks):
     names = {os.path.basename(p) for p in r0["writes"]}
     assert {"checkpoint.pt", "history.jsonl", "genotype.json", "config.json", "cells.png", "results.json"} <= names
     assert {"scores.svg", "trajectories-normal.png", "curves.svg"} <= names   # the run's pictures, by rank 0
-    if (tmp / "runs" / "search" / "tensorboard").is_dir():                    # events from rank 0 alone
+    if importlib.util.find_spec("tensorboard") is not None:                  # events from rank 0 alone
         assert len(list((tmp / "runs" / "search" / "tensorboard").iterdir())) == 1
     assert "epoch 1/2" in outs[0][0] and outs[1][0] == ""
     assert "all 2 processes derived this genotype" in outs[0][0]

@@ -52,7 +52,7 @@ def test_runs_draw_their_pictures_when_they_end(runs):
     assert drawn == sorted(f"normal-edge-{k}-{inp}-{2 + k // 2}-{op}" for k, (op, inp) in enumerate(g.normal))
 
 
-def test_plot_command_redraws_a_run_and_draws_zoo_genotypes(runs, tmp_path, capsys):
+def test_plot_command_redraws_a_run_and_draws_zoo_genotypes(runs, tmp_path, capsys, monkeypatch):
     search, _ = runs
     copy = tmp_path / "copy"
     shutil.copytree(search, copy, ignore=shutil.ignore_patterns("plots", "*.pt"))
@@ -60,7 +60,7 @@ def test_plot_command_redraws_a_run_and_draws_zoo_genotypes(runs, tmp_path, caps
     assert len(list((copy / "plots").iterdir())) == 10
     assert main(["plot", "--genotype", "DARTS_V2", "--out", str(tmp_path / "d.svg")]) == 0
     assert 'id="reduce-edge-7-1-5-max_pool_3x3"' in (tmp_path / "d.svg").read_text()
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert main(["plot", "--genotype", "PC_DARTS"]) == 0 and (tmp_path / "PC_DARTS-cells.png").is_file()
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
     assert main(["plot"]) == 2
@@ -141,23 +141,3 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 0.05     # a page, not a blank one
 
-
-def test_tensorboard_on_resume_replaces_the_rerun_epochs(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from msrdarts.dashboard import TensorBoardLog
-
-    first = TensorBoardLog(tmp_path, True, quiet)
-    for epoch, loss in ((1, 3.0), (2, 2.0), (3, 1.5)):          # epoch 3 was logged, then the run died
-        first.epoch({"epoch": epoch, "train_loss": loss})
-    first.close()
-    again = TensorBoardLog(tmp_path, True, quiet, resume_epoch=2)   # resumed after epoch 2's checkpoint
-    again.epoch({"epoch": 3, "train_loss": 1.25})
-    again.close()
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("loss/train")] == [(1, 3.0), (2, 2.0), (3, 1.25)]
-    off = TensorBoardLog(tmp_path / "off", False, quiet)
-    off.epoch({"epoch": 1, "train_loss": 1.0})
-    assert not (tmp_path / "off").exists()

@@ -104,6 +104,34 @@ def test_resume_refuses_changed_settings_and_missing_runs(full_run, tmp_path):
         run_search(TINY, tmp_path / "empty", resume=True, log=quiet)
 
 
+def test_checkpoint_from_before_pointwise_vectors_resumes_with_exact_ones(full_run, tmp_path):
+    """Checkpoints written before 1x1 convs had power-iteration vectors still resume; any other
+    missing entry is named."""
+    import shutil
+
+    from msrdarts.spectral import matrix_top_vectors
+
+    out, _ = full_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    ckpt = load_checkpoint(old / "checkpoint.pt")
+    ckpt["epoch"] = 1                              # resume one epoch before the end
+    ckpt["history"] = ckpt["history"][:1]
+    pointwise = [k[:-2] for k in ckpt["model"] if k.endswith(".u") and ckpt["model"][k].dim() == 1]
+    assert pointwise
+    for k in pointwise:
+        del ckpt["model"][k + ".u"], ckpt["model"][k + ".v"]
+    torch.save(ckpt, old / "checkpoint.pt")
+    (old / "checkpoint.prev.pt").unlink()
+    logs = []
+    run_search(TINY, old, resume=True, log=logs.append)
+    assert any("were set to the exact ones" in m and f"their {len(pointwise)} vectors" in m for m in logs)
+    del ckpt["model"][next(k for k in ckpt["model"] if k.endswith("running_mean"))]
+    torch.save(ckpt, old / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="does not match this network \\(missing 1 entries"):
+        run_search(TINY, old, resume=True, log=quiet)
+
+
 def test_corrupted_checkpoint_is_named(full_run, tmp_path):
     out, _ = full_run
     bad = tmp_path / "bad"

@@ -127,3 +127,35 @@ def test_darts_heatmap_picks_the_highest_alpha_and_never_none():
     choices = {i.split("-")[4] for i in ids if i.startswith("normal-choice-")}
     assert choices == {"max_pool_3x3", "sep_conv_3x3"}
     assert len([i for i in ids if i.startswith("normal-choice-")]) == 14
+
+
+def test_run_pictures_mark_the_genotype_of_the_best_epoch_not_the_last(tmp_path):
+    import json
+
+    from msrdarts.errors import MsrdartsError
+    from msrdarts.visualize import plot_run, read_run, run_figures
+
+    h = [_record(1, lambda e: 0, lambda e: 0, lambda e: 1.0 + e % 3),
+         _record(2, lambda e: 3, lambda e: 3, lambda e: 1.0 + (e * 5) % 7),
+         _record(3, lambda e: 3, lambda e: 3, lambda e: 1.0 + (e * 5) % 7)]
+    h[0]["valid_acc"] = 99.0                     # epoch 1 is the best: genotype.json is its genotype
+    best = Genotype.from_dict(h[0]["genotype"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in h))
+    (run / "config.json").write_text(json.dumps({"method": "msr", "dataset": "digits"}))
+    best.save(run / "genotype.json")
+    figures = run_figures(read_run(run))
+    ids = _ids(figures["scores"])
+    kept = {i for i in ids if i.startswith("normal-choice-") and i.endswith("-kept")}
+    assert kept == {f"normal-choice-{inp}-{2 + k // 2}-{OPS[0]}-kept" for k, (_, inp) in enumerate(best.normal)}
+    traj = _ids(figures["trajectories-normal"])
+    assert "normal-best-1" in traj and "normal-settled-2" in traj
+    # a run folder with no completed epoch, and a broken results.json: one-line errors
+    (run / "history.jsonl").write_text("")
+    (run / "genotype.json").unlink()
+    with pytest.raises(MsrdartsError, match="no completed epoch yet"):
+        plot_run(run)
+    (run / "results.json").write_text("{broken")
+    with pytest.raises(MsrdartsError, match="unreadable run file"):
+        read_run(run)

@@ -19,6 +19,7 @@ import torch
 
 from ._io import atomic_write_bytes
 from .errors import CheckpointError, ConfigError
+from .spectral import fill_missing_matrix_vectors
 
 #: Settings that may differ on --resume without changing what a run computes.
 RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers", "checkpoint_every", "lr", "tensorboard",
@@ -159,7 +160,16 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
     the way to continue a run that diverged. ``rank`` picks that process's RNG states.
     """
     try:
-        model.load_state_dict(ckpt["model"])
+        loaded = model.load_state_dict(ckpt["model"], strict=False)
+        legacy = fill_missing_matrix_vectors(model, loaded.missing_keys)
+        missing = [k for k in loaded.missing_keys if k not in legacy]
+        if missing or loaded.unexpected_keys:
+            raise CheckpointError(f"{path} does not match this network (missing {len(missing)} entries, e.g. "
+                                  f"{missing[:1]}; unexpected {len(loaded.unexpected_keys)}, e.g. "
+                                  f"{loaded.unexpected_keys[:1]})")
+        if legacy:
+            log(f"{path}: written before 1x1 convs had power-iteration vectors; their {len(legacy) // 2} "
+                f"vectors were set to the exact ones of the loaded weights")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:

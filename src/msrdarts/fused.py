@@ -22,9 +22,10 @@ spectral-norm computation. Here, per cell:
   power-iteration vectors of all its convs at once, gathered from and written back to the
   convs' own buffers:
   - pointwise C x C matrices (N of them): batched matrix-vector products, (N, C, C) x (N, C);
-  - depthwise kernels with the same (C, k, dilation, stride, input size): on maps of at most 64
-    pixels, batched products with each channel's dense (H*W, H'*W') operator (:class:`DenseTaps`);
-    on larger maps a single grouped conv and transposed conv over the N*C channels.
+  - depthwise kernels with the same (C, k, dilation, stride, input size): on maps of at most 16
+    pixels (``SpectralBatch.DENSE_MAX_PIXELS``), batched products with each channel's dense
+    (H*W, H'*W') operator (:class:`DenseTaps`); on larger maps a single grouped conv and
+    transposed conv over the N*C channels.
   Groups are ordered so that the weights one fused conv needs are a contiguous slice: no
   gather per use.
 

@@ -18,12 +18,12 @@ from typing import Any, Sequence
 from ._io import atomic_write_bytes
 from .compare import gather, method_name, summarize
 from .errors import MsrdartsError
-from .visualize import read_run, render, run_figures, settle_epoch
+from .visualize import best_record, read_run, render, run_figures, settle_epoch
 
 _CAPTIONS = {
     "cells": "The derived genotype: the normal and the reduction cell.",
-    "scores": "Final scores per edge and op, for each cell type. The frame marks each edge's chosen op; red "
-              "frames and labels mark the edges the cell keeps.",
+    "scores": "Scores per edge and op at the epoch genotype.json comes from, for each cell type. The frame "
+              "marks each edge's chosen op; red frames and labels mark the edges the genotype keeps.",
     "trajectories-normal": "Normal cell: every op's score on every edge over the epochs.",
     "trajectories-reduce": "Reduction cell: every op's score on every edge over the epochs.",
     "curves": "Loss, accuracy and learning rate per epoch.",
@@ -95,11 +95,11 @@ def _results(run: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = [("epochs completed", last["epoch"]),
                                    ("time (sum of epoch times, s)", sum(r.get("epoch_time_s", 0.0) for r in history))]
     if run["kind"] == "search":
-        best = max(history, key=lambda r: (r["valid_acc"], -r["epoch"]))
+        best = best_record(history) or last
         rows += [("best epoch (the genotype's)", best["epoch"]), ("best search-valid accuracy (%)", best["valid_acc"]),
                  ("final train accuracy (%)", last["train_acc"]), ("final search-valid accuracy (%)", last["valid_acc"]),
-                 ("normal cell unchanged since epoch", settle_epoch(history, "normal")),
-                 ("reduction cell unchanged since epoch", settle_epoch(history, "reduce"))]
+                 ("derived normal cell unchanged from epoch (to the last)", settle_epoch(history, "normal")),
+                 ("derived reduction cell unchanged from epoch (to the last)", settle_epoch(history, "reduce"))]
     else:
         rows += [("final train accuracy (%)", last["train_acc"]), ("final test top-1 accuracy (%)", last["test_acc"]),
                  ("best test top-1 accuracy (%)", max(r["test_acc"] for r in history))]
@@ -123,7 +123,7 @@ def _config(config: dict[str, Any]) -> str:
 def _run_section(index: int, run: dict[str, Any]) -> str:
     config = run["config"]
     name = run["path"].name or str(run["path"])
-    method = method_name(config) if run["kind"] == "search" else f"train {config.get('genotype', '')}"
+    method = method_name(config) if run["kind"] == "search" else f"trains {config.get('genotype', '?')}"
     parts = [f'<section id="run-{index}" class="run" data-kind="{run["kind"]}">',
              f"<h2>{_e(name)} <span class=\"meta\">({_e(run['kind'])}: {_e(method)}; "
              f"{_e(config.get('dataset', '?'))})</span></h2>",
@@ -158,20 +158,25 @@ def _comparison(paths: Sequence[Path]) -> str:
 
 
 def build_report(run_dirs: Sequence[str | os.PathLike], title: str = "msrdarts report") -> str:
-    """The HTML text of the report for ``run_dirs`` (each a search or training run folder)."""
+    """The HTML text of the report for ``run_dirs``: search and training run folders, and
+    ``msrdarts sample`` folders, which count in the comparison only (they hold no run)."""
     if not run_dirs:
         raise MsrdartsError("report: give at least one run folder")
-    runs = [read_run(p) for p in run_dirs]
+    samples = [Path(p) for p in run_dirs if (Path(p) / "sample.json").is_file()]
+    runs = [read_run(p) for p in run_dirs if Path(p) not in samples]
+    if not runs:
+        raise MsrdartsError("report: no search or training run folder among the ones given")
     nav = "".join(f'<a href="#run-{i}">{_e(r["path"].name)}</a>' for i, r in enumerate(runs))
     body = []
-    if len(runs) > 1:
+    if len(runs) + len(samples) > 1:
         try:
-            body.append(_comparison([r["path"] for r in runs]))
-        except MsrdartsError as e:
-            body.append(f'<section id="comparison"><h2>Comparison</h2><p>Not available: {_e(e)}</p></section>')
+            body.append(_comparison([r["path"] for r in runs] + samples))
+        except Exception as e:   # noqa: BLE001 - the runs' own sections are still worth the page
+            body.append(f'<section id="comparison"><h2>Comparison</h2><p>Not available: '
+                        f'{_e(type(e).__name__)}: {_e(str(e).splitlines()[0] if str(e) else "")}</p></section>')
     body += [_run_section(i, r) for i, r in enumerate(runs)]
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    if len(runs) > 1:
+    if len(runs) + len(samples) > 1:
         nav = '<a href="#comparison">comparison</a>' + nav
     head = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -189,5 +194,9 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         raise MsrdartsError(f"--out {out}: the report is an HTML file; give a name ending in .html")
     if not out.parent.is_dir():
         raise MsrdartsError(f"--out {out}: folder {out.parent} does not exist")
-    atomic_write_bytes(out, build_report(run_dirs, title).encode())
+    page = build_report(run_dirs, title)
+    try:
+        atomic_write_bytes(out, page.encode())
+    except OSError as e:
+        raise MsrdartsError(f"--out {out}: cannot write ({e.strerror or e})") from None
     return out

@@ -44,7 +44,7 @@ from .engine import EpochState, NonFiniteLoss, evaluate, recalibrate_bn, train_o
 from .errors import CheckpointError
 from .genotype import Genotype
 from .supernet import SuperNet
-from .visualize import plot_run
+from .visualize import plot_run_quietly
 
 CHECKPOINT_FORMAT = "msrdarts-search-v1"
 RUN_FILES = ("config.json", "history.jsonl", "genotype.json", "checkpoint.pt", "checkpoint.prev.pt", "plots",
@@ -230,7 +230,7 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
         raise CheckpointError(f"{out}: no completed epoch to derive a genotype from")
     genotype = Genotype.from_dict(best["genotype"])
     if dist.main and cfg.plots:
-        plot_run(out)
+        plot_run_quietly(out, log)
     log(f"genotype (epoch {best['epoch']}, valid acc {best['valid_acc']:.2f}%): {genotype}")
     if dist.active:
         log(f"all {dist.world} processes derived this genotype")

@@ -254,6 +254,23 @@ def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: f
 
 
 
+@torch.no_grad()
+def fill_missing_matrix_vectors(model: nn.Module, missing_keys: list[str]) -> list[str]:
+    """Checkpoints written before 1x1 convs had power-iteration vectors lack their ``u`` and
+    ``v``: set those to the exact top singular vectors of the loaded weights (what the old code
+    computed every step). Returns the missing keys this accounts for."""
+    missing, filled = set(missing_keys), []
+    for name, sn in model.named_modules():
+        keys = [f"{name}.u", f"{name}.v"]
+        if isinstance(sn, ConvSpectralNorm) and sn.matrix and all(k in missing for k in keys):
+            conv = model.get_submodule(name.rsplit(".parametrizations.", 1)[0])
+            u, v = matrix_top_vectors(conv.parametrizations.weight.original.flatten(1), sn.eps)
+            sn.u.copy_(u)
+            sn.v.copy_(v)
+            filled += keys
+    return filled
+
+
 def refresh_spectral_norms(model: nn.Module, iterations: int = 3) -> None:
     """Run :meth:`ConvSpectralNorm.refresh` for every spectrally normalised conv of ``model``."""
     for m in model.modules():

@@ -43,7 +43,7 @@ from .network import Network
 from .ops import list_ops
 from .device import resolve_device
 from .dashboard import TensorBoardLog
-from .visualize import plot_run
+from .visualize import plot_run_quietly
 
 CHECKPOINT_FORMAT = "msrdarts-train-v1"
 RUN_FILES = ("config.json", "history.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "best.pt", "results.json", "genotype.json",
@@ -227,7 +227,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[in
     if dist.main:
         write_json(out / "results.json", results)
         if cfg.plots:
-            plot_run(out)
+            plot_run_quietly(out, log)
     log(f"test top-1 error {results['test_top1_error']:.2f}% (top-5 {results['test_top5_error']:.2f}%), "
         f"{results['params_m']}M parameters; results in {out}/results.json")
     return TrainResult(results, history, out)

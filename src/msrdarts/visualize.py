@@ -80,10 +80,9 @@ def cell_edges(pairs: Pairs, concat: tuple[int, ...]) -> list[tuple[str, str, st
     return edges
 
 
-def edge_id(cell: str, k: int, pairs: Pairs) -> str:
-    """The SVG id of the k-th edge of a genotype cell: cell, pair index, source node, target node, op."""
-    op, inp = pairs[k]
-    return f"{cell}-edge-{k}-{inp}-{2 + k // 2}-{op}"
+def _node_number(label: str) -> int:
+    """The genotype's node number of a drawn node label (inputs c_{k-2}, c_{k-1} are 0 and 1)."""
+    return {"c_{k-2}": 0, "c_{k-1}": 1}.get(label, None) if label.startswith("c_") else int(label)
 
 
 def _draw_cell(ax: Any, pairs: Pairs, concat: tuple[int, ...], cell: str, title: str) -> None:
@@ -98,7 +97,8 @@ def _draw_cell(ax: Any, pairs: Pairs, concat: tuple[int, ...], cell: str, title:
                                             connectionstyle=f"arc3,rad={rad}"))
         if not op:
             continue
-        gid = edge_id(cell, k, pairs)
+        # the id names what is drawn: the nodes at the arrow's two ends and the label's op
+        gid = f"{cell}-edge-{k}-{_node_number(src)}-{_node_number(dst)}-{op}"
         arrow.arrow_patch.set_gid(gid + "-arrow")
         # Label on the edge's curve (the quadratic Bezier of matplotlib's arc3 at parameter t);
         # edges from the cell inputs get theirs near the source, where they do not cross.
@@ -181,9 +181,12 @@ def _fmt_score(value: float, kind: str) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None) -> Any:
-    """One heatmap per cell type of one epoch's scores; the genotype defaults to the record's own."""
+def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None, title: str | None = None) -> Any:
+    """One heatmap per cell type of one epoch's scores, the kept edges those of ``genotype``
+    (default: the genotype derived at that epoch, as the record holds it)."""
     import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.patches import Rectangle
 
     scores = score_table(record)
     if scores is None:
@@ -196,16 +199,16 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None)
     for ax, cell in zip(axes, CELL_TYPES):
         table = np.array(scores[cell], dtype=float)
         shown = np.log10(np.maximum(table, 1e-12)) if low_wins else table
-        ax.imshow(shown, cmap="viridis" if low_wins else "viridis_r", aspect="auto")
+        image = ax.imshow(shown, cmap="viridis" if low_wins else "viridis_r", aspect="auto")
         kept = kept_edges(genotype, cell)
         choices = edge_choices(scores, cell)
         for e, (src, dst) in enumerate(edges):
             for j in range(len(ops)):
+                r, g, b, _ = image.cmap(image.norm(shown[e, j]))      # the cell's colour: dark text on light
                 ax.text(j, e, _fmt_score(table[e, j], scores["kind"]), ha="center", va="center", fontsize=7,
-                        color="white" if (shown[e, j] - shown.min()) < 0.5 * (np.ptp(shown) or 1) else "black")
+                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
             op = ops[choices[e]]
             is_kept = (src, dst, op) in kept
-            from matplotlib.patches import Rectangle
             ax.add_patch(Rectangle((choices[e] - 0.48, e - 0.45), 0.96, 0.9, fill=False,
                                    ec="#e8112d" if is_kept else "white", lw=2.4 if is_kept else 1.0,
                                    ls="-" if is_kept else "--",
@@ -221,9 +224,17 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None)
         ax.set_xlabel("op", fontsize=8)
     axes[0].set_ylabel("edge (source -> node; inputs are 0, 1)", fontsize=8)
     what = "mean stable rank (lower wins; colour: log10)" if low_wins else "softmax(alpha) (higher wins)"
-    fig.suptitle(f"epoch {record['epoch']}: {what}. Frame: each edge's op; red: the kept edges", fontsize=9)
+    fig.suptitle(f"{title or 'epoch ' + str(record['epoch'])}: {what}. Frame: each edge's op; red: the kept edges",
+                 fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def best_record(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The search epoch genotype.json comes from: the highest search-valid accuracy, ties to the
+    earlier epoch (msrdarts.search)."""
+    search = [r for r in history if score_table(r) is not None]
+    return max(search, key=lambda r: (r["valid_acc"], -r["epoch"])) if search else None
 
 
 def settle_epoch(history: Sequence[dict[str, Any]], cell: str) -> int | None:
@@ -241,7 +252,11 @@ def settle_epoch(history: Sequence[dict[str, Any]], cell: str) -> int | None:
 
 
 def draw_trajectories(history: Sequence[dict[str, Any]], cell: str) -> Any:
-    """One panel per edge of ``cell``: every op's score over the epochs (rows: target nodes)."""
+    """One panel per edge of ``cell``: every op's score over the epochs (rows: target nodes).
+    Dotted: the epoch from which the derived cell never changed again; dashed: the epoch the
+    run's genotype comes from; "(kept)": the edges that genotype keeps."""
+    from matplotlib.ticker import MaxNLocator
+
     records = [r for r in history if score_table(r) is not None]
     if not records:
         raise ValueError("no search records in this history")
@@ -254,8 +269,8 @@ def draw_trajectories(history: Sequence[dict[str, Any]], cell: str) -> Any:
     fig = _figure(2.5 * width, height)
     axes = fig.subplots(len(targets), width, squeeze=False)
     settled = settle_epoch(records, cell)
-    final = Genotype.from_dict(records[-1]["genotype"])
-    kept = {(s, d) for s, d, _ in kept_edges(final, cell)}
+    best = best_record(records)
+    kept = {(s, d) for s, d, _ in kept_edges(Genotype.from_dict(best["genotype"]), cell)}
     for ax in axes.flat:
         ax.axis("off")
     for e, (src, dst) in enumerate(edges):
@@ -267,6 +282,9 @@ def draw_trajectories(history: Sequence[dict[str, Any]], cell: str) -> Any:
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         if settled is not None and len(epochs) > 1:
             ax.axvline(settled, color="#555555", ls=":", lw=1, gid=f"{cell}-settled-{settled}" if e == 0 else None)
+            ax.axvline(best["epoch"], color="#e8112d", ls="--", lw=0.8,
+                       gid=f"{cell}-best-{best['epoch']}" if e == 0 else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{src}->{dst}" + ("  (kept)" if (src, dst) in kept else ""), fontsize=8,
                      fontweight="bold" if (src, dst) in kept else "normal")
         ax.tick_params(labelsize=7)
@@ -275,13 +293,16 @@ def draw_trajectories(history: Sequence[dict[str, Any]], cell: str) -> Any:
     (free[-1] if free else axes[0][-1]).legend(handles, labels, loc="center", fontsize=8, title="op")
     what = "mean stable rank" if first["kind"] == "stable_rank" else "softmax(alpha)"
     fig.suptitle(f"{cell} cell: {what} per edge (source->node) over the epochs; dotted: the derived cell is "
-                 f"unchanged from epoch {settled} on", fontsize=9, x=0.01, y=0.995, ha="left", va="top")
+                 f"unchanged from epoch {settled} on; red dashed: epoch {best['epoch']}, where genotype.json comes from "
+                 f"(its edges: 'kept')", fontsize=9, x=0.01, y=0.995, ha="left", va="top")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
 
 
 def draw_curves(history: Sequence[dict[str, Any]]) -> Any:
     """Loss, top-1 accuracy and learning rate per epoch (validation for a search, test for training)."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
     held = "valid" if any("valid_acc" in r for r in history) else "test"
     fig = _figure(12, 3.4)
@@ -295,10 +316,12 @@ def draw_curves(history: Sequence[dict[str, Any]]) -> Any:
                         gid=f"curve-{key}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[2].plot(epochs, [r["lr"] for r in history], color="#555555", marker="o", ms=3, gid="curve-lr")
     axes[2].set_xlabel("epoch")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set_ylabel("learning rate")
     axes[2].grid(alpha=0.3)
     fig.tight_layout()
@@ -309,7 +332,7 @@ def draw_curves(history: Sequence[dict[str, Any]]) -> Any:
 
 
 def read_run(run: str | os.PathLike) -> dict[str, Any]:
-    """A run folder's config, history and genotype; a clear error when it is not one."""
+    """A run folder's config, history, genotype and results; a one-line error when it is not one."""
     run = Path(run)
     if not run.is_dir():
         raise MsrdartsError(f"{run}: no such run folder")
@@ -318,14 +341,16 @@ def read_run(run: str | os.PathLike) -> dict[str, Any]:
     try:
         history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
         config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else None
     except (OSError, ValueError) as e:
-        raise MsrdartsError(f"{run}: unreadable run file ({e})") from None
+        raise MsrdartsError(f"{run}: unreadable run file ({str(e).splitlines()[0]})") from None
     genotype = load_genotype(run / "genotype.json") if (run / "genotype.json").is_file() else None
-    results = None
-    if (run / "results.json").is_file():
-        results = json.loads((run / "results.json").read_text())
+    # a training config names the genotype it trains; a search config does not
+    kind = "train" if "genotype" in config or results is not None else "search"
+    if not config:
+        kind = "search" if any(score_table(r) is not None for r in history) else "train"
     return {"path": run, "config": config, "history": history, "genotype": genotype, "results": results,
-            "kind": "search" if any(score_table(r) is not None for r in history) else "train"}
+            "kind": kind}
 
 
 def run_figures(run: dict[str, Any]) -> dict[str, Any]:
@@ -334,8 +359,12 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     if genotype is not None:
         figures["cells"] = draw_cells(genotype)
-    if run["kind"] == "search" and history:
-        figures["scores"] = draw_score_heatmap([r for r in history if score_table(r) is not None][-1])
+    best = best_record(history) if run["kind"] == "search" else None
+    if best is not None:
+        last = history[-1]["epoch"]
+        title = f"epoch {best['epoch']} of {last} (genotype.json's" + (")" if best["epoch"] == last else
+                                                                         "; the best search-valid accuracy)")
+        figures["scores"] = draw_score_heatmap(best, genotype, title)
         for cell in CELL_TYPES:
             figures[f"trajectories-{cell}"] = draw_trajectories(history, cell)
     if history:
@@ -346,12 +375,27 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
 def plot_run(run_dir: str | os.PathLike, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Write every picture of a run into ``RUN/plots/`` (each as SVG and PNG); returns the files."""
     run = read_run(run_dir)
+    figures = run_figures(run)
+    if not figures:
+        raise MsrdartsError(f"{run['path']}: no completed epoch yet, nothing to draw")
     folder = run["path"] / "plots"
-    folder.mkdir(exist_ok=True)
-    written = []
-    for name, fig in run_figures(run).items():
-        for fmt in formats:
-            path = folder / f"{name}.{fmt}"
-            atomic_write_bytes(path, render(fig, fmt))
-            written.append(path)
+    try:
+        folder.mkdir(exist_ok=True)
+        written = []
+        for name, fig in figures.items():
+            for fmt in formats:
+                path = folder / f"{name}.{fmt}"
+                atomic_write_bytes(path, render(fig, fmt))
+                written.append(path)
+    except OSError as e:
+        raise MsrdartsError(f"{folder}: cannot write the pictures ({e.strerror or e})") from None
     return written
+
+
+def plot_run_quietly(run_dir: str | os.PathLike, log: Any = print) -> None:
+    """:func:`plot_run` at the end of a run: a failure to draw is a warning, never a failed run."""
+    try:
+        plot_run(run_dir)
+    except Exception as e:   # noqa: BLE001 - the run's results are saved; only the pictures are missing
+        log(f"warning: could not draw the pictures ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"retry with: msrdarts plot {run_dir}")
