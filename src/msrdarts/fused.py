@@ -75,7 +75,9 @@ def _sn(conv: OpConv) -> ConvSpectralNorm | None:
 
 
 def _raw(conv: OpConv) -> torch.Tensor:
-    return conv.parametrizations.weight.original if parametrize.is_parametrized(conv, "weight") else conv.weight
+    """The conv's trained weight (before any spectral normalisation)."""
+    params, name = _raw_slot(conv)
+    return params[name]
 
 
 class DenseTaps:
@@ -103,7 +105,7 @@ class DenseTaps:
 
 
 def _raw_slot(conv: OpConv) -> tuple[dict, str]:
-    """Where :func:`_raw` finds the conv's trained weight: (a module's ``_parameters``, key)."""
+    """Where the conv's trained weight lives: (a module's ``_parameters``, key)."""
     if parametrize.is_parametrized(conv, "weight"):
         return conv.parametrizations.weight._parameters, "original"
     return conv._parameters, "weight"
