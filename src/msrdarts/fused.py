@@ -74,12 +74,6 @@ def _sn(conv: OpConv) -> ConvSpectralNorm | None:
     return None
 
 
-def _raw(conv: OpConv) -> torch.Tensor:
-    """The conv's trained weight (before any spectral normalisation)."""
-    params, name = _raw_slot(conv)
-    return params[name]
-
-
 class DenseTaps:
     """The 0/1 tap tensors of depthwise conv geometries, cached per geometry, map size, dtype and device.
 
@@ -209,15 +203,15 @@ class SpectralBatch:
         one batched computation per group: the exact top singular vectors of the 1x1 convs;
         power iteration for the others until each sigma changes by at most ``tol`` (relative)
         over 10 iterations."""
-        for convs, sns in zip(self.groups, self._norms()):
+        for g, sns in enumerate(self._norms()):
             if sns[0] is None:
                 continue
-            w = torch.stack([_raw(c) for c in convs]).detach()
             if sns[0].matrix:
-                self._store(_buffers(sns), *matrix_top_vectors(w.flatten(2), sns[0].eps))
+                self._exact_matrix_vectors(g)
                 continue
-            active = list(range(len(convs)))            # convs still converging
-            last = self._power_sigma(sns, w, 0, _buffers(sns))
+            w = torch.stack(self._raws(g))
+            active = list(range(len(sns)))              # convs still converging
+            last = self._power_sigma(sns, w, 0, self._vectors(g))
             for _ in range(0, max_iterations, 10):
                 now = self._power_sigma([sns[i] for i in active], w[active], 10, _buffers([sns[i] for i in active]))
                 moving = ((now - last).abs() > tol * now).tolist()
@@ -229,15 +223,19 @@ class SpectralBatch:
     def refresh(self, iterations: int = 3) -> None:
         """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
         in one batched ``eigh`` per group; the other convs run their own refresh."""
-        for convs, sns in zip(self.groups, self._norms()):
+        for g, sns in enumerate(self._norms()):
             if sns[0] is None:
                 continue
             if sns[0].matrix:
-                w = torch.stack([_raw(c) for c in convs]).detach()
-                self._store(_buffers(sns), *matrix_top_vectors(w.flatten(2), sns[0].eps))
+                self._exact_matrix_vectors(g)
             else:
-                for conv, sn in zip(convs, sns):
-                    sn.refresh(_raw(conv).detach(), iterations)
+                for w, sn in zip(self._raws(g), sns):
+                    sn.refresh(w.detach(), iterations)
+
+    def _exact_matrix_vectors(self, g: int) -> None:
+        """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
+        w = torch.stack(self._raws(g)).detach()
+        self._store(self._vectors(g), *matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
 
     @staticmethod
     def _store(vectors: tuple[list[torch.Tensor], list[torch.Tensor]], u: torch.Tensor, v: torch.Tensor) -> None:
