@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 from msrdarts.device import Accel
 from msrdarts.errors import ConfigError
-from msrdarts.fused import DepthwiseRunner, SpectralBatch
+from msrdarts.fused import DepthwiseRunner, SpectralBatch, _Geometry
 from msrdarts.ops import DARTS_PRIMITIVES, OpConv
 from msrdarts.supernet import SuperNet
 
@@ -105,7 +105,27 @@ def test_depthwise_runner_dense_operator_matches_conv2d(k, dil, stride, hw):
     w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
     runner = DepthwiseRunner()
     y = runner(x, w, conv)
-    assert runner.taps, "the dense path was not taken"
+    assert runner.taps._cache, "the dense path was not taken"
+    ref = F.conv2d(x, w, None, stride, pad, dil, C)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, dil, stride, hw, subsampled", [
+    (3, 2, 2, (20, 20), True), (5, 2, 2, (17, 23), True), (5, 2, 2, (3, 5), True),   # dil convs of a reduction
+    (3, 1, 2, (20, 20), False), (5, 1, 2, (17, 17), False), (3, 2, 1, (20, 20), False)])
+def test_depthwise_runner_subsamples_strided_dilated_convs(k, dil, stride, hw, subsampled):
+    """A stride-2 conv with dilation 2 runs as a stride-1 undilated conv on x[..., ::2, ::2]:
+    same values and gradients as F.conv2d, on small (dense) and large maps, even and odd sizes."""
+    torch.manual_seed(3)
+    C, pad = 5, dil * (k - 1) // 2
+    conv = OpConv(C, C, k, stride=stride, padding=pad, dilation=dil, groups=C, bias=False)
+    assert (_Geometry.of(conv).subsampled(hw) is not None) == subsampled
+    x = torch.randn(2, C, *hw, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
+    y = DepthwiseRunner()(x, w, conv)
     ref = F.conv2d(x, w, None, stride, pad, dil, C)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)

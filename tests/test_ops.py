@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -315,3 +317,46 @@ def test_drop_path_gradient():
     torch.testing.assert_close(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.75))
     assert torch.equal(x.grad[~kept], torch.zeros_like(x.grad[~kept]))
     assert 0 < int((~kept).sum()) < 64
+
+
+def test_compiled_tap_products_match_the_conv_weight_gradient():
+    """CompiledTaps (torch.compile of tap_products, batch and channels dynamic) gives PyTorch's
+    depthwise weight gradient, for two batch/channel counts (one compile: both are dynamic)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
+    messages = []
+    taps = ops.CompiledTaps(log=messages.append, min_elements=0)
+    torch.manual_seed(6)
+    for k, pad, dil in [(5, 4, 2)]:
+        for B, C in [(2, 3), (3, 5)]:
+            x = torch.randn(B, C, 9, 8, dtype=torch.float64)
+            w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
+            xg = x.clone().requires_grad_(True)
+            y = depthwise_conv2d(xg, w, (pad, pad), (dil, dil), taps=taps)
+            g = torch.randn_like(y)
+            gx, gw = torch.autograd.grad(y, (xg, w), g)
+            w2 = w.detach().clone().requires_grad_(True)
+            rw, = torch.autograd.grad(F.conv2d(x, w2, None, 1, pad, dil, C), (w2,), g)
+            torch.testing.assert_close(gw, rw, atol=1e-12, rtol=1e-12)
+    assert taps.failed is None and not messages, messages
+
+
+def test_compiled_taps_fall_back_to_eager_with_one_message(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    messages = []
+    taps = ops.CompiledTaps(log=messages.append, min_elements=0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    g = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xp = F.pad(x, (1, 1, 1, 1))
+    for _ in range(2):
+        got = taps(xp, g, (3, 3), (1, 1), (1, 1))
+        torch.testing.assert_close(got, ops.tap_products(xp, g, (3, 3), (1, 1), (1, 1)), atol=1e-12, rtol=0)
+    assert messages == ["compiling the depthwise weight gradient failed (RuntimeError: no compiler here); "
+                        "computing it eagerly"]
+    # below the size threshold nothing is compiled at all
+    small = ops.CompiledTaps(log=messages.append)
+    small(xp, g, (3, 3), (1, 1), (1, 1))
+    assert small.failed is None and len(messages) == 1

@@ -64,7 +64,8 @@ class _DataConfig(_Config):
                           "off on the CPU); spectral norms and stable ranks stay in float32")
     channels_last: str = _f("auto", "channels_last memory format: 'on', 'off', or 'auto' (on on an accelerator)")
     compile: str = _f("auto", "torch.compile the network: 'on', 'off', or 'auto' (on on an accelerator); falls back "
-                              "to eager with a message where compiling fails")
+                              "to eager with a message where compiling fails. On the CPU the fused search also "
+                              "compiles its large depthwise weight gradients unless this is 'off'")
     checkpoint_every: int = _f(0, "also checkpoint every N training steps within an epoch (0: at epoch ends only); "
                                   "for long epochs such as ImageNet's")
 

@@ -40,7 +40,7 @@ reference in float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .derive import edge_index
-from .ops import DilConv, OpConv, SepConv, depthwise_conv2d, use_fast_depthwise
+from .ops import CompiledTaps, DilConv, OpConv, SepConv, depthwise_conv2d, use_fast_depthwise
 from .spectral import ConvSpectralNorm, _normalize, matrix_power_iteration, matrix_top_vectors
 
 #: Ops the fused path understands: a sequence of ReLU - depthwise - pointwise - BN blocks.
@@ -370,7 +370,7 @@ def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
     m, c_out, c_in = w.shape
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.einsum("mdc,bmcl->bmdl", w, x.reshape(B, m, c_in, H * W)).reshape(B, m * c_out, H, W)
+        return torch.matmul(w, x.reshape(B, m, c_in, H * W)).view(B, m * c_out, H, W)
     xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in)                        # a view for NHWC
     return torch.einsum("bpmc,mdc->bpmd", xl, w).reshape(B, H, W, m * c_out).permute(0, 3, 1, 2)
 
@@ -407,6 +407,39 @@ class _SourcePlan:
         return total
 
 
+class _Geometry(NamedTuple):
+    """A depthwise conv's kernel_size, stride, padding and dilation (each an (h, w) pair)."""
+
+    kernel_size: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    @classmethod
+    def of(cls, conv: OpConv) -> "_Geometry":
+        return cls(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
+
+    def out_size(self, hw: Sequence[int]) -> tuple[int, int]:
+        k, s, p, d = self
+        return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+
+    def subsampled(self, hw: Sequence[int]) -> "_Geometry | None":
+        """The same conv on the input subsampled by its stride, where one exists.
+
+        A conv with stride s whose dilation d and padding p are multiples of s reads only the
+        input pixels at multiples of s: it is the stride-1 conv with dilation d/s and padding
+        p/s of ``x[..., ::s, ::s]`` (same output). For the dilated ops of a reduction cell
+        (s = d = 2) that is a dense 3x3 or 5x5 conv on a quarter of the input, several times
+        cheaper than the strided dilated conv.
+        """
+        k, s, p, d = self
+        if s == (1, 1) or any(d[i] % s[i] or p[i] % s[i] for i in range(2)):
+            return None
+        sub = _Geometry(k, (1, 1), (p[0] // s[0], p[1] // s[1]), (d[0] // s[0], d[1] // s[1]))
+        small = tuple(-(-hw[i] // s[i]) for i in range(2))
+        return sub if sub.out_size(small) == self.out_size(hw) else None
+
+
 class DepthwiseRunner:
     """Runs the fused depthwise convs, each in the fastest of three ways for its geometry (CPU).
 
@@ -414,31 +447,39 @@ class DepthwiseRunner:
       (H*W, H'*W') matrix is sum_t w[c, t] * T[t], with T the 0/1 tap tensor of the geometry,
       cached here. PyTorch's depthwise kernels cost about a millisecond per call at these sizes
       whatever the work; the matmuls cost a tenth of that (bench/depthwise.py).
-    * larger stride-1 maps: :func:`msrdarts.ops.depthwise_conv2d` where it is faster;
+    * larger stride-1 maps: :func:`msrdarts.ops.depthwise_conv2d` where it is faster, with its
+      weight gradient compiled (``compiled``, a :class:`msrdarts.ops.CompiledTaps`) for large calls;
     * otherwise ``F.conv2d``. On other devices always ``F.conv2d``.
+
+    Before choosing, a strided conv that only reads pixels at multiples of its stride runs on
+    the subsampled input instead (see :meth:`_Geometry.subsampled`).
     """
 
-    def __init__(self, taps: DenseTaps | None = None):
+    def __init__(self, taps: DenseTaps | None = None, compiled: CompiledTaps | None = None):
         self.taps = taps if taps is not None else DenseTaps()
+        self.compiled = compiled
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, conv: OpConv) -> torch.Tensor:
+        geo = _Geometry.of(conv)
+        sub = geo.subsampled(x.shape[-2:])
+        if sub is not None:
+            x, geo = x[:, :, ::geo.stride[0], ::geo.stride[1]], sub
+        k, s, p, d = geo
         H, W = x.shape[-2:]
         if x.device.type == "cpu" and H * W <= DenseTaps.MAX_PIXELS and not (
-                H * W == DenseTaps.MAX_PIXELS and conv.kernel_size == (3, 3) and conv.dilation == (1, 1)
-                and conv.stride == (1, 1)):
-            return self._dense(x, w, conv)
-        if use_fast_depthwise(x, conv.kernel_size, conv.stride, conv.dilation):
-            return depthwise_conv2d(x, w, conv.padding, conv.dilation, conv.stride)
-        return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, x.shape[1])
+                H * W == DenseTaps.MAX_PIXELS and k == (3, 3) and d == (1, 1) and s == (1, 1)):
+            return self._dense(x, w, geo)
+        if use_fast_depthwise(x, k, s, d):
+            return depthwise_conv2d(x, w, p, d, s, self.compiled)
+        return F.conv2d(x, w, None, s, p, d, x.shape[1])
 
-    def _dense(self, x: torch.Tensor, w: torch.Tensor, conv: OpConv) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, w: torch.Tensor, geo: _Geometry) -> torch.Tensor:
         B, C, H, W = x.shape
-        T = self.taps(conv.kernel_size, conv.stride, conv.padding, conv.dilation, (H, W), x.dtype, x.device)
+        T = self.taps(*geo, (H, W), x.dtype, x.device)
         kk, _, L = T.shape
         M = torch.matmul(w.reshape(C, kk), T.view(kk, -1)).view(C, H * W, L)             # (C, HW, L)
         y = torch.einsum("bci,cil->bcl", x.reshape(B, C, H * W), M)                    # per channel: X_c M_c
-        Ho = (H + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-        return y.view(B, C, Ho, L // Ho)
+        return y.view(B, C, *geo.out_size((H, W)))
 
 
 class FusedCell:
@@ -493,11 +534,12 @@ class FusedSuperNet:
     """The fused forward of a whole :class:`msrdarts.supernet.SuperNet`.
 
     ``batch`` must list the op convs in :meth:`conv_order` (see :func:`fused_conv_order`).
+    ``compile_kernels``: compile the large depthwise weight gradients (see :class:`DepthwiseRunner`).
     """
 
-    def __init__(self, net: nn.Module, batch: SpectralBatch):
+    def __init__(self, net: nn.Module, batch: SpectralBatch, compile_kernels: bool = True):
         self.batch = batch
-        self.runner = DepthwiseRunner(batch.taps)
+        self.runner = DepthwiseRunner(batch.taps, CompiledTaps() if compile_kernels else None)
         self.cells = [FusedCell(cell, self.batch, self.runner) for cell in net.cells]
 
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:

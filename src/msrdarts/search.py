@@ -64,7 +64,7 @@ def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
     net = SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
                    primitives=cfg.ops, mixing="alpha" if cfg.method == "darts" else cfg.mixing,
                    in_channels=data.in_channels, spectral_norm=cfg.spectral_norm, sn_iterations=cfg.sn_iterations,
-                   impl=cfg.impl)
+                   impl=cfg.impl, compile_kernels=cfg.compile != "off")
     for a in net.arch_parameters():   # trained by the Architect's own steps only (msrdarts.darts)
         a.requires_grad_(False)
     return net

@@ -97,12 +97,14 @@ class SuperNet(nn.Module):
         sn_iterations: power iterations per training forward of each normalised conv.
         impl: ``"fused"``, ``"reference"`` or ``"auto"`` (fused if every op is a sep/dil conv); both
             compute the same function with the same modules and state.
+        compile_kernels: let the fused path compile its large depthwise weight gradients on the
+            CPU (:class:`msrdarts.ops.CompiledTaps`; seconds per kernel geometry, once).
     """
 
     def __init__(self, num_classes: int, layers: int, channels: int, input_size: int, stem: str = "cifar",
                  primitives: Sequence[str] = MSR_PRIMITIVES, mixing: str = "sum", in_channels: int = 3,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, spectral_norm: bool = True,
-                 sn_iterations: int = 1, impl: str = "auto"):
+                 sn_iterations: int = 1, impl: str = "auto", compile_kernels: bool = True):
         super().__init__()
         _check_positive(num_classes=num_classes, channels=channels, input_size=input_size, in_channels=in_channels,
                         steps=steps, sn_iterations=sn_iterations)
@@ -155,7 +157,7 @@ class SuperNet(nn.Module):
         self._spectral = batch    # for batched refreshes; references this network's own modules
         self._fused = None
         if self.impl == "fused":   # the plan holds references to this network's own modules, no state
-            self._fused = FusedSuperNet(self, batch)
+            self._fused = FusedSuperNet(self, batch, compile_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:
