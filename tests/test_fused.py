@@ -225,3 +225,27 @@ def test_fused_path_follows_buffers_that_to_replaced():
     sr, sf = _state(ref), _state(fused)
     for k in sr:
         torch.testing.assert_close(sf[k], sr[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_linked_vectors_are_one_tensor_per_group_and_replaced_buffers_still_count():
+    """SpectralBatch.link makes each group's u (and v) buffers rows of one tensor, after building
+    and after .double(); a buffer replaced by hand is still the one read and updated."""
+    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=8, stem="cifar", mixing="sum")
+    batch = fused._fused.batch
+    for g, sns in enumerate(batch._norms()):
+        if sns[0] is not None:
+            assert len({sn.u._base is not None and id(sn.u._base) for sn in sns}) == 1 and sns[0].u._base is not None
+            assert all(sn.v._base is batch._flat[g][1] for sn in sns)
+    # replace one conv's vectors by fresh tensors (as load_state_dict(assign=True) or a user would)
+    name = next(n for n, m in fused.named_modules() if n.endswith("parametrizations.weight.0"))
+    for net in (ref, fused):
+        sn = net.get_submodule(name)
+        sn.u = sn.u.clone()
+        sn.v = sn.v.clone()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(fused(x), ref(x), **TOL)
+    sr, sf = _state(ref), _state(fused)
+    for k in sr:
+        torch.testing.assert_close(sf[k], sr[k], **TOL, msg=k)
+    assert fused.get_submodule(name).u._base is None   # the replaced buffer itself was updated

@@ -129,6 +129,8 @@ class SpectralBatch:
         self._sn_cache: list[list[ConvSpectralNorm | None]] | None = None
         self._raw_cache: list[list[tuple[dict, str]]] | None = None
         self._vector_cache: dict[int, list[dict]] = {}
+        self._bundles: list[list[int]] | None = None
+        self._flat: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         keys: dict[tuple, int] = {}
         self.where: dict[int, tuple[int, int]] = {}
         for conv in convs:
@@ -165,37 +167,91 @@ class SpectralBatch:
             self._raw_cache = [[_raw_slot(c) for c in convs] for convs in self.groups]
         return [params[name] for params, name in self._raw_cache[g]]
 
-    def _vectors(self, g: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _vectors(self, g: int) -> "_Vectors":
         """Group g's power-iteration buffers (u's and v's), read from the modules' buffer dicts
         (looked up once), so that buffers replaced by ``.to()`` or substituted by
-        ``functional_call`` are the ones used."""
+        ``functional_call`` are the ones used. Where they are still the rows that :meth:`link`
+        made them, they are read and written as one tensor each."""
         if g not in self._vector_cache:
             self._vector_cache[g] = [sn._buffers for sn in self._norms()[g]]
         slots = self._vector_cache[g]
-        return [b["u"] for b in slots], [b["v"] for b in slots]
+        us, vs = [b["u"] for b in slots], [b["v"] for b in slots]
+        flat = self._flat.get(g)
+        if flat is not None and all(u._base is flat[0] for u in us) and all(v._base is flat[1] for v in vs):
+            return _Vectors(us, vs, flat)
+        return _Vectors(us, vs)
+
+    @torch.no_grad()
+    def link(self) -> None:
+        """Make each group's u (and v) buffers the rows of one tensor (N, *shape), so that a
+        training step reads and writes a group's vectors with one operation instead of one per
+        conv. The buffers stay the modules' own (state_dict, load_state_dict and DDP's buffer
+        broadcasts see them as before); ``.to()`` replaces them, and the network links again
+        (:meth:`msrdarts.supernet.SuperNet._apply`)."""
+        self._flat = {}
+        for g, sns in enumerate(self._norms()):
+            if sns[0] is None:
+                continue
+            vectors = self._vectors(g)
+            if len({(t.shape, t.dtype, t.device) for t in vectors.us}) > 1 or \
+                    len({(t.shape, t.dtype, t.device) for t in vectors.vs}) > 1:
+                continue
+            flat = (torch.stack(vectors.us), torch.stack(vectors.vs))
+            for i, sn in enumerate(sns):
+                sn._buffers["u"], sn._buffers["v"] = flat[0][i], flat[1][i]
+            self._flat[g] = flat
 
     def weights(self, training: bool) -> list[torch.Tensor]:
         """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
 
         In training mode the groups first advance their power iterations (and store the vectors
-        back in each conv's buffers), as each conv's parametrization would.
+        back in each conv's buffers), as each conv's parametrization would; the groups of one
+        bundle (see :meth:`bundles`) iterate together.
         """
-        return [self._group_weights(g, training) for g in range(len(self.groups))]
-
-    def _group_weights(self, g: int, training: bool) -> torch.Tensor:
-        w = torch.stack(self._raws(g))                                            # (N, Co, Ci/g, k, k)
-        sns = self._norms()[g]
-        if sns[0] is None:
-            return w
-        device_type = w.device.type
+        out = [torch.stack(self._raws(g)) for g in range(len(self.groups))]    # (N, Co, Ci/g, k, k)
+        norms = self._norms()
+        device_type = out[0].device.type
         with torch.autocast(device_type, enabled=False):                          # norms always in fp32+
-            w = w if w.dtype in (torch.float32, torch.float64) else w.float()
-            iterations = sns[0].n_power_iterations if training else 0
-            sigma = self._power_sigma(sns, w, iterations, self._vectors(g)).view(-1, 1, 1, 1, 1)
-            target = sns[0].target
-            if all(sn.target == target for sn in sns):
-                return w * (target / sigma)
-            return w * (w.new_tensor([sn.target for sn in sns]).view(-1, 1, 1, 1, 1) / sigma)
+            for bundle in self.bundles():
+                parts = [_Part(g, norms[g][0], _wide(out[g]), self._vectors(g)) for g in bundle]
+                iterations = parts[0].sn.n_power_iterations if training else 0
+                for part, sigma in zip(parts, self._sigmas(parts, iterations)):
+                    out[part.group] = part.w * (self._targets(part.group, part.w) / sigma.view(-1, 1, 1, 1, 1))
+        return out
+
+    def _targets(self, g: int, w: torch.Tensor) -> float | torch.Tensor:
+        targets = [sn.target for sn in self._norms()[g]]
+        if all(t == targets[0] for t in targets):
+            return targets[0]
+        return w.new_tensor(targets).view(-1, 1, 1, 1, 1)
+
+    def bundles(self) -> list[list[int]]:
+        """The normalised groups, in bundles whose power iterations run as one computation.
+
+        Groups of one bundle share the operator shape up to zero padding, so one batched
+        iteration serves all of them: all pointwise groups (matrices zero-padded to the largest);
+        the depthwise groups on maps of at most :data:`DenseTaps.MAX_PIXELS` pixels with the same
+        input size and stride and "same" padding (dense operators of one shape, or kernels
+        embedded in one larger kernel). On small maps the cost of a group is its number of
+        kernel calls, not their size (23 groups but 6 bundles at the quick preset); on larger maps
+        each group iterates alone.
+        """
+        if self._bundles is None:
+            keys: dict[tuple, list[int]] = {}
+            for g, sns in enumerate(self._norms()):
+                if sns[0] is not None:
+                    keys.setdefault(self._bundle_key(g, sns[0]), []).append(g)
+            self._bundles = list(keys.values())
+        return self._bundles
+
+    def _bundle_key(self, g: int, sn: ConvSpectralNorm) -> tuple:
+        iteration = (sn.n_power_iterations, sn.eps)
+        if sn.matrix:
+            return ("matrix", *iteration)
+        same_padding = all(2 * sn.padding[i] == sn.dilation[i] * (sn.kernel_size[i] - 1) for i in range(2))
+        if sn.depthwise and same_padding and sn.input_hw[0] * sn.input_hw[1] <= DenseTaps.MAX_PIXELS:
+            return ("depthwise", sn.input_hw, sn.stride, *iteration)
+        return ("alone", g)
 
     @torch.no_grad()
     def converge(self, tol: float = 1e-7, max_iterations: int = 500) -> None:
@@ -211,9 +267,10 @@ class SpectralBatch:
                 continue
             w = torch.stack(self._raws(g))
             active = list(range(len(sns)))              # convs still converging
-            last = self._power_sigma(sns, w, 0, self._vectors(g))
+            last = self._sigmas([_Part(g, sns[0], w, self._vectors(g))], 0)[0]
             for _ in range(0, max_iterations, 10):
-                now = self._power_sigma([sns[i] for i in active], w[active], 10, _buffers([sns[i] for i in active]))
+                part = _Part(g, sns[0], w[active], _Vectors([sns[i].u for i in active], [sns[i].v for i in active]))
+                now = self._sigmas([part], 10)[0]
                 moving = ((now - last).abs() > tol * now).tolist()
                 active, last = [i for i, m in zip(active, moving) if m], now[torch.tensor(moving, dtype=torch.bool)]
                 if not active:
@@ -235,93 +292,185 @@ class SpectralBatch:
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
         w = torch.stack(self._raws(g)).detach()
-        self._store(self._vectors(g), *matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
+        self._vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
 
-    @staticmethod
-    def _store(vectors: tuple[list[torch.Tensor], list[torch.Tensor]], u: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the rows of u (N, ...) and v (N, ...) back into the N convs' buffers (one shape)."""
-        us, vs = vectors
-        torch._foreach_copy_(us, list(u.view(len(us), *us[0].shape).unbind(0)))
-        torch._foreach_copy_(vs, list(v.view(len(vs), *vs[0].shape).unbind(0)))
-
-    def _power_sigma(self, sns: list[ConvSpectralNorm], w: torch.Tensor, iterations: int,
-                     vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
-        """sigma (N,) of N convs of one geometry, v^T A u, after ``iterations`` batched power
-        iterations; ``vectors`` are the convs' (u, v) buffers, read and stored back."""
-        sn = sns[0]
+    def _sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
+        """Per part, sigma (N,) of its N convs, v^T A u, after ``iterations`` power iterations run
+        together for all parts (one bundle, see :meth:`bundles`); each part's (u, v) buffers are
+        read and stored back. Only the last step, sigma = <W, dsigma/dW>, is differentiable."""
+        sn = parts[0].sn
         if sn.matrix:
-            return self._matrix_sigma(sn, w, iterations, vectors)
+            return self._matrix_sigmas(parts, iterations)
         if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
-            return self._dense_sigma(sn, w, iterations, vectors)
-        return self._conv_sigma(sn, w, iterations, vectors)
+            return self._dense_sigmas(parts, iterations)
+        return self._conv_sigmas(parts, iterations)
 
-    def _matrix_sigma(self, sn: ConvSpectralNorm, w: torch.Tensor, iterations: int,
-                      vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
-        m = w.flatten(2)                                                            # (N, Co, Ci)
-        u, v = torch.stack(vectors[0]), torch.stack(vectors[1])                     # (N, Ci), (N, Co)
-        if iterations:
-            u, v = matrix_power_iteration(m.detach(), u, iterations, sn.eps)
-            self._store(vectors, u, v)
-        return (m * (v[:, :, None] * u[:, None, :])).sum((1, 2))                    # v^T W u
-
-    def _dense_sigma(self, sn: ConvSpectralNorm, w: torch.Tensor, iterations: int,
-                     vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
-        """Depthwise convs on small maps: per channel c, A_c = M_c^T with M_c (HW, L) its dense
-        operator (see DenseTaps), so A u = u M and A^T v = M v, batched over the N*C channels."""
-        n = w.shape[0]
-        T = self.taps(sn.kernel_size, sn.stride, sn.padding, sn.dilation, sn.input_hw, w.dtype, w.device)
-        kk, hw, L = T.shape
-        channels = w.shape[0] * w.shape[1]
-        taps = T.view(kk, hw * L)
-        u = torch.cat(vectors[0], dim=1).view(channels, hw)
-        v = torch.cat(vectors[1], dim=1).view(channels, L)
-        with torch.no_grad():
-            if iterations:
-                M = (w.detach().reshape(channels, kk) @ taps).view(channels, hw, L)
-                for _ in range(iterations):
-                    v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=sn.eps)
-                    u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=sn.eps)
-                self._store(vectors, u.view(n, -1), v.view(n, -1))
-            # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
-            G = ((u.unsqueeze(2) * v.unsqueeze(1)).view(channels, hw * L) @ taps.mT).view_as(w)
-        return (w * G).reshape(n, sn.groups, -1).sum(-1).amax(1)                     # max over channels
-
-    def _conv_sigma(self, sn: ConvSpectralNorm, w: torch.Tensor, iterations: int,
-                    vectors: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
-        """Other convs: their union is one grouped conv with N times the groups."""
-        n = w.shape[0]
-        groups = sn.groups * n
-        wd = w.detach().flatten(0, 1)                                               # (N*Co, Ci/g, k, k)
-        u = torch.cat(vectors[0], dim=1)                                            # (1, N*Ci, H, W)
-        v = torch.cat(vectors[1], dim=1)
+    def _matrix_sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
+        mats = [p.w.flatten(2) for p in parts]                                     # (N, Co, Ci) each
+        us = [p.vectors.read()[0] for p in parts]                                   # (N, Ci)
+        vs = [p.vectors.read()[1] for p in parts]                                   # (N, Co)
         if iterations:
             with torch.no_grad():
+                u, v = matrix_power_iteration(_pad_cat([m.detach() for m in mats]), _pad_cat(us), iterations,
+                                              parts[0].sn.eps)
+                us, vs = _unpad(u, us), _unpad(v, vs)
+                for p, u_p, v_p in zip(parts, us, vs):
+                    p.vectors.write(u_p, v_p)
+        return [(m * (v[:, :, None] * u[:, None, :])).sum((1, 2)) for m, u, v in zip(mats, us, vs)]   # v^T W u
+
+    def _dense_sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
+        """Depthwise convs on small maps: per channel c, A_c = M_c^T with M_c (HW, L) its dense
+        operator (see DenseTaps), so A u = u M and A^T v = M v, batched over all channels of all
+        parts (same input and output sizes, any kernel)."""
+        taps = [self.taps(p.sn.kernel_size, p.sn.stride, p.sn.padding, p.sn.dilation, p.sn.input_hw, p.w.dtype,
+                          p.w.device) for p in parts]
+        hw, L = taps[0].shape[1:]
+        taps = [T.view(T.shape[0], hw * L) for T in taps]                            # (k*k, HW*L) each
+        channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
+        u = torch.cat([p.vectors.read()[0].reshape(c, hw) for p, c in zip(parts, channels)])     # (sum N*C, HW)
+        v = torch.cat([p.vectors.read()[1].reshape(c, L) for p, c in zip(parts, channels)])      # (sum N*C, L)
+        eps = parts[0].sn.eps
+        with torch.no_grad():
+            if iterations:
+                M = torch.cat([p.w.detach().reshape(c, -1) @ T for p, c, T in zip(parts, channels, taps)])
+                M = M.view(-1, hw, L)
                 for _ in range(iterations):
-                    v = _normalize(F.conv2d(u, wd, None, sn.stride, sn.padding, sn.dilation, groups), groups, sn.eps)
-                    u = _normalize(_adjoint(sn, v, wd, groups), groups, sn.eps)
-                torch._foreach_copy_(vectors[0], list(u.chunk(n, dim=1)))
-                torch._foreach_copy_(vectors[1], list(v.chunk(n, dim=1)))
-        with torch.no_grad():                       # G = d(v^T A u)/dW, one unfold + one bmm
-            c_out, c_in_g, kh, kw = w.shape[1:]
-            patches = F.unfold(u, (kh, kw), sn.dilation, sn.padding, sn.stride)      # (1, N*Ci*k*k, L)
-            patches = patches.view(groups, c_in_g * kh * kw, -1)
-            vv = v.reshape(groups, c_out // sn.groups, -1)
-            G = torch.bmm(vv, patches.transpose(1, 2)).view_as(w)
-        return (w * G).reshape(n, sn.groups, -1).sum(-1).amax(1)                     # max over groups
+                    v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=eps)
+                    u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=eps)
+                for p, u_p, v_p in zip(parts, u.split(channels), v.split(channels)):
+                    p.vectors.write(u_p, v_p)
+            # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
+            outer = (u.unsqueeze(2) * v.unsqueeze(1)).view(-1, hw * L).split(channels)
+            grads = [(o @ T.mT).view_as(p.w) for o, T, p in zip(outer, taps, parts)]
+        return [(p.w * G).reshape(p.w.shape[0], p.sn.groups, -1).sum(-1).amax(1)    # max over channels
+                for p, G in zip(parts, grads)]
+
+    def _conv_sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
+        """Other convs: their union is one grouped conv with N times the groups (for depthwise
+        convs of different kernels, each kernel embedded in the smallest kernel that spans all)."""
+        sn = parts[0].sn
+        counts = [p.w.shape[0] for p in parts]
+        groups = [sn_groups * n for sn_groups, n in zip((p.sn.groups for p in parts), counts)]
+        u = torch.cat([p.vectors.read()[0].reshape(1, -1, *p.vectors.us[0].shape[-2:]) for p in parts], dim=1)
+        v = torch.cat([p.vectors.read()[1].reshape(1, -1, *p.vectors.vs[0].shape[-2:]) for p in parts], dim=1)
+        if iterations:
+            with torch.no_grad():
+                geo, wd = _union_kernel(parts)                                      # (sum N*Co, Ci/g, K, K)
+                for _ in range(iterations):
+                    v = _normalize(F.conv2d(u, wd, None, geo.stride, geo.padding, geo.dilation, sum(groups)),
+                                   sum(groups), sn.eps)
+                    u = _normalize(_adjoint(geo, sn.input_hw, v, wd, sum(groups)), sum(groups), sn.eps)
+        u_parts = u.split([n * p.w.shape[2] * p.sn.groups for p, n in zip(parts, counts)], 1)    # N*Ci each
+        v_parts = v.split([n * p.w.shape[1] for p, n in zip(parts, counts)], 1)                 # N*Co each
+        if iterations:
+            for p, u_p, v_p in zip(parts, u_parts, v_parts):
+                p.vectors.write(u_p, v_p)
+        sigmas = []
+        for p, u_p, v_p, n_groups in zip(parts, u_parts, v_parts, groups):
+            with torch.no_grad():                   # G = d(v^T A u)/dW, one unfold + one bmm
+                c_out, c_in_g, kh, kw = p.w.shape[1:]
+                patches = F.unfold(u_p, (kh, kw), p.sn.dilation, p.sn.padding, p.sn.stride)   # (1, N*Ci*k*k, L)
+                patches = patches.view(n_groups, c_in_g * kh * kw, -1)
+                vv = v_p.reshape(n_groups, c_out // p.sn.groups, -1)
+                G = torch.bmm(vv, patches.transpose(1, 2)).view_as(p.w)
+            sigmas.append((p.w * G).reshape(p.w.shape[0], p.sn.groups, -1).sum(-1).amax(1))   # max over groups
+        return sigmas
 
 
-def _buffers(sns: list[ConvSpectralNorm]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    return [s.u for s in sns], [s.v for s in sns]
+@dataclass
+class _Part:
+    """One group's share of a bundle's spectral-norm computation."""
+
+    group: int
+    sn: ConvSpectralNorm        # a representative (the geometry)
+    w: torch.Tensor             # (N, Co, Ci/g, k, k), float32 or wider
+    vectors: "_Vectors"         # the N convs' u and v buffers
 
 
-def _adjoint(sn: ConvSpectralNorm, y: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+class _Vectors:
+    """The u and v power-iteration buffers of N convs of one geometry, read and written as
+    stacked tensors (N, *shape): a view and one copy where the buffers are the rows of ``flat``
+    (see :meth:`SpectralBatch.link`), else a stack and a foreach copy."""
+
+    def __init__(self, us: list[torch.Tensor], vs: list[torch.Tensor],
+                 flat: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.us, self.vs, self.flat = us, vs, flat
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flat is not None:
+            return self.flat
+        return torch.stack(self.us), torch.stack(self.vs)
+
+    @torch.no_grad()
+    def write(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Store u and v (any shape holding N rows in order) into the N convs' buffers."""
+        for new, rows in ((u, self.us), (v, self.vs)):
+            if self.flat is not None:
+                target = self.flat[0] if rows is self.us else self.flat[1]
+                target.copy_(new.reshape(target.shape))
+            else:
+                torch._foreach_copy_(rows, list(new.reshape(len(rows), *rows[0].shape).unbind(0)))
+
+
+def _wide(w: torch.Tensor) -> torch.Tensor:
+    return w if w.dtype in (torch.float32, torch.float64) else w.float()
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to the largest (no copy for one)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    out = tensors[0].new_zeros(sum(t.shape[0] for t in tensors), *shape)
+    start = 0
+    for t in tensors:
+        out[(slice(start, start + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
+        start += t.shape[0]
+    return out
+
+
+def _unpad(padded: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of :func:`_pad_cat`: the blocks of ``padded`` with the shapes of ``like``."""
+    out, start = [], 0
+    for t in like:
+        out.append(padded[(slice(start, start + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))])
+        start += t.shape[0]
+    return out
+
+
+def _union_kernel(parts: list[_Part]) -> tuple[_Geometry, torch.Tensor]:
+    """The parts' convs as one grouped conv: their geometry and stacked weights (sum N*Co, Ci/g, kh, kw).
+
+    Parts of one geometry keep it. Depthwise convs of different kernels and dilations, all
+    "same"-padded with one stride (one bundle), become undilated convs with the smallest kernel
+    that spans all of them: each kernel's taps are placed at their offsets, zeros elsewhere, so
+    the operator is unchanged.
+    """
+    geos = {_Geometry.of(p.sn) for p in parts}
+    weights = [p.w.detach().flatten(0, 1) for p in parts]
+    if len(geos) == 1:
+        return geos.pop(), torch.cat(weights)
+    span = tuple(max(p.sn.dilation[i] * (p.sn.kernel_size[i] - 1) + 1 for p in parts) for i in range(2))
+    geo = _Geometry(span, parts[0].sn.stride, (span[0] // 2, span[1] // 2), (1, 1))
+    out = weights[0].new_zeros(sum(w.shape[0] for w in weights), 1, *span)
+    start = 0
+    for p, w in zip(parts, weights):
+        (kh, kw), (dh, dw) = p.sn.kernel_size, p.sn.dilation
+        rows = geo.padding[0] - p.sn.padding[0] + dh * torch.arange(kh, device=w.device)
+        cols = geo.padding[1] - p.sn.padding[1] + dw * torch.arange(kw, device=w.device)
+        out[start:start + w.shape[0], 0, rows[:, None], cols[None, :]] = w[:, 0]
+        start += w.shape[0]
+    return geo, out
+
+
+def _adjoint(geo: "_Geometry", input_hw: tuple[int, int], y: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
     """conv_transpose2d restoring the conv's input size (the adjoint of the grouped conv)."""
     out_pad = []
     for dim in range(2):
-        full = (y.shape[2 + dim] - 1) * sn.stride[dim] - 2 * sn.padding[dim] \
-            + sn.dilation[dim] * (sn.kernel_size[dim] - 1) + 1
-        out_pad.append(sn.input_hw[dim] - full)
-    return F.conv_transpose2d(y, w, None, sn.stride, sn.padding, tuple(out_pad), groups, sn.dilation)
+        full = (y.shape[2 + dim] - 1) * geo.stride[dim] - 2 * geo.padding[dim] \
+            + geo.dilation[dim] * (geo.kernel_size[dim] - 1) + 1
+        out_pad.append(input_hw[dim] - full)
+    return F.conv_transpose2d(y, w, None, geo.stride, geo.padding, tuple(out_pad), groups, geo.dilation)
 
 
 class _FusedBN:

@@ -231,6 +231,7 @@ def _search(cfg: SearchConfig, out: Path, resume: bool, on_epoch_end: Callable[[
     genotype = Genotype.from_dict(best["genotype"])
     if dist.main and cfg.plots:
         plot_run_quietly(out, log)
+    dist.barrier()   # rank 0's files are complete before any rank returns (a next step may read them)
     log(f"genotype (epoch {best['epoch']}, valid acc {best['valid_acc']:.2f}%): {genotype}")
     if dist.active:
         log(f"all {dist.world} processes derived this genotype")

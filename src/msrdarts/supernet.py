@@ -155,9 +155,18 @@ class SuperNet(nn.Module):
         if mixing == "srsoftmax":
             self.refresh_mixing()
         self._spectral = batch    # for batched refreshes; references this network's own modules
+        batch.link()
         self._fused = None
         if self.impl == "fused":   # the plan holds references to this network's own modules, no state
             self._fused = FusedSuperNet(self, batch, compile_kernels)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.double()`` and the like replace the power-iteration buffers: link the new
+        ones into one tensor per group again (see :meth:`SpectralBatch.link`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_spectral", None) is not None:
+            self._spectral.link()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:

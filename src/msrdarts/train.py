@@ -228,6 +228,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, on_epoch_end: Callable[[in
         write_json(out / "results.json", results)
         if cfg.plots:
             plot_run_quietly(out, log)
+    dist.barrier()   # rank 0's files are complete before any rank returns (a next step may read them)
     log(f"test top-1 error {results['test_top1_error']:.2f}% (top-5 {results['test_top5_error']:.2f}%), "
         f"{results['params_m']}M parameters; results in {out}/results.json")
     return TrainResult(results, history, out)
