@@ -11,7 +11,8 @@ spectral-norm computation. Here, per cell:
   - the m depthwise convs are one depthwise conv over m*C channels, with weights (m*C, 1, k, k).
     On the CPU, maps of at most 64 pixels use the conv's dense operator instead (a batched
     matmul, see :class:`DepthwiseRunner`);
-  - the m pointwise convs are one batched matmul, (m, C, C) x (B, m, C, H*W);
+  - the m pointwise convs are one batched matmul, (m, C, C) x (B, m, C, H*W), its output made
+    contiguous (B, m*C, H, W): BN and convs on the matmul's (m, C, B, H*W) order are slow;
   - the m affine-free BNs are one ``batch_norm`` over the m*C channels, with the modules'
     running statistics gathered and written back.
   A sep conv runs its second block on the first block's output. The op outputs, viewed as
@@ -27,7 +28,9 @@ spectral-norm computation. Here, per cell:
     (H*W, H'*W') operator (:class:`DenseTaps`); on larger maps a single grouped conv and
     transposed conv over the N*C channels.
   Groups are ordered so that the weights one fused conv needs are a contiguous slice: no
-  gather per use.
+  gather per use. On small maps several groups iterate as one bundle
+  (:meth:`SpectralBatch.bundles`), and each group's vectors are the rows of one tensor
+  (:meth:`SpectralBatch.link`).
 
 The modules are the reference's: every conv keeps its spectral-norm parametrization (so
 ``conv.weight`` is its normalised weight, and checkpoints, stable ranks and derivation do not
@@ -519,7 +522,8 @@ def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
     m, c_out, c_in = w.shape
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.matmul(w, x.reshape(B, m, c_in, H * W)).view(B, m * c_out, H, W)
+        y = torch.einsum("mdc,bmcl->bmdl", w, x.reshape(B, m, c_in, H * W))     # a (m, d, b, l)-ordered view
+        return y.contiguous().view(B, m * c_out, H, W)   # BN, ReLU and convs are slow on that order
     xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in)                        # a view for NHWC
     return torch.einsum("bpmc,mdc->bpmd", xl, w).reshape(B, H, W, m * c_out).permute(0, 3, 1, 2)
 

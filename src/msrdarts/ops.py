@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .errors import ConfigError
 
@@ -151,14 +152,15 @@ class CompiledTaps:
 
     def __call__(self, xp: torch.Tensor, g: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
                  dilation: tuple[int, int]) -> torch.Tensor:
-        if self.failed is not None or g.numel() < self.min_elements:
+        if self.failed is not None or g.numel() < self.min_elements or _get_current_dispatch_mode() is not None:
+            # (under a dispatch mode, e.g. a FLOP or traffic counter, torch.compile does not run)
             return blocked_tap_products(xp, g, kernel_size, stride, dilation)
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(tap_products, fullgraph=True, dynamic=False)
             for t in (xp, g):
-                torch._dynamo.mark_dynamic(t, 0)     # batch: the last batch of an epoch is smaller
-                torch._dynamo.mark_dynamic(t, 1)     # channels: m * C for m edges
+                torch._dynamo.maybe_mark_dynamic(t, 0)   # batch: the last batch of an epoch is smaller
+                torch._dynamo.maybe_mark_dynamic(t, 1)   # channels: m * C for m edges
             with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
                 return self._compiled(xp, g.contiguous(), kernel_size, stride, dilation)
         except Exception as e:   # no compiler, an unsupported platform: say so once, go on eagerly
