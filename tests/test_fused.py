@@ -104,7 +104,7 @@ def test_depthwise_runner_dense_operator_matches_conv2d(k, dil, stride, hw):
     x = torch.randn(3, C, *hw, dtype=torch.float64, requires_grad=True)
     w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
     runner = DepthwiseRunner()
-    y = runner(x, w, conv)
+    y = runner(x, w, _Geometry.of(conv))
     assert runner.taps._cache, "the dense path was not taken"
     ref = F.conv2d(x, w, None, stride, pad, dil, C)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
@@ -125,7 +125,7 @@ def test_depthwise_runner_subsamples_strided_dilated_convs(k, dil, stride, hw, s
     assert (_Geometry.of(conv).subsampled(hw) is not None) == subsampled
     x = torch.randn(2, C, *hw, dtype=torch.float64, requires_grad=True)
     w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
-    y = DepthwiseRunner()(x, w, conv)
+    y = DepthwiseRunner()(x, w, _Geometry.of(conv))
     ref = F.conv2d(x, w, None, stride, pad, dil, C)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)

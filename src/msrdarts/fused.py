@@ -310,8 +310,8 @@ class SpectralBatch:
 
     def _matrix_sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
         mats = [p.w.flatten(2) for p in parts]                                     # (N, Co, Ci) each
-        us = [p.vectors.read()[0] for p in parts]                                   # (N, Ci)
-        vs = [p.vectors.read()[1] for p in parts]                                   # (N, Co)
+        us = [p.vectors.u() for p in parts]                                   # (N, Ci)
+        vs = [p.vectors.v() for p in parts]                                   # (N, Co)
         if iterations:
             with torch.no_grad():
                 u, v = matrix_power_iteration(_pad_cat([m.detach() for m in mats]), _pad_cat(us), iterations,
@@ -330,8 +330,8 @@ class SpectralBatch:
         hw, L = taps[0].shape[1:]
         taps = [T.view(T.shape[0], hw * L) for T in taps]                            # (k*k, HW*L) each
         channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
-        u = torch.cat([p.vectors.read()[0].reshape(c, hw) for p, c in zip(parts, channels)])     # (sum N*C, HW)
-        v = torch.cat([p.vectors.read()[1].reshape(c, L) for p, c in zip(parts, channels)])      # (sum N*C, L)
+        u = torch.cat([p.vectors.u().reshape(c, hw) for p, c in zip(parts, channels)])     # (sum N*C, HW)
+        v = torch.cat([p.vectors.v().reshape(c, L) for p, c in zip(parts, channels)])      # (sum N*C, L)
         eps = parts[0].sn.eps
         with torch.no_grad():
             if iterations:
@@ -354,8 +354,8 @@ class SpectralBatch:
         sn = parts[0].sn
         counts = [p.w.shape[0] for p in parts]
         groups = [sn_groups * n for sn_groups, n in zip((p.sn.groups for p in parts), counts)]
-        u = torch.cat([p.vectors.read()[0].reshape(1, -1, *p.vectors.us[0].shape[-2:]) for p in parts], dim=1)
-        v = torch.cat([p.vectors.read()[1].reshape(1, -1, *p.vectors.vs[0].shape[-2:]) for p in parts], dim=1)
+        u = torch.cat([p.vectors.u().reshape(1, -1, *p.vectors.us[0].shape[-2:]) for p in parts], dim=1)
+        v = torch.cat([p.vectors.v().reshape(1, -1, *p.vectors.vs[0].shape[-2:]) for p in parts], dim=1)
         if iterations:
             with torch.no_grad():
                 geo, wd = _union_kernel(parts)                                      # (sum N*Co, Ci/g, K, K)
@@ -399,10 +399,13 @@ class _Vectors:
                  flat: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.us, self.vs, self.flat = us, vs, flat
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.flat is not None:
-            return self.flat
-        return torch.stack(self.us), torch.stack(self.vs)
+    def u(self) -> torch.Tensor:
+        """The u buffers stacked, (N, *shape)."""
+        return self.flat[0] if self.flat is not None else torch.stack(self.us)
+
+    def v(self) -> torch.Tensor:
+        """The v buffers stacked, (N, *shape)."""
+        return self.flat[1] if self.flat is not None else torch.stack(self.vs)
 
     @torch.no_grad()
     def write(self, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -503,7 +506,7 @@ class _Block:
     """One ReLU - depthwise - pointwise - BN block of one op kind, for the m edges of a source."""
 
     depthwise: _Slice
-    conv: OpConv            # a representative depthwise conv (geometry)
+    geometry: "_Geometry"   # of the depthwise convs (one per op kind and level)
     pointwise: _Slice
     bn: _FusedBN
     runner: "DepthwiseRunner"
@@ -511,7 +514,7 @@ class _Block:
     def __call__(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         """x: (B, m*C, H, W) ordered (edge, channel), already through the ReLU."""
         dw, pw = self.depthwise, self.pointwise
-        y = self.runner(x, weights[dw.group][dw.start:dw.start + dw.count].flatten(0, 1), self.conv)
+        y = self.runner(x, weights[dw.group][dw.start:dw.start + dw.count].flatten(0, 1), self.geometry)
         w = weights[pw.group][pw.start:pw.start + pw.count].flatten(2)            # (m, C_out, C_in)
         return self.bn(_pointwise(y, w))
 
@@ -538,7 +541,7 @@ class _SourcePlan:
         for p in range(len(ops[0])):
             per_edge = [_blocks(ops[e][p]) for e in range(self.m)]
             self.kinds.append([
-                _Block(batch.slice_of([b[level][1] for b in per_edge]), per_edge[0][level][1],
+                _Block(batch.slice_of([b[level][1] for b in per_edge]), _Geometry.of(per_edge[0][level][1]),
                        batch.slice_of([b[level][2] for b in per_edge]), _FusedBN([b[level][3] for b in per_edge]),
                        runner)
                 for level in range(len(per_edge[0]))])
@@ -612,8 +615,8 @@ class DepthwiseRunner:
         self.taps = taps if taps is not None else DenseTaps()
         self.compiled = compiled
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, conv: OpConv) -> torch.Tensor:
-        geo = _Geometry.of(conv)
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+        """The depthwise conv of x (B, C, H, W) with weights w (C, 1, kh, kw) and geometry ``geo``."""
         sub = geo.subsampled(x.shape[-2:])
         if sub is not None:
             x, geo = x[:, :, ::geo.stride[0], ::geo.stride[1]], sub
