@@ -11,6 +11,7 @@ from msrdarts.device import Accel
 from msrdarts.errors import ConfigError
 from msrdarts.fused import DepthwiseRunner, SpectralBatch, _Geometry
 from msrdarts.ops import DARTS_PRIMITIVES, OpConv
+from msrdarts.spectral import ConvSpectralNorm
 from msrdarts.supernet import SuperNet
 
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -94,14 +95,16 @@ def test_impl_choice_and_errors():
         SuperNet(10, 3, 4, 8, in_channels=1, impl="fast")
 
 
-@pytest.mark.parametrize("k, dil, stride, hw", [(3, 1, 1, (4, 4)), (5, 1, 1, (8, 8)), (3, 2, 2, (8, 8)),
-                                                (5, 2, 1, (2, 2)), (5, 2, 2, (5, 7)), (3, 2, 1, (6, 6))])
-def test_depthwise_runner_dense_operator_matches_conv2d(k, dil, stride, hw):
+@pytest.mark.parametrize("k, dil, stride, hw, batch", [
+    (3, 1, 1, (4, 4), 3), (5, 1, 1, (8, 8), 3), (3, 2, 2, (8, 8), 3), (5, 2, 1, (2, 2), 3), (5, 2, 2, (5, 7), 3),
+    (3, 2, 1, (6, 6), 3),
+    (5, 1, 1, (4, 4), 20), (3, 1, 2, (8, 8), 20)])   # operators smaller than the batch's input: kept, not rebuilt
+def test_depthwise_runner_dense_operator_matches_conv2d(k, dil, stride, hw, batch):
     """The dense-operator path (maps of at most 64 pixels) against F.conv2d, values and gradients."""
     torch.manual_seed(2)
     C, pad = 6, dil * (k - 1) // 2
     conv = OpConv(C, C, k, stride=stride, padding=pad, dilation=dil, groups=C, bias=False)
-    x = torch.randn(3, C, *hw, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, C, *hw, dtype=torch.float64, requires_grad=True)
     w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
     runner = DepthwiseRunner()
     y = runner(x, w, _Geometry.of(conv))
@@ -227,15 +230,21 @@ def test_fused_path_follows_buffers_that_to_replaced():
         torch.testing.assert_close(sf[k], sr[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_linked_vectors_are_one_tensor_per_group_and_replaced_buffers_still_count():
-    """SpectralBatch.link makes each group's u (and v) buffers rows of one tensor, after building
-    and after .double(); a buffer replaced by hand is still the one read and updated."""
+def test_linked_vectors_are_one_tensor_per_bundle_and_replaced_buffers_still_count():
+    """SpectralBatch.link makes the u (and v) buffers of each bundle's convs views of one tensor,
+    after building and after .double(); a buffer replaced by hand is still the one read and updated."""
     ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=8, stem="cifar", mixing="sum")
     batch = fused._fused.batch
-    for g, sns in enumerate(batch._norms()):
-        if sns[0] is not None:
-            assert len({sn.u._base is not None and id(sn.u._base) for sn in sns}) == 1 and sns[0].u._base is not None
-            assert all(sn.v._base is batch._flat[g][1] for sn in sns)
+    bundles = batch.bundles()
+    assert sorted(g for b in bundles for g in b) == [g for g, sns in enumerate(batch._norms()) if sns[0] is not None]
+    assert any(len(b) > 1 for b in bundles)
+    for bundle in bundles:
+        u_flat, v_flat = batch._linked[tuple(bundle)].flat
+        sns = [sn for g in bundle for sn in batch._norms()[g]]
+        assert all(sn.u._base is u_flat and sn.v._base is v_flat for sn in sns)
+        # each buffer is its own slice of the packed tensor: no overlaps, all of it covered
+        assert sum(sn.u.numel() for sn in sns) == u_flat.numel()
+        assert len({sn.u.data_ptr() for sn in sns}) == len(sns)
     # replace one conv's vectors by fresh tensors (as load_state_dict(assign=True) or a user would)
     name = next(n for n, m in fused.named_modules() if n.endswith("parametrizations.weight.0"))
     for net in (ref, fused):
@@ -249,3 +258,72 @@ def test_linked_vectors_are_one_tensor_per_group_and_replaced_buffers_still_coun
     for k in sr:
         torch.testing.assert_close(sf[k], sr[k], **TOL, msg=k)
     assert fused.get_submodule(name).u._base is None   # the replaced buffer itself was updated
+
+
+@pytest.mark.parametrize("geometries, hw", [
+    ([(3, 1, 1)], (7, 9)), ([(5, 2, 2)], (9, 7)), ([(3, 1, 2)], (8, 8)),                # one geometry, odd sizes
+    ([(3, 1, 1), (5, 1, 1), (3, 2, 1), (5, 2, 1)], (8, 8)),                              # a stride-1 bundle
+    ([(3, 1, 2), (5, 1, 2), (3, 2, 2), (5, 2, 2)], (5, 5))])                             # a stride-2 bundle
+def test_depthwise_dsigma_by_conv_equals_the_unfold_gradient(geometries, hw):
+    """G = d(v^T A u)/dW of depthwise convs, computed as one conv of u with v for all parts at
+    their union geometry, equals each conv's own unfold-based dsigma (ConvSpectralNorm.dsigma)."""
+    from msrdarts.fused import _depthwise_grads, _Part, _union_kernel
+
+    torch.manual_seed(6)
+    C, n = 3, 2
+    parts, sns, ws = [], [], []
+    for g, (k, dil, stride) in enumerate(geometries):
+        conv = OpConv(C, C, k, stride=stride, padding=dil * (k - 1) // 2, dilation=dil, groups=C, bias=False).double()
+        sn = ConvSpectralNorm(conv, hw, converge=False)
+        w = torch.randn(n, C, 1, k, k, dtype=torch.float64)
+        parts.append(_Part(g, sn, w))
+        sns.append(sn)
+    out_hw = _Geometry.of(sns[0]).out_size(hw)
+    u = torch.randn(1, len(parts) * n * C, *hw, dtype=torch.float64)
+    v = torch.randn(1, len(parts) * n * C, *out_hw, dtype=torch.float64)
+    grads = _depthwise_grads(parts, u, v)
+    us, vs = u.split(n * C, 1), v.split(n * C, 1)
+    for part, sn, dsigma, u_p, v_p in zip(parts, sns, grads, us, vs):
+        for i in range(n):   # each conv's own gradient, by the module's unfold + bmm
+            sn.u, sn.v = u_p[:, i * C:(i + 1) * C], v_p[:, i * C:(i + 1) * C]
+            torch.testing.assert_close(dsigma.G[i], sn.dsigma(part.w[i]), rtol=1e-12, atol=1e-12)
+    # and the union kernel is the same operator: its conv of u equals the parts' own convs
+    geo, wd = _union_kernel(parts)
+    union = F.conv2d(u, wd, None, geo.stride, geo.padding, geo.dilation, u.shape[1])
+    own = torch.cat([F.conv2d(u_p, p.w.flatten(0, 1), None, p.sn.stride, p.sn.padding, p.sn.dilation, n * C)
+                     for p, u_p in zip(parts, us)], 1)
+    torch.testing.assert_close(union, own, rtol=1e-12, atol=1e-12)
+
+
+def test_normalize_function_matches_autograd_including_ties():
+    """_Normalize (one autograd node for all groups) against autograd through W * (t / max_j <W_j, G_j>),
+    for depthwise groups, 1x1 groups (G = v u^T) and a conv whose two groups tie for the max."""
+    from msrdarts.fused import _Dsigma, _Normalize, _OuterDsigma
+
+    torch.manual_seed(7)
+    w_dw = torch.randn(3, 4, 1, 3, 3, dtype=torch.float64)
+    G_dw = torch.randn(3, 4, 1, 3, 3, dtype=torch.float64)
+    w_dw[1, 0] = w_dw[1, 2] = 1.0                                        # conv 1: groups 0 and 2 tie
+    G_dw[1, 0] = G_dw[1, 2] = 2.0                                        # at the max, 18
+    w_mm = torch.randn(2, 5, 6, 1, 1, dtype=torch.float64)
+    v, u = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    dsigmas = [_Dsigma(G_dw, 4), _OuterDsigma(v, u)]
+    targets = [1.0, torch.tensor([2.0, 0.5], dtype=torch.float64)]
+    sigmas = _Dsigma(G_dw, 4).sigmas(w_dw)
+    assert (sigmas[1] == sigmas[1].max()).sum() == 2                     # the tie is there
+
+    def reference(ws):
+        out = []
+        for w, G, groups, t in zip(ws, [G_dw, (v[:, :, None] * u[:, None, :])[..., None, None]], [4, 1], targets):
+            sigma = (w * G).reshape(w.shape[0], groups, -1).sum(-1).amax(1)
+            out.append(w * (t / sigma).view(-1, 1, 1, 1, 1))
+        return out
+
+    ws = [w_dw.clone().requires_grad_(), w_mm.clone().requires_grad_()]
+    ws_ref = [w.detach().clone().requires_grad_() for w in ws]
+    outs, refs = _Normalize.apply(dsigmas, targets, *ws), reference(ws_ref)
+    gs = [torch.randn_like(o) for o in refs]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=1e-13, atol=1e-13)
+    for a, b in zip(torch.autograd.grad(outs, ws, gs), torch.autograd.grad(refs, ws_ref, gs)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -32,11 +32,14 @@ def _sync(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          params: list[torch.nn.Parameter] | None = None) -> None:
+    """One search step as :func:`msrdarts.engine.train_one_epoch` runs it (``params``: the
+    model's parameters, listed once as the engine does)."""
     loss = torch.nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    torch.nn.utils.clip_grad_norm_(params if params is not None else list(model.parameters()), 5.0)
     opt.step()
 
 
@@ -49,11 +52,12 @@ def time_search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     """Wall time (s) of ``steps`` full training steps (forward, backward, clip, SGD) after ``warmup``."""
     opt = opt or _optimizer(model)
     model.train()
+    params = list(model.parameters())
     times = []
     for i in range(warmup + steps):
         _sync(x.device)
         t0 = time.perf_counter()
-        _step(model, opt, x, y)
+        _step(model, opt, x, y, params)
         _sync(x.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -121,7 +125,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     rounds = max(1, steps // 2)
     for r in range(rounds):
         for v in VARIANTS:
-            times[v] += time_search_step(models[v], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 0,
+            times[v] += time_search_step(models[v], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 1,
                                          opt=opts[v])
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
 

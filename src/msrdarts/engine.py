@@ -97,6 +97,9 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         state.loss_sum, state.correct = float(loss_sum), int(correct)
         state.time_s = time0 + time.perf_counter() - start
 
+    # Listed once: a supernet with spectral norms has ~5,000 modules, and walking them for
+    # model.parameters() took 14 ms a step at the quick preset (5% of the step).
+    params = list(model.parameters())
     batches = loader.batches(state.epoch_seed, state.step) if resumable else loader
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False,
                dynamic_ncols=True, total=total, initial=state.step)
@@ -111,7 +114,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         loss.backward()
         bad |= ~torch.isfinite(loss.detach())
         if grad_clip > 0:
-            bad |= ~torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+            bad |= ~torch.isfinite(nn.utils.clip_grad_norm_(params, grad_clip))
         optimizer.step()
         if after_step is not None:
             after_step(state.step)

@@ -42,6 +42,7 @@ reference in float64.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -131,9 +132,9 @@ class SpectralBatch:
         self.groups: list[list[OpConv]] = []
         self._sn_cache: list[list[ConvSpectralNorm | None]] | None = None
         self._raw_cache: list[list[tuple[dict, str]]] | None = None
-        self._vector_cache: dict[int, list[dict]] = {}
+        self._vector_cache: dict[tuple, list[dict]] = {}
         self._bundles: list[list[int]] | None = None
-        self._flat: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
         keys: dict[tuple, int] = {}
         self.where: dict[int, tuple[int, int]] = {}
         for conv in convs:
@@ -170,63 +171,68 @@ class SpectralBatch:
             self._raw_cache = [[_raw_slot(c) for c in convs] for convs in self.groups]
         return [params[name] for params, name in self._raw_cache[g]]
 
-    def _vectors(self, g: int) -> "_Vectors":
-        """Group g's power-iteration buffers (u's and v's), read from the modules' buffer dicts
-        (looked up once), so that buffers replaced by ``.to()`` or substituted by
-        ``functional_call`` are the ones used. Where they are still the rows that :meth:`link`
-        made them, they are read and written as one tensor each."""
-        if g not in self._vector_cache:
-            self._vector_cache[g] = [sn._buffers for sn in self._norms()[g]]
-        slots = self._vector_cache[g]
-        us, vs = [b["u"] for b in slots], [b["v"] for b in slots]
-        flat = self._flat.get(g)
-        if flat is not None and all(u._base is flat[0] for u in us) and all(v._base is flat[1] for v in vs):
-            return _Vectors(us, vs, flat)
+    def _vectors(self, bundle: Sequence[int]) -> "_Vectors":
+        """The power-iteration buffers (u's and v's) of every conv of the bundle's groups, read
+        from the modules' buffer dicts (looked up once), so that buffers replaced by ``.to()`` or
+        substituted by ``functional_call`` are the ones used. Where they are still the views that
+        :meth:`link` made them, the bundle's u's (and v's) are read and written as one tensor."""
+        key = tuple(bundle)
+        if key not in self._vector_cache:
+            self._vector_cache[key] = [sn._buffers for g in bundle for sn in self._norms()[g]]
+        slots = self._vector_cache[key]
+        us, vs = list(map(operator.itemgetter("u"), slots)), list(map(operator.itemgetter("v"), slots))
+        linked = self._linked.get(key)
+        if linked is not None and all(map(operator.is_, us, linked.us)) and all(map(operator.is_, vs, linked.vs)):
+            return linked
         return _Vectors(us, vs)
 
     @torch.no_grad()
     def link(self) -> None:
-        """Make each group's u (and v) buffers the rows of one tensor (N, *shape), so that a
-        training step reads and writes a group's vectors with one operation instead of one per
-        conv. The buffers stay the modules' own (state_dict, load_state_dict and DDP's buffer
-        broadcasts see them as before); ``.to()`` replaces them, and the network links again
-        (:meth:`msrdarts.supernet.SuperNet._apply`)."""
-        self._flat = {}
-        for g, sns in enumerate(self._norms()):
-            if sns[0] is None:
+        """Make the u (and v) buffers of each bundle's convs views of one 1-D tensor (see
+        :class:`_Vectors`), so that a training step reads and writes a bundle's
+        vectors with one operation instead of one per conv. The buffers stay the modules' own
+        (state_dict, load_state_dict and DDP's buffer broadcasts see them as before); ``.to()``
+        replaces them, and the network links again (:meth:`msrdarts.supernet.SuperNet._apply`)."""
+        self._linked = {}
+        for bundle in self.bundles():
+            vectors = self._vectors(bundle)
+            if not vectors.packable():
                 continue
-            vectors = self._vectors(g)
-            if len({(t.shape, t.dtype, t.device) for t in vectors.us}) > 1 or \
-                    len({(t.shape, t.dtype, t.device) for t in vectors.vs}) > 1:
-                continue
-            flat = (torch.stack(vectors.us), torch.stack(vectors.vs))
-            for i, sn in enumerate(sns):
-                sn._buffers["u"], sn._buffers["v"] = flat[0][i], flat[1][i]
-            self._flat[g] = flat
+            flat = (vectors.u(), vectors.v())
+            us, vs = vectors.unpack(flat[0], vectors.us), vectors.unpack(flat[1], vectors.vs)
+            for sn, u, v in zip((sn for g in bundle for sn in self._norms()[g]), us, vs):
+                sn._buffers["u"], sn._buffers["v"] = u, v
+            self._linked[tuple(bundle)] = _Vectors(us, vs, flat)
 
     def weights(self, training: bool) -> list[torch.Tensor]:
         """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
 
-        In training mode the groups first advance their power iterations (and store the vectors
-        back in each conv's buffers), as each conv's parametrization would; the groups of one
-        bundle (see :meth:`bundles`) iterate together.
+        In training mode the bundles (see :meth:`bundles`) first advance their power iterations
+        (and store the vectors back in each conv's buffers), as each conv's parametrization
+        would. Then every group is scaled by target / sigma in one autograd node (:class:`_Normalize`).
         """
         out = [torch.stack(self._raws(g)) for g in range(len(self.groups))]    # (N, Co, Ci/g, k, k)
         norms = self._norms()
-        device_type = out[0].device.type
-        with torch.autocast(device_type, enabled=False):                          # norms always in fp32+
+        normalised, grads = [], []
+        with torch.autocast(out[0].device.type, enabled=False):                   # norms always in fp32+
+            wide = {g: _wide(out[g]) for bundle in self.bundles() for g in bundle}
             for bundle in self.bundles():
-                parts = [_Part(g, norms[g][0], _wide(out[g]), self._vectors(g)) for g in bundle]
+                parts = [_Part(g, norms[g][0], wide[g].detach()) for g in bundle]
                 iterations = parts[0].sn.n_power_iterations if training else 0
-                for part, sigma in zip(parts, self._sigmas(parts, iterations)):
-                    out[part.group] = part.w * (self._targets(part.group, part.w) / sigma.view(-1, 1, 1, 1, 1))
+                grads += self._sigma_grads(parts, self._vectors(bundle), iterations)
+                normalised += bundle
+            if normalised:
+                scaled = _Normalize.apply(grads, [self._targets(g, wide[g]) for g in normalised],
+                                          *[wide[g] for g in normalised])
+                for g, w in zip(normalised, scaled):
+                    out[g] = w
         return out
 
     def _targets(self, g: int, w: torch.Tensor) -> float | torch.Tensor:
-        targets = [sn.target for sn in self._norms()[g]]
-        if all(t == targets[0] for t in targets):
+        targets = list(map(operator.attrgetter("target"), self._norms()[g]))
+        if targets.count(targets[0]) == len(targets):
             return targets[0]
-        return w.new_tensor(targets).view(-1, 1, 1, 1, 1)
+        return w.new_tensor(targets)
 
     def bundles(self) -> list[list[int]]:
         """The normalised groups, in bundles whose power iterations run as one computation.
@@ -256,6 +262,12 @@ class SpectralBatch:
             return ("depthwise", sn.input_hw, sn.stride, *iteration)
         return ("alone", g)
 
+    def _group_vectors(self, g: int, convs: Sequence[int] | None = None) -> "_Vectors":
+        """The buffers of group g's convs (or of its ``convs``), packed apart from their bundle."""
+        sns = self._norms()[g]
+        sns = sns if convs is None else [sns[i] for i in convs]
+        return _Vectors([sn.u for sn in sns], [sn.v for sn in sns])
+
     @torch.no_grad()
     def converge(self, tol: float = 1e-7, max_iterations: int = 500) -> None:
         """Converge every group's vectors, as each ConvSpectralNorm would alone at construction,
@@ -269,11 +281,16 @@ class SpectralBatch:
                 self._exact_matrix_vectors(g)
                 continue
             w = torch.stack(self._raws(g))
+
+            def sigmas(convs: list[int], iterations: int) -> torch.Tensor:
+                part = _Part(g, sns[0], w[convs])
+                dsigma = self._sigma_grads([part], self._group_vectors(g, convs), iterations)[0]
+                return dsigma.sigmas(part.w).amax(1)
+
             active = list(range(len(sns)))              # convs still converging
-            last = self._sigmas([_Part(g, sns[0], w, self._vectors(g))], 0)[0]
+            last = sigmas(active, 0)
             for _ in range(0, max_iterations, 10):
-                part = _Part(g, sns[0], w[active], _Vectors([sns[i].u for i in active], [sns[i].v for i in active]))
-                now = self._sigmas([part], 10)[0]
+                now = sigmas(active, 10)
                 moving = ((now - last).abs() > tol * now).tolist()
                 active, last = [i for i, m in zip(active, moving) if m], now[torch.tensor(moving, dtype=torch.bool)]
                 if not active:
@@ -295,33 +312,35 @@ class SpectralBatch:
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
         w = torch.stack(self._raws(g)).detach()
-        self._vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
+        self._group_vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
 
-    def _sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
-        """Per part, sigma (N,) of its N convs, v^T A u, after ``iterations`` power iterations run
-        together for all parts (one bundle, see :meth:`bundles`); each part's (u, v) buffers are
-        read and stored back. Only the last step, sigma = <W, dsigma/dW>, is differentiable."""
+    @torch.no_grad()
+    def _sigma_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+        """Per part, d(v^T A u)/dW of its N convs (see :class:`_Dsigma`), after ``iterations``
+        power iterations run together for all parts (one bundle, see :meth:`bundles`) on
+        ``vectors``, which are read and stored back."""
         sn = parts[0].sn
         if sn.matrix:
-            return self._matrix_sigmas(parts, iterations)
+            return self._matrix_grads(parts, vectors, iterations)
         if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
-            return self._dense_sigmas(parts, iterations)
-        return self._conv_sigmas(parts, iterations)
+            return self._dense_grads(parts, vectors, iterations)
+        return self._conv_grads(parts, vectors, iterations)
 
-    def _matrix_sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
-        mats = [p.w.flatten(2) for p in parts]                                     # (N, Co, Ci) each
-        us = [p.vectors.u() for p in parts]                                   # (N, Ci)
-        vs = [p.vectors.v() for p in parts]                                   # (N, Co)
+    def _matrix_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+        """1x1 convs: per part, u (N, C_in) and v (N, C_out), batched matrix-vector products."""
+        u, v = vectors.u(), vectors.v()
+        shapes = [p.w.shape[:3] for p in parts]                                      # (N, Co, Ci)
+        us = [b.view(n, ci) for b, (n, _, ci) in zip(u.split([n * ci for n, _, ci in shapes]), shapes)]
+        vs = [b.view(n, co) for b, (n, co, _) in zip(v.split([n * co for n, co, _ in shapes]), shapes)]
         if iterations:
-            with torch.no_grad():
-                u, v = matrix_power_iteration(_pad_cat([m.detach() for m in mats]), _pad_cat(us), iterations,
-                                              parts[0].sn.eps)
-                us, vs = _unpad(u, us), _unpad(v, vs)
-                for p, u_p, v_p in zip(parts, us, vs):
-                    p.vectors.write(u_p, v_p)
-        return [(m * (v[:, :, None] * u[:, None, :])).sum((1, 2)) for m, u, v in zip(mats, us, vs)]   # v^T W u
+            for p, u_p, v_p in zip(parts, us, vs):
+                new_u, new_v = matrix_power_iteration(p.w.flatten(2), u_p, iterations, p.sn.eps)
+                u_p.copy_(new_u)
+                v_p.copy_(new_v)
+            vectors.write(u, v)
+        return [_OuterDsigma(v_p, u_p) for u_p, v_p in zip(us, vs)]
 
-    def _dense_sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
+    def _dense_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
         """Depthwise convs on small maps: per channel c, A_c = M_c^T with M_c (HW, L) its dense
         operator (see DenseTaps), so A u = u M and A^T v = M v, batched over all channels of all
         parts (same input and output sizes, any kernel)."""
@@ -330,54 +349,48 @@ class SpectralBatch:
         hw, L = taps[0].shape[1:]
         taps = [T.view(T.shape[0], hw * L) for T in taps]                            # (k*k, HW*L) each
         channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
-        u = torch.cat([p.vectors.u().reshape(c, hw) for p, c in zip(parts, channels)])     # (sum N*C, HW)
-        v = torch.cat([p.vectors.v().reshape(c, L) for p, c in zip(parts, channels)])      # (sum N*C, L)
+        u, v = vectors.u().view(-1, hw), vectors.v().view(-1, L)                   # (sum N*C, HW), (sum N*C, L)
         eps = parts[0].sn.eps
-        with torch.no_grad():
-            if iterations:
-                M = torch.cat([p.w.detach().reshape(c, -1) @ T for p, c, T in zip(parts, channels, taps)])
-                M = M.view(-1, hw, L)
-                for _ in range(iterations):
-                    v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=eps)
-                    u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=eps)
-                for p, u_p, v_p in zip(parts, u.split(channels), v.split(channels)):
-                    p.vectors.write(u_p, v_p)
-            # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
-            outer = (u.unsqueeze(2) * v.unsqueeze(1)).view(-1, hw * L).split(channels)
-            grads = [(o @ T.mT).view_as(p.w) for o, T, p in zip(outer, taps, parts)]
-        return [(p.w * G).reshape(p.w.shape[0], p.sn.groups, -1).sum(-1).amax(1)    # max over channels
-                for p, G in zip(parts, grads)]
+        if iterations:
+            M = u.new_empty(sum(channels), hw * L)
+            for p, T, rows in zip(parts, taps, M.split(channels)):
+                torch.mm(p.w.reshape(rows.shape[0], -1), T, out=rows)
+            M = M.view(-1, hw, L)
+            for _ in range(iterations):
+                v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=eps)
+                u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=eps)
+            vectors.write(u, v)
+        # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
+        outer = (u.unsqueeze(2) * v.unsqueeze(1)).view(-1, hw * L).split(channels)
+        return [_Dsigma((o @ T.mT).view_as(p.w), p.sn.groups) for o, T, p in zip(outer, taps, parts)]
 
-    def _conv_sigmas(self, parts: list["_Part"], iterations: int) -> list[torch.Tensor]:
-        """Other convs: their union is one grouped conv with N times the groups (for depthwise
-        convs of different kernels, each kernel embedded in the smallest kernel that spans all)."""
+    def _conv_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+        """Other convs: u (1, sum N*C_in, H, W) and v (1, sum N*C_out, H', W'); their union is one
+        grouped conv with N times the groups (for depthwise convs of different kernels, each
+        kernel embedded in the smallest kernel that spans all, see :func:`_union_geometry`)."""
         sn = parts[0].sn
-        counts = [p.w.shape[0] for p in parts]
-        groups = [sn_groups * n for sn_groups, n in zip((p.sn.groups for p in parts), counts)]
-        u = torch.cat([p.vectors.u().reshape(1, -1, *p.vectors.us[0].shape[-2:]) for p in parts], dim=1)
-        v = torch.cat([p.vectors.v().reshape(1, -1, *p.vectors.vs[0].shape[-2:]) for p in parts], dim=1)
+        groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
+        u = vectors.u().view(1, -1, *sn.input_hw)
+        v = vectors.v().view(1, -1, *_Geometry.of(sn).out_size(sn.input_hw))
         if iterations:
-            with torch.no_grad():
-                geo, wd = _union_kernel(parts)                                      # (sum N*Co, Ci/g, K, K)
-                for _ in range(iterations):
-                    v = _normalize(F.conv2d(u, wd, None, geo.stride, geo.padding, geo.dilation, sum(groups)),
-                                   sum(groups), sn.eps)
-                    u = _normalize(_adjoint(geo, sn.input_hw, v, wd, sum(groups)), sum(groups), sn.eps)
-        u_parts = u.split([n * p.w.shape[2] * p.sn.groups for p, n in zip(parts, counts)], 1)    # N*Ci each
-        v_parts = v.split([n * p.w.shape[1] for p, n in zip(parts, counts)], 1)                 # N*Co each
-        if iterations:
-            for p, u_p, v_p in zip(parts, u_parts, v_parts):
-                p.vectors.write(u_p, v_p)
-        sigmas = []
-        for p, u_p, v_p, n_groups in zip(parts, u_parts, v_parts, groups):
-            with torch.no_grad():                   # G = d(v^T A u)/dW, one unfold + one bmm
-                c_out, c_in_g, kh, kw = p.w.shape[1:]
-                patches = F.unfold(u_p, (kh, kw), p.sn.dilation, p.sn.padding, p.sn.stride)   # (1, N*Ci*k*k, L)
-                patches = patches.view(n_groups, c_in_g * kh * kw, -1)
-                vv = v_p.reshape(n_groups, c_out // p.sn.groups, -1)
-                G = torch.bmm(vv, patches.transpose(1, 2)).view_as(p.w)
-            sigmas.append((p.w * G).reshape(p.w.shape[0], p.sn.groups, -1).sum(-1).amax(1))   # max over groups
-        return sigmas
+            geo, wd = _union_kernel(parts)                                          # (sum N*Co, Ci/g, K, K)
+            for _ in range(iterations):
+                v = _normalize(F.conv2d(u, wd, None, geo.stride, geo.padding, geo.dilation, groups), groups, sn.eps)
+                u = _normalize(_adjoint(geo, sn.input_hw, v, wd, groups), groups, sn.eps)
+            vectors.write(u, v)
+        if all(p.sn.depthwise for p in parts):
+            return _depthwise_grads(parts, u, v)
+        grads = []
+        u_parts = u.split([p.w.shape[0] * p.w.shape[2] * p.sn.groups for p in parts], 1)      # N*Ci each
+        v_parts = v.split([p.w.shape[0] * p.w.shape[1] for p in parts], 1)                  # N*Co each
+        for p, u_p, v_p in zip(parts, u_parts, v_parts):       # G = d(v^T A u)/dW, one unfold + one bmm
+            n_groups = p.w.shape[0] * p.sn.groups
+            c_out, c_in_g, kh, kw = p.w.shape[1:]
+            patches = F.unfold(u_p, (kh, kw), p.sn.dilation, p.sn.padding, p.sn.stride)   # (1, N*Ci*k*k, L)
+            patches = patches.view(n_groups, c_in_g * kh * kw, -1)
+            vv = v_p.reshape(n_groups, c_out // p.sn.groups, -1)
+            grads.append(_Dsigma(torch.bmm(vv, patches.transpose(1, 2)).view_as(p.w), p.sn.groups))
+        return grads
 
 
 @dataclass
@@ -386,87 +399,174 @@ class _Part:
 
     group: int
     sn: ConvSpectralNorm        # a representative (the geometry)
-    w: torch.Tensor             # (N, Co, Ci/g, k, k), float32 or wider
-    vectors: "_Vectors"         # the N convs' u and v buffers
+    w: torch.Tensor             # (N, Co, Ci/g, k, k), float32 or wider, detached
 
 
 class _Vectors:
-    """The u and v power-iteration buffers of N convs of one geometry, read and written as
-    stacked tensors (N, *shape): a view and one copy where the buffers are the rows of ``flat``
-    (see :meth:`SpectralBatch.link`), else a stack and a foreach copy."""
+    """The u and v power-iteration buffers of the convs of a bundle, each set as one 1-D tensor:
+    the buffers' elements concatenated in conv order. Viewed per group of N 1x1 convs, that is a
+    block (N, C); for other convs (one input and one output map size per bundle), the input u
+    (1, sum C_in, H, W) and output v (1, sum C_out, H', W') of their union as one grouped conv.
+
+    Where the buffers are the views of ``flat`` that :meth:`SpectralBatch.link` made them, reading
+    is free and writing is one copy; otherwise a concatenation and a foreach copy.
+    """
 
     def __init__(self, us: list[torch.Tensor], vs: list[torch.Tensor],
                  flat: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.us, self.vs, self.flat = us, vs, flat
 
     def u(self) -> torch.Tensor:
-        """The u buffers stacked, (N, *shape)."""
-        return self.flat[0] if self.flat is not None else torch.stack(self.us)
+        return self.flat[0] if self.flat is not None else self._pack(self.us)
 
     def v(self) -> torch.Tensor:
-        """The v buffers stacked, (N, *shape)."""
-        return self.flat[1] if self.flat is not None else torch.stack(self.vs)
+        return self.flat[1] if self.flat is not None else self._pack(self.vs)
+
+    def packable(self) -> bool:
+        """Whether the buffers can share one tensor (one dtype and device)."""
+        return len({(t.dtype, t.device) for t in self.us + self.vs}) == 1
+
+    @staticmethod
+    def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The views of ``packed`` (1-D) that hold each of ``like``'s tensors."""
+        return [p.view(t.shape) for p, t in zip(packed.split([t.numel() for t in like]), like)]
 
     @torch.no_grad()
     def write(self, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Store u and v (any shape holding N rows in order) into the N convs' buffers."""
-        for new, rows in ((u, self.us), (v, self.vs)):
-            if self.flat is not None:
-                target = self.flat[0] if rows is self.us else self.flat[1]
-                target.copy_(new.reshape(target.shape))
-            else:
-                torch._foreach_copy_(rows, list(new.reshape(len(rows), *rows[0].shape).unbind(0)))
+        """Store u and v (any shapes holding the packed elements in order) into the buffers."""
+        for new, buffers, which in ((u, self.us, 0), (v, self.vs, 1)):
+            if self.flat is None:
+                torch._foreach_copy_(buffers, self.unpack(new.reshape(-1), buffers))
+            elif new is not self.flat[which]:
+                self.flat[which].copy_(new.reshape(-1))
+
+
+class _Dsigma:
+    """d(v^T A u)/dW of N convs of one group, a constant (u and v do not depend on W): G, shaped
+    like their weights W (N, Co, Ci/g, k, k). Each conv's sigma is the max over its groups j of
+    <W_j, G_j>, so ``sigmas`` gives (N, groups) and ``add_grad`` adds sum_j coef[:, j] G_j."""
+
+    def __init__(self, G: torch.Tensor, groups: int):
+        self.G, self.groups = G, groups
+
+    def sigmas(self, w: torch.Tensor) -> torch.Tensor:
+        return (w * self.G).reshape(w.shape[0], self.groups, -1).sum(-1)
+
+    def add_grad(self, base: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return base + (self.G.reshape(base.shape[0], self.groups, -1) * coef[..., None]).view_as(base)
+
+
+class _OuterDsigma(_Dsigma):
+    """1x1 convs: G = v u^T for v (N, C_out) and u (N, C_in), never formed in the forward."""
+
+    def __init__(self, v: torch.Tensor, u: torch.Tensor):
+        self.v, self.u, self.groups = v, u, 1
+
+    def sigmas(self, w: torch.Tensor) -> torch.Tensor:
+        wu = torch.bmm(w.reshape(w.shape[0], *w.shape[1:3]), self.u.unsqueeze(2))    # (N, Co, 1)
+        return torch.bmm(self.v.unsqueeze(1), wu).view(-1, 1)
+
+    def add_grad(self, base: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        n, co, ci = base.shape[:3]
+        return torch.baddbmm(base.reshape(n, co, ci), (coef * self.v).unsqueeze(2), self.u.unsqueeze(1)
+                             ).view_as(base)
+
+
+class _Normalize(torch.autograd.Function):
+    """``W -> target * W / sigma`` for many groups of convs at once: for each group, its weights
+    W (N, ...) and a :class:`_Dsigma` giving each conv's sigma (the max over its groups of
+    <W_j, G_j>).
+
+    The values and gradients are those of autograd through ``W * (target / sigma(W))``, but as one
+    node: its backward is the handful of products and sums that autograd would run per group,
+    without autograd's per-operation bookkeeping (about 8 nodes per group before).
+    """
+
+    @staticmethod
+    def forward(ctx, dsigmas: list[_Dsigma], targets: list, *ws: torch.Tensor):
+        outs, stats = [], []
+        for w, dsigma, target in zip(ws, dsigmas, targets):
+            per_group = dsigma.sigmas(w)                                               # (N, groups)
+            sigma = per_group.amax(1)
+            scale = target / sigma
+            outs.append(w * scale.view(-1, *[1] * (w.dim() - 1)))
+            stats.append((per_group, sigma, scale))
+        ctx.dsigmas, ctx.stats = dsigmas, stats
+        ctx.save_for_backward(*ws)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *d_outs: torch.Tensor):
+        d_ws = []
+        for i, (w, dsigma, (per_group, sigma, scale), d_out) in enumerate(
+                zip(ctx.saved_tensors, ctx.dsigmas, ctx.stats, d_outs)):
+            if not ctx.needs_input_grad[2 + i]:
+                d_ws.append(None)
+                continue
+            d_sigma = -(scale / sigma) * (d_out * w).reshape(w.shape[0], -1).sum(1)    # dL/dsigma, (N,)
+            ties = (per_group == sigma[:, None]).to(w.dtype)                          # amax's rule: ties share
+            share = ties / ties.sum(1, keepdim=True) * d_sigma[:, None]               # (N, groups)
+            d_ws.append(dsigma.add_grad(d_out * scale.view(-1, *[1] * (w.dim() - 1)), share))
+        return (None, None, *d_ws)
 
 
 def _wide(w: torch.Tensor) -> torch.Tensor:
     return w if w.dtype in (torch.float32, torch.float64) else w.float()
 
 
-def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along dim 0, zero-padding the other dims to the largest (no copy for one)."""
-    if len(tensors) == 1:
-        return tensors[0]
-    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-    out = tensors[0].new_zeros(sum(t.shape[0] for t in tensors), *shape)
-    start = 0
-    for t in tensors:
-        out[(slice(start, start + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
-        start += t.shape[0]
-    return out
+def _union_geometry(parts: list[_Part]) -> _Geometry:
+    """One geometry for all parts' convs: theirs if they share one; else, for depthwise convs of
+    different kernels and dilations, all "same"-padded with one stride (one bundle), the undilated
+    kernel that spans all of them (each kernel's taps sit at :func:`_taps_in` of it)."""
+    geos = {_Geometry.of(p.sn) for p in parts}
+    if len(geos) == 1:
+        return geos.pop()
+    span = tuple(max(p.sn.dilation[i] * (p.sn.kernel_size[i] - 1) + 1 for p in parts) for i in range(2))
+    return _Geometry(span, tuple(parts[0].sn.stride), (span[0] // 2, span[1] // 2), (1, 1))
 
 
-def _unpad(padded: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inverse of :func:`_pad_cat`: the blocks of ``padded`` with the shapes of ``like``."""
-    out, start = [], 0
-    for t in like:
-        out.append(padded[(slice(start, start + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))])
-        start += t.shape[0]
-    return out
+def _taps_in(geo: _Geometry, part: _Part) -> tuple[slice, slice]:
+    """Where the part's kernel taps sit in the (K, K) kernel of the union geometry ``geo``."""
+    out = []
+    for i in range(2):
+        start = (geo.padding[i] - part.sn.padding[i]) // geo.dilation[i]
+        step = part.sn.dilation[i] // geo.dilation[i]
+        out.append(slice(start, start + step * (part.sn.kernel_size[i] - 1) + 1, step))
+    return out[0], out[1]
 
 
 def _union_kernel(parts: list[_Part]) -> tuple[_Geometry, torch.Tensor]:
-    """The parts' convs as one grouped conv: their geometry and stacked weights (sum N*Co, Ci/g, kh, kw).
-
-    Parts of one geometry keep it. Depthwise convs of different kernels and dilations, all
-    "same"-padded with one stride (one bundle), become undilated convs with the smallest kernel
-    that spans all of them: each kernel's taps are placed at their offsets, zeros elsewhere, so
-    the operator is unchanged.
-    """
-    geos = {_Geometry.of(p.sn) for p in parts}
-    weights = [p.w.detach().flatten(0, 1) for p in parts]
-    if len(geos) == 1:
-        return geos.pop(), torch.cat(weights)
-    span = tuple(max(p.sn.dilation[i] * (p.sn.kernel_size[i] - 1) + 1 for p in parts) for i in range(2))
-    geo = _Geometry(span, parts[0].sn.stride, (span[0] // 2, span[1] // 2), (1, 1))
-    out = weights[0].new_zeros(sum(w.shape[0] for w in weights), 1, *span)
-    start = 0
-    for p, w in zip(parts, weights):
-        (kh, kw), (dh, dw) = p.sn.kernel_size, p.sn.dilation
-        rows = geo.padding[0] - p.sn.padding[0] + dh * torch.arange(kh, device=w.device)
-        cols = geo.padding[1] - p.sn.padding[1] + dw * torch.arange(kw, device=w.device)
-        out[start:start + w.shape[0], 0, rows[:, None], cols[None, :]] = w[:, 0]
-        start += w.shape[0]
+    """The parts' convs as one grouped conv: the union geometry and the stacked weights
+    (sum N*Co, Ci/g, K, K), each kernel placed at its taps and zeros elsewhere (the operator is unchanged)."""
+    geo = _union_geometry(parts)
+    weights = [p.w.flatten(0, 1) for p in parts]
+    if all(_Geometry.of(p.sn) == geo for p in parts):
+        return geo, weights[0] if len(weights) == 1 else torch.cat(weights)
+    out = weights[0].new_zeros(sum(w.shape[0] for w in weights), 1, *geo.kernel_size)
+    for p, w, rows in zip(parts, weights, out.split([w.shape[0] for w in weights])):
+        rows[(slice(None), 0, *_taps_in(geo, p))] = w[:, 0]
     return geo, out
+
+
+def _depthwise_grads(parts: list[_Part], u: torch.Tensor, v: torch.Tensor) -> list["_Dsigma"]:
+    """G = d(v^T A u)/dW of depthwise convs from u (1, C, H, W) and v (1, C, H', W') packed.
+
+    G[c, p, q] = sum over output pixels (y, x) of v[c, y, x] * u_padded[c, s*y + d*p, s*x + d*q]:
+    a depthwise conv of u with v as the kernel, with the roles of stride and dilation swapped.
+    One such conv serves all parts at the union geometry (far cheaper than unfolding u: the
+    output is only K x K per channel); each part's G is a strided view of it.
+    """
+    geo = _union_geometry(parts)
+    C = u.shape[1]
+    G = F.conv2d(u, v.reshape(C, 1, *v.shape[2:]), None, geo.dilation, geo.padding, geo.stride, C)[0]  # (C, >=K, >=K)
+    out = []
+    for p, rows in zip(parts, G.split([p.w.shape[0] * p.w.shape[1] for p in parts])):
+        out.append(_Dsigma(rows[(slice(None), *_taps_in(geo, p))].view_as(p.w), p.sn.groups))
+    return out
 
 
 def _adjoint(geo: "_Geometry", input_hw: tuple[int, int], y: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -632,10 +732,47 @@ class DepthwiseRunner:
     def _dense(self, x: torch.Tensor, w: torch.Tensor, geo: _Geometry) -> torch.Tensor:
         B, C, H, W = x.shape
         T = self.taps(*geo, (H, W), x.dtype, x.device)
-        kk, _, L = T.shape
-        M = torch.matmul(w.reshape(C, kk), T.view(kk, -1)).view(C, H * W, L)             # (C, HW, L)
-        y = torch.einsum("bci,cil->bcl", x.reshape(B, C, H * W), M)                    # per channel: X_c M_c
+        x, w = x.reshape(B, C, H * W), w.reshape(C, -1)
+        if T.shape[2] >= B:   # M as large as x: rebuilt in the backward instead of kept (_DenseDepthwise)
+            y = _DenseDepthwise.apply(x, w, T)
+        else:
+            y = torch.einsum("bci,cil->bcl", x, _dense_operators(w, T))                   # per channel: X_c M_c
         return y.view(B, C, *geo.out_size((H, W)))
+
+
+def _dense_operators(w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """Each channel's dense operator M_c = sum_t w[c, t] T[t]: (C, HW, L) from w (C, k*k) and T (k*k, HW, L)."""
+    kk, hw, L = T.shape
+    return torch.matmul(w, T.view(kk, hw * L)).view(-1, hw, L)
+
+
+class _DenseDepthwise(torch.autograd.Function):
+    """y[b, c] = x[b, c] M_c for x (B, C, HW), w (C, k*k), the taps T (k*k, HW, L): a depthwise
+    conv on a small map (see :class:`DepthwiseRunner`).
+
+    Autograd through the two matmuls would keep every M (C, HW, L) until the backward: on 8 x 8
+    maps with stride 1 that is 16 KB a channel, as much as a batch of 64 of the input, for each of
+    the dozens of such convs of a step. This keeps x and w only and builds M again in the backward
+    (one small matmul). Under autocast the backward runs in the gradient's dtype, as autograd's would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.taps = T
+        return torch.einsum("bci,cil->bcl", x, _dense_operators(w, T))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        T = ctx.taps.to(dy.dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.einsum("bcl,cil->bci", dy, _dense_operators(w.to(dy.dtype), T))
+        if ctx.needs_input_grad[1]:
+            dM = torch.einsum("bci,bcl->cil", x.to(dy.dtype), dy)                          # (C, HW, L)
+            dw = torch.matmul(dM.reshape(dM.shape[0], -1), T.view(T.shape[0], -1).mT)
+        return dx, dw, None
 
 
 class FusedCell:
