@@ -8,4 +8,4 @@ set -euo pipefail
 echo "# CIFAR-10 search configuration (L=8, C=16, batch 64, 32x32)"
 msrdarts bench search-step --layers 8 --channels 16 --batch-size 64 --input-size 32 --device cpu --steps 6 --json
 echo "# quick preset (digits: L=5, C=8, batch 64, 8x8 grey)"
-msrdarts bench search-step --layers 5 --channels 8 --batch-size 64 --input-size 8 --in-channels 1 --device cpu --steps 10 --json --profile
+msrdarts bench search-step --layers 5 --channels 8 --batch-size 64 --input-size 8 --in-channels 1 --device cpu --steps 20 --json --profile

@@ -4,7 +4,9 @@
 fused and the reference implementation and for the fused one without spectral norms, in
 alternating rounds so that machine noise hits all alike, and puts the step against the machine's
 own ceilings measured in the same run: the bandwidth of a large tensor copy and the throughput
-of a large matmul.
+of a large matmul. Each variant's timed steps in a round follow one untimed step of its own, as
+in training: the first step after another variant's runs with that variant's data in the caches
+and heap.
 """
 
 from __future__ import annotations
