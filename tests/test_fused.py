@@ -67,6 +67,20 @@ def test_fused_matches_reference_forward_backward_and_state(stem, size, mixing):
     assert fused.genotype() == ref.genotype()
 
 
+def test_two_forwards_then_one_backward_use_each_forwards_own_vectors():
+    """Gradient accumulation: the second training forward advances the power iterations before
+    the first forward's backward runs; that backward must still see the first forward's G."""
+    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=8, stem="cifar", mixing="sum")
+    torch.manual_seed(8)
+    x1, x2 = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for net in (ref, fused):
+        loss = net(x1).square().sum() + net(x2).sum()
+        grads.append(torch.autograd.grad(loss, list(net.parameters())))
+    for (name, _), gr, gf in zip(ref.named_parameters(), *grads):
+        torch.testing.assert_close(gf, gr, **TOL, msg=name)
+
+
 def test_fused_with_a_subset_of_ops_in_another_order():
     """Sep and dil ops interleaved: the sep ops' second blocks are not a contiguous slice."""
     ref, fused = _pair(num_classes=3, layers=3, channels=4, input_size=8, in_channels=1,

@@ -29,8 +29,10 @@ spectral-norm computation. Here, per cell:
     transposed conv over the N*C channels.
   Groups are ordered so that the weights one fused conv needs are a contiguous slice: no
   gather per use. On small maps several groups iterate as one bundle
-  (:meth:`SpectralBatch.bundles`), and each group's vectors are the rows of one tensor
-  (:meth:`SpectralBatch.link`).
+  (:meth:`SpectralBatch.bundles`), and each bundle's vectors are views of one tensor
+  (:meth:`SpectralBatch.link`). Then each group's G = d(v^T A u)/dW (v u^T for the 1x1 convs,
+  one conv of u with v for the depthwise ones, :func:`_depthwise_grads`) gives sigma = <W, G>,
+  and every group's ``W * target / sigma`` runs as one autograd node (:class:`_Normalize`).
 
 The modules are the reference's: every conv keeps its spectral-norm parametrization (so
 ``conv.weight`` is its normalised weight, and checkpoints, stable ranks and derivation do not
@@ -332,13 +334,18 @@ class SpectralBatch:
         shapes = [p.w.shape[:3] for p in parts]                                      # (N, Co, Ci)
         us = [b.view(n, ci) for b, (n, _, ci) in zip(u.split([n * ci for n, _, ci in shapes]), shapes)]
         vs = [b.view(n, co) for b, (n, co, _) in zip(v.split([n * co for n, co, _ in shapes]), shapes)]
-        if iterations:
-            for p, u_p, v_p in zip(parts, us, vs):
+        out = []
+        for p, u_p, v_p in zip(parts, us, vs):
+            if iterations:
                 new_u, new_v = matrix_power_iteration(p.w.flatten(2), u_p, iterations, p.sn.eps)
                 u_p.copy_(new_u)
                 v_p.copy_(new_v)
+            else:      # u_p and v_p are views of the buffers, which a later forward overwrites
+                new_u, new_v = u_p.clone(), v_p.clone()
+            out.append(_OuterDsigma(new_v, new_u))
+        if iterations:
             vectors.write(u, v)
-        return [_OuterDsigma(v_p, u_p) for u_p, v_p in zip(us, vs)]
+        return out
 
     def _dense_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
         """Depthwise convs on small maps: per channel c, A_c = M_c^T with M_c (HW, L) its dense
