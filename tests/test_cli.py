@@ -85,6 +85,8 @@ def test_plot_rejects_unknown_op_and_bench_rejects_bad_counts(tmp_path, capsys):
     assert "normal[0] has op 'conv_9x9'" in capsys.readouterr().err
     assert main(["bench", "search-step", "--steps", "0"]) == 2
     assert "--steps=0: must be a positive integer" in capsys.readouterr().err
+    assert main(["bench", "search-step", "--amp", "fp16", "--no-memory"]) == 2
+    assert "--amp='fp16': unknown; allowed: auto, bf16, off" in capsys.readouterr().err
 
 
 def test_info_prints_params_and_mult_adds(capsys):
@@ -95,11 +97,13 @@ def test_info_prints_params_and_mult_adds(capsys):
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
 
 
-def test_bench_search_step_runs_and_reports_every_figure(capsys):
+@pytest.mark.parametrize("amp", ["auto", "bf16"])
+def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
     rc = main(["bench", "search-step", "--layers", "3", "--channels", "2", "--batch-size", "2", "--input-size", "8",
-               "--in-channels", "1", "--steps", "2", "--warmup", "0", "--json", "--no-memory"])
+               "--in-channels", "1", "--steps", "2", "--warmup", "0", "--json", "--no-memory", "--amp", amp])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["amp"] == ("off" if amp == "auto" else "bf16") and out["compile"] is False   # auto: off on the CPU
     for key in ("ms_per_step_reference", "ms_per_step_fused", "ms_per_step_fused_no_sn", "speedup_fused_vs_reference",
                 "sn_overhead_fused", "gflop_s_fused", "gb_s_fused", "copy_gb_s", "matmul_gflop_s",
                 "stable_rank_table_and_derivation_ms"):

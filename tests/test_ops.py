@@ -240,6 +240,27 @@ def test_depthwise_conv2d_matches_conv2d(k, pad, dil, hw, stride, monkeypatch):
                                     (x, w))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_conv2d_under_bf16_autocast_matches_conv2d(stride):
+    """Under CPU bf16 autocast the forward runs in bf16 while the saved weight is float32: the
+    backward must run in the gradient's dtype and give each input a gradient of its own dtype,
+    as autograd through F.conv2d does."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    w = torch.randn(4, 1, 5, 5, requires_grad=True)
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = depthwise_conv2d(x, w, (4, 4), (2, 2), (stride, stride))
+        ref = F.conv2d(x2, w2, None, stride, 4, 2, 4)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    grads, refs = torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x2, w2), g)
+    for a, b in zip(grads, refs):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.05 * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("k,pad,dil", [(5, 2, 1), (5, 4, 2)])
 def test_opconv_fast_depthwise_path_matches_conv2d(k, pad, dil, monkeypatch):
     # OpConv routes stride-1 depthwise convs on >= 256-pixel CPU maps through depthwise_conv2d

@@ -11,6 +11,7 @@ and heap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -23,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .device import resolve_device
+from .device import Accel, resolve_device
 from .supernet import SuperNet
 
 VARIANTS = ("reference", "fused", "fused_no_sn")
@@ -35,10 +36,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-          params: list[torch.nn.Parameter] | None = None) -> None:
+          params: list[torch.nn.Parameter] | None = None, forward: Any = None, accel: Accel | None = None) -> None:
     """One search step as :func:`msrdarts.engine.train_one_epoch` runs it (``params``: the
-    model's parameters, listed once as the engine does)."""
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    model's parameters, listed once as the engine does; ``forward``: the model's forward, compiled
+    or not; ``accel``: its autocast)."""
+    with accel.autocast() if accel is not None else contextlib.nullcontext():
+        loss = torch.nn.functional.cross_entropy((forward or model)(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params if params is not None else list(model.parameters()), 5.0)
@@ -50,7 +53,8 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def time_search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
-                     opt: torch.optim.Optimizer | None = None) -> list[float]:
+                     opt: torch.optim.Optimizer | None = None, forward: Any = None,
+                     accel: Accel | None = None) -> list[float]:
     """Wall time (s) of ``steps`` full training steps (forward, backward, clip, SGD) after ``warmup``."""
     opt = opt or _optimizer(model)
     model.train()
@@ -59,7 +63,7 @@ def time_search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     for i in range(warmup + steps):
         _sync(x.device)
         t0 = time.perf_counter()
-        _step(model, opt, x, y, params)
+        _step(model, opt, x, y, params, forward, accel)
         _sync(x.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -112,32 +116,38 @@ def _build(variant: str, layers: int, channels: int, input_size: int, in_channel
 
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
                       in_channels: int = 3, steps: int = 10, warmup: int = 2, device: str = "cpu",
-                      threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False
-                      ) -> dict[str, Any]:
-    """Median step times of the three VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory."""
+                      threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False,
+                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto") -> dict[str, Any]:
+    """Median step times of the three VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory.
+
+    ``amp``, ``channels_last`` and ``compile`` are the search's settings (:class:`msrdarts.device.Accel`;
+    ``auto``: all on for an accelerator, all off on the CPU). Compiling happens in the warm-up steps.
+    """
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
+    accel = Accel.resolve(dev, amp, channels_last, compile)
     torch.manual_seed(seed)
-    x = torch.randn(batch_size, in_channels, input_size, input_size, device=dev)
+    x = accel.input(torch.randn(batch_size, in_channels, input_size, input_size, device=dev))
     y = torch.randint(0, 10, (batch_size,), device=dev)
-    models = {v: _build(v, layers, channels, input_size, in_channels, seed).to(dev) for v in VARIANTS}
+    models = {v: accel.prepare_model(_build(v, layers, channels, input_size, in_channels, seed)) for v in VARIANTS}
+    forwards = {v: accel.forward_fn(m, log=lambda message: print(message, file=sys.stderr)) for v, m in models.items()}
     opts = {v: _optimizer(m) for v, m in models.items()}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rounds = max(1, steps // 2)
     for r in range(rounds):
         for v in VARIANTS:
             times[v] += time_search_step(models[v], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 1,
-                                         opt=opts[v])
+                                         opt=opts[v], forward=forwards[v], accel=accel)
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
 
     # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some).
     with FlopCounterMode(display=False) as flops:
-        _step(models["reference"], opts["reference"], x, y)
+        _step(models["reference"], opts["reference"], x, y, None, None, accel)   # eager: counted per aten op
     traffic = {}
     for v in ("reference", "fused"):
         with _TrafficCounter() as counter:
-            _step(models[v], opts[v], x, y)
+            _step(models[v], opts[v], x, y, None, None, accel)
         traffic[v] = counter.bytes
     ceilings = machine_ceilings(dev)
 
@@ -148,6 +158,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     result: dict[str, Any] = {
         "layers": layers, "channels": channels, "batch_size": batch_size, "input_size": input_size,
         "in_channels": in_channels, "device": str(dev), "threads": torch.get_num_threads(),
+        "amp": "bf16" if accel.amp else "off", "channels_last": accel.channels_last, "compile": accel.compile,
         "steps": len(times["fused"]), "torch": torch.__version__,
         "ms_per_step_reference": round(ms["reference"], 1), "ms_per_step_fused": round(ms["fused"], 1),
         "ms_per_step_fused_no_sn": round(ms["fused_no_sn"], 1),
@@ -167,25 +178,27 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     if memory:
         for v in ("reference", "fused"):
             result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
-                                                                     in_channels, device, seed)
+                                                                     in_channels, device, seed, accel)
     if profile:
         from torch.profiler import profile as torch_profile
 
         with torch_profile() as prof:
-            _step(models["fused"], opts["fused"], x, y)
+            _step(models["fused"], opts["fused"], x, y, None, forwards["fused"], accel)
         result["profile_fused"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
                                                             max_name_column_width=40)
     return result
 
 
 def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: int, input_size: int,
-                        in_channels: int, device: str, seed: int) -> float | None:
+                        in_channels: int, device: str, seed: int, accel: Accel | None = None) -> float | None:
     """Peak memory (MB) one training step adds over the built model, in a fresh process.
 
     On the CPU: the process's resident high-water mark (reset after building, Linux only) minus
     the resident size before the step; on an accelerator: its peak allocated memory.
     """
-    args = json.dumps([variant, layers, channels, batch_size, input_size, in_channels, device, seed])
+    settings = ["bf16" if accel.amp else "off", _switch(accel.channels_last), _switch(accel.compile)] \
+        if accel is not None else ["off", "off", "off"]
+    args = json.dumps([variant, layers, channels, batch_size, input_size, in_channels, device, seed, *settings])
     code = f"import json, msrdarts.bench as b; print(json.dumps(b._peak_child(*json.loads({args!r}))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -199,24 +212,33 @@ def _rss_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _switch(on: bool) -> str:
+    return "on" if on else "off"
+
+
 def _peak_child(variant: str, layers: int, channels: int, batch_size: int, input_size: int, in_channels: int,
-                device: str, seed: int) -> float | None:
+                device: str, seed: int, amp: str = "off", channels_last: str = "off",
+                compile: str = "off") -> float | None:
     dev = resolve_device(device)
-    model = _build(variant, layers, channels, input_size, in_channels, seed).to(dev)
+    accel = Accel.resolve(dev, amp, channels_last, compile)
+    model = accel.prepare_model(_build(variant, layers, channels, input_size, in_channels, seed))
+    forward = accel.forward_fn(model, log=lambda message: None)
     opt = _optimizer(model)
-    x = torch.randn(batch_size, in_channels, input_size, input_size, device=dev)
+    x = accel.input(torch.randn(batch_size, in_channels, input_size, input_size, device=dev))
     y = torch.randint(0, 10, (batch_size,), device=dev)
     if dev.type != "cpu":
         mod = getattr(torch, dev.type)
+        if accel.compile:
+            _step(model, opt, x, y, None, forward, accel)   # compile outside the measured step
         mod.reset_peak_memory_stats(dev)
         before = mod.memory_allocated(dev)
-        _step(model, opt, x, y)
+        _step(model, opt, x, y, None, forward, accel)
         return round((mod.max_memory_allocated(dev) - before) / 2 ** 20, 1)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")   # reset the high-water mark
         before = _rss_kb("VmRSS")
-        _step(model, opt, x, y)
+        _step(model, opt, x, y, None, forward, accel)
         return round((_rss_kb("VmHWM") - before) / 1024, 1)
     except OSError:
         return None

@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory measurement (two extra processes)")
     st.add_argument("--profile", action="store_true", help="also print the fused step's top operators by self time")
+    st.add_argument("--amp", default="auto", help="bf16 autocast, as for search: auto|bf16|off (default: auto, "
+                                                  "on for an accelerator)")
+    st.add_argument("--channels-last", default="auto", help="as for search: auto|on|off (default: auto)")
+    st.add_argument("--compile", default="auto", help="torch.compile the forwards, as for search: auto|on|off "
+                                                      "(default: auto; compiling happens in the warm-up steps)")
     return parser
 
 
@@ -287,7 +292,8 @@ def _bench(args: argparse.Namespace) -> int:
     result = bench_search_step(layers=args.layers, channels=args.channels, batch_size=args.batch_size,
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
                                warmup=args.warmup, device=args.device, threads=args.threads, memory=args.memory,
-                               profile=args.profile)
+                               profile=args.profile, amp=args.amp, channels_last=args.channels_last,
+                               compile=args.compile)
     table = result.pop("profile_fused", None)
     if args.json:
         print(json.dumps(result))

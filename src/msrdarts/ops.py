@@ -188,6 +188,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
+        w_dtype = w.dtype
+        x, w = x.to(g.dtype), w.to(g.dtype)   # under autocast the forward ran in g's dtype (bf16)
         (sh, sw), (ph, pw), (dh, dw) = ctx.stride, ctx.padding, ctx.dilation
         C, _, kh, kw = w.shape
         Ho, Wo = g.shape[-2:]
@@ -200,7 +202,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
                            x.shape[3] - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1))
                 grad_x = F.conv_transpose2d(g, w, None, (sh, sw), (ph, pw), out_pad, C, (dh, dw))
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.taps(F.pad(x, (pw, pw, ph, ph)), g, (kh, kw), (sh, sw), (dh, dw)).view(C, 1, kh, kw)
+            grad_w = ctx.taps(F.pad(x, (pw, pw, ph, ph)), g, (kh, kw), (sh, sw), (dh, dw)).view(C, 1, kh, kw).to(w_dtype)
         return grad_x, grad_w, None, None, None, None
 
 
