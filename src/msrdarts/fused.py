@@ -55,7 +55,7 @@ from torch.nn.utils import parametrize
 
 from .derive import edge_index
 from .ops import CompiledTaps, DilConv, OpConv, SepConv, depthwise_conv2d, use_fast_depthwise
-from .spectral import ConvSpectralNorm, _normalize, matrix_power_iteration, matrix_top_vectors
+from .spectral import ConvSpectralNorm, _normalize, circular_top_vectors, matrix_power_iteration, matrix_top_vectors
 
 #: Ops the fused path understands: a sequence of ReLU - depthwise - pointwise - BN blocks.
 FUSABLE_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -301,15 +301,43 @@ class SpectralBatch:
     @torch.no_grad()
     def refresh(self, iterations: int = 3) -> None:
         """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
-        in one batched ``eigh`` per group; the other convs run their own refresh."""
+        in one batched ``eigh`` per group; the depthwise convs of a group refresh as one grouped
+        conv (:meth:`_refresh_depthwise`); any other conv runs its own refresh."""
         for g, sns in enumerate(self._norms()):
             if sns[0] is None:
                 continue
             if sns[0].matrix:
                 self._exact_matrix_vectors(g)
+            elif sns[0].depthwise:
+                self._refresh_depthwise(g, iterations)
             else:
                 for w, sn in zip(self._raws(g), sns):
                     sn.refresh(w.detach(), iterations)
+
+    def _refresh_depthwise(self, g: int, iterations: int) -> None:
+        """:meth:`ConvSpectralNorm.refresh` of group g's N depthwise convs at once. Their channels
+        are independent operators, so the N convs of C channels are one depthwise conv of N*C
+        channels: the same probe (the circular top vector of each channel), the same iterations,
+        the same choice per channel (one call instead of N: 0.6 s to a few ms per refresh at the
+        quick preset)."""
+        sn = self._norms()[g][0]
+        w = torch.stack(self._raws(g)).detach().flatten(0, 1)                           # (N*C, 1, k, k)
+        n = w.shape[0]
+        vectors = self._group_vectors(g)
+        if sn.dilation[0] == sn.dilation[1]:
+            probe = circular_top_vectors(w, sn.input_hw, sn.dilation[0], n)
+        else:
+            probe = _normalize(w.new_ones(1, n, *sn.input_hw), n, sn.eps)
+        u = torch.cat([vectors.u().view(1, n, *sn.input_hw), probe])                      # (2, N*C, H, W)
+        geo = _Geometry.of(sn)
+        for _ in range(iterations):
+            v = _normalize(F.conv2d(u, w, None, geo.stride, geo.padding, geo.dilation, n), n, sn.eps)
+            at_v = _adjoint(geo, sn.input_hw, v, w, n)
+            est = at_v.reshape(2, n, -1).norm(dim=2)                                       # lower bounds, (2, n)
+            u = _normalize(at_v, n, sn.eps)
+        use_probe = (est[1] > est[0]).view(n, 1)
+        vectors.write(torch.where(use_probe, u[1].reshape(n, -1), u[0].reshape(n, -1)),
+                      torch.where(use_probe, v[1].reshape(n, -1), v[0].reshape(n, -1)))
 
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
