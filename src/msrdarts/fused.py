@@ -54,8 +54,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .derive import edge_index
-from .ops import CompiledTaps, DilConv, OpConv, SepConv, depthwise_conv2d, use_fast_depthwise
-from .spectral import ConvSpectralNorm, _normalize, circular_top_vectors, matrix_power_iteration, matrix_top_vectors
+from .ops import CompiledTaps, DilConv, OpConv, SepConv, conv_adjoint, depthwise_conv2d, use_fast_depthwise
+from .spectral import (ConvSpectralNorm, _normalize, circular_top_vectors, matrix_power_iteration, matrix_top_vectors,
+                       refresh_vectors)
 
 #: Ops the fused path understands: a sequence of ReLU - depthwise - pointwise - BN blocks.
 FUSABLE_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -328,16 +329,10 @@ class SpectralBatch:
             probe = circular_top_vectors(w, sn.input_hw, sn.dilation[0], n)
         else:
             probe = _normalize(w.new_ones(1, n, *sn.input_hw), n, sn.eps)
-        u = torch.cat([vectors.u().view(1, n, *sn.input_hw), probe])                      # (2, N*C, H, W)
         geo = _Geometry.of(sn)
-        for _ in range(iterations):
-            v = _normalize(F.conv2d(u, w, None, geo.stride, geo.padding, geo.dilation, n), n, sn.eps)
-            at_v = _adjoint(geo, sn.input_hw, v, w, n)
-            est = at_v.reshape(2, n, -1).norm(dim=2)                                       # lower bounds, (2, n)
-            u = _normalize(at_v, n, sn.eps)
-        use_probe = (est[1] > est[0]).view(n, 1)
-        vectors.write(torch.where(use_probe, u[1].reshape(n, -1), u[0].reshape(n, -1)),
-                      torch.where(use_probe, v[1].reshape(n, -1), v[0].reshape(n, -1)))
+        vectors.write(*refresh_vectors(vectors.u().view(1, n, *sn.input_hw), probe,
+                                       lambda x: F.conv2d(x, w, None, geo.stride, geo.padding, geo.dilation, n),
+                                       lambda y: _adjoint(geo, sn.input_hw, y, w, n), n, iterations, sn.eps))
 
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
@@ -605,13 +600,8 @@ def _depthwise_grads(parts: list[_Part], u: torch.Tensor, v: torch.Tensor) -> li
 
 
 def _adjoint(geo: "_Geometry", input_hw: tuple[int, int], y: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
-    """conv_transpose2d restoring the conv's input size (the adjoint of the grouped conv)."""
-    out_pad = []
-    for dim in range(2):
-        full = (y.shape[2 + dim] - 1) * geo.stride[dim] - 2 * geo.padding[dim] \
-            + geo.dilation[dim] * (geo.kernel_size[dim] - 1) + 1
-        out_pad.append(input_hw[dim] - full)
-    return F.conv_transpose2d(y, w, None, geo.stride, geo.padding, tuple(out_pad), groups, geo.dilation)
+    """The adjoint of the grouped conv of geometry ``geo`` (:func:`msrdarts.ops.conv_adjoint`)."""
+    return conv_adjoint(y, w, input_hw, geo.stride, geo.padding, geo.dilation, groups)
 
 
 class _FusedBN:

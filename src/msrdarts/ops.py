@@ -12,7 +12,7 @@ use plain ``nn.Conv2d`` and are left alone (SPEC section 8).
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -169,6 +169,16 @@ class CompiledTaps:
             return blocked_tap_products(xp, g, kernel_size, stride, dilation)
 
 
+def conv_adjoint(y: torch.Tensor, w: torch.Tensor, input_hw: Sequence[int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> torch.Tensor:
+    """The adjoint of ``F.conv2d(x, w, None, stride, padding, dilation, groups)`` applied to ``y``:
+    the transposed conv, with the output padding that restores x's size ``input_hw``."""
+    k = w.shape[-2:]
+    out_pad = tuple(input_hw[i] - ((y.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
+                    for i in range(2))
+    return F.conv_transpose2d(y, w, None, stride, padding, out_pad, groups, dilation)
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
     """Depthwise conv with a backward that is fast on CPU.
 
@@ -192,15 +202,12 @@ class _DepthwiseConv2d(torch.autograd.Function):
         x, w = x.to(g.dtype), w.to(g.dtype)   # under autocast the forward ran in g's dtype (bf16)
         (sh, sw), (ph, pw), (dh, dw) = ctx.stride, ctx.padding, ctx.dilation
         C, _, kh, kw = w.shape
-        Ho, Wo = g.shape[-2:]
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             if (sh, sw) == (1, 1):
                 grad_x = F.conv2d(g, w.flip(-2, -1), None, 1, (dh * (kh - 1) - ph, dw * (kw - 1) - pw), (dh, dw), C)
-            else:  # the adjoint of the strided conv; output_padding restores the input size
-                out_pad = (x.shape[2] - ((Ho - 1) * sh - 2 * ph + dh * (kh - 1) + 1),
-                           x.shape[3] - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1))
-                grad_x = F.conv_transpose2d(g, w, None, (sh, sw), (ph, pw), out_pad, C, (dh, dw))
+            else:  # the adjoint of the strided conv
+                grad_x = conv_adjoint(g, w, x.shape[2:], (sh, sw), (ph, pw), (dh, dw), C)
         if ctx.needs_input_grad[1]:
             grad_w = ctx.taps(F.pad(x, (pw, pw, ph, ph)), g, (kh, kw), (sh, sw), (dh, dw)).view(C, 1, kh, kw).to(w_dtype)
         return grad_x, grad_w, None, None, None, None

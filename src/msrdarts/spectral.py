@@ -22,7 +22,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .ops import OpConv
+from .ops import OpConv, conv_adjoint
 from .stable_rank import kernel_spectrum
 
 
@@ -156,14 +156,7 @@ class ConvSpectralNorm(nn.Module):
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
     def _At(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # conv_transpose2d is the adjoint of conv2d once output_padding restores the input size.
-        out_pad = []
-        for dim in range(2):
-            full = (y.shape[2 + dim] - 1) * self.stride[dim] - 2 * self.padding[dim] \
-                + self.dilation[dim] * (self.kernel_size[dim] - 1) + 1
-            out_pad.append(self.input_hw[dim] - full)
-        return F.conv_transpose2d(y, w, None, self.stride, self.padding, tuple(out_pad), self.groups,
-                                  self.dilation)
+        return conv_adjoint(y, w, self.input_hw, self.stride, self.padding, self.dilation, self.groups)
 
     @torch.no_grad()
     def _power_iterate(self, weight: torch.Tensor, n: int) -> None:
@@ -189,16 +182,10 @@ class ConvSpectralNorm(nn.Module):
             self.u.copy_(u)
             self.v.copy_(v)
             return
-        g = self.groups
-        u = torch.cat([self.u, self._circular_u(weight)])                    # (2, C_in, H, W)
-        for _ in range(iterations):
-            v = _normalize(self._A(u, weight), g, self.eps)
-            at_v = self._At(v, weight)
-            est = at_v.reshape(2, g, -1).norm(dim=2)                           # lower bounds, (2, g)
-            u = _normalize(at_v, g, self.eps)
-        use_probe = (est[1] > est[0]).view(g, 1)
-        self.u.copy_(torch.where(use_probe, u[1].reshape(g, -1), u[0].reshape(g, -1)).view_as(self.u))
-        self.v.copy_(torch.where(use_probe, v[1].reshape(g, -1), v[0].reshape(g, -1)).view_as(self.v))
+        u, v = refresh_vectors(self.u, self._circular_u(weight), lambda x: self._A(x, weight),
+                               lambda y: self._At(y, weight), self.groups, iterations, self.eps)
+        self.u.copy_(u.view_as(self.u))
+        self.v.copy_(v.view_as(self.v))
 
     @torch.no_grad()
     def dsigma(self, weight: torch.Tensor) -> torch.Tensor:
@@ -231,6 +218,23 @@ class ConvSpectralNorm(nn.Module):
             if self.training:
                 self._power_iterate(weight.detach(), self.n_power_iterations)
             return weight * (self.target / self.sigma(weight))
+
+
+@torch.no_grad()
+def refresh_vectors(u: torch.Tensor, probe: torch.Tensor, A, At, groups: int, iterations: int, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power-iterate ``u`` and ``probe`` (each (1, C_in, H, W)) side by side through the operator
+    ``A`` and its adjoint ``At``; per group, keep whichever gives the larger sigma estimate (both
+    are lower bounds of the true one). Returns the kept (u, v), each (groups, -1)."""
+    u = torch.cat([u, probe])                                                  # (2, C_in, H, W)
+    for _ in range(iterations):
+        v = _normalize(A(u), groups, eps)
+        at_v = At(v)
+        est = at_v.reshape(2, groups, -1).norm(dim=2)                          # lower bounds, (2, groups)
+        u = _normalize(at_v, groups, eps)
+    use_probe = (est[1] > est[0]).view(groups, 1)
+    return (torch.where(use_probe, u[1].reshape(groups, -1), u[0].reshape(groups, -1)),
+            torch.where(use_probe, v[1].reshape(groups, -1), v[0].reshape(groups, -1)))
 
 
 def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: float = 1.0,

@@ -162,7 +162,7 @@ class SuperNet(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """``.to()``, ``.double()`` and the like replace the power-iteration buffers: link the new
-        ones into one tensor per group again (see :meth:`SpectralBatch.link`)."""
+        ones into one tensor per bundle again (see :meth:`SpectralBatch.link`)."""
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "_spectral", None) is not None:
             self._spectral.link()
