@@ -2,9 +2,9 @@
 
     python bench/depthwise.py            # prints one row per geometry, times in ms (median of 5)
 
-Columns: ``conv`` (F.conv2d), ``taps`` (msrdarts.ops.depthwise_conv2d: custom backward), ``dense``
+Columns: ``conv`` (F.conv2d), ``taps`` (msrdarts.nn.ops.depthwise_conv2d: custom backward), ``dense``
 (the fused path's dense-operator matmul for maps of at most 64 pixels). These figures choose
-msrdarts.ops.use_fast_depthwise and msrdarts.fused.DepthwiseRunner; see BENCHMARKS.md.
+msrdarts.nn.ops.use_fast_depthwise and msrdarts.nn.fused.DepthwiseRunner; see BENCHMARKS.md.
 """
 
 import statistics
@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from msrdarts.fused import DepthwiseRunner
-from msrdarts.ops import OpConv, depthwise_conv2d
+from msrdarts.nn.fused import DepthwiseRunner
+from msrdarts.nn.ops import OpConv, depthwise_conv2d
 
 
 def timed(fn, x, w, repeats=5):

@@ -1,11 +1,11 @@
-"""msrdarts compare (msrdarts.compare) against a table computed by hand from fake run folders."""
+"""msrdarts compare (msrdarts.views.compare) against a table computed by hand from fake run folders."""
 
 import csv
 import json
 
 import pytest
 
-from msrdarts.compare import compact, gather, run_compare
+from msrdarts.views.compare import compact, gather, run_compare
 from msrdarts.errors import ConfigError
 from msrdarts.zoo import get_genotype
 
@@ -96,7 +96,7 @@ def test_not_a_run_folder_is_named(tmp_path):
 
 
 def test_method_labels():
-    from msrdarts.compare import method_name
+    from msrdarts.views.compare import method_name
 
     assert method_name({"method": "msr"}) == "msr-darts" and method_name({}) == "msr-darts"
     assert method_name({"method": "darts", "order": 2, "space": "darts"}) == "darts-2nd"

@@ -1,12 +1,12 @@
-"""The DARTS baseline's architecture gradients (msrdarts.darts) against autograd, in float64."""
+"""The DARTS baseline's architecture gradients (msrdarts.methods.darts) against autograd, in float64."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from msrdarts.darts import Architect
-from msrdarts.ops import DARTS_PRIMITIVES
-from msrdarts.supernet import SuperNet
+from msrdarts.methods.darts import Architect
+from msrdarts.nn.ops import DARTS_PRIMITIVES
+from msrdarts.nn.supernet import SuperNet
 
 
 def _setup(primitives=DARTS_PRIMITIVES, impl="auto"):

@@ -1,9 +1,9 @@
-"""TensorBoard logging (msrdarts.dashboard): tags, resume, off switch. The events of real runs
+"""TensorBoard logging (msrdarts.views.tensorboard): tags, resume, off switch. The events of real runs
 are checked against their history in tests/test_report.py."""
 
 import pytest
 
-from msrdarts.dashboard import TensorBoardLog, scalar_tags
+from msrdarts.views.tensorboard import TensorBoardLog, scalar_tags
 
 
 def quiet(_msg):

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msrdarts.data import (DeviceLoader, ImageData, StreamData, list_datasets, load_dataset, search_split,
-                           subset_split)
+from msrdarts.data import (DeviceLoader, ImageData, StreamData, dataset_info, list_datasets, load_dataset,
+                           search_split, subset_split)
+from msrdarts.data.registry import DatasetInfo, dataset_spec, reader, reader_of
 from msrdarts.errors import ConfigError, DataError
 
 
@@ -25,6 +26,69 @@ def test_unknown_and_missing_datasets(tmp_path):
     with pytest.raises(DataError, match="CIFAR-10 not found in .*pass --download"):
         load_dataset("cifar10", tmp_path / "nowhere")
     assert {"digits", "cifar10"} <= set(list_datasets())
+
+
+def test_registry_is_one_table_with_a_reader_per_name():
+    fixed = {"digits": (10, 1, 8, "cifar"), "cifar10": (10, 3, 32, "cifar"), "cifar100": (100, 3, 32, "cifar"),
+             "svhn": (10, 3, 32, "cifar"), "imagenet": (1000, 3, 224, "imagenet")}
+    assert list_datasets() == ["digits", "cifar10", "cifar100", "svhn", "npz", "folder", "imagenet"]
+    for name in list_datasets():
+        assert callable(reader_of(name)) and dataset_spec(name).name == name
+        if name in fixed:
+            info = dataset_info(name)
+            assert isinstance(info, DatasetInfo) and tuple(vars(info).values()) == fixed[name]
+        else:   # npz, folder: the shape comes from the files
+            with pytest.raises(ConfigError, match=f"dataset '{name}' takes its shape from its files; "
+                                                  f"allowed: digits, cifar10, cifar100, svhn, imagenet"):
+                dataset_info(name)
+    with pytest.raises(ConfigError, match="unknown dataset 'mnist'; allowed: digits, cifar10, cifar100, svhn, imagenet$"):
+        dataset_info("mnist")
+    # A second reader for a name, or a reader for a name outside the table, is refused.
+    before = reader_of("cifar10")
+    with pytest.raises(ValueError, match="'cifar10' already has a reader"):
+        reader("cifar10")(lambda opts, spec: None)
+    with pytest.raises(ValueError, match="'mnist' is not in the registry table"):
+        reader("mnist")
+    assert reader_of("cifar10") is before and "mnist" not in list_datasets()
+
+
+def test_registry_imports_no_torch_numpy_or_torchvision():
+    """config.py validates --dataset with the registry: it must stay pure (stdlib and ..errors)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import msrdarts.data.registry as registry
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                assert node.level == 2 and node.module == "errors", ast.unparse(node)
+                continue
+            roots = [node.module.split(".")[0]]
+        else:
+            continue
+        assert all(r in sys.stdlib_module_names or r == "__future__" for r in roots), ast.unparse(node)
+
+
+def test_image_loaders_share_one_copy_per_device():
+    d = load_dataset("digits")
+    idx = torch.arange(0, 100, 3)
+    a = d.loader("train", 8, "meta", indices=idx)
+    b = d.loader("train", 8, "meta", augment=True, shuffle=True, cutout=2)
+    t = d.loader("test", 8, "meta")
+    assert a.images.device.type == "meta" and a.images is b.images and a.labels is b.labels
+    assert a.images.shape == d.x_train.shape and len(a) == 5 and t.images.shape == d.x_test.shape
+    # Restricting to indices selects from the shared copy: the batches are those of x_train[indices].
+    sub = DeviceLoader(d.x_train[idx], d.y_train[idx], 8, d.mean, d.std, "cpu", shuffle=True, crop_padding=1,
+                       cutout=2, generator=torch.Generator().manual_seed(1))
+    full = d.loader("train", 8, "cpu", indices=idx, augment=True, shuffle=True, cutout=2,
+                    generator=torch.Generator().manual_seed(1))
+    for (x1, y1), (x2, y2) in zip(sub, full, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def test_search_split_is_disjoint_4_to_1_and_seeded():

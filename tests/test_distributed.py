@@ -22,8 +22,8 @@ from msrdarts.distributed import Dist
 DRIVER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
-    import msrdarts._io as io_, msrdarts.checkpoint as ck, msrdarts.search as se, msrdarts.train as tr
-    import msrdarts.visualize as vz
+    import msrdarts._io as io_, msrdarts.runs.checkpoint as ck, msrdarts.runs.search as se, msrdarts.runs.train as tr
+    import msrdarts.views.plots as vz
     from msrdarts.config import SearchConfig, TrainConfig
 
     rank, out, report = int(os.environ["RANK"]), Path(sys.argv[1]), Path(sys.argv[2])
@@ -160,7 +160,7 @@ def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
     import signal
     import time
 
-    from msrdarts.checkpoint import load_checkpoint
+    from msrdarts.runs.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     args = [sys.executable, "-m", "msrdarts", "search", "--dataset", "digits", "--layers", "3", "--channels", "4",

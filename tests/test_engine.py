@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from msrdarts.engine import evaluate, recalibrate_bn, train_one_epoch
-from msrdarts.ops import OpConv, record_input_sizes
-from msrdarts.spectral import apply_spectral_norm
+from msrdarts.runs.epoch import evaluate, recalibrate_bn, train_one_epoch
+from msrdarts.nn.ops import OpConv, record_input_sizes
+from msrdarts.nn.spectral import apply_spectral_norm
 
 
 def _batches(n_batches=3, bs=5, seed=0):

@@ -9,10 +9,10 @@ from torch.nn.utils import parametrize
 
 from msrdarts.device import Accel
 from msrdarts.errors import ConfigError
-from msrdarts.fused import DepthwiseRunner, SpectralBatch, _Geometry
-from msrdarts.ops import DARTS_PRIMITIVES, OpConv
-from msrdarts.spectral import ConvSpectralNorm
-from msrdarts.supernet import SuperNet
+from msrdarts.nn.kernels import DepthwiseRunner, _Geometry
+from msrdarts.nn.ops import DARTS_PRIMITIVES, OpConv
+from msrdarts.nn.spectral import ConvSpectralNorm, SpectralBatch
+from msrdarts.nn.supernet import SuperNet
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 
@@ -205,7 +205,7 @@ def test_compile_failure_falls_back_to_eager_with_one_message():
 
 def test_batched_refresh_equals_each_convs_own_refresh():
     """SuperNet.refresh_spectral_norms (1x1 convs in one eigh per shape) = every conv's own refresh."""
-    from msrdarts.spectral import refresh_spectral_norms
+    from msrdarts.nn.spectral import refresh_spectral_norms
 
     torch.manual_seed(4)
     net = SuperNet(10, 3, 4, 8, in_channels=1).double()
@@ -281,7 +281,7 @@ def test_linked_vectors_are_one_tensor_per_bundle_and_replaced_buffers_still_cou
 def test_depthwise_dsigma_by_conv_equals_the_unfold_gradient(geometries, hw):
     """G = d(v^T A u)/dW of depthwise convs, computed as one conv of u with v for all parts at
     their union geometry, equals each conv's own unfold-based dsigma (ConvSpectralNorm.dsigma)."""
-    from msrdarts.fused import _depthwise_grads, _Part, _union_kernel
+    from msrdarts.nn.spectral import _depthwise_grads, _Part, _union_kernel
 
     torch.manual_seed(6)
     C, n = 3, 2
@@ -312,7 +312,7 @@ def test_depthwise_dsigma_by_conv_equals_the_unfold_gradient(geometries, hw):
 def test_normalize_function_matches_autograd_including_ties():
     """_Normalize (one autograd node for all groups) against autograd through W * (t / max_j <W_j, G_j>),
     for depthwise groups, 1x1 groups (G = v u^T) and a conv whose two groups tie for the max."""
-    from msrdarts.fused import _Dsigma, _Normalize, _OuterDsigma
+    from msrdarts.nn.spectral import _Dsigma, _Normalize, _OuterDsigma
 
     torch.manual_seed(7)
     w_dw = torch.randn(3, 4, 1, 3, 3, dtype=torch.float64)

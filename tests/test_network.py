@@ -3,8 +3,8 @@ import torch
 
 from msrdarts.errors import ConfigError
 from msrdarts.genotype import Genotype
-from msrdarts.metrics import count_mult_adds, count_parameters
-from msrdarts.network import Network
+from msrdarts.nn.metrics import count_mult_adds, count_parameters
+from msrdarts.nn.network import Network
 from msrdarts.zoo import get_genotype, list_genotypes
 
 CONCAT = (2, 3, 4, 5)
@@ -86,7 +86,7 @@ def test_mult_adds_of_a_single_conv_by_hand():
 
 @pytest.mark.parametrize("size", [8, 7, 4, 2])
 def test_auxiliary_head_pools_to_2x2_then_1x1(size):
-    from msrdarts.network import AuxiliaryHead
+    from msrdarts.nn.network import AuxiliaryHead
 
     head = AuxiliaryHead(6, 10, size)
     x = torch.randn(2, 6, size, size)

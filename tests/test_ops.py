@@ -11,10 +11,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from msrdarts import ops
+from msrdarts import primitives
 from msrdarts.errors import ConfigError
-from msrdarts.ops import (DARTS_PRIMITIVES, MSR_PRIMITIVES, DilConv, FactorizedReduce, OpConv, SepConv, Zero,
-                          depthwise_conv2d, drop_path, get_op, list_ops, register_op)
+from msrdarts.nn import kernels, ops
+from msrdarts.nn.kernels import depthwise_conv2d
+from msrdarts.nn.ops import (DARTS_PRIMITIVES, MSR_PRIMITIVES, DilConv, FactorizedReduce, OpConv, SepConv, Zero,
+                             drop_path, get_op, list_ops, register_op)
+from msrdarts.primitives import Primitive, get_primitive, list_primitives
 
 ALL_OPS = list_ops()
 CONV_OPS = {"sep_conv_3x3": ("sep", 3), "sep_conv_5x5": ("sep", 5), "dil_conv_3x3": ("dil", 3),
@@ -92,23 +95,30 @@ def test_get_op_unknown_raises_config_error_naming_known_ops():
 
 
 def test_register_op_duplicate_raises(monkeypatch):
-    monkeypatch.setattr(ops, "_OPS", dict(ops._OPS))  # keep the global registry clean
+    # keep both global registries clean: the ops' factories and their facts
+    monkeypatch.setattr(ops, "_OPS", dict(ops._OPS))
+    monkeypatch.setattr(primitives, "_PRIMITIVES", dict(primitives._PRIMITIVES))
     with pytest.raises(ValueError, match="sep_conv_3x3"):
         register_op("sep_conv_3x3")(lambda C, stride, affine: nn.Identity())
     assert get_op("sep_conv_3x3")(4, 1, False).__class__ is SepConv  # not replaced
+    with pytest.raises(ValueError, match="my_test_op"):                # a new op must bring its facts
+        register_op("my_test_op")(lambda C, stride, affine: nn.Identity())
+    assert "my_test_op" not in list_ops() and "my_test_op" not in list_primitives()
 
-    @register_op("my_test_op")
+    @register_op("my_test_op", Primitive("my_test_op", "t", "#000000"))
     def _mine(C, stride, affine):
         return nn.Identity()
 
     assert "my_test_op" in list_ops() and get_op("my_test_op") is _mine
+    assert get_primitive("my_test_op") == Primitive("my_test_op", "t", "#000000")
     with pytest.raises(ValueError):
-        register_op("my_test_op")(lambda C, stride, affine: nn.Identity())
-    assert get_op("my_test_op") is _mine
+        register_op("my_test_op", Primitive("my_test_op", "u", "#ffffff"))(lambda C, stride, affine: nn.Identity())
+    assert get_op("my_test_op") is _mine and get_primitive("my_test_op").short == "t"
 
 
 def test_register_op_leaves_no_trace():
     assert "my_test_op" not in list_ops()
+    assert "my_test_op" not in list_primitives()
 
 
 def _leaf_types(module: nn.Module) -> list[type]:
@@ -223,7 +233,7 @@ def test_factorized_reduce(hw, c_in, c_out):
 def test_depthwise_conv2d_matches_conv2d(k, pad, dil, hw, stride, monkeypatch):
     torch.manual_seed(4)
     C = 3
-    monkeypatch.setattr(ops, "TAP_BLOCK_ELEMENTS", 2 * 9)   # channel blocks of 1 or 2: the blocked loop
+    monkeypatch.setattr(kernels, "TAP_BLOCK_ELEMENTS", 2 * 9)   # channel blocks of 1 or 2: the blocked loop
     x = torch.randn(2, C, *hw, dtype=torch.float64, requires_grad=True)
     w = torch.randn(C, 1, k, k, dtype=torch.float64, requires_grad=True)
     y = depthwise_conv2d(x, w, (pad, pad), (dil, dil), (stride, stride))
@@ -346,7 +356,7 @@ def test_compiled_tap_products_match_the_conv_weight_gradient():
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
     messages = []
-    taps = ops.CompiledTaps(log=messages.append, min_elements=0)
+    taps = kernels.CompiledTaps(log=messages.append, min_elements=0)
     torch.manual_seed(6)
     for k, pad, dil in [(5, 4, 2)]:
         for B, C in [(2, 3), (3, 3), (4, 5)]:   # B == C once: maybe_mark_dynamic, not mark_dynamic
@@ -368,16 +378,16 @@ def test_compiled_taps_fall_back_to_eager_with_one_message(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     messages = []
-    taps = ops.CompiledTaps(log=messages.append, min_elements=0)
+    taps = kernels.CompiledTaps(log=messages.append, min_elements=0)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     g = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     xp = F.pad(x, (1, 1, 1, 1))
     for _ in range(2):
         got = taps(xp, g, (3, 3), (1, 1), (1, 1))
-        torch.testing.assert_close(got, ops.tap_products(xp, g, (3, 3), (1, 1), (1, 1)), atol=1e-12, rtol=0)
+        torch.testing.assert_close(got, kernels.tap_products(xp, g, (3, 3), (1, 1), (1, 1)), atol=1e-12, rtol=0)
     assert messages == ["compiling the depthwise weight gradient failed (RuntimeError: no compiler here); "
                         "computing it eagerly"]
     # below the size threshold nothing is compiled at all
-    small = ops.CompiledTaps(log=messages.append)
+    small = kernels.CompiledTaps(log=messages.append)
     small(xp, g, (3, 3), (1, 1), (1, 1))
     assert small.failed is None and len(messages) == 1

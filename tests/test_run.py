@@ -1,4 +1,4 @@
-"""Crash safety (msrdarts._run, checkpoint, engine.EpochState): kills, signals, divergence, lr on resume.
+"""Crash safety (msrdarts.runs.signals, checkpoint, engine.EpochState): kills, signals, divergence, lr on resume.
 
 The runs are real processes killed for real (SIGKILL, SIGTERM); "equal" means the history (timings
 aside), the genotype and every weight and buffer of the final checkpoint are bitwise equal to those
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from msrdarts.checkpoint import load_checkpoint, previous_path
+from msrdarts.runs.checkpoint import load_checkpoint, previous_path
 from msrdarts.config import SearchConfig, TrainConfig
-from msrdarts.engine import EpochState, train_one_epoch
+from msrdarts.runs.epoch import EpochState, train_one_epoch
 from msrdarts.errors import MsrdartsError
-from msrdarts.search import run_search
-from msrdarts.train import run_train
+from msrdarts.runs.search import run_search
+from msrdarts.runs.train import run_train
 
 SEARCH_ARGS = ["search", "--dataset", "digits", "--layers", "3", "--channels", "4", "--batch-size", "64",
                "--epochs", "2", "--checkpoint-every", "4", "--device", "cpu", "--no-progress", "--no-plots",
@@ -110,7 +110,7 @@ def test_sigkill_during_an_epoch_then_resume_equals_the_uninterrupted_search(ref
 KILL_IN_WRITE = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import msrdarts.checkpoint as ck
+    import msrdarts.runs.checkpoint as ck
     from msrdarts.cli import main
 
     real = ck.atomic_write_bytes
@@ -212,7 +212,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     out = tmp_path / "run"
     seen = []
     # A good first epoch, then an absurd learning rate: the weights overflow for real.
-    monkeypatch.setattr("msrdarts.train.lr_factor", lambda c: (lambda e: 1.0 if e == 0 else 1e30))
+    monkeypatch.setattr("msrdarts.runs.train.lr_factor", lambda c: (lambda e: 1.0 if e == 0 else 1e30))
     with pytest.raises(MsrdartsError) as err:
         run_train(cfg, out, on_epoch_end=lambda epoch, record: seen.append(epoch), log=lambda m: None)
     msg = str(err.value)

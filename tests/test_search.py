@@ -4,11 +4,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from msrdarts.checkpoint import load_checkpoint
+from msrdarts.runs.checkpoint import load_checkpoint
 from msrdarts.config import SearchConfig, get_preset
 from msrdarts.errors import CheckpointError, ConfigError
-from msrdarts.genotype import load_genotype
-from msrdarts.search import read_history, run_search
+from msrdarts.zoo import load_genotype
+from msrdarts.runs.search import read_history, run_search
 
 # Pictures and TensorBoard events are tested in test_report.py; here they would only cost time.
 TINY = SearchConfig(dataset="digits", layers=3, channels=4, batch_size=256, epochs=2, lr=0.05, seed=0,
@@ -59,7 +59,7 @@ def test_run_folder_contents(full_run):
 
 
 def test_history_genotype_is_derived_from_the_recorded_table(full_run):
-    from msrdarts.derive import derive_genotype
+    from msrdarts.methods.derive import derive_genotype
 
     out, _ = full_run
     for r in read_history(out):
@@ -109,7 +109,7 @@ def test_checkpoint_from_before_pointwise_vectors_resumes_with_exact_ones(full_r
     missing entry is named."""
     import shutil
 
-    from msrdarts.spectral import matrix_top_vectors
+    from msrdarts.nn.spectral import matrix_top_vectors
 
     out, _ = full_run
     old = tmp_path / "old"
@@ -176,7 +176,7 @@ def test_presets_follow_the_spec():
 
 
 def test_crash_before_the_first_epoch_leaves_a_restartable_folder(tmp_path, monkeypatch):
-    import msrdarts.search as search_module
+    import msrdarts.runs.search as search_module
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -216,7 +216,7 @@ DARTS_TINY = SearchConfig(dataset="digits", method="darts", space="msr", spectra
 
 
 def test_darts_search_learns_alphas_and_derives_from_them(tmp_path):
-    from msrdarts.derive import derive_genotype
+    from msrdarts.methods.derive import derive_genotype
 
     res = run_search(DARTS_TINY, tmp_path / "d", log=quiet)
     for record in res.history:

@@ -1,4 +1,4 @@
-"""Search spaces and the random-search baseline (msrdarts.space), against brute-force enumeration."""
+"""Search spaces and the random-search baseline (msrdarts.methods.space), against brute-force enumeration."""
 
 import json
 from collections import Counter
@@ -9,8 +9,9 @@ import torch
 from scipy.stats import chisquare
 
 from msrdarts.errors import ConfigError
-from msrdarts.genotype import load_genotype
-from msrdarts.space import count_cells, run_sample, sample_cell, sample_genotypes, space_ops
+from msrdarts.zoo import load_genotype
+from msrdarts.methods.space import count_cells, sample_cell, sample_genotypes, space_ops
+from msrdarts.runs.sample import run_sample
 
 
 def _all_cells(ops, steps):
@@ -62,8 +63,8 @@ def test_a_parameter_budget_keeps_uniformity_within_it():
 
 
 def test_sample_writes_genotypes_with_their_parameter_count(tmp_path):
-    from msrdarts.metrics import count_parameters
-    from msrdarts.network import Network
+    from msrdarts.nn.metrics import count_parameters
+    from msrdarts.nn.network import Network
 
     folders = run_sample("darts", 3, 7, tmp_path / "s", params_m=0.25, tolerance=0.2, layers=8, channels=16,
                          log=lambda m: None)

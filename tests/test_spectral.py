@@ -8,8 +8,8 @@ from torch import nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from msrdarts.ops import FactorizedReduce, OpConv, record_input_sizes
-from msrdarts.spectral import ConvSpectralNorm, apply_spectral_norm, refresh_spectral_norms
+from msrdarts.nn.ops import FactorizedReduce, OpConv, record_input_sizes
+from msrdarts.nn.spectral import ConvSpectralNorm, apply_spectral_norm, refresh_spectral_norms
 
 from _reference import dense_of, op_norm
 
@@ -352,7 +352,7 @@ def test_gradcheck_parametrized_forward(name):
 
 
 def test_supernet_registers_on_every_opconv_only():
-    from msrdarts.supernet import SuperNet
+    from msrdarts.nn.supernet import SuperNet
 
     torch.manual_seed(15)
     net = SuperNet(10, 3, 4, 8, in_channels=1)
@@ -421,7 +421,7 @@ def test_refresh_catches_a_singular_value_the_iteration_is_locked_away_from():
 
 
 def test_matrix_top_vectors_and_power_iteration_against_the_svd():
-    from msrdarts.spectral import matrix_power_iteration, matrix_top_vectors
+    from msrdarts.nn.spectral import matrix_power_iteration, matrix_top_vectors
 
     torch.manual_seed(3)
     w = torch.randn(5, 7, 4, dtype=torch.float64)

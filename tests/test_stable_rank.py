@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msrdarts.stable_rank import (conv_singular_values, conv_stable_rank, kernel_spectrum,
+from msrdarts.nn.spectrum import (conv_singular_values, conv_stable_rank, kernel_spectrum,
                                   pointwise_stable_ranks)
 
 from _reference import dense_circular, spectrum_formula, stable_rank_dense

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from msrdarts.derive import edge_index
+from msrdarts.methods.derive import edge_index
 from msrdarts.errors import ConfigError
-from msrdarts.ops import MSR_PRIMITIVES, OpConv
-from msrdarts.stable_rank import conv_stable_rank
-from msrdarts.supernet import SuperNet, raw_weight
+from msrdarts.nn.ops import MSR_PRIMITIVES, OpConv
+from msrdarts.nn.spectrum import conv_stable_rank
+from msrdarts.nn.supernet import SuperNet, raw_weight
 
 
 def small(**kw):

@@ -4,11 +4,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from msrdarts.checkpoint import load_checkpoint
+from msrdarts.runs.checkpoint import load_checkpoint
 from msrdarts.cli import main
 from msrdarts.config import TrainConfig, get_train_preset
 from msrdarts.errors import CheckpointError, ConfigError
-from msrdarts.train import evaluate_checkpoint, run_train
+from msrdarts.runs.train import evaluate_checkpoint, run_train
 
 TINY = TrainConfig(genotype="DARTS_V2", dataset="digits", layers=3, channels=4, batch_size=256, epochs=2,
                    lr=0.05, cutout=2, drop_path=0.2, seed=0, device="cpu", progress=False, plots=False, tensorboard=False)
@@ -104,7 +104,7 @@ def test_cli_train_bad_genotype_one_line(tmp_path, capsys):
 
 
 def test_lr_schedules_by_hand():
-    from msrdarts.train import lr_factor
+    from msrdarts.runs.train import lr_factor
 
     cos = lr_factor(replace(TINY, epochs=4, lr=0.1, lr_min=0.0))
     assert [round(cos(e), 6) for e in range(4)] == [1.0, round(0.5 * (1 + 0.7071067811865476), 6), 0.5,
@@ -165,9 +165,9 @@ def test_imagenet_preset_trains_and_evaluates_a_streamed_folder(tmp_path):
     assert [h["lr"] for h in result.history][:2] == [pytest.approx(0.05), pytest.approx(0.1)]  # linear warm-up
     res = result.results
     assert res["input_size"] == 72 and res["dataset"] == "imagenet"
-    from msrdarts.genotype import load_genotype
-    from msrdarts.metrics import count_mult_adds
-    from msrdarts.network import Network
+    from msrdarts.zoo import load_genotype
+    from msrdarts.nn.metrics import count_mult_adds
+    from msrdarts.nn.network import Network
 
     net = Network(load_genotype("MSR_DARTS"), 2, 3, 4, stem="imagenet", input_size=72, auxiliary=True)
     assert res["mult_adds_m"] == pytest.approx(count_mult_adds(net, 3, 72) / 1e6, abs=0.01)

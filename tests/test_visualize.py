@@ -4,7 +4,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from msrdarts.genotype import Genotype
-from msrdarts.visualize import (cell_edges, draw_cells, draw_curves, draw_score_heatmap, draw_trajectories,
+from msrdarts.views.plots import (cell_edges, draw_cells, draw_curves, draw_score_heatmap, draw_trajectories,
                                 node_positions, plot_genotype, render, settle_epoch)
 from msrdarts.zoo import get_genotype
 
@@ -133,7 +133,7 @@ def test_run_pictures_mark_the_genotype_of_the_best_epoch_not_the_last(tmp_path)
     import json
 
     from msrdarts.errors import MsrdartsError
-    from msrdarts.visualize import plot_run, read_run, run_figures
+    from msrdarts.views.plots import plot_run, read_run, run_figures
 
     h = [_record(1, lambda e: 0, lambda e: 0, lambda e: 1.0 + e % 3),
          _record(2, lambda e: 3, lambda e: 3, lambda e: 1.0 + (e * 5) % 7),

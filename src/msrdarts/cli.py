@@ -16,8 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._run import RunInterrupted
-from .errors import MsrdartsError
+from .errors import MsrdartsError, RunInterrupted
 
 
 def _preset_help(name: str, presets: dict) -> str:
@@ -34,7 +33,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, presets: dict)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} ({_preset_help(f.name, presets)})"
         default = getattr(cls(), f.name)
-        if isinstance(default, bool):
+        if f.name == "progress":   # --progress forces bars, --no-progress turns them off; auto by default
+            group.add_argument("--progress", dest="progress", action="store_const", const="on", default=None,
+                               help=help_text)
+            group.add_argument("--no-progress", dest="progress", action="store_const", const="off",
+                               help="no progress bars (one line per epoch)")
+        elif isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, tuple):
             group.add_argument(flag, type=lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
@@ -50,14 +54,16 @@ def _overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import SEARCH_PRESETS, TRAIN_PRESETS, SearchConfig, TrainConfig
-    from .data import list_datasets
+    from .data.registry import list_datasets
+    from .methods import list_methods
 
     parser = argparse.ArgumentParser(prog="msrdarts", description="MSR-DARTS neural architecture search")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("search", help="search a cell architecture with MSR-DARTS",
-                       description=f"Train an MSR-DARTS supernet and derive a genotype. Data sets: "
-                                   f"{', '.join(list_datasets())}.")
+    s = sub.add_parser("search", help="search a cell architecture with MSR-DARTS (or another --method)",
+                       description=f"Train a supernet and derive a genotype. Methods: {', '.join(list_methods())} "
+                                   f"(each brings its own defaults on top of the preset; a flag still wins). "
+                                   f"Data sets: {', '.join(list_datasets())}.")
     s.add_argument("--preset", default=None, help=f"protocol preset: {', '.join(SEARCH_PRESETS)} "
                                                   f"(default: cifar10; on --resume, the run's own config)")
     s.add_argument("--out", required=True, type=Path, help="run folder (refuses one that holds a run unless --resume)")
@@ -155,28 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, cls: type, get_preset) -> Any:
-    """The preset (or, on --resume, the run's own settings) with the flags' overrides applied."""
-    from .checkpoint import load_resume_checkpoint
-    from .config import with_overrides
+def _config(args: argparse.Namespace, cls: type, make: Any) -> tuple[Any, dict[str, Any]]:
+    """The preset (or, on --resume, the run's own settings) with the flags' overrides applied, and
+    where each setting came from (``make``: :func:`msrdarts.api.search_config` or ``train_config``)."""
+    from .runs.checkpoint import load_resume_checkpoint
+    from .runs.folder import CHECKPOINT
 
-    if args.resume and args.preset is None and (args.out / "checkpoint.pt").is_file():
+    base: Any = args.preset or "cifar10"
+    ckpt = args.out / CHECKPOINT
+    if args.resume and args.preset is None and ckpt.is_file():
         # The run's own settings; the checkpoint is their source of truth (the run warns of a fallback).
-        saved = load_resume_checkpoint(args.out / "checkpoint.pt", log=lambda message: None)[0].get("config")
+        saved = load_resume_checkpoint(ckpt, log=lambda message: None)[0].get("config")
         try:
-            base = cls.from_dict(saved, source=str(args.out / "checkpoint.pt"))
+            base = cls.from_dict(saved, source=str(ckpt))
         except (TypeError, AttributeError) as e:
-            raise MsrdartsError(f"{args.out / 'checkpoint.pt'}: no usable config ({e})") from None
-    else:
-        base = get_preset(args.preset or "cifar10")
-    return with_overrides(base, _overrides(args, cls))
+            raise MsrdartsError(f"{ckpt}: no usable config ({e})") from None
+    return make(base, **_overrides(args, cls))
 
 
-def _run(args: argparse.Namespace, run: Any, cfg: Any) -> int:
+def _run(args: argparse.Namespace, run: Any, cfg: Any, origin: dict[str, Any]) -> int:
+    from .runs.folder import CHECKPOINT
+
     try:
-        run(cfg, args.out, resume=args.resume)
+        run(cfg, args.out, resume=args.resume, origin=origin)
     except KeyboardInterrupt:
-        if (args.out / "checkpoint.pt").is_file():
+        if (args.out / CHECKPOINT).is_file():
             print(f"msrdarts: interrupted; continue with: msrdarts {args.command} --out {args.out} --resume",
                   file=sys.stderr)
         else:
@@ -186,21 +195,23 @@ def _run(args: argparse.Namespace, run: Any, cfg: Any) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .config import SearchConfig, get_preset
-    from .search import run_search
+    from .api import search_config
+    from .config import SearchConfig
+    from .runs.search import run_search
 
-    return _run(args, run_search, _config(args, SearchConfig, get_preset))
+    return _run(args, run_search, *_config(args, SearchConfig, search_config))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import TrainConfig, get_train_preset
-    from .train import run_train
+    from .api import train_config
+    from .config import TrainConfig
+    from .runs.train import run_train
 
-    return _run(args, run_train, _config(args, TrainConfig, get_train_preset))
+    return _run(args, run_train, *_config(args, TrainConfig, train_config))
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint
+    from .runs.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.device, progress=not args.json)
     print(json.dumps(result) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in result.items()))
@@ -208,9 +219,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .genotype import load_genotype
-    from .ops import list_ops
-    from .visualize import plot_genotype, plot_run
+    from .zoo import load_genotype
+    from .nn.ops import list_ops
+    from .views.plots import plot_genotype, plot_run
 
     if (args.run is None) == (args.genotype is None):
         raise MsrdartsError("plot: give either a run folder or --genotype NAME_OR_FILE")
@@ -218,7 +229,7 @@ def _plot(args: argparse.Namespace) -> int:
         if args.out is not None:
             raise MsrdartsError("plot RUN_DIR writes into RUN_DIR/plots/; --out goes with --genotype")
         files = plot_run(args.run)
-        print(f"wrote {len(files)} pictures into {args.run / 'plots'}/: "
+        print(f"wrote {len(files)} pictures into {files[0].parent}/: "
               + ", ".join(sorted({f.stem for f in files})))
         return 0
     genotype = load_genotype(args.genotype, primitives=list_ops())
@@ -236,7 +247,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .views.report import write_report
 
     out = write_report(args.runs, args.out, title=args.title)
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB, {len(args.runs)} run(s))")
@@ -244,11 +255,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .data import dataset_info
-    from .genotype import load_genotype
-    from .metrics import count_mult_adds, count_parameters
-    from .network import Network
-    from .ops import list_ops
+    from .data.registry import dataset_info
+    from .zoo import load_genotype
+    from .nn.metrics import count_mult_adds, count_parameters
+    from .nn.network import Network
+    from .nn.ops import list_ops
 
     genotype = load_genotype(args.genotype, primitives=list_ops())
     shape = dataset_info(args.dataset)
@@ -262,8 +273,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .data import dataset_info
-    from .space import run_sample
+    from .data.registry import dataset_info
+    from .runs.sample import run_sample
 
     dataset_info(args.dataset)   # a one-line error for an unknown name
     for name in ("layers", "channels"):
@@ -275,7 +286,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from .views.compare import run_compare
 
     print(run_compare(args.runs, args.out, args.csv), end="")
     return 0

@@ -1,7 +1,11 @@
-"""Typed run configurations and the presets that reproduce published protocols.
+"""Typed run configurations, their validation, and the presets that reproduce published protocols.
 
-A preset is a complete :class:`SearchConfig`; command-line flags override single fields. The
-help text of every field lives in its ``metadata`` so the CLI and the docs say the same thing.
+Pure data: this module imports no network, data or method code. A preset is a complete
+:class:`SearchConfig` or :class:`TrainConfig`; a search method adds its own defaults on top
+(:func:`msrdarts.api.search_config`), and flags override single fields. The help text of every
+field lives in its ``metadata`` so the CLI and the docs say the same thing. Each setting is
+checked here, once, with one message; the allowed values of the enumerated settings live here
+too.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
-from .ops import MSR_PRIMITIVES, list_ops
-from .fused import FUSABLE_OPS, can_fuse
-from .space import SPACES
-from .supernet import IMPLS
+from .primitives import MSR_PRIMITIVES, SPACES, can_fuse, fusable_ops, list_primitives
 
-SEARCH_METHODS = ("msr", "darts")
-#: Edge mixing of --method msr (the supernet's "alpha" mixing is --method darts).
+#: Allowed values of the enumerated settings (one home: the modules that act on them import these).
+AMP_MODES = ("auto", "bf16", "off")
+SWITCHES = ("auto", "on", "off")
+LOADING_MODES = ("auto", "memory", "stream")
+PROGRESS_MODES = ("auto", "on", "off")
+#: Supernet forward implementations: "fused" (see msrdarts.nn.fused), "reference" (one module call
+#: per op), "auto" (fused where the ops allow it).
+IMPLS = ("auto", "fused", "reference")
+#: Edge mixing of --method msr.
 MSR_MIXING = ("sum", "srsoftmax")
 
 
@@ -34,7 +42,9 @@ class _Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Any:
         known = {f.name: f for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k != "runtime"}  # what config.json adds on top
+        data = {k: v for k, v in data.items() if k not in ("runtime", "origin")}  # what config.json adds on top
+        if isinstance(data.get("progress"), bool):   # written before --progress took auto/on/off
+            data["progress"] = "on" if data["progress"] else "off"
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -69,36 +79,17 @@ class _DataConfig(_Config):
     checkpoint_every: int = _f(0, "also checkpoint every N training steps within an epoch (0: at epoch ends only); "
                                   "for long epochs such as ImageNet's")
 
-    def load_data(self, root: str | None = None, download: bool | None = None, progress: bool | None = None) -> Any:
-        """The run's data set (:func:`msrdarts.data.load_dataset`); arguments override the stored settings."""
-        from .data import load_dataset, resolve_workers
-
-        return load_dataset(self.dataset, root or self.data, self.download if download is None else download,
-                            image_size=self.image_size, loading=self.loading, workers=resolve_workers(self.workers),
-                            progress=getattr(self, "progress", False) if progress is None else progress)
-
-    def accel(self, device: Any) -> Any:
-        """The resolved :class:`msrdarts.device.Accel` of this run on ``device``."""
-        from .device import Accel
-
-        return Accel.resolve(device, self.amp, self.channels_last, self.compile)
-
     def _validate_data(self) -> None:
-        from .data import LOADING_MODES, list_datasets
-        from .device import AMP_MODES, SWITCHES
+        from .data.registry import list_datasets   # pure data, like this module
 
-        for name, allowed in (("amp", AMP_MODES), ("channels_last", SWITCHES), ("compile", SWITCHES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{_flag(name)}={getattr(self, name)!r}: unknown; allowed: {', '.join(allowed)}")
-
-        if self.dataset not in list_datasets():
-            raise ConfigError(f"--dataset={self.dataset!r}: unknown; allowed: {', '.join(list_datasets())}")
+        for name, allowed in (("amp", AMP_MODES), ("channels_last", SWITCHES), ("compile", SWITCHES),
+                              ("loading", LOADING_MODES), ("progress", PROGRESS_MODES)):
+            check_choice(name, getattr(self, name), allowed)
+        check_choice("dataset", self.dataset, list_datasets())
         if not isinstance(self.image_size, int) or self.image_size < 0:
             raise ConfigError(f"--image-size={self.image_size}: must be an integer >= 0 (0: the data set's own)")
         if 0 < self.image_size < 8:
             raise ConfigError(f"--image-size={self.image_size}: need at least 8 px")
-        if self.loading not in LOADING_MODES:
-            raise ConfigError(f"--loading={self.loading!r}: unknown; allowed: {', '.join(LOADING_MODES)}")
         if not isinstance(self.workers, int) or self.workers < -1:
             raise ConfigError(f"--workers={self.workers}: must be -1 (auto), 0 or a positive integer")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
@@ -139,7 +130,8 @@ class SearchConfig(_DataConfig):
                                    "circular-boundary start (catches singular values that overtake)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection) or "
-                            "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates)")
+                            "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "
+                            "--space darts and --no-spectral-norm unless given)")
     space: str = _f("", "the candidate ops by name: 'msr' (4 conv ops) or 'darts' (the 8 DARTS ops); empty: "
                         "--primitives")
     order: int = _f(1, "--method darts: 1 (first-order alpha gradient) or 2 (unrolled second-order, finite differences)")
@@ -148,21 +140,17 @@ class SearchConfig(_DataConfig):
     rank_per_pixel: bool = _f(False, "divide stable ranks by the conv's H*W before averaging over cells")
     authors_reduce_resolution: bool = _f(
         False, "authors' quirk: rank the stride-1 edges of reduction cells at the cell's input resolution")
-    progress: bool = _f(True, "show a progress bar per epoch")
+    progress: str = _f("auto", "progress bars: 'on', 'off', or 'auto' (bars on a terminal; to a file or pipe, "
+                               "one line per epoch only)")
     tensorboard: bool = _f(True, "write TensorBoard event files into RUN/tensorboard/ (when the tensorboard package "
                                  "is installed: pip install tensorboard)")
     plots: bool = _f(True, "draw the run's pictures into RUN/plots/ when it ends (again any time: msrdarts plot RUN)")
 
     def validate(self) -> "SearchConfig":
-        """Raise ConfigError naming the first invalid field; return self."""
-        for name in ("layers", "channels", "batch_size", "epochs", "sn_iterations", "sn_refresh_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{_flag(name)}={value}: must be a positive integer")
-        if self.layers < 3:
-            raise ConfigError(f"--layers={self.layers}: need at least 3 cells (normal and reduction cells)")
-        if self.channels < 2:
-            raise ConfigError(f"--channels={self.channels}: need at least 2")
+        """Raise ConfigError naming the first invalid field; return self. The chosen method checks
+        its own settings on top (``Method.validate``)."""
+        check_positive(**{n: getattr(self, n) for n in ("batch_size", "epochs", "sn_iterations", "sn_refresh_every")})
+        check_network(self.layers, self.channels)
         for name in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "bn_recalibration"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)}: must be >= 0")
@@ -178,45 +166,55 @@ class SearchConfig(_DataConfig):
         if self.rank_per_pixel and self.authors_reduce_resolution:
             raise ConfigError("--rank-per-pixel and --authors-reduce-resolution exclude each other "
                               "(per-pixel ranks have no resolution left to misstate)")
-        if self.impl not in IMPLS:
-            raise ConfigError(f"--impl={self.impl!r}: unknown; allowed: {', '.join(IMPLS)}")
-        if self.mixing not in MSR_MIXING:
-            raise ConfigError(f"--mixing={self.mixing!r}: unknown; allowed: {', '.join(MSR_MIXING)}")
-        unknown = [p for p in self.primitives if p not in list_ops()]
-        if unknown:
-            raise ConfigError(f"--primitives: unknown op(s) {', '.join(unknown)}; known: {', '.join(list_ops())}")
-        if not self.primitives or len(set(self.primitives)) != len(self.primitives):
-            raise ConfigError(f"--primitives: need a non-empty list of distinct ops, got {','.join(self.primitives)}")
-        if self.method not in SEARCH_METHODS:
-            raise ConfigError(f"--method={self.method!r}: unknown; allowed: {', '.join(SEARCH_METHODS)}")
-        if self.space and self.space not in SPACES:
-            raise ConfigError(f"--space={self.space!r}: unknown; allowed: {', '.join(SPACES)}")
-        if self.space and self.primitives != MSR_PRIMITIVES:
-            raise ConfigError("give --space or --primitives, not both")
-        if self.impl == "fused" and not can_fuse(self.ops):
-            raise ConfigError(f"--impl=fused: supports the ops {', '.join(FUSABLE_OPS)}; use --impl reference")
-        if self.method == "darts":
-            if self.order not in (1, 2):
-                raise ConfigError(f"--order={self.order}: must be 1 or 2")
-            if self.arch_lr <= 0 or self.arch_weight_decay < 0:
-                raise ConfigError(f"--arch-lr={self.arch_lr} --arch-weight-decay={self.arch_weight_decay}: need "
-                                  f"arch-lr > 0 and arch-weight-decay >= 0")
-            if self.spectral_norm:
-                raise ConfigError("--method darts trains without spectral normalisation, as DARTS does: add "
-                                  "--no-spectral-norm (or use --preset darts-cifar10)")
-            if self.mixing != "sum":
-                raise ConfigError("--method darts mixes by its learned alphas; --mixing applies to --method msr only")
-            return self
-        convless = [p for p in self.ops if p in ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")]
-        if convless:
-            raise ConfigError(f"--primitives: MSR-DARTS ranks ops by the stable rank of their last conv; "
-                              f"{', '.join(convless)} have none (allowed: sep_conv_*, dil_conv_*)")
+        check_choice("mixing", self.mixing, MSR_MIXING)
+        if self.space:
+            check_choice("space", self.space, list(SPACES))
+            if self.primitives != MSR_PRIMITIVES:
+                raise ConfigError("give --space or --primitives, not both")
+        check_ops(self.ops, self.impl, "--space" if self.space else "--primitives")
+        if not isinstance(self.method, str) or not self.method:
+            raise ConfigError(f"--method={self.method!r}: must name a search method")
         return self
 
     @property
     def ops(self) -> tuple[str, ...]:
         """The supernet's candidate ops: the named --space, else --primitives."""
         return SPACES[self.space] if self.space else self.primitives
+
+
+def check_choice(name: str, value: Any, allowed: Any) -> None:
+    """The one message for an enumerated setting with a value outside ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{_flag(name)}={value!r}: unknown; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{_flag(name)}={value!r}: must be a positive integer")
+
+
+def check_network(layers: int, channels: int) -> None:
+    """Depth and width of a DARTS-style network (search or evaluation)."""
+    check_positive(layers=layers, channels=channels)
+    if layers < 3:
+        raise ConfigError(f"--layers={layers}: need at least 3 cells (normal and reduction cells)")
+    if channels < 2:
+        raise ConfigError(f"--channels={channels}: need at least 2 (FactorizedReduce splits channels in two)")
+
+
+def check_ops(ops: Any, impl: str = "auto", flag: str = "--primitives") -> None:
+    """The candidate ops of a supernet and its forward implementation."""
+    known = list_primitives()
+    unknown = [p for p in ops if p not in known]
+    if unknown:
+        raise ConfigError(f"{flag}: unknown op(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if not ops or len(set(ops)) != len(ops):
+        raise ConfigError(f"{flag}: need a non-empty list of distinct ops, got {','.join(ops)}")
+    check_choice("impl", impl, IMPLS)
+    if impl == "fused" and not can_fuse(ops):
+        raise ConfigError(f"--impl=fused: supports the ops {', '.join(fusable_ops())}; use --impl reference")
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -280,16 +278,15 @@ class TrainConfig(_DataConfig):
     seed: int = _f(0, "seed of weights, batch order and augmentation")
     sync_bn: bool = _f(False, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm) instead "
                               "of each rank's share")
-    progress: bool = _f(True, "show a progress bar per epoch")
+    progress: str = _f("auto", "progress bars: 'on', 'off', or 'auto' (bars on a terminal; to a file or pipe, "
+                               "one line per epoch only)")
     tensorboard: bool = _f(True, "write TensorBoard event files into RUN/tensorboard/ (when the tensorboard package "
                                  "is installed: pip install tensorboard)")
     plots: bool = _f(True, "draw the run's pictures into RUN/plots/ when it ends (again any time: msrdarts plot RUN)")
 
     def validate(self) -> "TrainConfig":
-        for name in ("layers", "channels", "batch_size", "epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{_flag(name)}={value}: must be a positive integer")
+        check_positive(batch_size=self.batch_size, epochs=self.epochs)
+        check_network(self.layers, self.channels)
         for name in ("lr_min", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "cutout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)}: must be >= 0")
@@ -299,8 +296,7 @@ class TrainConfig(_DataConfig):
             raise ConfigError(f"--lr-min={self.lr_min}: must not exceed --lr={self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing={self.label_smoothing}: must be in [0, 1)")
-        if self.schedule not in ("cosine", "step"):
-            raise ConfigError(f"--schedule={self.schedule!r}: unknown; allowed: cosine, step")
+        check_choice("schedule", self.schedule, ("cosine", "step"))
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"--warmup-epochs={self.warmup_epochs}: must be in 0..epochs-1")
         if not 0.0 <= self.drop_path < 1.0:

@@ -16,10 +16,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .config import AMP_MODES, SWITCHES, check_choice
 from .errors import ConfigError
 
-AMP_MODES = ("auto", "bf16", "off")
-SWITCHES = ("auto", "on", "off")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,10 +51,9 @@ class Accel:
     @classmethod
     def resolve(cls, device: torch.device, amp: str = "auto", channels_last: str = "auto",
                 compile: str = "auto") -> "Accel":
-        for flag, value, allowed in (("--amp", amp, AMP_MODES), ("--channels-last", channels_last, SWITCHES),
-                                     ("--compile", compile, SWITCHES)):
-            if value not in allowed:
-                raise ConfigError(f"{flag}={value!r}: unknown; allowed: {', '.join(allowed)}")
+        for name, value, allowed in (("amp", amp, AMP_MODES), ("channels_last", channels_last, SWITCHES),
+                                     ("compile", compile, SWITCHES)):
+            check_choice(name, value, allowed)
         accel = device.type != "cpu"
         return cls(device, amp == "bf16" or (amp == "auto" and accel),
                    channels_last == "on" or (channels_last == "auto" and accel),

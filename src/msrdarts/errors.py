@@ -1,4 +1,5 @@
-"""The exception users see as a one-line message (the CLI prints it without a traceback)."""
+"""Every exception msrdarts raises on purpose. Users see each as one line (the CLI prints it without a
+traceback); ``RunInterrupted`` also carries the exit status."""
 
 
 class MsrdartsError(Exception):
@@ -15,3 +16,24 @@ class DataError(MsrdartsError):
 
 class CheckpointError(MsrdartsError):
     """A checkpoint or run folder that cannot be used: names the file and the mismatch."""
+
+
+class GenotypeError(ConfigError):
+    """A malformed genotype: the message names the field and the problem."""
+
+
+class RunInterrupted(MsrdartsError):
+    """The run stopped on request after saving a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Diverged(MsrdartsError):
+    """The loss or gradient became NaN or infinite."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Inside the epoch loop: the loss or the gradient norm became NaN or infinite (the run turns it
+    into :class:`Diverged` with a resume hint)."""

@@ -21,14 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, GenotypeError  # noqa: F401
 
 Pairs = tuple[tuple[str, int], ...]
 _FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
-
-
-class GenotypeError(ConfigError):
-    """A malformed genotype: the message names the field and the problem."""
 
 
 @dataclass(frozen=True)
@@ -170,21 +166,9 @@ def parse_genotype(text: str, primitives: Iterable[str] | None = None, source: s
     return Genotype.from_dict(data, primitives, source)
 
 
-def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = None) -> Genotype:
-    """A genotype from a JSON file, a file holding a DARTS string, a DARTS string, or a zoo name."""
-    from . import zoo
-
-    text = str(spec)
-    if text in zoo.list_genotypes():
-        geno = zoo.get_genotype(text)
-        geno.validate(primitives, text)
-        return geno
-    path = Path(text)
-    if text.lstrip().startswith("Genotype("):
-        return parse_genotype(text, primitives)
-    if not path.is_file():
-        raise GenotypeError(f"genotype {text!r} is neither a file, a Genotype(...) string nor a zoo name "
-                            f"({', '.join(zoo.list_genotypes())})")
+def read_genotype_file(path: str | os.PathLike, primitives: Iterable[str] | None = None) -> Genotype:
+    """A genotype from a JSON file or a file holding a DARTS ``Genotype(...)`` string."""
+    path = Path(path)
     try:
         content = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -201,3 +185,12 @@ def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = No
 def pairs(items: Sequence[tuple[str, int]]) -> Pairs:
     """Normalise a sequence of (op, input) pairs to the tuple form stored in a Genotype."""
     return tuple((str(op), int(i)) for op, i in items)
+
+
+def num_edges(steps: int) -> int:
+    return sum(2 + i for i in range(steps))
+
+
+def edge_index(steps: int) -> list[tuple[int, int]]:
+    """(source, target) of every edge, in cell order."""
+    return [(src, 2 + i) for i in range(steps) for src in range(2 + i)]

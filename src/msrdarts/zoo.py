@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from .errors import ConfigError
-from .genotype import Genotype, pairs
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .errors import ConfigError, GenotypeError
+from .genotype import Genotype, pairs, parse_genotype, read_genotype_file
 
 _CONCAT = (2, 3, 4, 5)
 _ZOO: dict[str, Genotype] = {}
@@ -62,3 +66,19 @@ register_genotype("P_DARTS", _g(
     [("avg_pool_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_3x3", 0), ("dil_conv_5x5", 2),
      ("max_pool_3x3", 0), ("dil_conv_3x3", 1), ("dil_conv_3x3", 1), ("dil_conv_5x5", 3)],
 ))
+
+
+def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = None) -> Genotype:
+    """A genotype from a zoo name, a DARTS ``Genotype(...)`` string, or a file holding either JSON or
+    such a string."""
+    text = str(spec)
+    if text in _ZOO:
+        geno = _ZOO[text]
+        geno.validate(primitives, text)
+        return geno
+    if text.lstrip().startswith("Genotype("):
+        return parse_genotype(text, primitives)
+    if not Path(text).is_file():
+        raise GenotypeError(f"genotype {text!r} is neither a file, a Genotype(...) string nor a zoo name "
+                            f"({', '.join(_ZOO)})")
+    return read_genotype_file(text, primitives)

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError
-from .genotype import Genotype
+from ..errors import ConfigError
+from ..genotype import Genotype
+from ..primitives import short_name
+from ..runs import folder as F
 
-SHORT = {"sep_conv_3x3": "s3", "sep_conv_5x5": "s5", "dil_conv_3x3": "d3", "dil_conv_5x5": "d5",
-         "max_pool_3x3": "mp", "avg_pool_3x3": "ap", "skip_connect": "id", "none": "0"}
 
 
 @dataclass
@@ -50,48 +49,43 @@ class Row:
 def compact(genotype: Genotype) -> str:
     """``N: s3@1 s3@0, ... | R: ...``: the ops of each node's pair (comma between nodes)."""
     def cell(pairs: Sequence[tuple[str, int]]) -> str:
-        items = [f"{SHORT.get(op, op)}@{i}" for op, i in pairs]
+        items = [f"{short_name(op)}@{i}" for op, i in pairs]
         return ", ".join(" ".join(items[k:k + 2]) for k in range(0, len(items), 2))
     return f"N: {cell(genotype.normal)} | R: {cell(genotype.reduce)}"
 
 
 def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from None
+    return F.read_json(path)
 
 
 def method_name(config: dict[str, Any]) -> str:
     """A search run's method label: ``msr-darts``, ``darts-1st`` / ``darts-2nd`` (plus the space when
     DARTS searched another space than its own)."""
-    if config.get("method", "msr") != "darts":
+    method = config.get("method", "msr")
+    if method == "msr":
         return "msr-darts"
+    if method != "darts":
+        return method   # a user's own method: its registered name
     label = "darts-1st" if config.get("order", 1) == 1 else "darts-2nd"
     space = config.get("space") or "custom"
     return label if space == "darts" else f"{label} ({space} space)"
 
 
 def _search_hours(folder: Path) -> float:
-    config = _json(folder / "config.json")
-    seconds = sum(json.loads(line).get("epoch_time_s", 0.0)
-                  for line in (folder / "history.jsonl").read_text().splitlines() if line.strip())
+    config = _json(folder / F.CONFIG)
+    seconds = sum(r.get("epoch_time_s", 0.0) for r in F.read_history(folder))
     return seconds * config.get("runtime", {}).get("devices", 1) / 3600.0
-
-
-def _is_search(folder: Path) -> bool:
-    return (folder / "history.jsonl").is_file() and (folder / "config.json").is_file() and \
-        not (folder / "results.json").is_file()
 
 
 def _origin(genotype_spec: str, train_seed: int) -> tuple[str, int | None, float | None, Path | None]:
     """(method, seed, search hours, origin folder) of a training run's --genotype."""
     path = Path(genotype_spec)
-    folder = path.parent if path.name == "genotype.json" else None
-    if folder is not None and (folder / "sample.json").is_file():
-        return "random", int(_json(folder / "sample.json")["index"]), 0.0, folder.resolve()
-    if folder is not None and _is_search(folder):
-        config = _json(folder / "config.json")
+    folder = path.parent if path.name == F.GENOTYPE else None
+    kind = F.run_kind(folder) if folder is not None else None
+    if kind == "sample":
+        return "random", int(_json(folder / F.SAMPLE)["index"]), 0.0, folder.resolve()
+    if kind == "search":
+        config = _json(folder / F.CONFIG)
         return method_name(config), int(config.get("seed", 0)), _search_hours(folder), folder.resolve()
     return (path.stem if path.suffix else genotype_spec), train_seed, None, None
 
@@ -102,24 +96,27 @@ def gather(paths: Sequence[str | Path]) -> list[Row]:
     trained_from: set[Path] = set()
     searches: list[Path] = []
     for p in map(Path, paths):
-        if (p / "results.json").is_file():
-            res, config = _json(p / "results.json"), _json(p / "config.json")
+        kind = F.run_kind(p)
+        if kind == "train" and (p / F.RESULTS).is_file():
+            res, config = _json(p / F.RESULTS), _json(p / F.CONFIG)
             method, seed, hours, origin = _origin(str(config.get("genotype", "")), int(config.get("seed", 0)))
             if origin is not None:
                 trained_from.add(origin)
             rows.append(Row(method, seed, str(p), hours, res.get("device_hours"), res.get("params_m"),
                             res.get("mult_adds_m"), res.get("test_top1_error"),
-                            compact(Genotype.from_dict(res["genotype"], source=f"{p}/results.json: genotype"))))
-        elif _is_search(p):
+                            compact(Genotype.from_dict(res["genotype"], source=f"{p / F.RESULTS}: genotype"))))
+        elif kind == "search":
             searches.append(p)
-        elif (p / "sample.json").is_file():
+        elif kind == "sample":
             continue   # a sample matters through the training run of its genotype
+        elif kind == "train":
+            raise ConfigError(f"{p}: a training run that has not finished (no {F.RESULTS} yet)")
         else:
-            raise ConfigError(f"{p}: not a run folder (no results.json, history.jsonl or sample.json)")
+            raise ConfigError(f"{p}: not a run folder (no {F.RESULTS}, {F.HISTORY} or {F.SAMPLE})")
     for p in searches:
         if p.resolve() not in trained_from:
-            config = _json(p / "config.json")
-            geno = Genotype.from_dict(_json(p / "genotype.json"), source=f"{p}/genotype.json")
+            config = _json(p / F.CONFIG)
+            geno = Genotype.from_dict(_json(p / F.GENOTYPE), source=f"{p / F.GENOTYPE}")
             rows.append(Row(method_name(config), int(config.get("seed", 0)), str(p), _search_hours(p),
                             None, None, None, None, compact(geno)))
     if not rows:
@@ -189,7 +186,7 @@ def run_compare(paths: Sequence[str | Path], out: str | Path | None = None, csv_
                 ) -> str:
     """The markdown table (also written to ``out``); ``csv_path`` gets the per-run rows and
     ``<stem>-methods.csv`` beside it the per-method summary."""
-    from ._io import atomic_write_bytes
+    from .._io import atomic_write_bytes
 
     rows = gather(paths)
     summary = summarize(rows)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .genotype import Genotype
+from ..errors import ConfigError
+from ..genotype import Genotype
 from .ops import Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
 
 

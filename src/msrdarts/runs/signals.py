@@ -15,9 +15,9 @@ import signal
 import threading
 from typing import Any, Callable
 
-from .distributed import Dist
-from .engine import EpochState
-from .errors import MsrdartsError
+from ..distributed import Dist
+from .epoch import EpochState
+from ..errors import Diverged, RunInterrupted
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Under torchrun, the ranks agree on a stop request every this many steps (all at the same step).
@@ -26,18 +26,6 @@ STOP_CHECK_EVERY = 10
 
 def silent(message: str) -> None:
     """The log of the processes other than rank 0."""
-
-
-class RunInterrupted(MsrdartsError):
-    """The run stopped on request after saving a checkpoint; ``exit_code`` is 128 + the signal."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class Diverged(MsrdartsError):
-    """The loss or gradient became NaN or infinite."""
 
 
 class StopRequests:

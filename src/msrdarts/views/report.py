@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._io import atomic_write_bytes
+from .._io import atomic_write_bytes
 from .compare import gather, method_name, summarize
-from .errors import MsrdartsError
-from .visualize import best_record, read_run, render, run_figures, settle_epoch
+from ..errors import MsrdartsError
+from .plots import best_record, read_run, render, run_figures, settle_epoch
 
 _CAPTIONS = {
     "cells": "The derived genotype: the normal and the reduction cell.",

@@ -16,20 +16,18 @@ Uses matplotlib's object API (Figure + Agg canvas): no global pyplot state and n
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._io import atomic_write_bytes
-from .errors import MsrdartsError
-from .genotype import Genotype, Pairs, load_genotype
+from .._io import atomic_write_bytes
+from ..errors import MsrdartsError
+from ..genotype import Genotype, Pairs
+from ..primitives import colour
+from ..runs import folder as F
+from ..zoo import load_genotype
 
-_OP_COLOURS = {
-    "sep_conv_3x3": "#1f77b4", "sep_conv_5x5": "#17becf", "dil_conv_3x3": "#d62728", "dil_conv_5x5": "#ff7f0e",
-    "skip_connect": "#7f7f7f", "max_pool_3x3": "#2ca02c", "avg_pool_3x3": "#9467bd", "none": "#cccccc",
-}
 CELL_TYPES = ("normal", "reduce")
 #: Picture formats :func:`plot_run` writes.
 FORMATS = ("svg", "png")
@@ -55,7 +53,7 @@ def render(fig: Any, fmt: str, dpi: int = 110) -> bytes:
 
 
 def _op_colour(op: str) -> str:
-    return _OP_COLOURS.get(op, "#444444")
+    return colour(op)
 
 
 # ---------------------------------------------------------------- cells
@@ -231,10 +229,8 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None,
 
 
 def best_record(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The search epoch genotype.json comes from: the highest search-valid accuracy, ties to the
-    earlier epoch (msrdarts.search)."""
-    search = [r for r in history if score_table(r) is not None]
-    return max(search, key=lambda r: (r["valid_acc"], -r["epoch"])) if search else None
+    """The search epoch genotype.json comes from (the run folder's best-epoch rule)."""
+    return F.best_record([r for r in history if score_table(r) is not None], F.BEST_KEY["search"])
 
 
 def settle_epoch(history: Sequence[dict[str, Any]], cell: str) -> int | None:
@@ -336,18 +332,14 @@ def read_run(run: str | os.PathLike) -> dict[str, Any]:
     run = Path(run)
     if not run.is_dir():
         raise MsrdartsError(f"{run}: no such run folder")
-    if not (run / "history.jsonl").is_file():
-        raise MsrdartsError(f"{run}: not a run folder (no history.jsonl; give the --out folder of a search or train)")
-    try:
-        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
-        config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-        results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else None
-    except (OSError, ValueError) as e:
-        raise MsrdartsError(f"{run}: unreadable run file ({str(e).splitlines()[0]})") from None
-    genotype = load_genotype(run / "genotype.json") if (run / "genotype.json").is_file() else None
-    # a training config names the genotype it trains; a search config does not
-    kind = "train" if "genotype" in config or results is not None else "search"
-    if not config:
+    if not (run / F.HISTORY).is_file():
+        raise MsrdartsError(f"{run}: not a run folder (no {F.HISTORY}; give the --out folder of a search or train)")
+    history = F.read_history(run)
+    config = F.read_json(run / F.CONFIG) if (run / F.CONFIG).is_file() else {}
+    results = F.read_json(run / F.RESULTS) if (run / F.RESULTS).is_file() else None
+    genotype = load_genotype(run / F.GENOTYPE) if (run / F.GENOTYPE).is_file() else None
+    kind = F.run_kind(run)
+    if kind is None:   # history without config.json: a search if its epochs carry score tables
         kind = "search" if any(score_table(r) is not None for r in history) else "train"
     return {"path": run, "config": config, "history": history, "genotype": genotype, "results": results,
             "kind": kind}
@@ -378,7 +370,7 @@ def plot_run(run_dir: str | os.PathLike, formats: Sequence[str] = FORMATS) -> li
     figures = run_figures(run)
     if not figures:
         raise MsrdartsError(f"{run['path']}: no completed epoch yet, nothing to draw")
-    folder = run["path"] / "plots"
+    folder = run["path"] / F.PLOTS
     try:
         folder.mkdir(exist_ok=True)
         written = []

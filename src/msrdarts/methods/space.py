@@ -17,21 +17,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ConfigError
-from .genotype import Genotype, pairs
-from .ops import DARTS_PRIMITIVES, MSR_PRIMITIVES
+from ..errors import ConfigError
+from ..genotype import Genotype, pairs
+from ..primitives import SPACES, space_ops  # noqa: F401 (re-exported for the sampler's callers)
 
 #: The spaces ``--space`` names: their candidate ops (the search supernet's primitives).
-SPACES: dict[str, tuple[str, ...]] = {"msr": MSR_PRIMITIVES, "darts": DARTS_PRIMITIVES}
-
-
-def space_ops(space: str) -> tuple[str, ...]:
-    """The ops a genotype of ``space`` may hold (the space's primitives without ``none``)."""
-    if space not in SPACES:
-        raise ConfigError(f"--space={space!r}: unknown; allowed: {', '.join(SPACES)}")
-    return tuple(op for op in SPACES[space] if op != "none")
-
-
 def count_cells(num_ops: int, steps: int = 4) -> int:
     """How many distinct cells a space of ``num_ops`` ops has."""
     return math.prod(math.comb(2 + i, 2) * num_ops ** 2 for i in range(steps))
@@ -89,42 +79,3 @@ def sample_genotypes(space: str, n: int, seed: int, params_m: float | None = Non
                               f"(change --layers/--channels or --tolerance)")
         out.append((geno, draws))
     return out
-
-
-def run_sample(space: str, n: int, seed: int, out: str | Path, params_m: float | None = None,
-               tolerance: float = 0.1, dataset: str = "cifar10", layers: int = 20, channels: int = 36,
-               log: Callable[[str], None] = print) -> list[Path]:
-    """Write ``n`` random genotypes into ``out``/sample-KK/ (genotype.json and sample.json).
-
-    Parameters are counted for the evaluation network of ``dataset`` at ``layers`` x ``channels``
-    (auxiliary head excluded). Refuses a folder that already holds samples.
-    """
-    from ._io import write_json
-    from .data import dataset_info
-    from .metrics import count_parameters
-    from .network import Network
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.glob("sample-*"))):
-        raise ConfigError(f"--out {out}: already holds samples (or is not a folder); choose another --out")
-    shape = dataset_info(dataset)
-
-    def count(geno: Genotype) -> float:
-        net = Network(geno, shape.num_classes, layers, channels, stem=shape.stem, in_channels=shape.in_channels,
-                      input_size=shape.input_size, auxiliary=True)
-        return count_parameters(net) / 1e6
-
-    drawn = sample_genotypes(space, n, seed, params_m, tolerance, count)
-    width = max(2, len(str(n - 1)))
-    folders = []
-    for k, (geno, draws) in enumerate(drawn):
-        folder = out / f"sample-{k:0{width}d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        geno.save(folder / "genotype.json")
-        write_json(folder / "sample.json", {
-            "method": "random", "space": space, "seed": seed, "index": k, "draws": draws,
-            "params_m": round(count(geno), 4), "dataset": dataset, "layers": layers, "channels": channels,
-            "params_budget_m": params_m, "tolerance": tolerance if params_m is not None else None})
-        folders.append(folder)
-        log(f"{folder}/genotype.json: {geno}")
-    return folders

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .genotype import Genotype
+from ..genotype import Genotype
+from ..runs.folder import TENSORBOARD
 
 _SPLITS = ("train", "valid", "test")
 _RENAME = {"acc": "accuracy", "acc5": "accuracy_top5"}
@@ -55,7 +56,7 @@ class TensorBoardLog:
         except ImportError:
             log("TensorBoard logging is off: the tensorboard package is not installed (pip install tensorboard)")
             return
-        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_epoch + 1 if resume_epoch else None)
+        self.writer = SummaryWriter(str(folder / TENSORBOARD), purge_step=resume_epoch + 1 if resume_epoch else None)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.writer is None:

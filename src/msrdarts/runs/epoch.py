@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import NonFiniteLoss
+
 
 Criterion = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,10 +29,6 @@ def _logits(output: Any) -> torch.Tensor:
 def cross_entropy(output: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = _logits(output)
     return nn.functional.cross_entropy(logits, y), logits
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite."""
 
 
 @dataclass

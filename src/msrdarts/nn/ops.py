@@ -6,47 +6,41 @@ channels at H x W to ``C`` channels at ceil(H / stride) x ceil(W / stride).
 Convolutions that belong to a candidate op are :class:`OpConv` modules. MSR-DARTS spectrally
 normalises exactly these (SPEC section 2) and reads the architecture off the stable rank of each
 op's final one (``op.last_conv``). Stems, preprocessing convs, FactorizedReduce and the classifier
-use plain ``nn.Conv2d`` and are left alone (SPEC section 8).
+use plain ``nn.Conv2d`` and are left alone (SPEC section 8). The depthwise op convs' CPU fast path
+(a depthwise conv with a fast backward) lives in :mod:`msrdarts.nn.kernels`.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..primitives import DARTS_PRIMITIVES, MSR_PRIMITIVES, Primitive, list_primitives, register_primitive  # noqa: F401
+from .kernels import depthwise_conv2d, use_fast_depthwise
 
 OpFactory = Callable[[int, int, bool], nn.Module]
-
-#: The operation set of MSR-DARTS (SPEC section 1), in the order used for tie-breaking.
-MSR_PRIMITIVES: tuple[str, ...] = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
-
-#: The full DARTS operation set, in the DARTS order.
-DARTS_PRIMITIVES: tuple[str, ...] = (
-    "none",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-)
 
 _OPS: dict[str, OpFactory] = {}
 
 
-def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
-    """Decorator that adds a primitive factory ``fn(C, stride, affine)`` under ``name``."""
+def register_op(name: str, primitive: Primitive | None = None) -> Callable[[OpFactory], OpFactory]:
+    """Decorator that adds a primitive factory ``fn(C, stride, affine)`` under ``name``.
+
+    A new op brings its facts (``primitive``: short name, colour, has a conv, ...), which go to
+    :mod:`msrdarts.primitives`; the built-in ops have theirs there already.
+    """
 
     def deco(fn: OpFactory) -> OpFactory:
         if name in _OPS:
             raise ValueError(f"op {name!r} is already registered")
+        if primitive is not None:
+            register_primitive(primitive)
+        elif name not in list_primitives():
+            raise ValueError(f"op {name!r}: give its facts (register_op(name, Primitive(...)))")
         _OPS[name] = fn
         return fn
 
@@ -83,146 +77,6 @@ class OpConv(nn.Conv2d):
         depthwise = self.groups == self.in_channels == self.out_channels and self.kernel_size != (1, 1)
         return (depthwise and self.bias is None and self.padding_mode == "zeros"
                 and use_fast_depthwise(x, self.kernel_size, self.stride, self.dilation))
-
-
-def use_fast_depthwise(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
-                       dilation: tuple[int, int]) -> bool:
-    """Whether :func:`depthwise_conv2d` beats PyTorch's own depthwise conv for input ``x``.
-
-    Measured on a 2-core CPU (bench/depthwise.py, BENCHMARKS.md): for stride-1 convs on maps of
-    16 x 16 or more, except the 3 x 3 undilated kernel, for which PyTorch's backward is fast; on
-    smaller maps per-op overhead dominates. Never on other devices.
-    """
-    return (x.device.type == "cpu" and stride == (1, 1) and x.shape[-1] * x.shape[-2] >= 256
-            and not (kernel_size == (3, 3) and dilation == (1, 1)))
-
-
-#: Elements of grad_output per channel block in depthwise_conv2d's weight gradient (4 MB in fp32).
-TAP_BLOCK_ELEMENTS = 1 << 20
-
-
-def tap_products(xp: torch.Tensor, g: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
-                 dilation: tuple[int, int]) -> torch.Tensor:
-    """The weight gradient of a depthwise conv, (C, kh*kw): for each tap (i, j) and channel c, the
-    sum over batch and output pixels of ``g`` times the input pixels that tap reads.
-
-    ``xp`` is the zero-padded input (B, C, H + 2p, W + 2p), ``g`` the output gradient (B, C, H', W').
-    One multiply and one reduce per tap; written so that ``torch.compile`` fuses all the taps
-    into one pass over ``xp`` and ``g`` (see :class:`CompiledTaps`).
-    """
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    Ho, Wo = g.shape[-2:]
-    hs, ws = sh * (Ho - 1) + 1, sw * (Wo - 1) + 1     # input rows / columns one tap spans
-    return torch.stack([(xp[:, :, i * dh:i * dh + hs:sh, j * dw:j * dw + ws:sw] * g).sum((0, 2, 3))
-                        for i in range(kh) for j in range(kw)], dim=1)
-
-
-def blocked_tap_products(xp: torch.Tensor, g: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
-                         dilation: tuple[int, int]) -> torch.Tensor:
-    """:func:`tap_products` eagerly, over channel blocks of about 4 MB so that a block's k*k
-    passes stay in cache."""
-    B, C = g.shape[:2]
-    block = min(C, max(1, TAP_BLOCK_ELEMENTS // max(1, g[0, 0].numel() * B)))
-    return torch.cat([tap_products(xp[:, c:c + block], g[:, c:c + block], kernel_size, stride, dilation)
-                      for c in range(0, C, block)])
-
-
-class CompiledTaps:
-    """:func:`tap_products` compiled with ``torch.compile`` (Inductor), for large calls.
-
-    Eagerly the weight gradient is k*k multiply-reduce passes over the input and the output
-    gradient, memory-bound; compiled, it is one loop that reads each once (about 3x faster for
-    5x5 kernels on 32x32 maps, BENCHMARKS.md). Compiling costs seconds per kernel geometry and
-    needs a C++ compiler on the CPU, so it is used for calls of at least ``min_elements``
-    elements of ``g`` only (a CIFAR-10 search's first cells, not a small test network); batch
-    and channel counts are dynamic, so a geometry compiles once. If compiling fails, ``log``
-    says so once and every later call runs eagerly.
-    """
-
-    #: Calls with fewer elements of ``g`` run eagerly (below about a millisecond of work).
-    MIN_ELEMENTS = 1 << 20
-    #: Kernel geometries and map sizes one network may compile.
-    RECOMPILE_LIMIT = 64
-
-    def __init__(self, log: Callable[[str], None] | None = None, min_elements: int | None = None):
-        self.log = log or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
-        self.min_elements = self.MIN_ELEMENTS if min_elements is None else min_elements
-        self.failed: str | None = None
-        self._compiled: Callable | None = None
-
-    def __call__(self, xp: torch.Tensor, g: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
-                 dilation: tuple[int, int]) -> torch.Tensor:
-        if self.failed is not None or g.numel() < self.min_elements or _get_current_dispatch_mode() is not None:
-            # (under a dispatch mode, e.g. a FLOP or traffic counter, torch.compile does not run)
-            return blocked_tap_products(xp, g, kernel_size, stride, dilation)
-        try:
-            if self._compiled is None:
-                self._compiled = torch.compile(tap_products, fullgraph=True, dynamic=False)
-            for t in (xp, g):
-                torch._dynamo.maybe_mark_dynamic(t, 0)   # batch: the last batch of an epoch is smaller
-                torch._dynamo.maybe_mark_dynamic(t, 1)   # channels: m * C for m edges
-            with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
-                return self._compiled(xp, g.contiguous(), kernel_size, stride, dilation)
-        except Exception as e:   # no compiler, an unsupported platform: say so once, go on eagerly
-            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-            self.log(f"compiling the depthwise weight gradient failed ({self.failed}); computing it eagerly")
-            return blocked_tap_products(xp, g, kernel_size, stride, dilation)
-
-
-def conv_adjoint(y: torch.Tensor, w: torch.Tensor, input_hw: Sequence[int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> torch.Tensor:
-    """The adjoint of ``F.conv2d(x, w, None, stride, padding, dilation, groups)`` applied to ``y``:
-    the transposed conv, with the output padding that restores x's size ``input_hw``."""
-    k = w.shape[-2:]
-    out_pad = tuple(input_hw[i] - ((y.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
-                    for i in range(2))
-    return F.conv_transpose2d(y, w, None, stride, padding, out_pad, groups, dilation)
-
-
-class _DepthwiseConv2d(torch.autograd.Function):
-    """Depthwise conv with a backward that is fast on CPU.
-
-    PyTorch's CPU backward for depthwise (especially dilated or strided) convs takes 10-40x the
-    forward. Here grad_input is a depthwise conv of grad_output with the flipped kernel (padding
-    d(k-1)-p; for stride s, the transposed conv), and grad_weight is :func:`tap_products`
-    (``taps``: eagerly by channel blocks, or a :class:`CompiledTaps`).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
-                dilation: tuple[int, int], taps: Callable | None = None):
-        ctx.save_for_backward(x, w)
-        ctx.stride, ctx.padding, ctx.dilation, ctx.taps = stride, padding, dilation, taps or blocked_tap_products
-        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, w = ctx.saved_tensors
-        w_dtype = w.dtype
-        x, w = x.to(g.dtype), w.to(g.dtype)   # under autocast the forward ran in g's dtype (bf16)
-        (sh, sw), (ph, pw), (dh, dw) = ctx.stride, ctx.padding, ctx.dilation
-        C, _, kh, kw = w.shape
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            if (sh, sw) == (1, 1):
-                grad_x = F.conv2d(g, w.flip(-2, -1), None, 1, (dh * (kh - 1) - ph, dw * (kw - 1) - pw), (dh, dw), C)
-            else:  # the adjoint of the strided conv
-                grad_x = conv_adjoint(g, w, x.shape[2:], (sh, sw), (ph, pw), (dh, dw), C)
-        if ctx.needs_input_grad[1]:
-            grad_w = ctx.taps(F.pad(x, (pw, pw, ph, ph)), g, (kh, kw), (sh, sw), (dh, dw)).view(C, 1, kh, kw).to(w_dtype)
-        return grad_x, grad_w, None, None, None, None
-
-
-def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, padding: tuple[int, int], dilation: tuple[int, int],
-                     stride: tuple[int, int] = (1, 1), taps: Callable | None = None) -> torch.Tensor:
-    """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)``, with a faster backward on CPU.
-
-    ``taps`` computes the weight gradient (default :func:`blocked_tap_products`; a
-    :class:`CompiledTaps` for the compiled one)."""
-    (ph, pw), (dh, dw) = padding, dilation
-    if dh * (w.shape[2] - 1) < ph or dw * (w.shape[3] - 1) < pw:  # more padding than the kernel spans
-        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
-    return _DepthwiseConv2d.apply(x, w, tuple(stride), tuple(padding), tuple(dilation), taps)
 
 
 def record_input_sizes(model: nn.Module, example: torch.Tensor) -> None:

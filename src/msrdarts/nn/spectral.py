@@ -1,108 +1,388 @@
-"""The fused supernet forward: the same function as the per-op reference, in far fewer kernels.
+"""Spectral normalisation of convolutions as operators on their real input (SPEC section 2).
 
-The reference :class:`msrdarts.supernet.SearchCell` applies every (edge, op) separately: 14 edges
-x 4 ops x (ReLU, depthwise, pointwise, BN, twice for sep convs), each conv also running its own
-spectral-norm computation. Here, per cell:
+``W = C * W_orig / sigma(W_orig)`` where sigma is the largest singular value of the conv as a
+linear map on its actual input shape (C_in, H, W), with its zero padding, stride, dilation and
+groups: not the norm of the reshaped kernel matrix. A 1x1 conv without padding has the operator
+norm of its C_out x C_in matrix on any input, so its sigma comes from plain matrix power
+iteration (as in the authors' code). Other convs (the depthwise ones) use power iteration with
+``conv2d`` (A) and ``conv_transpose2d`` (A^T), one vector per channel group. The vectors persist
+across steps and in checkpoints, start converged, and are checked against an exact or fresh
+answer every few steps (see :class:`ConvSpectralNorm`).
 
-* **By source node.** All m edges leaving node i share its input h (B, C, H, W): one ReLU and
-  one ``repeat`` to x (B, m*C, H, W), ordered (edge, channel). Then, per op kind (a sep or dil
-  conv of given kernel and dilation), each block of ReLU - depthwise - pointwise - BN runs for
-  all m edges at once:
-  - the m depthwise convs are one depthwise conv over m*C channels, with weights (m*C, 1, k, k).
-    On the CPU, maps of at most 64 pixels use the conv's dense operator instead (a batched
-    matmul, see :class:`DepthwiseRunner`);
-  - the m pointwise convs are one batched matmul, (m, C, C) x (B, m, C, H*W), its output made
-    contiguous (B, m*C, H, W): BN and convs on the matmul's (m, C, B, H*W) order are slow;
-  - the m affine-free BNs are one ``batch_norm`` over the m*C channels, with the modules'
-    running statistics gathered and written back.
-  A sep conv runs its second block on the first block's output. The op outputs, viewed as
-  (B, m, C, H', W'), are summed over the kinds (weighted by the srsoftmax mixing if set), and
-  edge e's slice is added to its target node.
-* **Batched spectral normalisation** (:class:`SpectralBatch`). All normalised convs of the
-  network with the same shape form one group, and each group advances the persistent
-  power-iteration vectors of all its convs at once, gathered from and written back to the
-  convs' own buffers:
-  - pointwise C x C matrices (N of them): batched matrix-vector products, (N, C, C) x (N, C);
-  - depthwise kernels with the same (C, k, dilation, stride, input size): on maps of at most 16
-    pixels (``SpectralBatch.DENSE_MAX_PIXELS``), batched products with each channel's dense
-    (H*W, H'*W') operator (:class:`DenseTaps`); on larger maps a single grouped conv and
-    transposed conv over the N*C channels.
-  Groups are ordered so that the weights one fused conv needs are a contiguous slice: no
-  gather per use. On small maps several groups iterate as one bundle
-  (:meth:`SpectralBatch.bundles`), and each bundle's vectors are views of one tensor
-  (:meth:`SpectralBatch.link`). Then each group's G = d(v^T A u)/dW (v u^T for the 1x1 convs,
-  one conv of u with v for the depthwise ones, :func:`_depthwise_grads`) gives sigma = <W, G>,
-  and every group's ``W * target / sigma`` runs as one autograd node (:class:`_Normalize`).
+The parametrization is registered with ``torch.nn.utils.parametrize``: ``conv.weight`` is the
+normalised weight, ``conv.parametrizations.weight.original`` the trained one.
 
-The modules are the reference's: every conv keeps its spectral-norm parametrization (so
-``conv.weight`` is its normalised weight, and checkpoints, stable ranks and derivation do not
-depend on the implementation). The fused path only reads their parameters and buffers and
-writes back exactly the state the reference forward would update (power-iteration vectors, BN
-running statistics). tests/test_fused.py checks forward, gradients and state against the
-reference in float64.
+**Batched** (:class:`SpectralBatch`). A supernet has hundreds of normalised convs; the fused
+forward (:mod:`msrdarts.nn.fused`) normalises them all at once, and both forwards converge and
+refresh them this way. All normalised convs of the network with the same shape form one group,
+and each group advances the persistent power-iteration vectors of all its convs at once,
+gathered from and written back to the convs' own buffers:
+
+- pointwise C x C matrices (N of them): batched matrix-vector products, (N, C, C) x (N, C);
+- depthwise kernels with the same (C, k, dilation, stride, input size): on maps of at most 16
+  pixels (``SpectralBatch.DENSE_MAX_PIXELS``), batched products with each channel's dense
+  (H*W, H'*W') operator (:class:`msrdarts.nn.kernels.DenseTaps`); on larger maps a single
+  grouped conv and transposed conv over the N*C channels.
+
+Groups are ordered so that the weights one fused conv needs are a contiguous slice: no gather
+per use. On small maps several groups iterate as one bundle (:meth:`SpectralBatch.bundles`), and
+each bundle's vectors are views of one tensor (:meth:`SpectralBatch.link`). Then each group's
+G = d(v^T A u)/dW (v u^T for the 1x1 convs, one conv of u with v for the depthwise ones,
+:func:`_depthwise_grads`) gives sigma = <W, G>, and every group's ``W * target / sigma`` runs as
+one autograd node (:class:`_Normalize`).
+
+One home each, for both paths: the probe a refresh starts from (:func:`circular_probe`), the
+conv operator and its power iteration (:class:`ConvOperator`), the refresh's choice between
+probe and tracked vector (:func:`refresh_vectors`), the convergence loop at construction
+(:func:`converge_sigmas`), the unfold form of G (:func:`unfold_dsigma`) and sigma = <W, G>
+(:meth:`_Dsigma.sigmas`).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .derive import edge_index
-from .ops import CompiledTaps, DilConv, OpConv, SepConv, conv_adjoint, depthwise_conv2d, use_fast_depthwise
-from .spectral import (ConvSpectralNorm, _normalize, circular_top_vectors, matrix_power_iteration, matrix_top_vectors,
-                       refresh_vectors)
-
-#: Ops the fused path understands: a sequence of ReLU - depthwise - pointwise - BN blocks.
-FUSABLE_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+from .kernels import DenseTaps, _Geometry, conv_adjoint
+from .ops import OpConv
+from .spectrum import kernel_spectrum
 
 
-def can_fuse(primitives: Sequence[str]) -> bool:
-    return all(p in FUSABLE_OPS for p in primitives)
+def _normalize(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """Scale each (sample, group) block of ``x`` (shape (B, C, ...)) to unit norm."""
+    flat = x.reshape(x.shape[0], groups, -1)
+    return (flat / flat.norm(dim=2, keepdim=True).clamp_min(eps)).view_as(x)
 
 
-def _blocks(op: nn.Module) -> list[DilConv]:
-    """The ReLU-depthwise-pointwise-BN blocks of an op, in order (1 for dil convs, 2 for sep convs)."""
-    if isinstance(op, SepConv):
-        return [op[0], op[1]]
-    if isinstance(op, DilConv):
-        return [op]
-    raise TypeError(f"op {type(op).__name__} cannot be fused")
+@torch.no_grad()
+def circular_top_vectors(weight: torch.Tensor, input_hw: tuple[int, int], dilation: int, groups: int) -> torch.Tensor:
+    """Per group, a top right singular vector of the conv with *circular* boundary, shape (1, C_in, H, W).
+
+    It is Re(r exp(2 pi i f.x)) at the frequency f of the largest singular value of K^(f)
+    (msrdarts.stable_rank), a real eigenvector of A^T A. The zero-padded operator differs only at the
+    border, so this starts power iteration close to its answer.
+    """
+    H, W = input_hw
+    spec = kernel_spectrum(weight, input_hw, dilation, groups).permute(2, 0, 1, 3, 4)  # (g, H, W, co/g, ci/g)
+    if spec.shape[-1] == 1:  # depthwise: K^(f) is a column; its norm is the singular value, r = 1
+        s = spec.abs().square().sum(-2).squeeze(-1)                            # (g, H, W)
+        top = s.flatten(1).argmax(1)
+        r = torch.ones(groups, 1, dtype=spec.dtype, device=spec.device)
+    else:
+        _, sv, vh = torch.linalg.svd(spec)
+        top = sv[..., 0].flatten(1).argmax(1)                                 # (g,) flat frequency index
+    f1, f2 = top // W, top % W
+    if spec.shape[-1] != 1:
+        r = vh[torch.arange(groups), f1, f2, 0]                                # (g, ci/g) complex
+    ys = torch.arange(H, device=weight.device, dtype=r.real.dtype)
+    xs = torch.arange(W, device=weight.device, dtype=r.real.dtype)
+    phase = 2 * math.pi * (f1[:, None, None] * ys[None, :, None] / H + f2[:, None, None] * xs[None, None, :] / W)
+    wave = torch.polar(torch.ones_like(phase), phase)                        # (g, H, W)
+    u = (r[:, :, None, None] * wave[:, None]).real                           # (g, ci/g, H, W)
+    return _normalize(u.reshape(1, -1, H, W).to(weight.dtype), groups, 1e-12)
+
+
+@torch.no_grad()
+def matrix_top_vectors(w: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top singular vectors of each matrix of ``w`` (..., m, n): (u (..., n), v (..., m)).
+
+    u is the top eigenvector of the n x n Gram matrix (a batched ``eigh``, about half the cost of
+    an SVD), v = W u / ||W u||; then v^T W u is the largest singular value.
+    """
+    u = torch.linalg.eigh(w.mT @ w).eigenvectors[..., -1]
+    return u, F.normalize((w @ u[..., None])[..., 0], dim=-1, eps=eps)
+
+
+@torch.no_grad()
+def matrix_power_iteration(w: torch.Tensor, u: torch.Tensor, iterations: int, eps: float = 1e-12
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iterations`` power iterations on each matrix of ``w`` (..., m, n) from the unit vectors
+    ``u`` (..., n): returns the new (u, v), v (..., m). Needs ``iterations`` >= 1."""
+    for _ in range(iterations):
+        v = F.normalize((w @ u[..., None])[..., 0], dim=-1, eps=eps)
+        u = F.normalize((v[..., None, :] @ w)[..., 0, :], dim=-1, eps=eps)
+    return u, v
+
+
+@torch.no_grad()
+def circular_probe(weight: torch.Tensor, input_hw: tuple[int, int], dilation: tuple[int, int], groups: int,
+                   eps: float) -> torch.Tensor:
+    """Where power iteration starts and what a refresh probes with, (1, C_in, H, W), unit per group:
+    the circular top vectors (:func:`circular_top_vectors`) where the dilation is the same along
+    both axes, else the uniform vector."""
+    if dilation[0] == dilation[1]:
+        return circular_top_vectors(weight, input_hw, dilation[0], groups)
+    return _normalize(weight.new_ones(1, weight.shape[1] * groups, *input_hw), groups, eps)
+
+
+class ConvOperator(NamedTuple):
+    """The grouped conv with weights ``w`` and geometry ``geo`` as a linear operator A on inputs
+    (C_in, *input_hw): the map whose top singular value sigma is. A single conv's
+    (:meth:`ConvSpectralNorm.operator`) or many convs' as one grouped conv (N*groups groups:
+    :class:`SpectralBatch`)."""
+
+    w: torch.Tensor
+    geo: _Geometry
+    input_hw: tuple[int, int]
+    groups: int
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w, None, self.geo.stride, self.geo.padding, self.geo.dilation, self.groups)
+
+    def At(self, y: torch.Tensor) -> torch.Tensor:
+        """The adjoint (:func:`msrdarts.nn.kernels.conv_adjoint`)."""
+        return conv_adjoint(y, self.w, self.input_hw, self.geo.stride, self.geo.padding, self.geo.dilation,
+                            self.groups)
+
+    @torch.no_grad()
+    def power_iterate(self, u: torch.Tensor, iterations: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``iterations`` (>= 1) power iterations from u (1, C_in, H, W), unit per group: the new
+        (u, v), v (1, C_out, H', W'). For the pair, v^T A u = ||A^T v|| per group before the last
+        normalisation: a lower bound of that group's top singular value."""
+        for _ in range(iterations):
+            v = _normalize(self.A(u), self.groups, eps)
+            u = _normalize(self.At(v), self.groups, eps)
+        return u, v
+
+
+@torch.no_grad()
+def refresh_vectors(u: torch.Tensor, probe: torch.Tensor, op: ConvOperator, iterations: int, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power-iterate ``u`` and ``probe`` (each (1, C_in, H, W)) side by side through the operator
+    ``op``; per group, keep whichever gives the larger sigma estimate (both are lower bounds of
+    the true one). Returns the kept (u, v), each (groups, -1)."""
+    groups = op.groups
+    u = torch.cat([u, probe])                                                  # (2, C_in, H, W)
+    for _ in range(iterations):
+        v = _normalize(op.A(u), groups, eps)
+        at_v = op.At(v)
+        est = at_v.reshape(2, groups, -1).norm(dim=2)                          # lower bounds, (2, groups)
+        u = _normalize(at_v, groups, eps)
+    use_probe = (est[1] > est[0]).view(groups, 1)
+    return (torch.where(use_probe, u[1].reshape(groups, -1), u[0].reshape(groups, -1)),
+            torch.where(use_probe, v[1].reshape(groups, -1), v[0].reshape(groups, -1)))
+
+
+@torch.no_grad()
+def converge_sigmas(sigmas: Callable[[list[int], int], torch.Tensor], count: int, tol: float,
+                    max_iterations: int) -> None:
+    """Power-iterate ``count`` operators to convergence: 10 iterations at a time, until each one's
+    sigma estimate changes by at most ``tol`` (relative) over 10 iterations, or ``max_iterations``.
+
+    ``sigmas(active, n)`` advances the operators listed in ``active`` by n iterations (n = 0 at
+    first) and returns their sigma estimates (len(active),). Converged operators leave ``active``;
+    each check syncs once.
+    """
+    active = list(range(count))                 # operators still converging
+    last = sigmas(active, 0)
+    for _ in range(0, max_iterations, 10):
+        now = sigmas(active, 10)
+        moving = ((now - last).abs() > tol * now).tolist()
+        active, last = [i for i, m in zip(active, moving) if m], now[torch.tensor(moving, dtype=torch.bool)]
+        if not active:
+            break
+
+
+@torch.no_grad()
+def unfold_dsigma(u: torch.Tensor, v: torch.Tensor, geo: _Geometry, groups: int) -> torch.Tensor:
+    """G = d(v^T A u)/dW for the grouped conv A of geometry ``geo``, from u (1, C_in, H, W) and
+    v (1, C_out, H', W'): (groups, C_out/groups, C_in/groups*kh*kw), to be viewed as the weights.
+
+    G[o, i, p, q] = sum over output pixels of v[o] * (the input patch tap (p, q) of u)[i]: one
+    unfold and one batched matmul (the conv weight-gradient kernels are slow for batch-1
+    depthwise convs on the CPU).
+    """
+    patches = F.unfold(u, geo.kernel_size, geo.dilation, geo.padding, geo.stride)    # (1, C_in*kh*kw, L)
+    patches = patches.view(groups, -1, patches.shape[-1])                              # (g, C_in/g*kh*kw, L)
+    v = v.reshape(groups, -1, patches.shape[-1])                                       # (g, C_out/g, L)
+    return torch.bmm(v, patches.transpose(1, 2))
+
+
+class ConvSpectralNorm(nn.Module):
+    """Parametrization ``weight -> target * weight / sigma(weight)`` for one conv.
+
+    sigma is the operator norm of the conv on its input (C_in, H, W), estimated as v^T A u for
+    unit vectors u (input side, buffer ``u``) and v (output side, buffer ``v``) that power
+    iteration keeps near the top singular pair; v^T A u is then a lower bound of sigma, differentiable
+    in the weight with the exact gradient of the top singular value when (u, v) is exact.
+    - 1x1 convs without padding (the pointwise convs): the operator is the C_out x C_in matrix on
+      any input, so u (C_in,) and v (C_out,) are plain matrix power-iteration vectors. They start
+      at the exact top singular vectors, and :meth:`refresh` resets them to the exact ones.
+    - other convs: power iteration with conv2d / conv_transpose2d, one unit vector per group
+      (per channel for depthwise convs, whose operator is block-diagonal), sigma = max over
+      groups. The vectors start at the circular-boundary top singular vectors, are iterated to
+      convergence at construction, persist across steps (buffers ``u``, ``v``), and advance
+      ``n_power_iterations`` per training forward. :meth:`refresh` (called every few steps by
+      the search loop through :func:`refresh_spectral_norms`) iterates a probe started at the
+      current circular top vector and keeps, per group, whichever of the probe and ``u`` gives
+      the larger sigma: a singular value that overtakes the tracked one is caught within a few
+      steps instead of hundreds, and since both are lower bounds of the true norm, the choice
+      adds no bias.
+
+    Args:
+        conv: the conv whose ``weight`` this will parametrize (its geometry is copied).
+        input_hw: spatial size of the conv's input.
+        n_power_iterations: iterations per training forward.
+        target: the operator norm to normalise to (C in the paper, 1 by default).
+    """
+
+    def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int], n_power_iterations: int = 1,
+                 target: float = 1.0, eps: float = 1e-12, init_tol: float = 1e-7,
+                 max_init_iterations: int = 500, converge: bool = True):
+        super().__init__()
+        if n_power_iterations < 1:
+            raise ValueError("n_power_iterations must be >= 1")
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups, self.kernel_size = conv.groups, conv.kernel_size
+        self.n_power_iterations, self.target, self.eps = n_power_iterations, target, eps
+        self.input_hw = tuple(input_hw)
+        self.matrix = conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+        self.depthwise = conv.groups == conv.in_channels == conv.out_channels
+        weight = conv.weight.detach()
+        if self.matrix:   # exact at once (or batched by the caller: converge=False starts anywhere)
+            if converge:
+                u, v = matrix_top_vectors(weight.flatten(1), eps)
+            else:
+                u = weight.new_full((conv.in_channels,), conv.in_channels ** -0.5)
+                v = weight.new_full((conv.out_channels,), conv.out_channels ** -0.5)
+            self.register_buffer("u", u)                                     # (C_in,), unit
+            self.register_buffer("v", v)                                     # (C_out,), unit
+            return
+        u = self._circular_u(weight)
+        self.register_buffer("u", u)                                         # (1, C_in, H, W), unit per group
+        self.register_buffer("v", _normalize(self._A(u, weight), self.groups, eps))  # (1, C_out, H', W')
+        if not converge:   # the caller converges many convs at once (SpectralBatch.converge)
+            return
+
+        def sigmas(active: list[int], iterations: int) -> torch.Tensor:   # this conv is the only operator
+            if iterations:
+                self._power_iterate(weight, iterations)
+            return self._group_sigmas(weight).max().view(1)
+
+        converge_sigmas(sigmas, 1, init_tol, max_init_iterations)
+
+    def _circular_u(self, weight: torch.Tensor) -> torch.Tensor:
+        return circular_probe(weight, self.input_hw, self.dilation, self.groups, self.eps)
+
+    def operator(self, weight: torch.Tensor) -> ConvOperator:
+        """The conv with weights ``weight`` as the operator A on this conv's input."""
+        return ConvOperator(weight, _Geometry.of(self), self.input_hw, self.groups)
+
+    def _A(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.operator(w).A(x)
+
+    def _At(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.operator(w).At(y)
+
+    @torch.no_grad()
+    def _power_iterate(self, weight: torch.Tensor, n: int) -> None:
+        if self.matrix:
+            u, v = matrix_power_iteration(weight.flatten(1), self.u, n, self.eps)
+            self.u.copy_(u)
+            self.v.copy_(v)
+            return
+        u, v = self.operator(weight).power_iterate(self.u, n, self.eps)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor, iterations: int = 3) -> None:
+        """Iterate ``u`` and a circular-start probe side by side; keep the better vector per group.
+        A 1x1 conv's vectors become the exact top singular vectors."""
+        if self.matrix:
+            u, v = matrix_top_vectors(weight.flatten(1), self.eps)
+            self.u.copy_(u)
+            self.v.copy_(v)
+            return
+        u, v = refresh_vectors(self.u, self._circular_u(weight), self.operator(weight), iterations, self.eps)
+        self.u.copy_(u.view_as(self.u))
+        self.v.copy_(v.view_as(self.v))
+
+    @torch.no_grad()
+    def dsigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """G = d(v^T A u)/dW for the current vectors, shaped like the weight; block g belongs to
+        group g (v u^T for a 1x1 conv, else :func:`unfold_dsigma`)."""
+        if self.matrix:
+            return torch.outer(self.v, self.u).view_as(weight)
+        return unfold_dsigma(self.u, self.v, _Geometry.of(self), self.groups).view_as(weight)
+
+    def _group_sigmas(self, weight: torch.Tensor) -> torch.Tensor:
+        # v^T A u is linear in the weight, so it equals <W, G> with G = dsigma(W): one elementwise
+        # product instead of a conv with autograd (the same value and the same gradient).
+        return _Dsigma(self.dsigma(weight), self.groups).sigmas(weight.unsqueeze(0))[0]      # (groups,)
+
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """The operator norm estimate, differentiable in ``weight``."""
+        return self._group_sigmas(weight).max()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(weight.device.type, enabled=False):   # norms in the weight's own precision
+            if self.training:
+                self._power_iterate(weight.detach(), self.n_power_iterations)
+            return weight * (self.target / self.sigma(weight))
+
+
+def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: float = 1.0,
+                        converge: bool = True) -> int:
+    """Spectrally normalise every :class:`OpConv` of ``model``; returns how many.
+
+    Each conv must know its ``input_hw`` (see :func:`msrdarts.ops.record_input_sizes`). With
+    ``converge=False`` the power iterations start at the circular-boundary vectors and the caller
+    converges them (batched, as :class:`msrdarts.supernet.SuperNet` does).
+    """
+    count = 0
+    for conv in model.modules():
+        if isinstance(conv, OpConv) and not parametrize.is_parametrized(conv, "weight"):
+            if conv.input_hw is None:
+                raise RuntimeError("record_input_sizes() must run before apply_spectral_norm()")
+            parametrize.register_parametrization(
+                conv, "weight", ConvSpectralNorm(conv, conv.input_hw, n_power_iterations, target=target,
+                                                 converge=converge))
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def fill_missing_matrix_vectors(model: nn.Module, missing_keys: list[str]) -> list[str]:
+    """Checkpoints written before 1x1 convs had power-iteration vectors lack their ``u`` and
+    ``v``: set those to the exact top singular vectors of the loaded weights (what the old code
+    computed every step). Returns the missing keys this accounts for."""
+    missing, filled = set(missing_keys), []
+    for name, sn in model.named_modules():
+        keys = [f"{name}.u", f"{name}.v"]
+        if isinstance(sn, ConvSpectralNorm) and sn.matrix and all(k in missing for k in keys):
+            conv = model.get_submodule(name.rsplit(".parametrizations.", 1)[0])
+            u, v = matrix_top_vectors(conv.parametrizations.weight.original.flatten(1), sn.eps)
+            sn.u.copy_(u)
+            sn.v.copy_(v)
+            filled += keys
+    return filled
+
+
+def refresh_spectral_norms(model: nn.Module, iterations: int = 3) -> None:
+    """Run :meth:`ConvSpectralNorm.refresh` for every spectrally normalised conv of ``model``."""
+    for m in model.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations.weight:
+                if isinstance(p, ConvSpectralNorm):
+                    p.refresh(m.parametrizations.weight.original.detach(), iterations)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched: many convs' spectral norms at once (see the module docstring).
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
     if parametrize.is_parametrized(conv, "weight"):
         return next(p for p in conv.parametrizations.weight if isinstance(p, ConvSpectralNorm))
     return None
-
-
-class DenseTaps:
-    """The 0/1 tap tensors of depthwise conv geometries, cached per geometry, map size, dtype and device.
-
-    ``T[t, i, l] = 1`` where output pixel l reads input pixel i through kernel tap t, so channel
-    c's dense operator (as a right factor: y_c = x_c M_c) is ``M_c = sum_t w[c, t] T[t]``, of
-    shape (H*W, H'*W'). Worth it for maps of at most :attr:`MAX_PIXELS` pixels.
-    """
-
-    MAX_PIXELS = 64
-
-    def __init__(self):
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, kernel_size: tuple, stride: tuple, padding: tuple, dilation: tuple, hw: tuple,
-                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        H, W = hw
-        key = (kernel_size, stride, padding, dilation, H, W, dtype, device)
-        if key not in self._cache:
-            eye = torch.eye(H * W, dtype=dtype, device=device).view(H * W, 1, H, W)
-            cols = F.unfold(eye, kernel_size, dilation, padding, stride)               # (HW, k*k, L)
-            self._cache[key] = cols.permute(1, 0, 2).contiguous()                       # (k*k, HW, L)
-        return self._cache[key]
 
 
 def _raw_slot(conv: OpConv) -> tuple[dict, str]:
@@ -122,8 +402,10 @@ class _Slice:
 class SpectralBatch:
     """Normalised weights of many convs, computed group by group (see the module docstring).
 
-    ``convs`` must be listed in the order their weights are consumed; :meth:`slice_of` maps a run
-    of consecutive convs of one group to its position.
+    ``convs`` must be listed in the order their weights are consumed (the fused forward's:
+    :func:`msrdarts.nn.fused.fused_conv_order`); :meth:`slice_of` maps a run of consecutive convs
+    of one group to its position. The reference forward normalises each conv in its own
+    parametrization, and uses a batch (of its convs in module order) to converge and refresh.
     """
 
     #: Depthwise power iteration uses dense per-channel operators on maps up to this size. On 8x8
@@ -290,14 +572,7 @@ class SpectralBatch:
                 dsigma = self._sigma_grads([part], self._group_vectors(g, convs), iterations)[0]
                 return dsigma.sigmas(part.w).amax(1)
 
-            active = list(range(len(sns)))              # convs still converging
-            last = sigmas(active, 0)
-            for _ in range(0, max_iterations, 10):
-                now = sigmas(active, 10)
-                moving = ((now - last).abs() > tol * now).tolist()
-                active, last = [i for i, m in zip(active, moving) if m], now[torch.tensor(moving, dtype=torch.bool)]
-                if not active:
-                    break
+            converge_sigmas(sigmas, len(sns), tol, max_iterations)
 
     @torch.no_grad()
     def refresh(self, iterations: int = 3) -> None:
@@ -325,14 +600,9 @@ class SpectralBatch:
         w = torch.stack(self._raws(g)).detach().flatten(0, 1)                           # (N*C, 1, k, k)
         n = w.shape[0]
         vectors = self._group_vectors(g)
-        if sn.dilation[0] == sn.dilation[1]:
-            probe = circular_top_vectors(w, sn.input_hw, sn.dilation[0], n)
-        else:
-            probe = _normalize(w.new_ones(1, n, *sn.input_hw), n, sn.eps)
-        geo = _Geometry.of(sn)
-        vectors.write(*refresh_vectors(vectors.u().view(1, n, *sn.input_hw), probe,
-                                       lambda x: F.conv2d(x, w, None, geo.stride, geo.padding, geo.dilation, n),
-                                       lambda y: _adjoint(geo, sn.input_hw, y, w, n), n, iterations, sn.eps))
+        probe = circular_probe(w, sn.input_hw, sn.dilation, n, sn.eps)
+        op = ConvOperator(w, _Geometry.of(sn), sn.input_hw, n)
+        vectors.write(*refresh_vectors(vectors.u().view(1, n, *sn.input_hw), probe, op, iterations, sn.eps))
 
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
@@ -404,22 +674,19 @@ class SpectralBatch:
         v = vectors.v().view(1, -1, *_Geometry.of(sn).out_size(sn.input_hw))
         if iterations:
             geo, wd = _union_kernel(parts)                                          # (sum N*Co, Ci/g, K, K)
-            for _ in range(iterations):
-                v = _normalize(F.conv2d(u, wd, None, geo.stride, geo.padding, geo.dilation, groups), groups, sn.eps)
-                u = _normalize(_adjoint(geo, sn.input_hw, v, wd, groups), groups, sn.eps)
+            u, v = ConvOperator(wd, geo, sn.input_hw, groups).power_iterate(u, iterations, sn.eps)
             vectors.write(u, v)
         if all(p.sn.depthwise for p in parts):
+            # One conv of u with v for all parts, far cheaper than unfolding u. ConvSpectralNorm.dsigma
+            # (the reference forward, every step) keeps the unfold form: the conv sums in another
+            # order, so one form for both would change the reference path's results in the last bits.
             return _depthwise_grads(parts, u, v)
         grads = []
         u_parts = u.split([p.w.shape[0] * p.w.shape[2] * p.sn.groups for p in parts], 1)      # N*Ci each
         v_parts = v.split([p.w.shape[0] * p.w.shape[1] for p in parts], 1)                  # N*Co each
-        for p, u_p, v_p in zip(parts, u_parts, v_parts):       # G = d(v^T A u)/dW, one unfold + one bmm
-            n_groups = p.w.shape[0] * p.sn.groups
-            c_out, c_in_g, kh, kw = p.w.shape[1:]
-            patches = F.unfold(u_p, (kh, kw), p.sn.dilation, p.sn.padding, p.sn.stride)   # (1, N*Ci*k*k, L)
-            patches = patches.view(n_groups, c_in_g * kh * kw, -1)
-            vv = v_p.reshape(n_groups, c_out // p.sn.groups, -1)
-            grads.append(_Dsigma(torch.bmm(vv, patches.transpose(1, 2)).view_as(p.w), p.sn.groups))
+        for p, u_p, v_p in zip(parts, u_parts, v_parts):       # the N convs as one conv of N*groups groups
+            G = unfold_dsigma(u_p, v_p, _Geometry.of(p.sn), p.w.shape[0] * p.sn.groups)
+            grads.append(_Dsigma(G.view_as(p.w), p.sn.groups))
         return grads
 
 
@@ -597,277 +864,3 @@ def _depthwise_grads(parts: list[_Part], u: torch.Tensor, v: torch.Tensor) -> li
     for p, rows in zip(parts, G.split([p.w.shape[0] * p.w.shape[1] for p in parts])):
         out.append(_Dsigma(rows[(slice(None), *_taps_in(geo, p))].view_as(p.w), p.sn.groups))
     return out
-
-
-def _adjoint(geo: "_Geometry", input_hw: tuple[int, int], y: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
-    """The adjoint of the grouped conv of geometry ``geo`` (:func:`msrdarts.ops.conv_adjoint`)."""
-    return conv_adjoint(y, w, input_hw, geo.stride, geo.padding, geo.dilation, groups)
-
-
-class _FusedBN:
-    """The affine-free BNs of one fused stage as one ``batch_norm`` over concatenated channels."""
-
-    def __init__(self, bns: list[nn.BatchNorm2d]):
-        self.bns = bns
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        bn0 = self.bns[0]
-        means = torch.cat([b.running_mean for b in self.bns])
-        variances = torch.cat([b.running_var for b in self.bns])
-        if not bn0.training:
-            return F.batch_norm(x, means, variances, None, None, False, 0.0, bn0.eps)
-        torch._foreach_add_([b.num_batches_tracked for b in self.bns], 1)
-        # as nn.BatchNorm2d: momentum None means a cumulative average over the batches seen
-        factor = bn0.momentum if bn0.momentum is not None else 1.0 / float(bn0.num_batches_tracked)
-        out = F.batch_norm(x, means, variances, None, None, True, factor, bn0.eps)
-        with torch.no_grad():
-            torch._foreach_copy_([b.running_mean for b in self.bns], list(means.chunk(len(self.bns))))
-            torch._foreach_copy_([b.running_var for b in self.bns], list(variances.chunk(len(self.bns))))
-        return out
-
-
-@dataclass
-class _Block:
-    """One ReLU - depthwise - pointwise - BN block of one op kind, for the m edges of a source."""
-
-    depthwise: _Slice
-    geometry: "_Geometry"   # of the depthwise convs (one per op kind and level)
-    pointwise: _Slice
-    bn: _FusedBN
-    runner: "DepthwiseRunner"
-
-    def __call__(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-        """x: (B, m*C, H, W) ordered (edge, channel), already through the ReLU."""
-        dw, pw = self.depthwise, self.pointwise
-        y = self.runner(x, weights[dw.group][dw.start:dw.start + dw.count].flatten(0, 1), self.geometry)
-        w = weights[pw.group][pw.start:pw.start + pw.count].flatten(2)            # (m, C_out, C_in)
-        return self.bn(_pointwise(y, w))
-
-
-def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """m 1x1 convs (w: (m, C_out, C_in)) on the m channel blocks of x (B, m*C_in, H, W), as one
-    batched matmul (faster than a grouped conv on CPU); keeps channels_last inputs channels_last."""
-    B, _, H, W = x.shape
-    m, c_out, c_in = w.shape
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        y = torch.einsum("mdc,bmcl->bmdl", w, x.reshape(B, m, c_in, H * W))     # a (m, d, b, l)-ordered view
-        return y.contiguous().view(B, m * c_out, H, W)   # BN, ReLU and convs are slow on that order
-    xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in)                        # a view for NHWC
-    return torch.einsum("bpmc,mdc->bpmd", xl, w).reshape(B, H, W, m * c_out).permute(0, 3, 1, 2)
-
-
-class _SourcePlan:
-    """The fused computation of all edges leaving one node of one cell."""
-
-    def __init__(self, edges: list[int], targets: list[int], ops: list[list[nn.Module]], batch: SpectralBatch,
-                 runner: DepthwiseRunner):
-        self.edges, self.targets, self.m = edges, targets, len(edges)
-        self.kinds: list[list[_Block]] = []        # per op kind, its 1 (dil) or 2 (sep) blocks
-        for p in range(len(ops[0])):
-            per_edge = [_blocks(ops[e][p]) for e in range(self.m)]
-            self.kinds.append([
-                _Block(batch.slice_of([b[level][1] for b in per_edge]), _Geometry.of(per_edge[0][level][1]),
-                       batch.slice_of([b[level][2] for b in per_edge]), _FusedBN([b[level][3] for b in per_edge]),
-                       runner)
-                for level in range(len(per_edge[0]))])
-
-    def __call__(self, h: torch.Tensor, weights: list[torch.Tensor], mix: torch.Tensor | None) -> torch.Tensor:
-        """(B, m, C, H', W'): the outputs of the m edges, ops summed (weighted by ``mix`` (m, P))."""
-        B, C = h.shape[:2]
-        m = self.m
-        x = F.relu(h).repeat(1, m, 1, 1)                                            # (B, m*C, H, W)
-        total = None
-        for p, blocks in enumerate(self.kinds):
-            y = blocks[0](x, weights)
-            for block in blocks[1:]:
-                y = block(F.relu(y), weights)
-            y = y.view(B, m, C, *y.shape[-2:])
-            if mix is not None:
-                y = y * mix[:, p].view(1, m, 1, 1, 1).to(y.dtype)
-            total = y if total is None else total + y
-        return total
-
-
-class _Geometry(NamedTuple):
-    """A depthwise conv's kernel_size, stride, padding and dilation (each an (h, w) pair)."""
-
-    kernel_size: tuple
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-
-    @classmethod
-    def of(cls, conv: OpConv) -> "_Geometry":
-        return cls(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
-
-    def out_size(self, hw: Sequence[int]) -> tuple[int, int]:
-        k, s, p, d = self
-        return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
-
-    def subsampled(self, hw: Sequence[int]) -> "_Geometry | None":
-        """The same conv on the input subsampled by its stride, where one exists.
-
-        A conv with stride s whose dilation d and padding p are multiples of s reads only the
-        input pixels at multiples of s: it is the stride-1 conv with dilation d/s and padding
-        p/s of ``x[..., ::s, ::s]`` (same output). For the dilated ops of a reduction cell
-        (s = d = 2) that is a dense 3x3 or 5x5 conv on a quarter of the input, several times
-        cheaper than the strided dilated conv.
-        """
-        k, s, p, d = self
-        if s == (1, 1) or any(d[i] % s[i] or p[i] % s[i] for i in range(2)):
-            return None
-        sub = _Geometry(k, (1, 1), (p[0] // s[0], p[1] // s[1]), (d[0] // s[0], d[1] // s[1]))
-        small = tuple(-(-hw[i] // s[i]) for i in range(2))
-        return sub if sub.out_size(small) == self.out_size(hw) else None
-
-
-class DepthwiseRunner:
-    """Runs the fused depthwise convs, each in the fastest of three ways for its geometry (CPU).
-
-    * maps of at most 64 pixels: as a matmul with the conv's dense operator. Channel c's
-      (H*W, H'*W') matrix is sum_t w[c, t] * T[t], with T the 0/1 tap tensor of the geometry,
-      cached here. PyTorch's depthwise kernels cost about a millisecond per call at these sizes
-      whatever the work; the matmuls cost a tenth of that (bench/depthwise.py).
-    * larger stride-1 maps: :func:`msrdarts.ops.depthwise_conv2d` where it is faster, with its
-      weight gradient compiled (``compiled``, a :class:`msrdarts.ops.CompiledTaps`) for large calls;
-    * otherwise ``F.conv2d``. On other devices always ``F.conv2d``.
-
-    Before choosing, a strided conv that only reads pixels at multiples of its stride runs on
-    the subsampled input instead (see :meth:`_Geometry.subsampled`).
-    """
-
-    def __init__(self, taps: DenseTaps | None = None, compiled: CompiledTaps | None = None):
-        self.taps = taps if taps is not None else DenseTaps()
-        self.compiled = compiled
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-        """The depthwise conv of x (B, C, H, W) with weights w (C, 1, kh, kw) and geometry ``geo``."""
-        sub = geo.subsampled(x.shape[-2:])
-        if sub is not None:
-            x, geo = x[:, :, ::geo.stride[0], ::geo.stride[1]], sub
-        k, s, p, d = geo
-        H, W = x.shape[-2:]
-        if x.device.type == "cpu" and H * W <= DenseTaps.MAX_PIXELS and not (
-                H * W == DenseTaps.MAX_PIXELS and k == (3, 3) and d == (1, 1) and s == (1, 1)):
-            return self._dense(x, w, geo)
-        if use_fast_depthwise(x, k, s, d):
-            return depthwise_conv2d(x, w, p, d, s, self.compiled)
-        return F.conv2d(x, w, None, s, p, d, x.shape[1])
-
-    def _dense(self, x: torch.Tensor, w: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-        B, C, H, W = x.shape
-        T = self.taps(*geo, (H, W), x.dtype, x.device)
-        x, w = x.reshape(B, C, H * W), w.reshape(C, -1)
-        if T.shape[2] >= B:   # M as large as x: rebuilt in the backward instead of kept (_DenseDepthwise)
-            y = _DenseDepthwise.apply(x, w, T)
-        else:
-            y = torch.einsum("bci,cil->bcl", x, _dense_operators(w, T))                   # per channel: X_c M_c
-        return y.view(B, C, *geo.out_size((H, W)))
-
-
-def _dense_operators(w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """Each channel's dense operator M_c = sum_t w[c, t] T[t]: (C, HW, L) from w (C, k*k) and T (k*k, HW, L)."""
-    kk, hw, L = T.shape
-    return torch.matmul(w, T.view(kk, hw * L)).view(-1, hw, L)
-
-
-class _DenseDepthwise(torch.autograd.Function):
-    """y[b, c] = x[b, c] M_c for x (B, C, HW), w (C, k*k), the taps T (k*k, HW, L): a depthwise
-    conv on a small map (see :class:`DepthwiseRunner`).
-
-    Autograd through the two matmuls would keep every M (C, HW, L) until the backward: on 8 x 8
-    maps with stride 1 that is 16 KB a channel, as much as a batch of 64 of the input, for each of
-    the dozens of such convs of a step. This keeps x and w only and builds M again in the backward
-    (one small matmul). Under autocast the backward runs in the gradient's dtype, as autograd's would.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.taps = T
-        return torch.einsum("bci,cil->bcl", x, _dense_operators(w, T))
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w = ctx.saved_tensors
-        T = ctx.taps.to(dy.dtype)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.einsum("bcl,cil->bci", dy, _dense_operators(w.to(dy.dtype), T)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dM = torch.einsum("bci,bcl->cil", x.to(dy.dtype), dy)                          # (C, HW, L)
-            dw = torch.matmul(dM.reshape(dM.shape[0], -1), T.view(T.shape[0], -1).mT).to(w.dtype)
-        return dx, dw, None
-
-
-class FusedCell:
-    """Plans the fused forward of one :class:`msrdarts.supernet.SearchCell` (see the module docstring)."""
-
-    def __init__(self, cell: nn.Module, batch: SpectralBatch, runner: DepthwiseRunner):
-        self.cell = cell
-        pairs = edge_index(cell.steps)
-        n_ops = len(cell.edges[0].ops)
-        self.sources: list[_SourcePlan | None] = []
-        for i in range(cell.steps + 2):
-            edges = [e for e, (src, _) in enumerate(pairs) if src == i]
-            if not edges:
-                self.sources.append(None)
-                continue
-            ops = [[cell.edges[e].ops[p] for p in range(n_ops)] for e in edges]
-            self.sources.append(_SourcePlan(edges, [pairs[e][1] for e in edges], ops, batch, runner))
-
-    @staticmethod
-    def conv_order(cell: nn.Module) -> list[OpConv]:
-        """The cell's op convs in the order the fused forward consumes them (see SpectralBatch):
-        per source node, op kind and block, the depthwise convs of its m edges, then their pointwise convs."""
-        pairs = edge_index(cell.steps)
-        order: list[OpConv] = []
-        for i in range(cell.steps + 2):
-            edges = [e for e, (src, _) in enumerate(pairs) if src == i]
-            if not edges:
-                continue
-            for p in range(len(cell.edges[0].ops)):
-                per_edge = [_blocks(cell.edges[e].ops[p]) for e in edges]
-                for level in range(len(per_edge[0])):
-                    order += [b[level][1] for b in per_edge] + [b[level][2] for b in per_edge]
-        return order
-
-    def __call__(self, s0: torch.Tensor, s1: torch.Tensor, weights: list[torch.Tensor],
-                 mix: torch.Tensor | None) -> torch.Tensor:
-        cell = self.cell
-        states = [cell.pre0(s0), cell.pre1(s1)]
-        partial: list[torch.Tensor | None] = [None] * cell.steps
-        for i, plan in enumerate(self.sources):
-            if i >= 2:
-                states.append(partial[i - 2])        # node i is complete once all sources < i are done
-            if plan is None:
-                continue
-            out = plan(states[i], weights, None if mix is None else mix[plan.edges])
-            for k, j in enumerate(plan.targets):
-                partial[j - 2] = out[:, k] if partial[j - 2] is None else partial[j - 2] + out[:, k]
-        return torch.cat(states[-cell.multiplier:], dim=1)
-
-
-class FusedSuperNet:
-    """The fused forward of a whole :class:`msrdarts.supernet.SuperNet`.
-
-    ``batch`` must list the op convs in :meth:`conv_order` (see :func:`fused_conv_order`).
-    ``compile_kernels``: compile the large depthwise weight gradients (see :class:`DepthwiseRunner`).
-    """
-
-    def __init__(self, net: nn.Module, batch: SpectralBatch, compile_kernels: bool = True):
-        self.batch = batch
-        self.runner = DepthwiseRunner(batch.taps, CompiledTaps() if compile_kernels else None)
-        self.cells = [FusedCell(cell, self.batch, self.runner) for cell in net.cells]
-
-    def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weights = self.batch.weights(net.training)
-        s0, s1 = net.stem(x)
-        for cell, fused in zip(net.cells, self.cells):
-            s0, s1 = s1, fused(s0, s1, weights, net.mixing_weights(cell))
-        return net.classifier(net.global_pooling(s1).flatten(1))
-
-
-def fused_conv_order(net: nn.Module) -> list[OpConv]:
-    """Every op conv of a supernet, in the order the fused forward consumes them."""
-    return [conv for cell in net.cells for conv in FusedCell.conv_order(cell)]

@@ -1,4 +1,10 @@
-"""The DARTS baseline's architecture step (Liu et al., 2019), for ``msrdarts search --method darts``.
+"""The DARTS baseline (Liu et al., 2019), ``msrdarts search --method darts``: learned alphas,
+softmax mixing, alternating architecture and weight steps.
+
+The supernet gets architecture parameters ``alphas`` (2, edges, ops), one table per cell type,
+drawn as 1e-3 * N(0, 1); every edge mixes its ops by softmax(alpha). They are kept apart from the
+weights (the weight optimiser never sees them) and derivation takes, per edge, the strongest op
+but ``none`` by softmax(alpha), per node the 2 strongest edges.
 
 Before every weight step on a search-train batch, the alphas take one Adam step (lr 3e-4, betas
 (0.5, 0.999), weight decay 1e-3) on a search-valid batch:
@@ -19,11 +25,16 @@ exact hypergradient by double backward).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from ..errors import ConfigError
+from ..genotype import Genotype, num_edges
+from .base import BeforeStep, Method, SearchContext, register_method
+from .derive import derive_genotype
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -118,3 +129,78 @@ class Architect:
         """The loss of the network with ``weights`` in place of its own, its buffers left untouched."""
         buffers = {n: b.clone() for n, b in self.net.named_buffers()}
         return self.loss(functional_call(self.net, ({**dict(zip(names, weights)), **buffers}), (x,)), y)
+
+
+@register_method
+class DARTS(Method):
+    name = "darts"
+    # DARTS trains without spectral normalisation, in its own 8-op space.
+    defaults = {"spectral_norm": False, "space": "darts"}
+    score_key = "alpha"
+    lower_wins = False
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        if cfg.order not in (1, 2):
+            raise ConfigError(f"--order={cfg.order}: must be 1 or 2")
+        if cfg.arch_lr <= 0 or cfg.arch_weight_decay < 0:
+            raise ConfigError(f"--arch-lr={cfg.arch_lr} --arch-weight-decay={cfg.arch_weight_decay}: need "
+                              f"arch-lr > 0 and arch-weight-decay >= 0")
+        if cfg.spectral_norm:
+            raise ConfigError("--method darts trains without spectral normalisation, as DARTS does: drop "
+                              "--spectral-norm (its default is off)")
+        if cfg.mixing != "sum":
+            raise ConfigError("--method darts mixes by its learned alphas; --mixing applies to --method msr only")
+
+    def adapt(self, net: nn.Module) -> None:
+        # trained by the Architect's own steps only: requires_grad is on only inside them
+        net.register_parameter("alphas", nn.Parameter(1e-3 * torch.randn(2, num_edges(net.steps),
+                                                                          len(net.primitives)),
+                                                      requires_grad=False))
+        net.arch_parameter_names = ("alphas",)
+        net.mixer = softmax_alpha
+
+    def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: SearchContext) -> None:
+        self.ctx = ctx
+        self.architect = Architect(net, weight_optimizer, self.cfg.arch_lr, self.cfg.arch_weight_decay,
+                                   self.cfg.order, reduce_grads=ctx.average)
+
+    def step_hook(self, epoch_seed: int, start: int) -> BeforeStep:
+        """One architecture step on the next search-valid batch before each weight step."""
+        batches: Iterator = iter(self.ctx.valid_batches(epoch_seed, start))
+        accel, architect = self.ctx.accel, self.architect
+
+        def step(_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            xv, yv = next(batches)
+            with accel.autocast():
+                architect.step(x, y, accel.input(xv), yv)
+        return step
+
+    def derive(self, net: nn.Module) -> tuple[torch.Tensor, Genotype]:
+        table = alpha_table(net).cpu()
+        return table, derive_genotype(-table[0], -table[1], net.primitives, net.steps, net.multiplier,
+                                      exclude=("none",))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.architect.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.architect.optimizer.load_state_dict(state)
+
+
+def softmax_alpha(net: nn.Module, cell: nn.Module) -> torch.Tensor:
+    """DARTS mixing: softmax(alpha) of the cell's type, (edges, ops)."""
+    return torch.softmax(net.alphas[int(cell.reduction)], dim=-1)
+
+
+def alpha_table(net: nn.Module) -> torch.Tensor:
+    """softmax(alpha) per cell type, shape (2, edges, ops): [normal, reduce]."""
+    return torch.softmax(net.alphas.detach().float(), dim=-1)
+
+
+def alpha_genotype(net: nn.Module) -> Genotype:
+    """DARTS derivation: per edge the strongest op but ``none`` by softmax(alpha), per node the 2
+    strongest edges (the shared routine, with costs -softmax(alpha))."""
+    table = alpha_table(net).cpu()
+    return derive_genotype(-table[0], -table[1], net.primitives, net.steps, net.multiplier, exclude=("none",))

@@ -16,16 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .genotype import Genotype, pairs
-
-
-def num_edges(steps: int) -> int:
-    return sum(2 + i for i in range(steps))
-
-
-def edge_index(steps: int) -> list[tuple[int, int]]:
-    """(source, target) of every edge, in cell order."""
-    return [(src, 2 + i) for i in range(steps) for src in range(2 + i)]
+from ..genotype import Genotype, edge_index, num_edges, pairs  # noqa: F401 (edge_index: re-exported)
 
 
 def derive_cell(costs: torch.Tensor, primitives: Sequence[str], steps: int = 4, keep: int = 2,

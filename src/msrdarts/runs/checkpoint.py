@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
@@ -17,19 +18,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ._io import atomic_write_bytes
-from .errors import CheckpointError, ConfigError
-from .spectral import fill_missing_matrix_vectors
+from .._io import atomic_write_bytes
+from ..errors import CheckpointError
+from .folder import CHECKPOINT, CHECKPOINT_PREV
+from ..nn.spectral import fill_missing_matrix_vectors
 
+_LEGACY_MIX = re.compile(r"cells\.\d+\.mix")
 #: Settings that may differ on --resume without changing what a run computes.
 RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers", "checkpoint_every", "lr", "tensorboard",
                      "plots")
 
 
 def previous_path(path: str | os.PathLike) -> Path:
-    """Where :func:`save_checkpoint` keeps the checkpoint it replaced: ``checkpoint.prev.pt``."""
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced (``checkpoint.prev.pt``)."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
+    return path.with_name(CHECKPOINT_PREV if path.name == CHECKPOINT else f"{path.stem}.prev{path.suffix}")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep_previous: bool = False) -> None:
@@ -112,20 +115,6 @@ def load_resume_checkpoint(path: Path, log: Callable[[str], None] = print) -> tu
         return state, prev
 
 
-def check_run_folder(out: Path, resume: bool, run_files: tuple[str, ...]) -> None:
-    """Refuse to start over an existing run, or to resume where there is none."""
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise CheckpointError(f"--resume: {out}/checkpoint.pt not found; nothing to resume")
-        return
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    present = [f for f in run_files if (out / f).exists()]
-    if present:
-        raise CheckpointError(f"--out {out} already holds a run ({', '.join(present)}); "
-                              f"pass --resume to continue it or choose another --out")
-
-
 def config_mismatch(saved: Any, cfg: Any) -> list[str]:
     """The settings (dataclass fields) in which ``cfg`` differs from ``saved``, resumable ones aside."""
     return [f"{f.name}: run has {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r}"
@@ -133,16 +122,13 @@ def config_mismatch(saved: Any, cfg: Any) -> list[str]:
             if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
 
 
-def open_run(out: Path, resume: bool, run_files: tuple[str, ...], fmt: str, cfg: Any,
-             log: Callable[[str], None] = print) -> dict[str, Any] | None:
-    """Check the run folder; on ``resume`` load its checkpoint and refuse changed settings.
-
-    Returns the checkpoint (None for a new run). ``cfg`` is the run's config dataclass.
-    """
-    check_run_folder(out, resume, run_files)
+def open_run(out: Path, resume: bool, fmt: str, cfg: Any, log: Callable[[str], None] = print
+             ) -> dict[str, Any] | None:
+    """On ``resume``, load the run's checkpoint (or the previous one) and refuse changed settings;
+    None for a new run. ``cfg`` is the run's config dataclass."""
     if not resume:
         return None
-    ckpt, path = load_resume_checkpoint(out / "checkpoint.pt", log)
+    ckpt, path = load_resume_checkpoint(out / CHECKPOINT, log)
     if ckpt.get("format") != fmt:
         raise CheckpointError(f"{path}: format {ckpt.get('format')!r}, expected {fmt}")
     diff = config_mismatch(type(cfg).from_dict(ckpt["config"], source=str(path)), cfg)
@@ -163,10 +149,11 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
         loaded = model.load_state_dict(ckpt["model"], strict=False)
         legacy = fill_missing_matrix_vectors(model, loaded.missing_keys)
         missing = [k for k in loaded.missing_keys if k not in legacy]
-        if missing or loaded.unexpected_keys:
+        # Before methods adapted the supernet, every search cell had an all-ones "mix" buffer.
+        unexpected = [k for k in loaded.unexpected_keys if not _LEGACY_MIX.fullmatch(k)]
+        if missing or unexpected:
             raise CheckpointError(f"{path} does not match this network (missing {len(missing)} entries, e.g. "
-                                  f"{missing[:1]}; unexpected {len(loaded.unexpected_keys)}, e.g. "
-                                  f"{loaded.unexpected_keys[:1]})")
+                                  f"{missing[:1]}; unexpected {len(unexpected)}, e.g. {unexpected[:1]})")
         if legacy:
             log(f"{path}: written before 1x1 convs had power-iteration vectors; their {len(legacy) // 2} "
                 f"vectors were set to the exact ones of the loaded weights")
@@ -192,16 +179,6 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
     set_rng_state(ranks[rank], device, generators)
 
 
-def make_run_folder(out: Path, device: torch.device, cfg: Any, devices: int = 1) -> dict[str, Any]:
-    """Create ``out``; return what config.json records: the settings plus the runtime they resolved to
-    (``devices``: the number of processes, for the cost in device-hours)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
-    return {**cfg.to_dict(), "runtime": {"device": str(device), "devices": devices, "torch": torch.__version__}}
-
-
 def reduced_position(state: Any, dist: Any) -> dict[str, Any] | None:
     """A mid-epoch position (an :class:`msrdarts.engine.EpochState`) for the checkpoint, its running
     sums summed over processes; None at an epoch's end."""
@@ -214,7 +191,7 @@ def reduced_position(state: Any, dist: Any) -> dict[str, Any] | None:
 def resume_position(ckpt: dict[str, Any], dist: Any) -> Any:
     """The EpochState a checkpoint saved mid-epoch (None if it was saved at an epoch's end). The
     running sums are global; rank 0 carries them, the other ranks start theirs at zero."""
-    from .engine import EpochState
+    from .epoch import EpochState
 
     position = ckpt.get("position")
     if position is None:
@@ -236,7 +213,7 @@ def resume_run(ckpt: dict[str, Any] | None, out: Path, device: torch.device, net
     the mid-epoch EpochState or None, a description of where the checkpoint stands or None)."""
     if ckpt is None:
         return [], None, 0, None, None
-    restore_state(ckpt, out / "checkpoint.pt", device, net, optimizer, scheduler, {"loader": loader_gen},
+    restore_state(ckpt, out / CHECKPOINT, device, net, optimizer, scheduler, {"loader": loader_gen},
                   lr=cfg.lr, rank=dist.rank, log=log)
     state = resume_position(ckpt, dist)
     where = describe_position(ckpt["epoch"], state)

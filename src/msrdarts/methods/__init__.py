@@ -1,0 +1,8 @@
+"""Search methods: the :class:`Method` interface, one file per method, and what they share
+(``derive``: scores to genotype; ``stable_rank``: the supernet's stable-rank tables; ``space``:
+random sampling of a search space). Importing this package registers the built-in methods."""
+
+from .base import Method, SearchContext, get_method, list_methods, register_method
+from . import darts, msr  # noqa: F401  (registers them, in this order: --method's choices)
+
+__all__ = ["Method", "SearchContext", "get_method", "list_methods", "register_method"]

@@ -1,0 +1,106 @@
+"""The search-method interface and its registry (NASLib's ``MetaOptimizer`` shape).
+
+A method is a step, not a loop: the one search loop (:mod:`msrdarts.runs.search`) trains the
+supernet weights and calls the method at fixed points. Adding a method is one file in this
+folder that subclasses :class:`Method` and registers it with :func:`register_method`, plus a
+preset; the supernet and the loop know no method by name.
+
+Order of calls in a run::
+
+    Method.validate(cfg)                  settings check (class method, before anything is built)
+    m = Method(cfg)
+    m.adapt(net)                          add what the method needs to the supernet
+    m.setup(net, weight_optimizer, ctx)   its optimisers and data (ctx: SearchContext)
+    m.load_state_dict(ckpt[...])          on --resume
+    per epoch:  m.new_epoch(epoch, fresh)      (fresh: not a resumed mid-epoch position)
+                m.step_hook(epoch_seed, start) -> before_step(step, x, y) or None
+                m.derive(net) -> (scores (2, edges, ops), Genotype)   after the epoch
+    m.state_dict()                        what a checkpoint keeps (plain data and tensors)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..genotype import Genotype
+
+BeforeStep = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class SearchContext:
+    """What a method may use from the run: the device settings, the process group's gradient
+    average (None in one process), and a maker of search-valid loaders (DARTS's alpha batches)."""
+
+    accel: Any
+    average: Callable[[torch.Tensor], torch.Tensor] | None
+    valid_batches: Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class Method:
+    """Base class: a method with no architecture state of its own."""
+
+    #: The name used by --method and in config.json.
+    name: ClassVar[str] = ""
+    #: Settings this method brings on top of a preset (a flag still wins), e.g. DARTS turns
+    #: spectral normalisation off.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: The key of its per-(edge, op) score table in history.jsonl, and whether lower scores win.
+    score_key: ClassVar[str] = ""
+    lower_wins: ClassVar[bool] = True
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        """Raise ConfigError for settings this method cannot run with."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def adapt(self, net: nn.Module) -> None:
+        """Add what the method needs to a freshly built supernet (parameters, mixing)."""
+
+    def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: SearchContext) -> None:
+        """Create the method's optimisers and data streams."""
+
+    def new_epoch(self, epoch: int, fresh: bool) -> None:
+        """Called before each epoch (``fresh`` False when it resumes a mid-epoch checkpoint)."""
+
+    def step_hook(self, epoch_seed: int, start: int) -> BeforeStep | None:
+        """The ``before_step(step, x, y)`` of an epoch that starts at step ``start``, or None."""
+        return None
+
+    def derive(self, net: nn.Module) -> tuple[torch.Tensor, Genotype]:
+        """The score table (2, edges, ops) [normal, reduce] and the genotype read off the supernet."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: adds a :class:`Method` subclass under its ``name``; duplicates are refused."""
+    if not cls.name or cls.name in _METHODS:
+        raise ValueError(f"search method {cls.name!r} is unnamed or already registered")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ConfigError(f"--method={name!r}: unknown; allowed: {', '.join(_METHODS)}") from None

@@ -1,0 +1,78 @@
+"""MSR-DARTS (SPEC sections 2-4): no architecture parameters; the architecture is read off the
+trained weights by minimum stable rank.
+
+Every edge sums its ops (``mixing="sum"``, the paper) or weights them by softmax(-R) over the
+op stable ranks R of that edge in that cell (``mixing="srsoftmax"``, the authors' code),
+refreshed at the start of every epoch. After each epoch: per edge the op whose last conv has
+the lowest stable rank (averaged over the cells of a type), per node the 2 lowest edges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..genotype import Genotype
+from ..primitives import convless
+from .base import Method, register_method
+from .derive import derive_genotype
+from .stable_rank import stable_rank_table, stable_ranks
+
+
+@register_method
+class MSR(Method):
+    name = "msr"
+    defaults = {"spectral_norm": True, "space": "msr"}
+    score_key = "stable_rank"
+    lower_wins = True
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        missing = convless(cfg.ops)
+        if missing:
+            raise ConfigError(f"--primitives: MSR-DARTS ranks ops by the stable rank of their last conv; "
+                              f"{', '.join(missing)} have none (allowed: sep_conv_*, dil_conv_*)")
+
+    def adapt(self, net: nn.Module) -> None:
+        if self.cfg.mixing == "srsoftmax":
+            for cell in net.cells:   # softmax(-R) per edge, one row per edge
+                cell.register_buffer("mix", torch.ones(len(cell.edges), len(net.primitives),
+                                                       device=net.classifier.weight.device))
+            net.mixer = cell_mix
+            refresh_mixing(net)
+
+    def new_epoch(self, epoch: int, fresh: bool) -> None:
+        # a resumed epoch keeps the mixing weights it started with (they are in the checkpoint)
+        if fresh and self.cfg.mixing == "srsoftmax":
+            # the authors' raw ranks (per-pixel ranks would soften the softmax)
+            refresh_mixing(self.net, authors_quirk=self.cfg.authors_reduce_resolution)
+
+    def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: Any) -> None:
+        self.net = net
+
+    def derive(self, net: nn.Module) -> tuple[torch.Tensor, Genotype]:
+        table = stable_rank_table(net, resolution_normalized=self.cfg.rank_per_pixel,
+                                  authors_quirk=self.cfg.authors_reduce_resolution).cpu()
+        return table, derive_genotype(table[0], table[1], net.primitives, net.steps, net.multiplier)
+
+
+def cell_mix(net: nn.Module, cell: nn.Module) -> torch.Tensor:
+    """srsoftmax mixing: the weights stored in the cell (refreshed by :func:`refresh_mixing`)."""
+    return cell.mix
+
+
+@torch.no_grad()
+def refresh_mixing(net: nn.Module, resolution_normalized: bool = False, authors_quirk: bool = False) -> None:
+    """srsoftmax: set every cell's edge weights to softmax(-R) of that cell's op stable ranks."""
+    ranks = stable_ranks(net, resolution_normalized, authors_quirk)
+    for cell, r in zip(net.cells, ranks):
+        cell.mix.copy_(torch.softmax(-r.double(), dim=-1).to(cell.mix))
+
+
+def msr_genotype(net: nn.Module, resolution_normalized: bool = False, authors_quirk: bool = False) -> Genotype:
+    """The architecture read off a supernet's weights: per edge argmin Rbar, per node the 2 lowest."""
+    table = stable_rank_table(net, resolution_normalized, authors_quirk)
+    return derive_genotype(table[0], table[1], net.primitives, net.steps, net.multiplier)

@@ -1,0 +1,180 @@
+"""The search network: mixed op, search cell, supernet (CIFAR and ImageNet stems), SPEC sections 1-4.
+
+A mixed edge applies every candidate op to its input and sums the results. The supernet knows no
+search method: a method (``msrdarts.methods``) adapts it by setting ``mixer``, a function of a cell
+returning its (edges, ops) mixing weights (DARTS: softmax(alpha); MSR-DARTS with the authors'
+``srsoftmax``: softmax(-stable rank)), and by adding its architecture parameters, which it names
+in ``arch_parameter_names`` so they stay apart from the weights
+(:meth:`SuperNet.arch_parameters`, :meth:`SuperNet.weight_parameters`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..config import check_network, check_ops, check_positive
+from ..errors import ConfigError
+from ..genotype import edge_index
+from ..primitives import MSR_PRIMITIVES, can_fuse, get_primitive
+from .fused import FusedSuperNet, SpectralBatch, fused_conv_order
+from .ops import OpConv, Stem, cell_preprocess, get_op, record_input_sizes, reduction_layers
+from .spectral import apply_spectral_norm
+
+#: mixer(net, cell) -> the (edges, ops) mixing weights of the cell, or None for plain sums.
+Mixer = Callable[[nn.Module, nn.Module], "torch.Tensor | None"]
+
+
+class MixedOp(nn.Module):
+    """All candidate ops of one edge, summed (optionally weighted)."""
+
+    def __init__(self, C: int, stride: int, primitives: Sequence[str]):
+        super().__init__()
+        ops = []
+        for name in primitives:
+            op = get_op(name)(C, stride, False)
+            if get_primitive(name).search_bn:  # DARTS: an affine-free BN after pooling during search
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            ops.append(op)
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if weights is None:
+            return sum(op(x) for op in self.ops)
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class SearchCell(nn.Module):
+    """A cell of mixed edges: node j = sum over i < j of edge (i, j) applied to node i."""
+
+    def __init__(self, steps: int, multiplier: int, C_pp: int, C_p: int, C: int, reduction: bool,
+                 reduction_prev: bool, primitives: Sequence[str]):
+        super().__init__()
+        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+        self.pre0, self.pre1 = cell_preprocess(C_pp, C_p, C, reduction_prev, affine=False)
+        self.edges = nn.ModuleList(
+            MixedOp(C, 2 if reduction and src < 2 else 1, primitives) for src, _ in edge_index(steps))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        states = [self.pre0(s0), self.pre1(s1)]
+        e = 0
+        for _ in range(self.steps):
+            node = sum(self.edges[e + i](h, None if weights is None else weights[e + i]) for i, h in enumerate(states))
+            e += len(states)
+            states.append(node)
+        return torch.cat(states[-self.multiplier:], dim=1)
+
+
+def raw_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The trained weight of a conv, before any spectral normalisation (stable rank is scale-free)."""
+    if parametrize.is_parametrized(conv, "weight"):
+        return conv.parametrizations.weight.original
+    return conv.weight
+
+
+class SuperNet(nn.Module):
+    """The MSR-DARTS / DARTS search network.
+
+    Args:
+        num_classes: classifier outputs.
+        layers: number of cells L (>= 3); reduction cells sit at floor(L/3) and floor(2L/3).
+        channels: C, the channels of each node in the first cells (doubled at every reduction).
+        input_size: input image side (the spatial size every conv sees is recorded from it).
+        stem: ``"cifar"`` or ``"imagenet"`` (see :class:`msrdarts.nn.ops.Stem`).
+        primitives: candidate ops of every edge.
+        spectral_norm: spectrally normalise every conv inside every op to operator norm 1.
+        sn_iterations: power iterations per training forward of each normalised conv.
+        impl: ``"fused"``, ``"reference"`` or ``"auto"`` (fused if every op is a sep/dil conv); both
+            compute the same function with the same modules and state.
+        compile_kernels: let the fused path compile its large depthwise weight gradients on the
+            CPU (:class:`msrdarts.nn.kernels.CompiledTaps`; seconds per kernel geometry, once).
+
+    Every edge sums its ops until a search method sets :attr:`mixer`.
+    """
+
+    def __init__(self, num_classes: int, layers: int, channels: int, input_size: int, stem: str = "cifar",
+                 primitives: Sequence[str] = MSR_PRIMITIVES, in_channels: int = 3,
+                 steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, spectral_norm: bool = True,
+                 sn_iterations: int = 1, impl: str = "auto", compile_kernels: bool = True):
+        super().__init__()
+        check_positive(num_classes=num_classes, input_size=input_size, in_channels=in_channels, steps=steps,
+                       sn_iterations=sn_iterations)
+        check_network(layers, channels)
+        check_ops(tuple(primitives), impl)
+        if not 1 <= multiplier <= steps:
+            raise ConfigError(f"multiplier={multiplier} must be in 1..steps={steps}")
+        self.impl = impl if impl != "auto" else ("fused" if can_fuse(primitives) else "reference")
+        self.primitives = tuple(primitives)
+        self.steps, self.multiplier, self.layers = steps, multiplier, layers
+        self.stem = Stem(stem, in_channels, channels, stem_multiplier)
+        C_pp, C_p = self.stem.out_channels
+        reduction_prev, C_curr = self.stem.reduction_prev, channels
+        cells = []
+        for i in range(layers):
+            reduction = i in reduction_layers(layers)
+            if reduction:
+                C_curr *= 2
+            cells.append(SearchCell(steps, multiplier, C_pp, C_p, C_curr, reduction, reduction_prev, self.primitives))
+            reduction_prev = reduction
+            C_pp, C_p = C_p, multiplier * C_curr
+        self.cells = nn.ModuleList(cells)
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, num_classes)
+        #: The mixing weights of a cell's edges, set by a search method (None: plain sums).
+        self.mixer: Mixer | None = None
+        #: Names of the architecture parameters a search method added (DARTS: ("alphas",)).
+        self.arch_parameter_names: tuple[str, ...] = ()
+        self._fused: FusedSuperNet | None = None   # the reference forward records the conv input sizes
+        record_input_sizes(self, torch.zeros(1, in_channels, input_size, input_size))
+        # The op convs grouped by geometry for batched spectral norms, in the fused forward's order.
+        fusable = can_fuse(self.primitives)
+        batch = SpectralBatch(fused_conv_order(self) if fusable else
+                              [m for m in self.modules() if isinstance(m, OpConv)])
+        if spectral_norm:
+            apply_spectral_norm(self, sn_iterations, converge=False)
+            batch.converge()
+        self._spectral = batch    # for batched refreshes; references this network's own modules
+        batch.link()
+        if self.impl == "fused":   # the plan holds references to this network's own modules, no state
+            self._fused = FusedSuperNet(self, batch, compile_kernels)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.double()`` and the like replace the power-iteration buffers: link the new
+        ones into one tensor per bundle again (see :meth:`SpectralBatch.link`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_spectral", None) is not None:
+            self._spectral.link()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            return self._fused(self, x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The readable definition: every edge a :class:`MixedOp`, every op and conv on its own."""
+        s0, s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, self.mixing_weights(cell))
+        return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def mixing_weights(self, cell: nn.Module) -> torch.Tensor | None:
+        """The (edges, ops) weights of ``cell``'s mixed edges; None for a plain sum."""
+        return None if self.mixer is None else self.mixer(self, cell)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The architecture parameters a search method added (DARTS alphas); empty for MSR-DARTS."""
+        return [getattr(self, n) for n in self.arch_parameter_names]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the architecture's: what the weight optimiser trains."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def refresh_spectral_norms(self, iterations: int = 3) -> None:
+        """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, the 1x1
+        convs batched per shape (the search loop calls it every ``sn_refresh_every`` steps)."""
+        self._spectral.refresh(iterations)

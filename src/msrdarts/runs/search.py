@@ -1,0 +1,195 @@
+"""``run_search``: train the supernet weights and read the architecture off them (SPEC sections 2-5).
+
+What a search adds to the shared loop (:mod:`msrdarts.runs.loop`): the search-train /
+search-valid split, the supernet adapted by the chosen method (:mod:`msrdarts.methods`), the
+periodic spectral-norm refresh, BN recalibration and search-valid evaluation after each epoch,
+and the genotype the method derives. The run folder is described in :mod:`msrdarts.runs.folder`;
+the checkpoint is the source of truth: history.jsonl and genotype.json are rewritten from it, so a
+run killed between two writes resumes consistently.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import SearchConfig
+from ..data import StreamData, derived_seed, search_split, subset_split
+from ..device import resolve_device
+from ..distributed import Dist
+from ..errors import CheckpointError
+from ..genotype import Genotype, edge_index
+from ..methods import Method, SearchContext, get_method
+from ..nn.supernet import SuperNet
+from . import folder as F
+from .epoch import evaluate, recalibrate_bn
+from .loop import EpochRun
+
+CHECKPOINT_FORMAT = "msrdarts-search-v1"
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    best_epoch: int
+    best_valid_acc: float
+    history: list[dict]
+    out: Path
+
+
+def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
+    """The supernet of ``cfg`` for ``data`` (not yet adapted by a method)."""
+    return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
+                    primitives=cfg.ops, in_channels=data.in_channels, spectral_norm=cfg.spectral_norm,
+                    sn_iterations=cfg.sn_iterations, impl=cfg.impl, compile_kernels=cfg.compile != "off")
+
+
+def arch_batches(loader: Any, epoch_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """DARTS's search-valid batches for the architecture steps of one epoch, from batch ``start``:
+    passes over ``loader`` with seeds derived from the epoch's, as many as the epoch needs."""
+    n = len(loader)
+    p, k = divmod(start, n)
+    while True:
+        yield from loader.batches(derived_seed(epoch_seed, (1 << 40) + p), k)
+        p, k = p + 1, 0
+
+
+def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
+               on_epoch_end: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print,
+               origin: dict[str, Any] | None = None) -> SearchResult:
+    """Run (or resume) a search with ``cfg.method`` into the folder ``out``.
+
+    ``on_epoch_end(epoch, record)`` is called after each epoch's files are written. Under torchrun
+    every process calls this; rank 0 alone writes files and logs (see :mod:`msrdarts.distributed`).
+    ``origin`` (where each setting came from) is recorded in config.json.
+    """
+    cfg.validate()
+    get_method(cfg.method).validate(cfg)
+    dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
+    return SearchRun(cfg, Path(out), resume, dist, device, log, on_epoch_end, origin).run()
+
+
+class SearchRun(EpochRun):
+    kind = "search"
+    checkpoint_format = CHECKPOINT_FORMAT
+    files = F.SEARCH_FILES
+
+    def prepare(self, data: Any) -> None:
+        cfg, dist = self.cfg, self.dist
+        if cfg.subset:  # class-balanced samples (ImageNet-scale search)
+            self.train_idx, self.valid_idx = subset_split(data.train_labels, cfg.subset, cfg.subset_valid,
+                                                          cfg.split_seed)
+        else:
+            self.train_idx, self.valid_idx = search_split(len(data.train_labels), cfg.train_portion, cfg.split_seed)
+        self.log(f"{cfg.dataset}: {len(self.train_idx)} search-train / {len(self.valid_idx)} search-valid images, "
+                 f"{data.input_size} px, {'streamed' if isinstance(data, StreamData) else 'in memory'}"
+                 + (f"; {dist.world} processes, {cfg.batch_size // dist.world} images each per step"
+                    if dist.active else ""))
+
+    def build(self, data: Any) -> tuple[nn.Module, nn.Module]:
+        self.method: Method = get_method(self.cfg.method)(self.cfg)
+        net = build_supernet(self.cfg, data)
+        self.method.adapt(net)
+        net = self.accel.prepare_model(net)
+        return net, self.dist.wrap(net)
+
+    def setup(self, data: Any, loader_gen: torch.Generator, workers: int) -> None:
+        cfg, device, net = self.cfg, self.device, self.net
+        train_idx, valid_idx = self.train_idx, self.valid_idx
+        self.train_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, augment=True,
+                                        shuffle=True, drop_last=len(train_idx) > cfg.batch_size,
+                                        generator=loader_gen, workers=workers, **self.shard)
+        self.valid_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, workers=workers,
+                                        **self.shard)
+        # Fixed, unaugmented search-train batches for BN recalibration (touches no RNG), the same on every rank.
+        self.bn_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, workers=workers)
+        self.optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
+        arch_loader = None
+
+        def valid_batches(epoch_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            """Search-valid batches, augmented and shuffled as DARTS's, for a method's own steps."""
+            nonlocal arch_loader
+            if arch_loader is None:
+                arch_loader = data.loader("train", cfg.batch_size, device, indices=valid_idx, augment=True,
+                                          shuffle=True, drop_last=len(valid_idx) > cfg.batch_size, workers=workers,
+                                          **self.shard)
+            return arch_batches(arch_loader, epoch_seed, start)
+
+        dist = self.dist
+        self.method.setup(net, self.optimizer, SearchContext(
+            accel=self.accel, average=(lambda g: dist.sum(g) / dist.world) if dist.active else None,
+            valid_batches=valid_batches))
+        self.edges = [list(e) for e in edge_index(net.steps)]
+
+    def restored(self, ckpt: dict[str, Any] | None) -> None:
+        if ckpt is not None:
+            self.method.load_state_dict(ckpt.get("arch_optimizer"))
+
+    def begin_epoch(self, epoch: int, fresh: bool) -> None:
+        self.method.new_epoch(epoch, fresh)
+
+    def train_hooks(self, state: Any) -> dict[str, Any]:
+        cfg, net = self.cfg, self.net
+
+        def refresh_sn(step: int) -> None:
+            if cfg.spectral_norm and step % cfg.sn_refresh_every == 0:
+                net.refresh_spectral_norms()
+
+        return {"after_step": refresh_sn, "before_step": self.method.step_hook(state.epoch_seed, state.step)}
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        dist, net = self.dist, self.net
+        dist.sync_buffers(net)   # rank 0's power-iteration vectors everywhere
+        recalibrate_bn(net, self.bn_loader, self.cfg.bn_recalibration, accel=self.accel)
+        dist.sync_buffers(net)   # bitwise-identical BN statistics on every rank
+        return evaluate(net, self.valid_loader, self.device, desc=f"{tag} valid", progress=self.bars,
+                        accel=self.accel, forward=self.eval_forward, reduce=dist.sum)
+
+    def record(self, epoch: int, lr: float, tr: dict[str, float], ev: dict[str, float], t0: float) -> dict:
+        table, geno = self.method.derive(self.net)
+        self.dist.agree("genotype", str(geno))
+        return {
+            "epoch": epoch + 1, "lr": lr,
+            "train_loss": tr["loss"], "train_acc": tr["acc"], "valid_loss": ev["loss"], "valid_acc": ev["acc"],
+            "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
+            "genotype": geno.to_dict(),
+            # the method's score per (edge, op): MSR-DARTS stable ranks (lower wins), DARTS softmax(alpha)
+            self.method.score_key: {"ops": list(self.net.primitives), "edges": self.edges,
+                                    "normal": table[0].tolist(), "reduce": table[1].tolist()},
+        }
+
+    def best_extra(self, record: dict) -> dict[str, Any]:
+        return {"genotype": record["genotype"]}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"arch_optimizer": self.method.state_dict()}
+
+    def write_files(self) -> None:
+        if self.best is not None:
+            Genotype.from_dict(self.best["genotype"]).save(self.out / F.GENOTYPE)
+
+    def epoch_line(self, tag: str, tr: dict[str, float], ev: dict[str, float], lr: float, record: dict) -> str:
+        return (f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {ev['loss']:.4f} "
+                f"acc {ev['acc']:.2f}% | lr {lr:.5f} | {record['epoch_time_s']:.1f}s | "
+                f"{tr['images_per_s']:.0f} img/s")
+
+    def finish(self) -> SearchResult:
+        if self.best is None:
+            raise CheckpointError(f"{self.out}: no completed epoch to derive a genotype from")
+        return SearchResult(Genotype.from_dict(self.best["genotype"]), self.best["epoch"], self.best["valid_acc"],
+                            self.history, self.out)
+
+    def summary(self, result: SearchResult) -> None:
+        log, out = self.log, self.out
+        log(f"genotype (epoch {result.best_epoch}, valid acc {result.best_valid_acc:.2f}%): {result.genotype}")
+        if self.dist.active:
+            log(f"all {self.dist.world} processes derived this genotype")
+        log(f"results in {out}/ ({F.GENOTYPE}, {F.HISTORY}, {F.CHECKPOINT}{', plots/' if self.cfg.plots else ''}); "
+            f"a page with all of it: msrdarts report {out} --out report.html")
