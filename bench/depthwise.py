@@ -2,9 +2,9 @@
 
     python bench/depthwise.py            # prints one row per geometry, times in ms (median of 5)
 
-Columns: ``conv`` (F.conv2d), ``taps`` (msrdarts.nn.ops.depthwise_conv2d: custom backward), ``dense``
+Columns: ``conv`` (F.conv2d), ``taps`` (msrdarts.nn.kernels.depthwise_conv2d: custom backward), ``dense``
 (the fused path's dense-operator matmul for maps of at most 64 pixels). These figures choose
-msrdarts.nn.ops.use_fast_depthwise and msrdarts.nn.fused.DepthwiseRunner; see BENCHMARKS.md.
+msrdarts.nn.kernels.use_fast_depthwise and msrdarts.nn.kernels.DepthwiseRunner; see BENCHMARKS.md.
 """
 
 import statistics
@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from msrdarts.nn.fused import DepthwiseRunner
-from msrdarts.nn.ops import OpConv, depthwise_conv2d
+from msrdarts.nn.kernels import DepthwiseRunner, _Geometry, depthwise_conv2d
+from msrdarts.nn.ops import OpConv
 
 
 def timed(fn, x, w, repeats=5):
@@ -41,7 +41,7 @@ def main():
                     w = torch.randn(C, 1, k, k, requires_grad=True)
                     row = [timed(lambda a, b: F.conv2d(a, b, None, s, p, d, C), x, w),
                            timed(lambda a, b: depthwise_conv2d(a, b, (p, p), (d, d), (s, s)), x, w)]
-                    row.append(timed(lambda a, b: DepthwiseRunner()._dense(a, b, conv), x, w) if side <= 8 else "-")
+                    row.append(timed(lambda a, b: DepthwiseRunner()._dense(a, b, _Geometry.of(conv)), x, w) if side <= 8 else "-")
                     print(64, C, side, k, d, s, "|", *row, flush=True)
 
 

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msrdarts.methods.darts import Architect
+from msrdarts.methods.darts import Architect, add_alphas, alpha_genotype
 from msrdarts.nn.ops import DARTS_PRIMITIVES
 from msrdarts.nn.supernet import SuperNet
 
 
 def _setup(primitives=DARTS_PRIMITIVES, impl="auto"):
     torch.manual_seed(0)
-    net = SuperNet(3, 3, 4, 8, in_channels=1, primitives=primitives, mixing="alpha", spectral_norm=False,
-                   impl=impl).double()
+    net = add_alphas(SuperNet(3, 3, 4, 8, in_channels=1, primitives=primitives, spectral_norm=False,
+                              impl=impl)).double()
     with torch.no_grad():
         net.alphas.normal_(0, 0.5)        # away from uniform, so the gradients are not degenerate
     opt = torch.optim.SGD(net.weight_parameters(), lr=0.1, momentum=0.9, weight_decay=3e-4)
@@ -78,6 +78,6 @@ def test_alpha_derivation_uses_the_shared_routine_without_none():
         net.alphas[:, :, DARTS_PRIMITIVES.index("none")] = 10.0          # none dominates everywhere...
         net.alphas[0, :, DARTS_PRIMITIVES.index("sep_conv_3x3")] = 1.0  # ...but is never chosen
         net.alphas[0, 0, DARTS_PRIMITIVES.index("skip_connect")] = 2.0  # edge (0 -> 2) prefers skip
-    geno = net.alpha_genotype()
+    geno = alpha_genotype(net)
     assert "none" not in geno.ops()
     assert geno.normal[0] == ("skip_connect", 0) and all(op == "sep_conv_3x3" for op, _ in geno.normal[1:])

@@ -41,7 +41,8 @@ def test_registry_is_one_table_with_a_reader_per_name():
             with pytest.raises(ConfigError, match=f"dataset '{name}' takes its shape from its files; "
                                                   f"allowed: digits, cifar10, cifar100, svhn, imagenet"):
                 dataset_info(name)
-    with pytest.raises(ConfigError, match="unknown dataset 'mnist'; allowed: digits, cifar10, cifar100, svhn, imagenet$"):
+    with pytest.raises(ConfigError, match="unknown dataset 'mnist'; allowed: digits, cifar10, cifar100, svhn, "
+                                          "imagenet$"):
         dataset_info("mnist")
     # A second reader for a name, or a reader for a name outside the table, is refused.
     before = reader_of("cifar10")

@@ -14,7 +14,8 @@ from msrdarts.config import SearchConfig, TrainConfig
 from msrdarts.views.tensorboard import scalar_tags
 from msrdarts.zoo import load_genotype
 from msrdarts.views.report import build_report, write_report
-from msrdarts.runs.search import read_history, run_search
+from msrdarts.runs.folder import read_history
+from msrdarts.runs.search import run_search
 from msrdarts.runs.train import run_train
 
 SEARCH = SearchConfig(dataset="digits", layers=3, channels=4, batch_size=256, epochs=3, lr=0.05, seed=0,

@@ -8,7 +8,9 @@ from msrdarts.runs.checkpoint import load_checkpoint
 from msrdarts.config import SearchConfig, get_preset
 from msrdarts.errors import CheckpointError, ConfigError
 from msrdarts.zoo import load_genotype
-from msrdarts.runs.search import read_history, run_search
+from msrdarts.runs.folder import read_history
+from msrdarts.methods import get_method
+from msrdarts.runs.search import run_search
 
 # Pictures and TensorBoard events are tested in test_report.py; here they would only cost time.
 TINY = SearchConfig(dataset="digits", layers=3, channels=4, batch_size=256, epochs=2, lr=0.05, seed=0,
@@ -176,7 +178,7 @@ def test_presets_follow_the_spec():
 
 
 def test_crash_before_the_first_epoch_leaves_a_restartable_folder(tmp_path, monkeypatch):
-    import msrdarts.runs.search as search_module
+    import msrdarts.runs.loop as search_module
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -248,4 +250,4 @@ def test_second_order_darts_on_the_darts_space_never_picks_none(tmp_path):
     res = run_search(cfg, tmp_path / "d2", log=quiet)
     assert "none" not in res.genotype.ops() and len(res.history[0]["alpha"]["ops"]) == 8
     with pytest.raises(ConfigError, match="without spectral normalisation"):
-        replace(cfg, spectral_norm=True).validate()
+        get_method("darts").validate(replace(cfg, spectral_norm=True))

@@ -104,7 +104,7 @@ def train(genotype: Genotype | str | os.PathLike, config_or_preset: str | TrainC
 def _conv_weight(conv_or_weight: torch.nn.Module | torch.Tensor, raw: bool) -> tuple[torch.Tensor, int, int]:
     """(weight, dilation, groups); ``raw``: the trained weight before a spectral normalisation."""
     if isinstance(conv_or_weight, torch.Tensor):
-        return conv_or_weight, 1, 1
+        return conv_or_weight.detach(), 1, 1
     if not isinstance(conv_or_weight, torch.nn.Conv2d):
         raise ConfigError(f"expected a torch.nn.Conv2d or a 4-D weight, got {type(conv_or_weight).__name__}")
     from .nn.supernet import raw_weight

@@ -36,6 +36,10 @@ def _f(default: Any, help: str) -> Any:
 class _Config:
     """JSON round trip shared by the run configs (tuples are stored as lists)."""
 
+    def __post_init__(self) -> None:
+        if isinstance(getattr(self, "progress", None), bool):   # progress=True/False as before auto/on/off
+            object.__setattr__(self, "progress", "on" if self.progress else "off")
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 

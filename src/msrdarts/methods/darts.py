@@ -153,12 +153,8 @@ class DARTS(Method):
             raise ConfigError("--method darts mixes by its learned alphas; --mixing applies to --method msr only")
 
     def adapt(self, net: nn.Module) -> None:
-        # trained by the Architect's own steps only: requires_grad is on only inside them
-        net.register_parameter("alphas", nn.Parameter(1e-3 * torch.randn(2, num_edges(net.steps),
-                                                                          len(net.primitives)),
-                                                      requires_grad=False))
-        net.arch_parameter_names = ("alphas",)
-        net.mixer = softmax_alpha
+        for a in add_alphas(net).arch_parameters():   # trained by the Architect's own steps only
+            a.requires_grad_(False)
 
     def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: SearchContext) -> None:
         self.ctx = ctx
@@ -187,6 +183,16 @@ class DARTS(Method):
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state is not None:
             self.architect.optimizer.load_state_dict(state)
+
+
+def add_alphas(net: nn.Module) -> nn.Module:
+    """Give a supernet DARTS's alphas (2, edges, ops), drawn as 1e-3 * N(0, 1), and softmax(alpha)
+    mixing (the search turns their ``requires_grad`` off: :meth:`Architect.step` turns it on)."""
+    net.register_parameter("alphas", nn.Parameter(
+        1e-3 * torch.randn(2, num_edges(net.steps), len(net.primitives), device=net.classifier.weight.device)))
+    net.arch_parameter_names = ("alphas",)
+    net.mixer = softmax_alpha
+    return net
 
 
 def softmax_alpha(net: nn.Module, cell: nn.Module) -> torch.Tensor:

@@ -38,11 +38,7 @@ class MSR(Method):
 
     def adapt(self, net: nn.Module) -> None:
         if self.cfg.mixing == "srsoftmax":
-            for cell in net.cells:   # softmax(-R) per edge, one row per edge
-                cell.register_buffer("mix", torch.ones(len(cell.edges), len(net.primitives),
-                                                       device=net.classifier.weight.device))
-            net.mixer = cell_mix
-            refresh_mixing(net)
+            use_srsoftmax(net)
 
     def new_epoch(self, epoch: int, fresh: bool) -> None:
         # a resumed epoch keeps the mixing weights it started with (they are in the checkpoint)
@@ -57,6 +53,17 @@ class MSR(Method):
         table = stable_rank_table(net, resolution_normalized=self.cfg.rank_per_pixel,
                                   authors_quirk=self.cfg.authors_reduce_resolution).cpu()
         return table, derive_genotype(table[0], table[1], net.primitives, net.steps, net.multiplier)
+
+
+def use_srsoftmax(net: nn.Module) -> nn.Module:
+    """Weight every edge's ops by softmax(-R) of their stable ranks in that cell (the authors' code):
+    a ``mix`` buffer (edges, ops) per cell, set now and by :func:`refresh_mixing`."""
+    for cell in net.cells:
+        cell.register_buffer("mix", torch.ones(len(cell.edges), len(net.primitives),
+                                               device=net.classifier.weight.device))
+    net.mixer = cell_mix
+    refresh_mixing(net)
+    return net
 
 
 def cell_mix(net: nn.Module, cell: nn.Module) -> torch.Tensor:

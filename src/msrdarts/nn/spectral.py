@@ -35,7 +35,9 @@ One home each, for both paths: the probe a refresh starts from (:func:`circular_
 conv operator and its power iteration (:class:`ConvOperator`), the refresh's choice between
 probe and tracked vector (:func:`refresh_vectors`), the convergence loop at construction
 (:func:`converge_sigmas`), the unfold form of G (:func:`unfold_dsigma`) and sigma = <W, G>
-(:meth:`_Dsigma.sigmas`).
+(:meth:`_Dsigma.sigmas`). The batch keeps two faster forms of G for its depthwise groups (dense
+operators on small maps, one conv of u with v on larger ones): they sum in another order than the
+unfold form, so the per-conv path keeps the unfold form and its results to the last bit.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def circular_top_vectors(weight: torch.Tensor, input_hw: tuple[int, int], dilati
     """Per group, a top right singular vector of the conv with *circular* boundary, shape (1, C_in, H, W).
 
     It is Re(r exp(2 pi i f.x)) at the frequency f of the largest singular value of K^(f)
-    (msrdarts.stable_rank), a real eigenvector of A^T A. The zero-padded operator differs only at the
+    (msrdarts.nn.spectrum), a real eigenvector of A^T A. The zero-padded operator differs only at the
     border, so this starts power iteration close to its answer.
     """
     H, W = input_hw
@@ -125,7 +127,7 @@ def circular_probe(weight: torch.Tensor, input_hw: tuple[int, int], dilation: tu
 class ConvOperator(NamedTuple):
     """The grouped conv with weights ``w`` and geometry ``geo`` as a linear operator A on inputs
     (C_in, *input_hw): the map whose top singular value sigma is. A single conv's
-    (:meth:`ConvSpectralNorm.operator`) or many convs' as one grouped conv (N*groups groups:
+    (:meth:`ConvSpectralNorm.conv_operator`) or many convs' as one grouped conv (N*groups groups:
     :class:`SpectralBatch`)."""
 
     w: torch.Tensor
@@ -177,8 +179,8 @@ def converge_sigmas(sigmas: Callable[[list[int], int], torch.Tensor], count: int
     sigma estimate changes by at most ``tol`` (relative) over 10 iterations, or ``max_iterations``.
 
     ``sigmas(active, n)`` advances the operators listed in ``active`` by n iterations (n = 0 at
-    first) and returns their sigma estimates (len(active),). Converged operators leave ``active``;
-    each check syncs once.
+    first) and returns their sigma estimates (len(active),). Converged operators leave ``active``
+    (so does one whose sigma is NaN: more iterations cannot help it); each check syncs once.
     """
     active = list(range(count))                 # operators still converging
     last = sigmas(active, 0)
@@ -271,15 +273,15 @@ class ConvSpectralNorm(nn.Module):
     def _circular_u(self, weight: torch.Tensor) -> torch.Tensor:
         return circular_probe(weight, self.input_hw, self.dilation, self.groups, self.eps)
 
-    def operator(self, weight: torch.Tensor) -> ConvOperator:
+    def conv_operator(self, weight: torch.Tensor) -> ConvOperator:
         """The conv with weights ``weight`` as the operator A on this conv's input."""
         return ConvOperator(weight, _Geometry.of(self), self.input_hw, self.groups)
 
     def _A(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.operator(w).A(x)
+        return self.conv_operator(w).A(x)
 
     def _At(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.operator(w).At(y)
+        return self.conv_operator(w).At(y)
 
     @torch.no_grad()
     def _power_iterate(self, weight: torch.Tensor, n: int) -> None:
@@ -288,7 +290,7 @@ class ConvSpectralNorm(nn.Module):
             self.u.copy_(u)
             self.v.copy_(v)
             return
-        u, v = self.operator(weight).power_iterate(self.u, n, self.eps)
+        u, v = self.conv_operator(weight).power_iterate(self.u, n, self.eps)
         self.u.copy_(u)
         self.v.copy_(v)
 
@@ -301,7 +303,7 @@ class ConvSpectralNorm(nn.Module):
             self.u.copy_(u)
             self.v.copy_(v)
             return
-        u, v = refresh_vectors(self.u, self._circular_u(weight), self.operator(weight), iterations, self.eps)
+        u, v = refresh_vectors(self.u, self._circular_u(weight), self.conv_operator(weight), iterations, self.eps)
         self.u.copy_(u.view_as(self.u))
         self.v.copy_(v.view_as(self.v))
 
@@ -333,9 +335,9 @@ def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: f
                         converge: bool = True) -> int:
     """Spectrally normalise every :class:`OpConv` of ``model``; returns how many.
 
-    Each conv must know its ``input_hw`` (see :func:`msrdarts.ops.record_input_sizes`). With
+    Each conv must know its ``input_hw`` (see :func:`msrdarts.nn.ops.record_input_sizes`). With
     ``converge=False`` the power iterations start at the circular-boundary vectors and the caller
-    converges them (batched, as :class:`msrdarts.supernet.SuperNet` does).
+    converges them (batched, as :class:`msrdarts.nn.supernet.SuperNet` does).
     """
     count = 0
     for conv in model.modules():
@@ -394,6 +396,8 @@ def _raw_slot(conv: OpConv) -> tuple[dict, str]:
 
 @dataclass
 class _Slice:
+    """A run of consecutive convs of one group: the weights one fused conv uses (msrdarts.nn.fused)."""
+
     group: int      # index into SpectralBatch.groups
     start: int      # first conv of the slice within the group
     count: int
@@ -477,7 +481,7 @@ class SpectralBatch:
         :class:`_Vectors`), so that a training step reads and writes a bundle's
         vectors with one operation instead of one per conv. The buffers stay the modules' own
         (state_dict, load_state_dict and DDP's buffer broadcasts see them as before); ``.to()``
-        replaces them, and the network links again (:meth:`msrdarts.supernet.SuperNet._apply`)."""
+        replaces them, and the network links again (:meth:`msrdarts.nn.supernet.SuperNet._apply`)."""
         self._linked = {}
         for bundle in self.bundles():
             vectors = self._vectors(bundle)
@@ -745,7 +749,8 @@ class _Vectors:
 class _Dsigma:
     """d(v^T A u)/dW of N convs of one group, a constant (u and v do not depend on W): G, shaped
     like their weights W (N, Co, Ci/g, k, k). Each conv's sigma is the max over its groups j of
-    <W_j, G_j>, so ``sigmas`` gives (N, groups) and ``add_grad`` adds sum_j coef[:, j] G_j."""
+    <W_j, G_j>, so ``sigmas`` gives (N, groups) and ``add_grad`` adds sum_j coef[:, j] G_j.
+    (:meth:`ConvSpectralNorm.sigma` is ``sigmas`` of its one conv, with autograd.)"""
 
     def __init__(self, G: torch.Tensor, groups: int):
         self.G, self.groups = G, groups

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from .._io import atomic_write_bytes
 from .compare import gather, method_name, summarize
 from ..errors import MsrdartsError
+from ..runs.folder import run_kind
 from .plots import best_record, read_run, render, run_figures, settle_epoch
 
 _CAPTIONS = {
@@ -162,7 +163,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], title: str = "msrdarts r
     ``msrdarts sample`` folders, which count in the comparison only (they hold no run)."""
     if not run_dirs:
         raise MsrdartsError("report: give at least one run folder")
-    samples = [Path(p) for p in run_dirs if (Path(p) / "sample.json").is_file()]
+    samples = [Path(p) for p in run_dirs if run_kind(p) == "sample"]
     runs = [read_run(p) for p in run_dirs if Path(p) not in samples]
     if not runs:
         raise MsrdartsError("report: no search or training run folder among the ones given")
