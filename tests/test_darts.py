@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from msrdarts.methods.darts import Architect, add_alphas, alpha_genotype
-from msrdarts.nn.ops import DARTS_PRIMITIVES
+from msrdarts.primitives import DARTS_PRIMITIVES
 from msrdarts.nn.supernet import SuperNet
 
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from msrdarts.methods.derive import derive_cell, derive_genotype, edge_index, num_edges
-from msrdarts.nn.ops import DARTS_PRIMITIVES, MSR_PRIMITIVES
+from msrdarts.genotype import edge_index, num_edges
+from msrdarts.methods.derive import derive_cell, derive_genotype
+from msrdarts.primitives import DARTS_PRIMITIVES, MSR_PRIMITIVES
 
 # A hand-made cost table (lower is better) for 4 steps x 4 ops, with ties on purpose.
 COSTS = torch.tensor([

@@ -10,7 +10,8 @@ from torch.nn.utils import parametrize
 from msrdarts.device import Accel
 from msrdarts.errors import ConfigError
 from msrdarts.nn.kernels import DepthwiseRunner, _Geometry
-from msrdarts.nn.ops import DARTS_PRIMITIVES, OpConv
+from msrdarts.nn.ops import OpConv
+from msrdarts.primitives import DARTS_PRIMITIVES
 from msrdarts.nn.spectral import ConvSpectralNorm, SpectralBatch
 from msrdarts.methods.msr import msr_genotype, use_srsoftmax
 from msrdarts.methods.stable_rank import stable_rank_table

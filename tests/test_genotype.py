@@ -4,7 +4,7 @@ import pytest
 
 from msrdarts.genotype import Genotype, GenotypeError, parse_genotype
 from msrdarts.zoo import load_genotype
-from msrdarts.nn.ops import DARTS_PRIMITIVES, MSR_PRIMITIVES
+from msrdarts.primitives import DARTS_PRIMITIVES, MSR_PRIMITIVES
 from msrdarts.zoo import get_genotype, list_genotypes
 
 DARTS_V2_STRING = (

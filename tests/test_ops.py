@@ -15,7 +15,8 @@ from msrdarts import primitives
 from msrdarts.errors import ConfigError
 from msrdarts.nn import kernels, ops
 from msrdarts.nn.kernels import depthwise_conv2d
-from msrdarts.nn.ops import (DARTS_PRIMITIVES, MSR_PRIMITIVES, DilConv, FactorizedReduce, OpConv, SepConv, Zero,
+from msrdarts.primitives import DARTS_PRIMITIVES, MSR_PRIMITIVES
+from msrdarts.nn.ops import (DilConv, FactorizedReduce, OpConv, SepConv, Zero,
                              drop_path, get_op, list_ops, register_op)
 from msrdarts.primitives import Primitive, get_primitive, list_primitives
 

@@ -1,6 +1,5 @@
 """Run pictures, TensorBoard events and the HTML report of real (tiny) search and training runs."""
 
-import json
 import os
 import re
 import shutil

@@ -38,7 +38,7 @@ def _sync(device: torch.device) -> None:
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
           params: list[torch.nn.Parameter] | None = None, forward: Any = None, accel: Accel | None = None) -> None:
-    """One search step as :func:`msrdarts.engine.train_one_epoch` runs it (``params``: the
+    """One search step as :func:`msrdarts.runs.epoch.train_one_epoch` runs it (``params``: the
     model's parameters, listed once as the engine does; ``forward``: the model's forward, compiled
     or not; ``accel``: its autocast)."""
     with accel.autocast() if accel is not None else contextlib.nullcontext():

@@ -4,7 +4,7 @@ Library code names no device type; these settings choose per device. ``auto`` me
 accelerator, bf16 autocast, channels_last and ``torch.compile``; on the CPU, none of them (bf16
 convolutions are slower there, and compiling a supernet takes longer than it saves on a short
 run). Spectral norms and stable ranks are always computed in float32 or wider (see
-:mod:`msrdarts.spectral` and :mod:`msrdarts.fused`).
+:mod:`msrdarts.nn.spectral` and :mod:`msrdarts.nn.fused`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import AMP_MODES, SWITCHES, check_choice
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 
 
@@ -93,7 +93,7 @@ class _CompileOrEager:
             try:
                 return self.compiled(x)
             except Exception as e:  # dynamo/inductor failures surface at the first call
-                self.log(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                self.log(f"torch.compile failed ({type(e).__name__}: {first_line(e, 160)}); "
                          f"running eagerly (pass --compile off to skip compiling)")
                 self.compiled = None
         return self.model(x)

@@ -37,3 +37,10 @@ class Diverged(MsrdartsError):
 class NonFiniteLoss(RuntimeError):
     """Inside the epoch loop: the loss or the gradient norm became NaN or infinite (the run turns it
     into :class:`Diverged` with a resume hint)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (at most ``limit`` characters), or its type's name when
+    the message is empty: what a one-line message quotes of an underlying error."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

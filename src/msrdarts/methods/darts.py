@@ -45,7 +45,7 @@ class Architect:
     """One DARTS architecture step per call of :meth:`step`.
 
     Args:
-        net: a :class:`msrdarts.supernet.SuperNet` with ``mixing="alpha"``.
+        net: a :class:`msrdarts.nn.supernet.SuperNet` with alphas (:func:`add_alphas`).
         weight_optimizer: the SGD optimiser of the weights (its momentum buffers, momentum and
             weight decay define the virtual step of ``order=2``).
         lr, weight_decay: Adam settings of the alphas.

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..genotype import Genotype, edge_index, num_edges, pairs  # noqa: F401 (edge_index: re-exported)
+from ..genotype import Genotype, num_edges, pairs
 
 
 def derive_cell(costs: torch.Tensor, primitives: Sequence[str], steps: int = 4, keep: int = 2,

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..genotype import Genotype, pairs
-from ..primitives import SPACES, space_ops  # noqa: F401 (re-exported for the sampler's callers)
+from ..primitives import space_ops
 
 #: The spaces ``--space`` names: their candidate ops (the search supernet's primitives).
 def count_cells(num_ops: int, steps: int = 4) -> int:

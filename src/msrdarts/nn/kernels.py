@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..errors import first_line
+
 
 class _Geometry(NamedTuple):
     """A conv's kernel_size, stride, padding and dilation (each an (h, w) pair): what the depthwise
@@ -142,7 +144,7 @@ class CompiledTaps:
             with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
                 return self._compiled(xp, g.contiguous(), kernel_size, stride, dilation)
         except Exception as e:   # no compiler, an unsupported platform: say so once, go on eagerly
-            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            self.failed = f"{type(e).__name__}: {first_line(e, 160)}"
             self.log(f"compiling the depthwise weight gradient failed ({self.failed}); computing it eagerly")
             return blocked_tap_products(xp, g, kernel_size, stride, dilation)
 

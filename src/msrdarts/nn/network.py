@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..config import check_network, check_positive
 from ..genotype import Genotype
 from .ops import Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
 
@@ -77,10 +77,8 @@ class Network(nn.Module):
                  in_channels: int = 3, input_size: int = 32, auxiliary: bool = False, stem_multiplier: int = 3):
         super().__init__()
         genotype.validate(list_ops())
-        if layers < 3:
-            raise ConfigError(f"layers={layers}: need at least 3 cells (normal and reduction cells)")
-        if channels < 2:
-            raise ConfigError(f"channels={channels}: need at least 2")
+        check_network(layers, channels)
+        check_positive(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
         self.stem = Stem(stem, in_channels, channels, stem_multiplier)
         C_pp, C_p = self.stem.out_channels
         reduction_prev, C_curr = self.stem.reduction_prev, channels

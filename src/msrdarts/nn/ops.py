@@ -19,7 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..primitives import DARTS_PRIMITIVES, MSR_PRIMITIVES, Primitive, list_primitives, register_primitive  # noqa: F401
+from ..primitives import Primitive, list_primitives, register_primitive
 from .kernels import depthwise_conv2d, use_fast_depthwise
 
 OpFactory = Callable[[int, int, bool], nn.Module]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_bytes
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .folder import CHECKPOINT, CHECKPOINT_PREV
 from ..nn.spectral import fill_missing_matrix_vectors
 
@@ -57,7 +57,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted, or holding objects that are not plain data
         raise CheckpointError(f"{path}: not a readable msrdarts checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+                              f"{first_line(e)})") from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path}: not an msrdarts checkpoint (no 'format' field)")
     return state
@@ -160,7 +160,7 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} does not match this network ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path} does not match this network ({first_line(e)})") from None
     saved_lr = ckpt["config"].get("lr")
     if lr is not None and saved_lr and lr != saved_lr:
         scale = lr / saved_lr
@@ -180,7 +180,7 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
 
 
 def reduced_position(state: Any, dist: Any) -> dict[str, Any] | None:
-    """A mid-epoch position (an :class:`msrdarts.engine.EpochState`) for the checkpoint, its running
+    """A mid-epoch position (an :class:`msrdarts.runs.epoch.EpochState`) for the checkpoint, its running
     sums summed over processes; None at an epoch's end."""
     if state is None:
         return None

@@ -4,7 +4,7 @@
   boundary the run saves a checkpoint and raises :class:`RunInterrupted`, which the CLI turns into
   a resume hint and exit status 128 + signal. A second Ctrl-C interrupts at once.
 * ``--checkpoint-every N`` saves a mid-epoch checkpoint every N steps (see
-  :class:`msrdarts.engine.EpochState` for what restarts the epoch exactly).
+  :class:`msrdarts.runs.epoch.EpochState` for what restarts the epoch exactly).
 * A non-finite loss or gradient norm stops the run with :class:`Diverged` before any checkpoint
   could hold the broken weights; the last good one is kept.
 """
@@ -58,7 +58,7 @@ class StopRequests:
 
 def step_hook(dist: Dist, stops: StopRequests, every: int, steps_per_epoch: int,
               save: Callable[[EpochState], None], resume_hint: str) -> Callable[[EpochState, Callable[[], None]], None]:
-    """The ``on_step`` of :func:`msrdarts.engine.train_one_epoch` for a run: a checkpoint every
+    """The ``on_step`` of :func:`msrdarts.runs.epoch.train_one_epoch` for a run: a checkpoint every
     ``every`` steps (not at the epoch's end, which the run saves anyway), and a checkpoint then
     :class:`RunInterrupted` once a stop was requested (on any rank: all ranks stop at the same step,
     within STOP_CHECK_EVERY steps of the request)."""

@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..data import resolve_workers
 from ..device import resolve_device
 from ..distributed import Dist
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 from ..genotype import Genotype
 from ..nn.metrics import count_mult_adds, count_parameters
 from ..nn.network import Network
@@ -211,7 +211,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the stored architecture "
-                              f"({str(e).splitlines()[0][:200]})") from None
+                              f"({first_line(e)})") from None
     model.to(dev)
     te = evaluate(model, data.loader("test", cfg.batch_size, dev, workers=resolve_workers(cfg.workers)), dev,
                   desc="test", progress=progress)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .._io import atomic_write_bytes
-from ..errors import MsrdartsError
+from ..errors import MsrdartsError, first_line
 from ..genotype import Genotype, Pairs
 from ..primitives import colour
 from ..runs import folder as F
@@ -154,7 +154,7 @@ def score_table(record: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def costs(scores: dict[str, Any], cell: str) -> list[list[float]]:
-    """The costs derivation minimises (msrdarts.derive): stable ranks, or -softmax(alpha) with
+    """The costs derivation minimises (msrdarts.methods.derive): stable ranks, or -softmax(alpha) with
     ``none`` never chosen."""
     table = scores[cell]
     if scores["kind"] == "stable_rank":
@@ -389,5 +389,5 @@ def plot_run_quietly(run_dir: str | os.PathLike, log: Any = print) -> None:
     try:
         plot_run(run_dir)
     except Exception as e:   # noqa: BLE001 - the run's results are saved; only the pictures are missing
-        log(f"warning: could not draw the pictures ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        log(f"warning: could not draw the pictures ({type(e).__name__}: {first_line(e)}); "
             f"retry with: msrdarts plot {run_dir}")

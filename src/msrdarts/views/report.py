@@ -1,8 +1,8 @@
 """``msrdarts report RUN_DIR... --out report.html``: one self-contained HTML page per set of runs.
 
 Per run: the config, the genotype (text and cells), the results, and every picture of
-:mod:`msrdarts.visualize` (inlined as SVG, so the page needs no other file and no network).
-With several runs the page opens with the comparison of :mod:`msrdarts.compare`. A small inline
+:mod:`msrdarts.views.plots` (inlined as SVG, so the page needs no other file and no network).
+With several runs the page opens with the comparison of :mod:`msrdarts.views.compare`. A small inline
 script marks the page ``data-render="ok"`` once every picture has been laid out (or lists the
 ones that were not), which the browser test reads.
 """
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .._io import atomic_write_bytes
 from .compare import gather, method_name, summarize
-from ..errors import MsrdartsError
+from ..errors import MsrdartsError, first_line
 from ..runs.folder import run_kind
 from .plots import best_record, read_run, render, run_figures, settle_epoch
 
@@ -174,7 +174,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], title: str = "msrdarts r
             body.append(_comparison([r["path"] for r in runs] + samples))
         except Exception as e:   # noqa: BLE001 - the runs' own sections are still worth the page
             body.append(f'<section id="comparison"><h2>Comparison</h2><p>Not available: '
-                        f'{_e(type(e).__name__)}: {_e(str(e).splitlines()[0] if str(e) else "")}</p></section>')
+                        f'{_e(type(e).__name__)}: {_e(first_line(e))}</p></section>')
     body += [_run_section(i, r) for i, r in enumerate(runs)]
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     if len(runs) + len(samples) > 1:

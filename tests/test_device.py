@@ -1,0 +1,73 @@
+"""Device resolution and the speed settings (msrdarts.device), on the CPU this suite runs on."""
+
+import pytest
+import torch
+
+from msrdarts.device import Accel, _CompileOrEager, resolve_device
+from msrdarts.errors import ConfigError
+
+
+def test_auto_is_the_cpu_without_an_accelerator():
+    expected = torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+    assert resolve_device("auto") == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name, fragment", [("gpu0", "not a device name"), ("cuda:7", "cuda:7"),
+                                            ("mps", "not available on this machine")])
+def test_bad_devices_are_named(name, fragment):
+    if torch.accelerator.current_accelerator(check_available=True) is not None:
+        pytest.skip("this machine has an accelerator")
+    with pytest.raises(ConfigError, match=fragment) as info:
+        resolve_device(name)
+    assert "\n" not in str(info.value) and name in str(info.value)
+
+
+def test_auto_settings_are_off_on_the_cpu_and_switch_on_explicitly():
+    cpu = torch.device("cpu")
+    a = Accel.resolve(cpu)
+    assert (a.amp, a.channels_last, a.compile) == (False, False, False)
+    b = Accel.resolve(cpu, amp="bf16", channels_last="on", compile="on")
+    assert (b.amp, b.channels_last, b.compile) == (True, True, True)
+    # an accelerator turns the auto settings on (decided from the device type alone)
+    c = Accel.resolve(torch.device("meta"))
+    assert (c.amp, c.channels_last, c.compile) == (True, True, True)
+
+
+@pytest.mark.parametrize("kw, message", [(dict(amp="fp16"), "--amp='fp16': unknown; allowed: auto, bf16, off"),
+                                         (dict(compile="yes"), "--compile='yes': unknown; allowed: auto, on, off")])
+def test_unknown_settings_name_the_flag_and_the_allowed_values(kw, message):
+    with pytest.raises(ConfigError) as info:
+        Accel.resolve(torch.device("cpu"), **kw)
+    assert str(info.value) == message
+
+
+def test_autocast_and_memory_format_do_what_they_say():
+    x = torch.randn(2, 3, 4, 5)
+    w = torch.randn(5, 5)
+    on, off = Accel.resolve(torch.device("cpu"), amp="bf16", channels_last="on"), Accel.resolve(torch.device("cpu"))
+    with on.autocast():
+        assert (x @ w).dtype == torch.bfloat16
+    with off.autocast():
+        assert (x @ w).dtype == torch.float32
+    assert on.input(x).is_contiguous(memory_format=torch.channels_last)
+    assert off.input(x) is x
+    conv = on.prepare_model(torch.nn.Conv2d(3, 4, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_failing_compile_falls_back_to_eager_once_with_one_message():
+    model = torch.nn.Linear(3, 2)
+    calls = []
+
+    def broken(x):
+        calls.append(x)
+        raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+    messages = []
+    forward = _CompileOrEager(model, broken, messages.append)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(forward(x), model(x))
+    torch.testing.assert_close(forward(x), model(x))
+    assert len(calls) == 1 and len(messages) == 1
+    assert "no C++ compiler" in messages[0] and "more detail" not in messages[0] and "--compile off" in messages[0]

@@ -1,0 +1,90 @@
+"""MSR-DARTS (msrdarts.methods.msr): the genotype read off hand-set weights, srsoftmax mixing, and the
+method's settings."""
+
+import pytest
+import torch
+
+from msrdarts.genotype import edge_index
+from msrdarts.errors import ConfigError
+from msrdarts.methods.msr import msr_genotype, use_srsoftmax
+from msrdarts.methods.stable_rank import stable_ranks
+from msrdarts.nn.supernet import SuperNet, raw_weight
+
+
+
+def small(mixing="sum", **kw):
+    torch.manual_seed(0)
+    args = dict(num_classes=10, layers=3, channels=4, input_size=8, in_channels=1, spectral_norm=False)
+    args.update(kw)
+    net = SuperNet(**args)
+    return use_srsoftmax(net) if mixing == "srsoftmax" else net
+
+
+def _set_diag(conv, diag):
+    C = conv.weight.shape[0]
+    d = torch.zeros(C)
+    d[:len(diag)] = torch.tensor(diag)
+    with torch.no_grad():
+        raw_weight(conv).copy_(torch.diag(d).view(C, C, 1, 1))
+
+
+def test_genotype_read_off_weights_by_hand():
+    """Give the ops we want exact low stable ranks and check the derivation against a hand-made answer.
+
+    diag(1) has stable rank 1, diag(1, 0.5) 1.25, near-identity about C: times H*W of each conv.
+    """
+    net = small(layers=3, channels=4)
+    # (source, target) -> (op index, diagonal); per node the diag(1) edge must come first.
+    chosen = {(1, 2): (0, [1.0]), (0, 2): (1, [1.0, 0.5]),
+              (2, 3): (2, [1.0]), (0, 3): (3, [1.0, 0.5]),
+              (3, 4): (1, [1.0]), (1, 4): (0, [1.0, 0.5]),
+              (0, 5): (3, [1.0]), (4, 5): (2, [1.0, 0.5])}
+    torch.manual_seed(1)
+    for cell in net.cells:
+        for (src, dst), edge in zip(edge_index(4), cell.edges):
+            for o, op in enumerate(edge.ops):
+                w = raw_weight(op.last_conv)
+                with torch.no_grad():
+                    w.copy_(torch.eye(w.shape[0]).view_as(w) + 0.01 * torch.randn_like(w))
+                if (src, dst) in chosen and o == chosen[(src, dst)][0]:
+                    _set_diag(op.last_conv, chosen[(src, dst)][1])
+    expect = [("sep_conv_3x3", 1), ("sep_conv_5x5", 0),
+              ("dil_conv_3x3", 2), ("dil_conv_5x5", 0),
+              ("sep_conv_5x5", 3), ("sep_conv_3x3", 1),
+              ("dil_conv_5x5", 0), ("dil_conv_3x3", 4)]
+    g = msr_genotype(net)
+    assert list(g.normal) == expect
+    assert list(g.reduce) == expect
+
+
+def test_srsoftmax_mixing_weights():
+    net = small(mixing="srsoftmax")
+    ranks = stable_ranks(net)
+    for cell, r in zip(net.cells, ranks):
+        torch.testing.assert_close(cell.mix, torch.softmax(-r.double(), -1).float())
+        assert torch.allclose(cell.mix.sum(1), torch.ones(14))
+    # The weighted forward equals the explicit weighted sum of ops on one edge.
+    edge, w = net.cells[0].edges[3], net.cells[0].mix[3]
+    x = torch.randn(2, 4, 8, 8)
+    net.eval()
+    torch.testing.assert_close(edge(x, w), sum(wi * op(x) for wi, op in zip(w, edge.ops)))
+    torch.testing.assert_close(edge(x), sum(op(x) for op in edge.ops))
+
+
+def test_msr_refuses_ops_without_a_conv_and_brings_spectral_norms():
+    from dataclasses import replace
+
+    from msrdarts.config import SearchConfig
+    from msrdarts.methods import get_method
+
+    msr = get_method("msr")
+    assert msr.defaults["spectral_norm"] is True and msr.score_key == "stable_rank" and msr.lower_wins
+    with pytest.raises(ConfigError, match="skip_connect have none"):
+        msr.validate(replace(SearchConfig(), primitives=("skip_connect", "sep_conv_3x3")))
+
+
+def test_the_supernet_sums_until_a_method_adapts_it():
+    net = small()
+    assert net.mixer is None and net.arch_parameters() == [] and "cells.0.mix" not in net.state_dict()
+    use_srsoftmax(net)
+    assert "cells.0.mix" in net.state_dict() and net.mixing_weights(net.cells[0]) is net.cells[0].mix
