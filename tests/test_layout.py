@@ -80,6 +80,11 @@ def test_pure_data_modules_import_no_network_code(module):
     assert not [i for i in _internal(MODULES[module]) if not _in(i, *PURE)], module
 
 
+def test_genotype_and_zoo_do_not_import_each_other_in_a_cycle():
+    assert "msrdarts.zoo" not in _internal(MODULES["msrdarts.genotype"])
+    assert "msrdarts.genotype" in _internal(MODULES["msrdarts.zoo"])
+
+
 def test_nn_imports_nothing_from_runs_data_methods_or_views():
     assert _violations(("msrdarts.nn",), ("msrdarts.runs", "msrdarts.data", "msrdarts.methods",
                                           "msrdarts.views", "msrdarts.api", "msrdarts.cli")) == []

@@ -8,16 +8,9 @@ from msrdarts.genotype import edge_index
 from msrdarts.errors import ConfigError
 from msrdarts.methods.msr import msr_genotype, use_srsoftmax
 from msrdarts.methods.stable_rank import stable_ranks
-from msrdarts.nn.supernet import SuperNet, raw_weight
+from msrdarts.nn.supernet import raw_weight
 
-
-
-def small(mixing="sum", **kw):
-    torch.manual_seed(0)
-    args = dict(num_classes=10, layers=3, channels=4, input_size=8, in_channels=1, spectral_norm=False)
-    args.update(kw)
-    net = SuperNet(**args)
-    return use_srsoftmax(net) if mixing == "srsoftmax" else net
+from _nets import small
 
 
 def _set_diag(conv, diag):

@@ -6,18 +6,10 @@ import torch
 from msrdarts.genotype import edge_index
 from msrdarts.errors import ConfigError
 from msrdarts.nn.spectrum import conv_stable_rank
-from msrdarts.methods.msr import use_srsoftmax
 from msrdarts.methods.stable_rank import cell_types, stable_rank_table, stable_ranks
-from msrdarts.nn.supernet import SuperNet, raw_weight
+from msrdarts.nn.supernet import raw_weight
 
-
-
-def small(mixing="sum", **kw):
-    torch.manual_seed(0)
-    args = dict(num_classes=10, layers=3, channels=4, input_size=8, in_channels=1, spectral_norm=False)
-    args.update(kw)
-    net = SuperNet(**args)
-    return use_srsoftmax(net) if mixing == "srsoftmax" else net
+from _nets import small
 
 
 def test_stable_ranks_match_fft_reference_and_type_means():

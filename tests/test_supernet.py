@@ -5,17 +5,9 @@ from msrdarts.genotype import edge_index
 from msrdarts.errors import ConfigError
 from msrdarts.nn.ops import OpConv
 from msrdarts.primitives import MSR_PRIMITIVES
-from msrdarts.methods.msr import use_srsoftmax
 from msrdarts.methods.stable_rank import cell_types
-from msrdarts.nn.supernet import SuperNet
 
-
-def small(mixing="sum", **kw):
-    torch.manual_seed(0)
-    args = dict(num_classes=10, layers=3, channels=4, input_size=8, in_channels=1, spectral_norm=False)
-    args.update(kw)
-    net = SuperNet(**args)
-    return use_srsoftmax(net) if mixing == "srsoftmax" else net
+from _nets import small
 
 
 def test_layout_reductions_and_channels():

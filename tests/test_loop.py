@@ -1,4 +1,5 @@
-"""Crash safety (msrdarts.runs.signals, checkpoint, engine.EpochState): kills, signals, divergence, lr on resume.
+"""Crash safety of the one run loop (msrdarts.runs.loop, signals, checkpoint, epoch.EpochState): kills, signals,
+divergence, lr on resume.
 
 The runs are real processes killed for real (SIGKILL, SIGTERM); "equal" means the history (timings
 aside), the genotype and every weight and buffer of the final checkpoint are bitwise equal to those
