@@ -65,6 +65,7 @@ def test_plot_zoo_and_bad_genotype_file(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow   # end to end: real processes
 def test_console_search_end_to_end(tmp_path):
     """The installed entry point runs a (tiny) search offline and reports where the results are."""
     out = tmp_path / "run"
@@ -97,6 +98,7 @@ def test_info_prints_params_and_mult_adds(capsys):
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
 
 
+@pytest.mark.slow   # end to end: the whole bench, with its peak-memory subprocesses
 @pytest.mark.parametrize("amp", ["auto", "bf16"])
 def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
     rc = main(["bench", "search-step", "--layers", "3", "--channels", "2", "--batch-size", "2", "--input-size", "8",

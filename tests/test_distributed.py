@@ -82,6 +82,7 @@ def _untimed(records):
             for r in records]
 
 
+@pytest.mark.slow   # end to end: real processes
 def test_both_ranks_derive_the_same_genotype_and_history(two_ranks):
     tmp, (r0, r1), _ = two_ranks
     assert r0["genotype"] == r1["genotype"] and r0["best_epoch"] == r1["best_epoch"]
@@ -91,6 +92,7 @@ def test_both_ranks_derive_the_same_genotype_and_history(two_ranks):
     assert json.loads((tmp / "runs" / "search" / "genotype.json").read_text()) == r0["history"][r0["best_epoch"] - 1]["genotype"]
 
 
+@pytest.mark.slow   # end to end: real processes
 def test_rank_0_alone_writes_files_and_logs(two_ranks):
     tmp, (r0, r1), outs = two_ranks
     assert r1["writes"] == []
@@ -104,6 +106,7 @@ def test_rank_0_alone_writes_files_and_logs(two_ranks):
     assert r0["train"]["devices"] == 2
 
 
+@pytest.mark.slow   # end to end: real processes
 def test_metrics_count_every_validation_image_once(two_ranks):
     tmp, (r0, _), _ = two_ranks
     # digits: 1437 training images, 287 search-valid (odd, so the ranks hold 144 and 143 of them):
@@ -156,6 +159,7 @@ def test_single_process_is_a_no_op_and_batch_must_divide():
         Dist(rank=0, world=3).per_rank_batch(64)
 
 
+@pytest.mark.slow   # end to end: real processes
 def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
     import signal
     import time

@@ -93,6 +93,7 @@ def reference_train(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow   # end to end: real processes
 def test_sigkill_during_an_epoch_then_resume_equals_the_uninterrupted_search(reference_search, tmp_path):
     out = tmp_path / "killed"
     proc = _start(SEARCH_ARGS, out)
@@ -133,6 +134,7 @@ KILL_IN_WRITE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # end to end: real processes
 def test_kill_during_a_checkpoint_write_then_resume_equals_the_uninterrupted_training(reference_train, tmp_path):
     out = tmp_path / "killed"
     script = tmp_path / "die.py"
@@ -150,6 +152,7 @@ def test_kill_during_a_checkpoint_write_then_resume_equals_the_uninterrupted_tra
         json.loads((reference_train / "results.json").read_text())["test_top1_error"]
 
 
+@pytest.mark.slow   # end to end: real processes
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_with_a_resume_hint(reference_search, tmp_path, signum):
     out = tmp_path / "preempted"

@@ -23,6 +23,11 @@ TRAIN = TrainConfig(dataset="digits", layers=3, channels=4, batch_size=256, epoc
                     device="cpu", progress=False)
 
 
+# End to end: real search and training runs, then their pictures, TensorBoard events, the report
+# page and a real browser (pictures alone: test_plots.py, with made-up histories).
+pytestmark = pytest.mark.slow
+
+
 def quiet(_msg):
     pass
 
