@@ -84,7 +84,8 @@ def test_stable_rank_and_spectral_norm_of_any_conv_against_a_dense_operator():
     n = 5
     # the conv as a dense (4*25) x (3*25) matrix, column by column (circular boundary)
     basis = torch.eye(3 * n * n, dtype=torch.float64).reshape(-1, 3, n, n)
-    A = conv(basis).reshape(3 * n * n, -1).T
+    with torch.no_grad():
+        A = conv(basis).reshape(3 * n * n, -1).T
     s = torch.linalg.svdvals(A)
     assert msrdarts.spectral_norm(conv, n) == pytest.approx(float(s[0]), rel=1e-9)
     assert msrdarts.stable_rank(conv, n) == pytest.approx(float((s ** 2).sum() / s[0] ** 2), rel=1e-9)
@@ -115,3 +116,24 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     assert 0 <= trained.results["test_top1_error"] <= 100
     assert json.loads((tmp_path / "runs/quick-train/results.json").read_text())["genotype"] == \
         found.genotype.to_dict()
+
+
+def test_config_json_keeps_the_origin_of_the_first_start_on_resume(tmp_path):
+    tiny = dict(layers=3, channels=4, batch_size=256, epochs=2, device="cpu", plots=False, tensorboard=False,
+                bn_recalibration=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        msrdarts.search("quick", tmp_path / "run", log=lambda m: None, on_epoch_end=stop, method="darts",
+                        order=1, **tiny)
+    first = json.loads((tmp_path / "run" / "config.json").read_text())["origin"]
+    assert first["method_defaults"] == ["space", "spectral_norm"] and "order" in first["overrides"]
+    cfg = SearchConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    result = msrdarts.search(cfg, tmp_path / "run", resume=True, log=lambda m: None)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["origin"] == first

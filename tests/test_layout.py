@@ -140,3 +140,18 @@ def test_exceptions_have_one_home():
                     isinstance(b, ast.Name) and (b.id.endswith("Error") or b.id == "Exception") for b in node.bases):
                 defined[node.name] = _module_name(path)
     assert defined and set(defined.values()) == {"msrdarts.errors"}, defined
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's layout section lists every module file of the package, and only those."""
+    text = (PKG.parents[1] / "README.md").read_text()
+    section = text[text.index("## Layout"):]
+    block = section[section.index("```") + 3:]
+    block = block[:block.index("\ntests/")]   # the package part of the tree
+    import re
+
+    named = set(re.findall(r"([a-z_]+\.py)\b", block))
+    files = {p.name for p in PKG.rglob("*.py") if p.name not in ("__main__.py",)}
+    assert named == files
+    for sub in ("nn", "methods", "data", "runs", "views"):
+        assert f"{sub}/" in block
