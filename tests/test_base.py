@@ -16,7 +16,7 @@ from msrdarts.config import SearchConfig
 from msrdarts.errors import ConfigError
 from msrdarts.genotype import num_edges
 from msrdarts.methods import base
-from msrdarts.methods.base import Method, get_method, list_methods, register_method
+from msrdarts.methods.base import Derivation, Method, get_method, list_methods, register_method
 from msrdarts.methods.derive import derive_genotype
 from msrdarts.runs.folder import read_history
 from msrdarts.runs.search import run_search
@@ -53,7 +53,7 @@ class Toy(Method):
 
     def derive(self, net):
         table = net.toy.detach().cpu()
-        return table, derive_genotype(-table[0], -table[1], net.primitives, net.steps, net.multiplier)
+        return Derivation(table, derive_genotype(-table[0], -table[1], net.primitives, net.steps, net.multiplier))
 
     def state_dict(self):
         return {"steps": torch.tensor(self.steps)}

@@ -105,3 +105,21 @@ def test_method_labels():
 
 def test_compact_genotype():
     assert compact(get_genotype("DARTS_V2")).startswith("N: s3@0 s3@1, s3@0 s3@1, s3@1 id@0, id@0 d3@2 | R: mp@0 mp@1")
+
+
+def test_per_cell_and_max_runs_are_their_own_methods(tmp_path):
+    cells = {"cells": [{"type": t, "pairs": [list(p) for p in (G.reduce if t == "reduce" else G.normal)],
+                        "concat": [2, 3, 4, 5]} for t in ("normal", "reduce", "reduce")]}
+    s = _search(tmp_path, "s", seed=3, epoch_seconds=[360])
+    (s / "genotype-cells.json").write_text(json.dumps(cells))
+    smax = _search(tmp_path, "smax", seed=4, epoch_seconds=[360])
+    cfg = json.loads((smax / "config.json").read_text())
+    (smax / "config.json").write_text(json.dumps({**cfg, "select": "max"}))
+    t_cells = _write(tmp_path / "tc", config_json={"genotype": str(s / "genotype-cells.json"), "seed": 0},
+                     results_json={"test_top1_error": 3.0, "params_m": 1.0, "mult_adds_m": 10.0,
+                                   "device_hours": 1.0, "genotype": cells})
+    t_mean = _train(tmp_path, "tm", s / "genotype.json", 3.5)
+    rows = {r.run.split("/")[-1]: r for r in gather([t_cells, t_mean, smax])}
+    assert (rows["tc"].method, rows["tc"].seed) == ("msr-darts-cells", 3)
+    assert rows["tm"].method == "msr-darts" and rows["smax"].method == "msr-darts-max"
+    assert rows["tc"].genotype.startswith("0N: s3@1 s3@0, ") and " | 1R: s3@0 d3@1, " in rows["tc"].genotype

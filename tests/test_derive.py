@@ -86,3 +86,67 @@ def test_shape_and_nan_errors():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         derive_cell(bad, MSR_PRIMITIVES)
+
+
+# --select max (the authors' ablation) on the same table, by hand: per edge the op of HIGHEST cost
+# (ties: lower op), per node the 2 edges of highest such cost (ties: lower source).
+#   node 2: e0 max 6 (op 3), e1 max 7 (op 1)              -> e1, e0
+#   node 3: e2 9 (op 0), e3 8 (op 0), e4 4                -> e2, e3
+#   node 4: e5 5 (op 2), e6 6 (op 0), e7 5, e8 7 (op 0)   -> e8, e6
+#   node 5: every edge's max is 10 (op 0, or op 1 for e11) -> sources 0 and 1
+MAX_EXPECTED = [
+    ("sep_conv_5x5", 1), ("dil_conv_5x5", 0),
+    ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+    ("sep_conv_3x3", 3), ("sep_conv_3x3", 1),
+    ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+]
+
+
+def test_select_max_is_the_hand_computed_opposite_choice():
+    from msrdarts.methods.msr import select_by_rank
+
+    table = torch.stack([COSTS, COSTS])
+    geno, cells = select_by_rank(table, table.clone(), [False, True], MSR_PRIMITIVES, select="max")
+    assert list(geno.normal) == list(geno.reduce) == MAX_EXPECTED
+    assert [list(c.pairs) for c in cells.cells] == [MAX_EXPECTED, MAX_EXPECTED]
+    geno, _ = select_by_rank(table, table.clone(), [False, True], MSR_PRIMITIVES, select="min")
+    assert list(geno.normal) == EXPECTED
+
+
+def test_per_cell_genotypes_come_from_each_cells_own_table():
+    from msrdarts.methods.derive import derive_cells
+    from msrdarts.methods.msr import select_by_rank
+
+    flipped = COSTS.flip(1)
+    ranks = torch.stack([COSTS, flipped, COSTS + 100.0])   # cell 2: the same choice as cell 0
+    cells = derive_cells(ranks, [False, True, False], MSR_PRIMITIVES)
+    assert [c.type for c in cells.cells] == ["normal", "reduce", "normal"]
+    assert list(cells.cells[0].pairs) == EXPECTED == list(cells.cells[2].pairs)
+    assert list(cells.cells[1].pairs) == derive_cell(flipped, MSR_PRIMITIVES)
+    assert all(c.concat == (2, 3, 4, 5) for c in cells.cells)
+    # Two normal cells that disagree: each keeps its own choice, the mean table makes a third one.
+    a = torch.full((14, 4), 5.0)
+    a[:, 0] = 1.0                      # cell a: sep_conv_3x3 everywhere
+    b = torch.full((14, 4), 5.0)
+    b[:, 3] = 0.5                      # cell b: dil_conv_5x5 everywhere (mean: 2.75 < 3.0 -> dil_conv_5x5)
+    ranks = torch.stack([a, b])
+    table = torch.stack([ranks.mean(0), ranks.mean(0)])
+    geno, cells = select_by_rank(table, ranks, [False, False], MSR_PRIMITIVES)
+    assert {op for op, _ in cells.cells[0].pairs} == {"sep_conv_3x3"}
+    assert {op for op, _ in cells.cells[1].pairs} == {"dil_conv_5x5"}
+    assert {op for op, _ in geno.normal} == {"dil_conv_5x5"}
+
+
+def test_cells_with_one_table_equal_the_mean_derivation():
+    from msrdarts.methods.msr import select_by_rank
+
+    ranks = torch.stack([COSTS, COSTS.flip(1), COSTS, COSTS, COSTS.flip(1), COSTS])
+    red = [False, True, False, False, True, False]
+    table = torch.stack([ranks[[0, 2, 3, 5]].mean(0), ranks[[1, 4]].mean(0)])
+    for select in ("min", "max"):
+        geno, cells = select_by_rank(table, ranks, red, MSR_PRIMITIVES, select)
+        for c in cells.cells:
+            assert c.pairs == (geno.reduce if c.type == "reduce" else geno.normal)
+    with pytest.raises(ValueError, match="3 cost tables for 2 cells"):
+        from msrdarts.methods.derive import derive_cells
+        derive_cells(ranks[:3], [False, True], MSR_PRIMITIVES)

@@ -86,7 +86,7 @@ def test_bad_json_file_names_file_and_position(tmp_path):
 
 
 def test_zoo_is_complete_and_valid():
-    assert set(list_genotypes()) == {"MSR_DARTS", "DARTS_V1", "DARTS_V2", "PC_DARTS", "P_DARTS"}
+    assert set(list_genotypes()) == {"MSR_DARTS", "DARTS_V1", "DARTS_V2", "PC_DARTS", "P_DARTS", "PC_DARTS_IMAGENET"}
     for name in list_genotypes():
         g = get_genotype(name)
         g.validate(DARTS_PRIMITIVES)
@@ -94,3 +94,41 @@ def test_zoo_is_complete_and_valid():
     assert get_genotype("MSR_DARTS").ops() <= set(MSR_PRIMITIVES)
     # SPEC section 5, written out by hand: node 4's edges of the published normal cell.
     assert get_genotype("MSR_DARTS").normal[4:6] == (("dil_conv_3x3", 3), ("dil_conv_3x3", 0))
+
+
+def _cells_dict():
+    g = get_genotype("MSR_DARTS")
+    return {"cells": [{"type": "reduce" if k in (2, 5) else "normal",
+                       "pairs": [list(p) for p in (g.reduce if k in (2, 5) else g.normal)], "concat": [2, 3, 4, 5]}
+                      for k in range(8)]}
+
+
+def test_per_cell_genotype_round_trips_through_its_file_and_string(tmp_path):
+    from msrdarts.genotype import CellGenotypes
+
+    cells = CellGenotypes.from_dict(_cells_dict(), source="x")
+    assert cells.layers == 8 and cells.reduction_layers() == (2, 5) and cells.steps == 4
+    cells.save(tmp_path / "genotype-cells.json")
+    assert load_genotype(tmp_path / "genotype-cells.json") == cells
+    assert load_genotype(str(cells)) == cells                      # the JSON string itself
+    assert json.loads((tmp_path / "genotype-cells.json").read_text()) == _cells_dict()
+    assert cells.ops() == get_genotype("MSR_DARTS").ops()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["cells"][3].pop("type"), "f.json: cells[3]: missing field(s) type"),
+    (lambda d: d["cells"][3].update(type="reduction"), "f.json: cells[3]: type 'reduction'; allowed: normal, reduce"),
+    (lambda d: d["cells"][1].update(colour=1), "f.json: cells[1]: unknown field(s) colour"),
+    (lambda d: d["cells"][0]["pairs"].pop(), "f.json: cells[0] must hold two (op, input) pairs per node, got 7"),
+    (lambda d: d["cells"][4]["pairs"][2].__setitem__(1, 3), "f.json: cells[4][2] feeds node 3 from node 3"),
+    (lambda d: d.update(extra=1), "f.json: a per-cell genotype is an object with one field, cells"),
+    (lambda d: d["cells"].clear(), "f.json: cells is empty"),
+])
+def test_every_bad_per_cell_file_gets_its_one_line_error(tmp_path, change, message):
+    d = _cells_dict()
+    change(d)
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(GenotypeError) as info:
+        load_genotype(path)
+    assert str(info.value).startswith(str(path) + message[len("f.json"):]) and "\n" not in str(info.value)

@@ -247,6 +247,7 @@ def test_resume_with_a_lower_lr_scales_the_schedule(tmp_path):
     assert any("scaled by 0.5" in m for m in logs)
 
 
+@pytest.mark.slow   # whole searches, run twice (resume equivalence also: test_loop's kills)
 def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     cfg = SearchConfig(dataset="digits", layers=3, channels=4, batch_size=512, epochs=2, device="cpu",
                        progress=False, bn_recalibration=1, plots=False, tensorboard=False)

@@ -81,3 +81,34 @@ def test_the_supernet_sums_until_a_method_adapts_it():
     assert net.mixer is None and net.arch_parameters() == [] and "cells.0.mix" not in net.state_dict()
     use_srsoftmax(net)
     assert "cells.0.mix" in net.state_dict() and net.mixing_weights(net.cells[0]) is net.cells[0].mix
+
+
+def test_the_authors_preset_mixes_by_softmax_of_quirked_ranks_against_a_dense_reference(tmp_path):
+    """``--preset authors``: every edge mixes its ops by softmax(-R), R each op's last conv's stable
+    rank as a dense operator (brute force) on the resolution the authors' code uses: a reduction
+    cell's stride-1 edges are ranked at the cell's input resolution (twice the side)."""
+    from dataclasses import replace
+
+    from _reference import dense_circular, stable_rank_dense
+    from msrdarts.config import get_preset
+    from msrdarts.genotype import edge_index
+    from msrdarts.methods import get_method
+
+    cfg = replace(get_preset("authors"), layers=3, channels=4)
+    assert (cfg.mixing, cfg.authors_reduce_resolution, cfg.batch_size, cfg.train_portion) == ("srsoftmax", True,
+                                                                                              128, 0.8)
+    net = small()
+    method = get_method(cfg.method)(cfg)
+    method.adapt(net)
+    method.setup(net, None, None)
+    with torch.no_grad():   # move the weights so each cell's ranks differ
+        for p in net.parameters():
+            p.mul_(1 + 0.5 * torch.randn_like(p))
+    method.new_epoch(0, fresh=True)   # the authors' code refreshes the mixing at every epoch
+    for cell in net.cells:
+        side = 8 // (2 ** sum(c.reduction for c in net.cells[:list(net.cells).index(cell) + 1]))
+        for e, ((src, _), edge) in enumerate(zip(edge_index(4), cell.edges)):
+            hw = 2 * side if cell.reduction and src >= 2 else side   # the quirk
+            ranks = torch.tensor([stable_rank_dense(dense_circular(raw_weight(op.last_conv).double(), hw, hw))
+                                  for op in edge.ops])
+            torch.testing.assert_close(cell.mix[e].double(), torch.softmax(-ranks.double(), 0), rtol=1e-4, atol=1e-6)

@@ -103,3 +103,68 @@ def test_imagenet_auxiliary_head_sees_7x7():
     net(torch.randn(2, 3, 224, 224))
     assert seen == [(7, 7)]
     assert isinstance(net.auxiliary_head.features[1], torch.nn.AvgPool2d) and net.auxiliary_head.features[1].stride == 2
+
+
+def _per_cell(types_and_pairs):
+    from msrdarts.genotype import Cell, CellGenotypes
+
+    return CellGenotypes(tuple(Cell(t, p, CONCAT) for t, p in types_and_pairs))
+
+
+def test_a_per_cell_network_is_the_sum_of_its_cells_built_one_at_a_time():
+    """Cell k of a per-cell network has the parameters of cell k of a mean network whose cells of
+    that type all use cell k's genotype; stem, head and classifier are those of any network."""
+    msr, darts = get_genotype("MSR_DARTS"), get_genotype("DARTS_V2")
+    s5, d3 = uniform("sep_conv_5x5"), uniform("dil_conv_3x3")
+    sources = [msr, darts, msr, s5, d3, darts, s5, msr]            # the genotype each cell comes from
+    types = ["normal", "normal", "reduce", "normal", "normal", "reduce", "normal", "normal"]   # L = 8: 2, 5
+    cells = _per_cell([(t, g.reduce if t == "reduce" else g.normal) for t, g in zip(types, sources)])
+    net = Network(cells, 10, 8, 16, auxiliary=True)
+    expected = 0
+    for k, g in enumerate(sources):
+        whole = Network(g, 10, 8, 16, auxiliary=True)
+        expected += sum(p.numel() for p in whole.cells[k].parameters())
+    rest = Network(msr, 10, 8, 16, auxiliary=True)
+    expected += sum(p.numel() for m in (rest.stem, rest.classifier) for p in m.parameters())
+    assert count_parameters(net) == expected
+    # every cell of the network is its own entry
+    assert [tuple((type(op).__name__) for op in c.ops) for c in net.cells][3] == ("SepConv",) * 8
+    x = torch.randn(2, 3, 32, 32)
+    assert net(x)[0].shape == (2, 10)
+
+
+def test_a_per_cell_network_of_identical_cells_is_the_mean_network():
+    g = get_genotype("MSR_DARTS")
+    cells = _per_cell([("reduce" if k in (2, 5) else "normal", g.reduce if k in (2, 5) else g.normal)
+                       for k in range(8)])
+    torch.manual_seed(0)
+    a = Network(cells, 10, 8, 36)
+    torch.manual_seed(0)
+    b = Network(g, 10, 8, 36)
+    assert count_parameters(a) / 1e6 == pytest.approx(1.63, rel=0.01)   # SPEC section 7, L = 8
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("layers, types, message", [
+    (6, ["normal", "normal", "reduce", "normal", "normal", "reduce", "normal", "normal"],
+     "--layers=6: the per-cell genotype has 8 cells"),
+    (8, ["normal", "reduce", "normal", "normal", "normal", "reduce", "normal", "normal"],
+     "per-cell genotype: cell 1 is 'reduce' but a network of 8 cells has a normal cell there "
+     "(reduction cells at 2 and 5)"),
+])
+def test_a_per_cell_genotype_that_does_not_fit_gets_one_line(layers, types, message):
+    g = get_genotype("MSR_DARTS")
+    cells = _per_cell([(t, g.reduce if t == "reduce" else g.normal) for t in types])
+    with pytest.raises(ConfigError) as info:
+        Network(cells, 10, layers, 16)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_pc_darts_imagenet_matches_its_published_size():
+    # SPEC section 5: PC-DARTS searched on ImageNet, mobile setting: 5.3M parameters, 597M mult-adds.
+    net = Network(get_genotype("PC_DARTS_IMAGENET"), 1000, 14, 48, stem="imagenet", input_size=224, auxiliary=True)
+    assert count_parameters(net) / 1e6 == pytest.approx(5.3, rel=0.015)
+    # our convention (multiply-accumulates of every conv and linear, torch.utils.flop_counter) gives 582M:
+    # 2.6 % under the paper's 597M, like DARTS_V2's 530M against its published 574M
+    assert count_mult_adds(net, 3, 224) / 1e6 == pytest.approx(597, rel=0.03)

@@ -159,3 +159,25 @@ def test_run_pictures_mark_the_genotype_of_the_best_epoch_not_the_last(tmp_path)
     (run / "results.json").write_text("{broken")
     with pytest.raises(MsrdartsError, match="unreadable run file"):
         read_run(run)
+
+
+def test_a_per_cell_genotype_draws_every_cell_with_its_own_edges():
+    from msrdarts.genotype import Cell, CellGenotypes
+
+    gens = [get_genotype(n) for n in ("MSR_DARTS", "DARTS_V2", "PC_DARTS", "P_DARTS", "DARTS_V1")]
+    types = ["normal", "reduce", "normal", "reduce", "normal"]
+    cells = CellGenotypes(tuple(Cell(t, g.reduce if t == "reduce" else g.normal, (2, 3, 4, 5))
+                                for t, g in zip(types, gens)))
+    ids = _ids(draw_cells(cells))
+    for k, c in enumerate(cells.cells):
+        drawn = sorted(i for i in ids if re.fullmatch(rf"cell{k}-edge-\d+-\d+-\d+-\w+", i))
+        assert drawn == sorted(f"cell{k}-edge-{j}-{inp}-{2 + j // 2}-{op}" for j, (op, inp) in enumerate(c.pairs))
+
+
+def test_select_max_heatmap_frames_the_highest_rank():
+    rec = _record(1, lambda e: e % 4, lambda e: 0, lambda e: 1.0)
+    rec["stable_rank"]["select"] = "max"
+    ids = _ids(draw_score_heatmap(rec, _hand_genotype(rec["stable_rank"]["normal"], rec["stable_rank"]["reduce"])))
+    # every row's largest value is its last op (strength + 5 + 3), except where the min op is op 3 itself
+    chosen = {i.split("-")[4] for i in ids if i.startswith("reduce-choice-")}
+    assert chosen == {"dil_conv_5x5"}

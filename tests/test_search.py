@@ -40,7 +40,7 @@ def full_run(tmp_path_factory):
 def test_run_folder_contents(full_run):
     out, result = full_run
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "config.json",
-                                                      "genotype.json", "history.jsonl"]
+                                                      "genotype-cells.json", "genotype.json", "history.jsonl"]
     assert SearchConfig.from_dict(json.loads((out / "config.json").read_text())) == TINY
     history = read_history(out)
     assert [r["epoch"] for r in history] == [1, 2]
@@ -70,6 +70,40 @@ def test_history_genotype_is_derived_from_the_recorded_table(full_run):
         assert g.to_dict() == r["genotype"]
 
 
+def test_per_cell_genotypes_come_from_the_recorded_cell_tables_at_the_best_epoch(full_run):
+    from msrdarts.methods.derive import derive_cells
+
+    out, result = full_run
+    history = read_history(out)
+    for r in history:
+        t = r["stable_rank"]
+        assert t["cell_types"] == ["normal", "reduce", "reduce"] and t["select"] == "min"   # L = 3: reductions 1, 2
+        cells = torch.tensor(t["cells"])
+        assert cells.shape == (3, 14, 4)
+        # the mean table is the mean over the cells of each type
+        torch.testing.assert_close(torch.tensor(t["normal"]), cells[0])
+        torch.testing.assert_close(torch.tensor(t["reduce"]), cells[1:].mean(0))
+        again = derive_cells(cells, [c == "reduce" for c in t["cell_types"]], t["ops"])
+        assert again.to_dict() == r["genotype_cells"]
+    best = max(history, key=lambda r: (r["valid_acc"], -r["epoch"]))
+    assert json.loads((out / "genotype-cells.json").read_text()) == best["genotype_cells"]
+    assert result.cells.to_dict() == best["genotype_cells"] and result.cells.layers == TINY.layers
+
+
+def test_select_max_records_and_derives_the_highest_ranks(tmp_path):
+    from msrdarts.methods.derive import derive_cells, derive_genotype
+
+    res = run_search(replace(TINY, select="max", epochs=1), tmp_path / "max", log=quiet)
+    r = read_history(tmp_path / "max")[0]
+    t = r["stable_rank"]
+    assert t["select"] == "max"
+    neg = lambda v: -torch.tensor(v)   # noqa: E731
+    assert derive_genotype(neg(t["normal"]), neg(t["reduce"]), t["ops"]).to_dict() == r["genotype"]
+    assert derive_cells(neg(t["cells"]), [c == "reduce" for c in t["cell_types"]], t["ops"]).to_dict() == \
+        r["genotype_cells"] == res.cells.to_dict()
+    assert json.loads((tmp_path / "max" / "config.json").read_text())["select"] == "max"
+
+
 def test_refuses_existing_run_and_leaves_it_untouched(full_run):
     out, _ = full_run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -78,6 +112,7 @@ def test_refuses_existing_run_and_leaves_it_untouched(full_run):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.slow   # whole searches, run twice (resume equivalence also: test_loop's kills)
 def test_resume_equals_uninterrupted_run(full_run, tmp_path):
     out_full, _ = full_run
     out = tmp_path / "interrupted"
@@ -233,6 +268,7 @@ def test_darts_search_learns_alphas_and_derives_from_them(tmp_path):
         [res.history[-1]["alpha"]["normal"], res.history[-1]["alpha"]["reduce"]]), atol=1e-6)
 
 
+@pytest.mark.slow   # whole searches, run twice (resume equivalence also: test_loop's kills)
 def test_darts_resume_equals_uninterrupted(tmp_path):
     full = run_search(DARTS_TINY, tmp_path / "full", log=quiet)
 
@@ -245,6 +281,7 @@ def test_darts_resume_equals_uninterrupted(tmp_path):
     assert _strip(resumed.history) == _strip(full.history)
 
 
+@pytest.mark.slow   # whole searches, run twice (resume equivalence also: test_loop's kills)
 def test_second_order_darts_on_the_darts_space_never_picks_none(tmp_path):
     cfg = replace(DARTS_TINY, space="darts", order=2, epochs=1, batch_size=256)
     res = run_search(cfg, tmp_path / "d2", log=quiet)

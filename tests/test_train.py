@@ -173,3 +173,48 @@ def test_imagenet_preset_trains_and_evaluates_a_streamed_folder(tmp_path):
     assert res["mult_adds_m"] == pytest.approx(count_mult_adds(net, 3, 72) / 1e6, abs=0.01)
     again = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", device="cpu", progress=False)
     assert again["test_top1_error"] == pytest.approx(res["test_top1_error"])
+
+
+def _three_cells(tmp_path):
+    """A per-cell genotype for a 3-cell network (reductions at 1 and 2), each cell different."""
+    from msrdarts.genotype import Cell, CellGenotypes
+    from msrdarts.zoo import get_genotype
+
+    msr, darts = get_genotype("MSR_DARTS"), get_genotype("DARTS_V2")
+    cells = CellGenotypes((Cell("normal", darts.normal, (2, 3, 4, 5)), Cell("reduce", msr.reduce, (2, 3, 4, 5)),
+                           Cell("reduce", darts.reduce, (2, 3, 4, 5))))
+    cells.save(tmp_path / "genotype-cells.json")
+    return cells, tmp_path / "genotype-cells.json"
+
+
+def test_train_a_per_cell_genotype_and_resume_it(tmp_path):
+    cells, path = _three_cells(tmp_path)
+    cfg = replace(TINY, genotype=str(path))
+    out = tmp_path / "run"
+
+    def stop(epoch, record):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_train(cfg, out, on_epoch_end=stop, log=quiet)
+    res = run_train(cfg, out, resume=True, log=quiet)
+    assert res.results["genotype"] == cells.to_dict()
+    assert json.loads((out / "genotype.json").read_text()) == cells.to_dict()
+    full = run_train(cfg, tmp_path / "full", log=quiet)
+    assert [h["test_loss"] for h in full.history] == [h["test_loss"] for h in res.history]
+    again = evaluate_checkpoint(out / "checkpoint.pt", device="cpu", progress=False)
+    assert again["test_top1_error"] == pytest.approx(res.results["test_top1_error"])
+
+
+def test_a_per_cell_genotype_sets_the_depth_unless_given(tmp_path, capsys):
+    from msrdarts.api import train_config
+
+    _, path = _three_cells(tmp_path)
+    cfg, origin = train_config("cifar10-cells", genotype=str(path))
+    assert cfg.layers == 3 and cfg.channels == 36 and origin["genotype_defaults"] == ["layers"]
+    with pytest.raises(ConfigError, match="--layers=8: the per-cell genotype has 3 cells"):
+        run_train(replace(TINY, genotype=str(path), layers=8), tmp_path / "bad", log=quiet)
+    assert not (tmp_path / "bad").exists()   # refused before the run folder was made
+    assert main(["info", "--genotype", str(path), "--dataset", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == 3

@@ -22,7 +22,7 @@ import torch
 
 from .config import SEARCH_PRESETS, TRAIN_PRESETS, SearchConfig, TrainConfig, get_preset, get_train_preset
 from .errors import ConfigError
-from .genotype import Genotype
+from .genotype import CellGenotypes, Genotype
 
 
 def presets() -> dict[str, list[str]]:
@@ -69,13 +69,26 @@ def search_config(config_or_preset: str | SearchConfig = "cifar10", **overrides:
 def train_config(config_or_preset: str | TrainConfig = "cifar10", **overrides: Any
                  ) -> tuple[TrainConfig, dict[str, Any]]:
     """The validated training config and its origin (the preset and the overridden settings)."""
+    from .zoo import load_genotype
+
     if isinstance(config_or_preset, TrainConfig):
         base, preset = config_or_preset, None
     else:
         base, preset = get_train_preset(config_or_preset), config_or_preset
     given = _settings(TrainConfig, overrides)
-    cfg = replace(base, **given).validate()
-    return cfg, {"preset": preset, "overrides": sorted(given)}
+    brought: dict[str, Any] = {}
+    if "layers" not in given:   # a per-cell genotype sets the depth: one network cell per entry
+        try:
+            geno = load_genotype(given.get("genotype", base.genotype))
+        except ConfigError:
+            geno = None   # the run names the problem (or, on --resume, uses the genotype it checkpointed)
+        if isinstance(geno, CellGenotypes) and geno.layers != base.layers:
+            brought["layers"] = geno.layers
+    cfg = replace(base, **given, **brought).validate()
+    origin = {"preset": preset, "overrides": sorted(given)}
+    if brought:
+        origin["genotype_defaults"] = sorted(brought)
+    return cfg, origin
 
 
 def search(config_or_preset: str | SearchConfig, out: str | os.PathLike, *, resume: bool = False,
@@ -89,14 +102,15 @@ def search(config_or_preset: str | SearchConfig, out: str | os.PathLike, *, resu
     return run_search(cfg, Path(out), resume=resume, on_epoch_end=on_epoch_end, log=log, origin=origin)
 
 
-def train(genotype: Genotype | str | os.PathLike, config_or_preset: str | TrainConfig, out: str | os.PathLike, *,
+def train(genotype: Genotype | CellGenotypes | str | os.PathLike, config_or_preset: str | TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, log: Callable[[str], None] = print,
           on_epoch_end: Callable[[int, dict], None] | None = None, **overrides: Any) -> Any:
-    """Train ``genotype`` (a Genotype, a genotype.json, a DARTS string or a zoo name) from scratch
+    """Train ``genotype`` (a Genotype or per-cell CellGenotypes, a genotype file of either form, a DARTS
+    string or a zoo name) from scratch
     into the folder ``out``; returns a :class:`msrdarts.runs.train.TrainResult` (results, history)."""
     from .runs.train import run_train
 
-    spec = str(genotype) if isinstance(genotype, Genotype) else os.fspath(genotype)
+    spec = str(genotype) if isinstance(genotype, (Genotype, CellGenotypes)) else os.fspath(genotype)
     cfg, origin = train_config(config_or_preset, genotype=spec, **overrides)
     return run_train(cfg, Path(out), resume=resume, on_epoch_end=on_epoch_end, log=log, origin=origin)
 

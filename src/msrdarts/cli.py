@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--genotype", required=True, help="genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
     i.add_argument("--dataset", default="cifar10", help="data set whose shape to use (default: cifar10; also "
                                                        "digits, cifar100, svhn, imagenet)")
-    i.add_argument("--layers", type=int, default=20, help="cells (default: 20)")
+    i.add_argument("--layers", type=int, default=None, help="cells (default: 20; a per-cell genotype: its cell count)")
     i.add_argument("--channels", type=int, default=36, help="initial channels (default: 36)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -256,6 +256,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from .data.registry import dataset_info
+    from .genotype import CellGenotypes
     from .zoo import load_genotype
     from .nn.metrics import count_mult_adds, count_parameters
     from .nn.network import Network
@@ -263,9 +264,10 @@ def _info(args: argparse.Namespace) -> int:
 
     genotype = load_genotype(args.genotype, primitives=list_ops())
     shape = dataset_info(args.dataset)
-    net = Network(genotype, shape.num_classes, args.layers, args.channels, stem=shape.stem,
+    layers = args.layers if args.layers is not None else (genotype.layers if isinstance(genotype, CellGenotypes) else 20)
+    net = Network(genotype, shape.num_classes, layers, args.channels, stem=shape.stem,
                   in_channels=shape.in_channels, input_size=shape.input_size, auxiliary=True)
-    result = {"genotype": str(args.genotype), "dataset": args.dataset, "layers": args.layers,
+    result = {"genotype": str(args.genotype), "dataset": args.dataset, "layers": layers,
               "channels": args.channels, "params_m": round(count_parameters(net) / 1e6, 4),
               "mult_adds_m": round(count_mult_adds(net, shape.in_channels, shape.input_size) / 1e6, 2)}
     print(json.dumps(result) if args.json else "\n".join(f"{k:>12}: {v}" for k, v in result.items()))

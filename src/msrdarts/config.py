@@ -27,6 +27,8 @@ PROGRESS_MODES = ("auto", "on", "off")
 IMPLS = ("auto", "fused", "reference")
 #: Edge mixing of --method msr.
 MSR_MIXING = ("sum", "srsoftmax")
+#: --method msr: the op and edges of lowest stable rank (the method) or highest (the authors' ablation).
+SELECT_MODES = ("min", "max")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -141,6 +143,8 @@ class SearchConfig(_DataConfig):
     order: int = _f(1, "--method darts: 1 (first-order alpha gradient) or 2 (unrolled second-order, finite differences)")
     arch_lr: float = _f(3e-4, "--method darts: Adam learning rate of the alphas (betas 0.5, 0.999)")
     arch_weight_decay: float = _f(1e-3, "--method darts: weight decay of the alphas")
+    select: str = _f("min", "--method msr: pick the op and edges of lowest stable rank ('min', the method) or of "
+                            "highest ('max', the authors' ablation)")
     rank_per_pixel: bool = _f(False, "divide stable ranks by the conv's H*W before averaging over cells")
     authors_reduce_resolution: bool = _f(
         False, "authors' quirk: rank the stride-1 edges of reduction cells at the cell's input resolution")
@@ -171,6 +175,7 @@ class SearchConfig(_DataConfig):
             raise ConfigError("--rank-per-pixel and --authors-reduce-resolution exclude each other "
                               "(per-pixel ranks have no resolution left to misstate)")
         check_choice("mixing", self.mixing, MSR_MIXING)
+        check_choice("select", self.select, SELECT_MODES)
         if self.space:
             check_choice("space", self.space, list(SPACES))
             if self.primitives != MSR_PRIMITIVES:
@@ -244,6 +249,11 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
     # headline result), no spectral normalisation, the 8-op DARTS space.
     "darts-cifar10": SearchConfig(method="darts", space="darts", batch_size=64, train_portion=0.5, order=2,
                                   spectral_norm=False),
+    # Exactly the authors' released search code path (SPEC sections 4a, 8): the cifar10 preset (their
+    # batch 128, 4:1 split, schedule) with edges mixed by softmax(-R) of the raw stable ranks, refreshed
+    # at every epoch, and their reduction-cell resolution quirk. What stays ours: spectral norms by
+    # warm-started power iteration (theirs restart from random vectors every forward).
+    "authors": SearchConfig(mixing="srsoftmax", authors_reduce_resolution=True),
 }
 
 
@@ -316,6 +326,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cifar10": TrainConfig(),
     # The paper's Table 1 comparison at the search depth (L = 8).
     "cifar10-l8": TrainConfig(layers=8),
+    # The paper's headline row (Table 2, SPEC section 4a): a per-cell genotype (--genotype
+    # RUN/genotype-cells.json of an L = 8 search), L_eval = L_search = 8 at C = 36, DARTS protocol.
+    "cifar10-cells": TrainConfig(layers=8),
     # The DARTS protocol on CIFAR-100 and SVHN (the usual transfer settings of DARTS-family papers).
     "cifar100": TrainConfig(dataset="cifar100"),
     "svhn": TrainConfig(dataset="svhn"),

@@ -25,6 +25,8 @@ from .errors import GenotypeError
 
 Pairs = tuple[tuple[str, int], ...]
 _FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
+#: The two cell types of a DARTS network.
+CELL_TYPES = ("normal", "reduce")
 
 
 @dataclass(frozen=True)
@@ -74,21 +76,8 @@ class Genotype:
         allowed = None if primitives is None else list(primitives)
         if len(self.normal) != len(self.reduce):
             raise GenotypeError(f"{source}: normal has {len(self.normal)} pairs but reduce has {len(self.reduce)}")
-        for name in ("normal", "reduce"):
-            pairs = getattr(self, name)
-            if len(pairs) == 0 or len(pairs) % 2:
-                raise GenotypeError(f"{source}: {name} must hold two (op, input) pairs per node, got {len(pairs)}")
-            for k, (op, inp) in enumerate(pairs):
-                node = 2 + k // 2
-                if allowed is not None and op not in allowed:
-                    raise GenotypeError(f"{source}: {name}[{k}] has op {op!r}; allowed ops: {', '.join(allowed)}")
-                if not 0 <= inp < node:
-                    raise GenotypeError(f"{source}: {name}[{k}] feeds node {node} from node {inp}; "
-                                        f"inputs must be in 0..{node - 1}")
-            concat = getattr(self, name + "_concat")
-            n_nodes = 2 + len(pairs) // 2
-            if not concat or len(set(concat)) != len(concat) or not all(0 <= c < n_nodes for c in concat):
-                raise GenotypeError(f"{source}: {name}_concat {list(concat)} must list distinct nodes in 0..{n_nodes - 1}")
+        for name in CELL_TYPES:
+            _check_cell(getattr(self, name), getattr(self, name + "_concat"), name, allowed, source)
 
     def __str__(self) -> str:
         def fmt(pairs: Pairs) -> str:
@@ -106,6 +95,109 @@ class Genotype:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON form atomically."""
+        from ._io import atomic_write_bytes
+
+        atomic_write_bytes(path, self.to_json().encode())
+
+
+def _check_cell(pairs: Pairs, concat: tuple[int, ...], name: str, allowed: list[str] | None, source: str) -> None:
+    """One cell's structure: two (op, input) pairs per node, inputs from earlier nodes, a concat of
+    distinct nodes (and, if ``allowed`` is given, only those ops)."""
+    if len(pairs) == 0 or len(pairs) % 2:
+        raise GenotypeError(f"{source}: {name} must hold two (op, input) pairs per node, got {len(pairs)}")
+    for k, (op, inp) in enumerate(pairs):
+        node = 2 + k // 2
+        if allowed is not None and op not in allowed:
+            raise GenotypeError(f"{source}: {name}[{k}] has op {op!r}; allowed ops: {', '.join(allowed)}")
+        if not 0 <= inp < node:
+            raise GenotypeError(f"{source}: {name}[{k}] feeds node {node} from node {inp}; "
+                                f"inputs must be in 0..{node - 1}")
+    n_nodes = 2 + len(pairs) // 2
+    if not concat or len(set(concat)) != len(concat) or not all(0 <= c < n_nodes for c in concat):
+        raise GenotypeError(f"{source}: {name}_concat {list(concat)} must list distinct nodes in 0..{n_nodes - 1}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a per-cell architecture: its type ('normal' or 'reduce'), pairs and concat."""
+
+    type: str
+    pairs: Pairs
+    concat: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CellGenotypes:
+    """A per-cell architecture (SPEC section 4a): one cell genotype per cell of the network, in depth
+    order, each tagged normal or reduce. The evaluation network has exactly these cells.
+
+    JSON form (``genotype-cells.json``)::
+
+        {"cells": [{"type": "normal", "pairs": [["sep_conv_3x3", 1], ...], "concat": [2, 3, 4, 5]},
+                   ...]}
+    """
+
+    cells: tuple[Cell, ...]
+
+    @property
+    def layers(self) -> int:
+        return len(self.cells)
+
+    @property
+    def steps(self) -> int:
+        return len(self.cells[0].pairs) // 2
+
+    def reduction_layers(self) -> tuple[int, ...]:
+        return tuple(k for k, c in enumerate(self.cells) if c.type == "reduce")
+
+    def ops(self) -> set[str]:
+        return {op for c in self.cells for op, _ in c.pairs}
+
+    def to_dict(self) -> dict:
+        return {"cells": [{"type": c.type, "pairs": [[op, i] for op, i in c.pairs], "concat": list(c.concat)}
+                          for c in self.cells]}
+
+    @classmethod
+    def from_dict(cls, data: object, primitives: Iterable[str] | None = None,
+                  source: str = "genotype") -> "CellGenotypes":
+        if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or set(data) != {"cells"}:
+            raise GenotypeError(f"{source}: a per-cell genotype is an object with one field, cells (a list)")
+        cells = []
+        for k, c in enumerate(data["cells"]):
+            where = f"{source}: cells[{k}]"
+            if not isinstance(c, dict):
+                raise GenotypeError(f"{where}: expected an object with fields type, pairs, concat")
+            missing = [f for f in ("type", "pairs", "concat") if f not in c]
+            if missing:
+                raise GenotypeError(f"{where}: missing field(s) {', '.join(missing)}")
+            extra = sorted(set(c) - {"type", "pairs", "concat"})
+            if extra:
+                raise GenotypeError(f"{where}: unknown field(s) {', '.join(extra)}")
+            if c["type"] not in CELL_TYPES:
+                raise GenotypeError(f"{where}: type {c['type']!r}; allowed: {', '.join(CELL_TYPES)}")
+            cells.append(Cell(c["type"], _pairs(c["pairs"], f"{where}: pairs"), _ints(c["concat"], f"{where}: concat")))
+        geno = cls(tuple(cells))
+        geno.validate(primitives, source)
+        return geno
+
+    def validate(self, primitives: Iterable[str] | None = None, source: str = "genotype") -> None:
+        allowed = None if primitives is None else list(primitives)
+        if not self.cells:
+            raise GenotypeError(f"{source}: cells is empty")
+        for k, c in enumerate(self.cells):
+            _check_cell(c.pairs, c.concat, f"cells[{k}]", allowed, source)
+        if len({len(c.pairs) for c in self.cells}) != 1:
+            raise GenotypeError(f"{source}: every cell must have the same number of nodes")
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def to_json(self) -> str:
+        """The JSON form, one cell per line."""
+        rows = ",\n".join("    " + json.dumps(c) for c in self.to_dict()["cells"])
+        return '{\n  "cells": [\n' + rows + "\n  ]\n}\n"
+
+    def save(self, path: str | os.PathLike) -> None:
         from ._io import atomic_write_bytes
 
         atomic_write_bytes(path, self.to_json().encode())
@@ -166,8 +258,9 @@ def parse_genotype(text: str, primitives: Iterable[str] | None = None, source: s
     return Genotype.from_dict(data, primitives, source)
 
 
-def read_genotype_file(path: str | os.PathLike, primitives: Iterable[str] | None = None) -> Genotype:
-    """A genotype from a JSON file or a file holding a DARTS ``Genotype(...)`` string."""
+def read_genotype_file(path: str | os.PathLike, primitives: Iterable[str] | None = None
+                       ) -> "Genotype | CellGenotypes":
+    """A genotype from a JSON file (either form) or a file holding a DARTS ``Genotype(...)`` string."""
     path = Path(path)
     try:
         content = path.read_text()
@@ -179,7 +272,15 @@ def read_genotype_file(path: str | os.PathLike, primitives: Iterable[str] | None
         data = json.loads(content)
     except json.JSONDecodeError as e:
         raise GenotypeError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    return Genotype.from_dict(data, primitives, source=str(path))
+    return genotype_from_dict(data, primitives, source=str(path))
+
+
+def genotype_from_dict(data: object, primitives: Iterable[str] | None = None, source: str = "genotype"
+                       ) -> "Genotype | CellGenotypes":
+    """Either form from its JSON: a per-cell genotype (a ``cells`` list) or a mean one."""
+    if isinstance(data, dict) and "cells" in data:
+        return CellGenotypes.from_dict(data, primitives, source)
+    return Genotype.from_dict(data, primitives, source)
 
 
 def pairs(items: Sequence[tuple[str, int]]) -> Pairs:

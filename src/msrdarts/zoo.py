@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 from .errors import ConfigError, GenotypeError
-from .genotype import Genotype, pairs, parse_genotype, read_genotype_file
+from .genotype import CellGenotypes, Genotype, genotype_from_dict, pairs, parse_genotype, read_genotype_file
 
 _CONCAT = (2, 3, 4, 5)
 _ZOO: dict[str, Genotype] = {}
@@ -67,10 +68,19 @@ register_genotype("P_DARTS", _g(
      ("max_pool_3x3", 0), ("dil_conv_3x3", 1), ("dil_conv_3x3", 1), ("dil_conv_5x5", 3)],
 ))
 
+# PC-DARTS searched on ImageNet (its authors' genotypes.py, PC_DARTS_image): 24.2 % top-1, 5.3M
+# parameters, 597M mult-adds in the mobile setting (SPEC section 5).
+register_genotype("PC_DARTS_IMAGENET", _g(
+    [("skip_connect", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 0), ("skip_connect", 1),
+     ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("dil_conv_5x5", 4)],
+    [("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 1),
+     ("sep_conv_3x3", 2), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0), ("sep_conv_3x3", 3)],
+))
 
-def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = None) -> Genotype:
-    """A genotype from a zoo name, a DARTS ``Genotype(...)`` string, or a file holding either JSON or
-    such a string."""
+
+def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = None) -> Genotype | CellGenotypes:
+    """A genotype from a zoo name, a DARTS ``Genotype(...)`` string, its JSON form, or a file holding
+    either JSON form (mean or per-cell) or such a string."""
     text = str(spec)
     if text in _ZOO:
         geno = _ZOO[text]
@@ -78,6 +88,12 @@ def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = No
         return geno
     if text.lstrip().startswith("Genotype("):
         return parse_genotype(text, primitives)
+    if text.lstrip().startswith("{"):   # the JSON form itself (str() of a per-cell genotype)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GenotypeError(f"genotype JSON string: invalid at column {e.colno}: {e.msg}") from None
+        return genotype_from_dict(data, primitives, "genotype JSON string")
     if not Path(text).is_file():
         raise GenotypeError(f"genotype {text!r} is neither a file, a Genotype(...) string nor a zoo name "
                             f"({', '.join(_ZOO)})")

@@ -14,7 +14,7 @@ Order of calls in a run::
     m.load_state_dict(ckpt[...])          on --resume
     per epoch:  m.new_epoch(epoch, fresh)      (fresh: not a resumed mid-epoch position)
                 m.step_hook(epoch_seed, start) -> before_step(step, x, y) or None
-                m.derive(net) -> (scores (2, edges, ops), Genotype)   after the epoch
+                m.derive(net) -> Derivation (scores, genotype, per-cell ones)   after the epoch
     m.state_dict()                        what a checkpoint keeps (plain data and tensors)
 """
 
@@ -27,9 +27,21 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..genotype import Genotype
+from ..genotype import CellGenotypes, Genotype
 
 BeforeStep = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Derivation:
+    """What a method reads off the supernet after an epoch: its score table per cell type
+    (2, edges, ops) [normal, reduce] and the genotype; optionally the table of every cell
+    (layers, edges, ops) and one genotype per cell (SPEC section 4a)."""
+
+    scores: torch.Tensor
+    genotype: Genotype
+    cell_scores: torch.Tensor | None = None
+    cells: CellGenotypes | None = None
 
 
 @dataclass
@@ -73,8 +85,8 @@ class Method:
         """The ``before_step(step, x, y)`` of an epoch that starts at step ``start``, or None."""
         return None
 
-    def derive(self, net: nn.Module) -> tuple[torch.Tensor, Genotype]:
-        """The score table (2, edges, ops) [normal, reduce] and the genotype read off the supernet."""
+    def derive(self, net: nn.Module) -> Derivation:
+        """The score tables and the genotype(s) read off the supernet."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any] | None:

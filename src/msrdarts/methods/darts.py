@@ -33,7 +33,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..genotype import Genotype, num_edges
-from .base import BeforeStep, Method, SearchContext, register_method
+from .base import BeforeStep, Derivation, Method, SearchContext, register_method
 from .derive import derive_genotype
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -151,6 +151,8 @@ class DARTS(Method):
                               "--spectral-norm (its default is off)")
         if cfg.mixing != "sum":
             raise ConfigError("--method darts mixes by its learned alphas; --mixing applies to --method msr only")
+        if cfg.select != "min":
+            raise ConfigError("--select applies to --method msr (stable ranks) only; DARTS picks the strongest alphas")
 
     def adapt(self, net: nn.Module) -> None:
         for a in add_alphas(net).arch_parameters():   # trained by the Architect's own steps only
@@ -172,10 +174,10 @@ class DARTS(Method):
                 architect.step(x, y, accel.input(xv), yv)
         return step
 
-    def derive(self, net: nn.Module) -> tuple[torch.Tensor, Genotype]:
+    def derive(self, net: nn.Module) -> Derivation:
         table = alpha_table(net).cpu()
-        return table, derive_genotype(-table[0], -table[1], net.primitives, net.steps, net.multiplier,
-                                      exclude=("none",))
+        return Derivation(table, derive_genotype(-table[0], -table[1], net.primitives, net.steps, net.multiplier,
+                                                 exclude=("none",)))
 
     def state_dict(self) -> dict[str, Any]:
         return self.architect.optimizer.state_dict()

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..genotype import Genotype, num_edges, pairs
+from ..genotype import Cell, CellGenotypes, Genotype, num_edges, pairs
 
 
 def derive_cell(costs: torch.Tensor, primitives: Sequence[str], steps: int = 4, keep: int = 2,
@@ -58,3 +58,15 @@ def derive_genotype(normal_costs: torch.Tensor, reduce_costs: torch.Tensor, prim
         reduce=pairs(derive_cell(reduce_costs, primitives, steps, exclude=exclude)),
         reduce_concat=concat,
     )
+
+
+def derive_cells(costs: torch.Tensor, reduction: Sequence[bool], primitives: Sequence[str], steps: int = 4,
+                 multiplier: int = 4, exclude: Sequence[str] = ()) -> CellGenotypes:
+    """One genotype per cell (SPEC section 4a) from each cell's own costs, shape (layers, edges, ops),
+    with the same rule and tie breaks as :func:`derive_cell`; ``reduction[k]`` tags cell k."""
+    concat = tuple(range(2 + steps - multiplier, steps + 2))
+    if len(costs) != len(reduction):
+        raise ValueError(f"{len(costs)} cost tables for {len(reduction)} cells")
+    return CellGenotypes(tuple(
+        Cell("reduce" if red else "normal", pairs(derive_cell(c, primitives, steps, exclude=exclude)), concat)
+        for c, red in zip(costs, reduction)))

@@ -9,17 +9,17 @@ the lowest stable rank (averaged over the cells of a type), per node the 2 lowes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..genotype import Genotype
+from ..genotype import CellGenotypes, Genotype
 from ..primitives import convless
-from .base import Method, register_method
-from .derive import derive_genotype
-from .stable_rank import stable_rank_table, stable_ranks
+from .base import Derivation, Method, register_method
+from .derive import derive_cells, derive_genotype
+from .stable_rank import cell_types, stable_rank_table, stable_ranks
 
 
 @register_method
@@ -49,10 +49,27 @@ class MSR(Method):
     def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: Any) -> None:
         self.net = net
 
-    def derive(self, net: nn.Module) -> tuple[torch.Tensor, Genotype]:
-        table = stable_rank_table(net, resolution_normalized=self.cfg.rank_per_pixel,
-                                  authors_quirk=self.cfg.authors_reduce_resolution).cpu()
-        return table, derive_genotype(table[0], table[1], net.primitives, net.steps, net.multiplier)
+    def derive(self, net: nn.Module) -> Derivation:
+        """Mean and per-cell genotypes from the stable ranks at this epoch."""
+        ranks = stable_ranks(net, resolution_normalized=self.cfg.rank_per_pixel,
+                             authors_quirk=self.cfg.authors_reduce_resolution)
+        is_red = cell_types(net).to(ranks.device)
+        table = torch.stack([ranks[~is_red].mean(0), ranks[is_red].mean(0)]).cpu()
+        ranks = ranks.cpu()
+        genotype, cells = select_by_rank(table, ranks, is_red.tolist(), net.primitives, self.cfg.select,
+                                         net.steps, net.multiplier)
+        return Derivation(table, genotype, ranks, cells)
+
+
+def select_by_rank(table: torch.Tensor, ranks: torch.Tensor, reduction: list[bool], primitives: Sequence[str],
+                   select: str = "min", steps: int = 4, multiplier: int = 4) -> tuple[Genotype, CellGenotypes]:
+    """MSR-DARTS's choice (SPEC sections 4, 4a): from the per-type mean table (2, edges, ops) the
+    genotype, and from every cell's own table (layers, edges, ops) one genotype per cell.
+    ``select="min"``: the op and edges of lowest stable rank (the method); ``"max"``: of highest
+    (the authors' ablation). The shared routine minimises costs, so max passes -R."""
+    sign = 1.0 if select == "min" else -1.0
+    genotype = derive_genotype(sign * table[0], sign * table[1], primitives, steps, multiplier)
+    return genotype, derive_cells(sign * ranks, reduction, primitives, steps, multiplier)
 
 
 def use_srsoftmax(net: nn.Module) -> nn.Module:

@@ -11,19 +11,20 @@ import torch
 from torch import nn
 
 from ..config import check_network, check_positive
-from ..genotype import Genotype
+from ..errors import ConfigError
+from ..genotype import CellGenotypes, Genotype, Pairs
 from .ops import Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
 
 
 class EvalCell(nn.Module):
     """A discrete cell: node j = op_a(x_a) + op_b(x_b) for the two (op, input) pairs of node j."""
 
-    def __init__(self, genotype: Genotype, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool):
+    def __init__(self, pairs: Pairs, concat: tuple[int, ...], C_pp: int, C_p: int, C: int, reduction: bool,
+                 reduction_prev: bool):
         super().__init__()
         self.reduction = reduction
         self.pre0, self.pre1 = cell_preprocess(C_pp, C_p, C, reduction_prev, affine=True)
-        pairs = genotype.reduce if reduction else genotype.normal
-        self.concat = tuple(genotype.reduce_concat if reduction else genotype.normal_concat)
+        self.concat = tuple(concat)
         self.inputs = tuple(i for _, i in pairs)
         self.ops = nn.ModuleList(get_op(name)(C, 2 if reduction and i < 2 else 1, True) for name, i in pairs)
         self.steps = len(pairs) // 2
@@ -69,16 +70,21 @@ class AuxiliaryHead(nn.Module):
 class Network(nn.Module):
     """Stem, ``layers`` cells of ``genotype`` (reductions at L/3 and 2L/3), global pool, linear.
 
+    ``genotype`` is a :class:`Genotype` (every normal cell alike, every reduction cell alike) or a
+    :class:`CellGenotypes` (cell k built from entry k; ``layers`` must equal its length and its
+    reduce entries must sit at the network's reduction depths).
+
     ``forward`` returns (logits, auxiliary logits or None); the auxiliary head sits after the
     second reduction cell and runs only in training mode.
     """
 
-    def __init__(self, genotype: Genotype, num_classes: int, layers: int, channels: int, stem: str = "cifar",
+    def __init__(self, genotype: Genotype | CellGenotypes, num_classes: int, layers: int, channels: int, stem: str = "cifar",
                  in_channels: int = 3, input_size: int = 32, auxiliary: bool = False, stem_multiplier: int = 3):
         super().__init__()
         genotype.validate(list_ops())
         check_network(layers, channels)
         check_positive(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+        cells_of = cell_specs(genotype, layers)
         self.stem = Stem(stem, in_channels, channels, stem_multiplier)
         C_pp, C_p = self.stem.out_channels
         reduction_prev, C_curr = self.stem.reduction_prev, channels
@@ -89,7 +95,7 @@ class Network(nn.Module):
             if reduction:
                 C_curr *= 2
                 size = -(-size // 2)
-            cell = EvalCell(genotype, C_pp, C_p, C_curr, reduction, reduction_prev)
+            cell = EvalCell(*cells_of[i], C_pp, C_p, C_curr, reduction, reduction_prev)
             cells.append(cell)
             reduction_prev = reduction
             C_pp, C_p = C_p, len(cell.concat) * C_curr
@@ -114,3 +120,21 @@ class Network(nn.Module):
         """Drop-path probability for the next forwards (DARTS ramps it linearly over training)."""
         self.drop_prob = float(prob)
 
+
+
+def cell_specs(genotype: Genotype | CellGenotypes, layers: int) -> list[tuple[Pairs, tuple[int, ...]]]:
+    """(pairs, concat) of each of the ``layers`` cells; a per-cell genotype must fit the network."""
+    reductions = reduction_layers(layers)
+    if isinstance(genotype, Genotype):
+        return [(genotype.reduce, genotype.reduce_concat) if i in reductions else (genotype.normal, genotype.normal_concat)
+                for i in range(layers)]
+    if genotype.layers != layers:
+        raise ConfigError(f"--layers={layers}: the per-cell genotype has {genotype.layers} cells; the network "
+                          f"needs one cell per entry (leave --layers out to take it from the genotype)")
+    for k, cell in enumerate(genotype.cells):
+        wanted = "reduce" if k in reductions else "normal"
+        if cell.type != wanted:
+            raise ConfigError(f"per-cell genotype: cell {k} is {cell.type!r} but a network of {layers} cells has a "
+                              f"{'reduction' if wanted == 'reduce' else 'normal'} cell there (reduction cells at "
+                              f"{' and '.join(map(str, reductions))})")
+    return [(c.pairs, c.concat) for c in genotype.cells]

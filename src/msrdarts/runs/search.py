@@ -23,7 +23,7 @@ from ..data import StreamData, derived_seed, search_split, subset_split
 from ..device import resolve_device
 from ..distributed import Dist
 from ..errors import CheckpointError
-from ..genotype import Genotype, edge_index
+from ..genotype import CellGenotypes, Genotype, edge_index
 from ..methods import Method, SearchContext, get_method
 from ..nn.supernet import SuperNet
 from . import folder as F
@@ -40,6 +40,7 @@ class SearchResult:
     best_valid_acc: float
     history: list[dict]
     out: Path
+    cells: CellGenotypes | None = None   # one genotype per cell, at the same epoch (MSR-DARTS)
 
 
 def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
@@ -153,20 +154,30 @@ class SearchRun(EpochRun):
                         accel=self.accel, forward=self.eval_forward, reduce=dist.sum)
 
     def record(self, epoch: int, lr: float, tr: dict[str, float], ev: dict[str, float], t0: float) -> dict:
-        table, geno = self.method.derive(self.net)
-        self.dist.agree("genotype", str(geno))
-        return {
+        d = self.method.derive(self.net)
+        self.dist.agree("genotype", str(d.genotype) + str(d.cells))
+        # the method's score per (edge, op): MSR-DARTS stable ranks (lower wins), DARTS softmax(alpha)
+        scores = {"ops": list(self.net.primitives), "edges": self.edges,
+                  "normal": d.scores[0].tolist(), "reduce": d.scores[1].tolist()}
+        if self.method.score_key == "stable_rank":
+            scores["select"] = self.cfg.select
+        record = {
             "epoch": epoch + 1, "lr": lr,
             "train_loss": tr["loss"], "train_acc": tr["acc"], "valid_loss": ev["loss"], "valid_acc": ev["acc"],
             "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
-            "genotype": geno.to_dict(),
-            # the method's score per (edge, op): MSR-DARTS stable ranks (lower wins), DARTS softmax(alpha)
-            self.method.score_key: {"ops": list(self.net.primitives), "edges": self.edges,
-                                    "normal": table[0].tolist(), "reduce": table[1].tolist()},
+            "genotype": d.genotype.to_dict(), self.method.score_key: scores,
         }
+        if d.cells is not None:   # every cell's own table and genotype (SPEC section 4a)
+            scores["cells"] = d.cell_scores.tolist()
+            scores["cell_types"] = [c.type for c in d.cells.cells]
+            record["genotype_cells"] = d.cells.to_dict()
+        return record
 
     def best_extra(self, record: dict) -> dict[str, Any]:
-        return {"genotype": record["genotype"]}
+        extra = {"genotype": record["genotype"]}
+        if "genotype_cells" in record:
+            extra["genotype_cells"] = record["genotype_cells"]
+        return extra
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"arch_optimizer": self.method.state_dict()}
@@ -174,6 +185,8 @@ class SearchRun(EpochRun):
     def write_files(self) -> None:
         if self.best is not None:
             Genotype.from_dict(self.best["genotype"]).save(self.out / F.GENOTYPE)
+            if "genotype_cells" in self.best:
+                CellGenotypes.from_dict(self.best["genotype_cells"]).save(self.out / F.GENOTYPE_CELLS)
 
     def epoch_line(self, tag: str, tr: dict[str, float], ev: dict[str, float], lr: float, record: dict) -> str:
         return (f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {ev['loss']:.4f} "
@@ -183,12 +196,15 @@ class SearchRun(EpochRun):
     def finish(self) -> SearchResult:
         if self.best is None:
             raise CheckpointError(f"{self.out}: no completed epoch to derive a genotype from")
+        cells = self.best.get("genotype_cells")
         return SearchResult(Genotype.from_dict(self.best["genotype"]), self.best["epoch"], self.best["valid_acc"],
-                            self.history, self.out)
+                            self.history, self.out, None if cells is None else CellGenotypes.from_dict(cells))
 
     def summary(self, result: SearchResult) -> None:
         log, out = self.log, self.out
         log(f"genotype (epoch {result.best_epoch}, valid acc {result.best_valid_acc:.2f}%): {result.genotype}")
+        if result.cells is not None:
+            log(f"one genotype per cell ({result.cells.layers} cells) in {self.out / F.GENOTYPE_CELLS}")
         if self.dist.active:
             log(f"all {self.dist.world} processes derived this genotype")
         log(f"results in {out}/ ({F.GENOTYPE}, {F.HISTORY}, {F.CHECKPOINT}{', plots/' if self.cfg.plots else ''}); "

@@ -23,9 +23,9 @@ from ..data import resolve_workers
 from ..device import resolve_device
 from ..distributed import Dist
 from ..errors import CheckpointError, ConfigError, first_line
-from ..genotype import Genotype
+from ..genotype import genotype_from_dict
 from ..nn.metrics import count_mult_adds, count_parameters
-from ..nn.network import Network
+from ..nn.network import Network, cell_specs
 from ..nn.ops import list_ops
 from ..zoo import load_genotype
 from . import folder as F
@@ -93,9 +93,10 @@ class TrainRun(EpochRun):
         cfg, out = self.cfg, self.out
         if ckpt is None:
             self.genotype = load_genotype(cfg.genotype, primitives=list_ops())
+            cell_specs(self.genotype, cfg.layers)   # a per-cell genotype must fit --layers: say so before any work
             return
         # the architecture the run trained, whatever --genotype points at now
-        self.genotype = Genotype.from_dict(ckpt["genotype"], list_ops(), source=f"{out / F.CHECKPOINT}: genotype")
+        self.genotype = genotype_from_dict(ckpt["genotype"], list_ops(), source=f"{out / F.CHECKPOINT}: genotype")
         try:
             now = load_genotype(cfg.genotype, primitives=list_ops())
         except ConfigError:
@@ -202,7 +203,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     if not str(ckpt.get("format", "")).startswith(CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path}: not a training checkpoint (format {ckpt.get('format')!r})")
     cfg = TrainConfig.from_dict(ckpt["config"], source=str(path))
-    genotype = Genotype.from_dict(ckpt["genotype"], list_ops(), source=f"{path}: genotype")
+    genotype = genotype_from_dict(ckpt["genotype"], list_ops(), source=f"{path}: genotype")
     dev = resolve_device(device)
     data = load_run_data(cfg, root=data_root, download=False, progress=progress)
     model = Network(genotype, data.num_classes, cfg.layers, cfg.channels, stem=data.stem,

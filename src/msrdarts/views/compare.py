@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from ..genotype import Genotype
+from ..genotype import CellGenotypes, Genotype, genotype_from_dict
 from ..primitives import short_name
 from ..runs import folder as F
 
@@ -46,11 +46,15 @@ class Row:
     genotype: str                 # compact: N: op@input ... | R: ...
 
 
-def compact(genotype: Genotype) -> str:
-    """``N: s3@1 s3@0, ... | R: ...``: the ops of each node's pair (comma between nodes)."""
+def compact(genotype: Genotype | CellGenotypes) -> str:
+    """``N: s3@1 s3@0, ... | R: ...``: the ops of each node's pair (comma between nodes); a per-cell
+    genotype: ``0N: ... | 1N: ... | 2R: ...``, every cell in depth order."""
     def cell(pairs: Sequence[tuple[str, int]]) -> str:
         items = [f"{short_name(op)}@{i}" for op, i in pairs]
         return ", ".join(" ".join(items[k:k + 2]) for k in range(0, len(items), 2))
+    if isinstance(genotype, CellGenotypes):
+        return " | ".join(f"{k}{'R' if c.type == 'reduce' else 'N'}: {cell(c.pairs)}"
+                          for k, c in enumerate(genotype.cells))
     return f"N: {cell(genotype.normal)} | R: {cell(genotype.reduce)}"
 
 
@@ -59,11 +63,11 @@ def _json(path: Path) -> Any:
 
 
 def method_name(config: dict[str, Any]) -> str:
-    """A search run's method label: ``msr-darts``, ``darts-1st`` / ``darts-2nd`` (plus the space when
-    DARTS searched another space than its own)."""
+    """A search run's method label: ``msr-darts`` (``msr-darts-max`` for the authors' max ablation),
+    ``darts-1st`` / ``darts-2nd`` (plus the space when DARTS searched another space than its own)."""
     method = config.get("method", "msr")
     if method == "msr":
-        return "msr-darts"
+        return "msr-darts-max" if config.get("select") == "max" else "msr-darts"
     if method != "darts":
         return method   # a user's own method: its registered name
     label = "darts-1st" if config.get("order", 1) == 1 else "darts-2nd"
@@ -78,15 +82,17 @@ def _search_hours(folder: Path) -> float:
 
 
 def _origin(genotype_spec: str, train_seed: int) -> tuple[str, int | None, float | None, Path | None]:
-    """(method, seed, search hours, origin folder) of a training run's --genotype."""
+    """(method, seed, search hours, origin folder) of a training run's --genotype: a search's
+    genotype-cells.json counts as its own method (``msr-darts-cells``)."""
     path = Path(genotype_spec)
-    folder = path.parent if path.name == F.GENOTYPE else None
+    folder = path.parent if path.name in (F.GENOTYPE, F.GENOTYPE_CELLS) else None
     kind = F.run_kind(folder) if folder is not None else None
     if kind == "sample":
         return "random", int(_json(folder / F.SAMPLE)["index"]), 0.0, folder.resolve()
     if kind == "search":
         config = _json(folder / F.CONFIG)
-        return method_name(config), int(config.get("seed", 0)), _search_hours(folder), folder.resolve()
+        label = method_name(config) + ("-cells" if path.name == F.GENOTYPE_CELLS else "")
+        return label, int(config.get("seed", 0)), _search_hours(folder), folder.resolve()
     return (path.stem if path.suffix else genotype_spec), train_seed, None, None
 
 
@@ -104,7 +110,7 @@ def gather(paths: Sequence[str | Path]) -> list[Row]:
                 trained_from.add(origin)
             rows.append(Row(method, seed, str(p), hours, res.get("device_hours"), res.get("params_m"),
                             res.get("mult_adds_m"), res.get("test_top1_error"),
-                            compact(Genotype.from_dict(res["genotype"], source=f"{p / F.RESULTS}: genotype"))))
+                            compact(genotype_from_dict(res["genotype"], source=f"{p / F.RESULTS}: genotype"))))
         elif kind == "search":
             searches.append(p)
         elif kind == "sample":

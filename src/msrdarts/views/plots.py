@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from .._io import atomic_write_bytes
 from ..errors import MsrdartsError, first_line
-from ..genotype import Genotype, Pairs
+from ..genotype import CellGenotypes, Genotype, Pairs
 from ..primitives import colour
 from ..runs import folder as F
 from ..zoo import load_genotype
@@ -119,8 +119,10 @@ def _draw_cell(ax: Any, pairs: Pairs, concat: tuple[int, ...], cell: str, title:
     ax.axis("off")
 
 
-def draw_cells(genotype: Genotype, title: str | None = None) -> Any:
-    """The normal and the reduction cell one above the other."""
+def draw_cells(genotype: Genotype | CellGenotypes, title: str | None = None) -> Any:
+    """The normal and the reduction cell one above the other (a per-cell genotype: every cell)."""
+    if isinstance(genotype, CellGenotypes):
+        return draw_cell_grid(genotype, title)
     fig = _figure(10, 7.5)
     ax_n, ax_r = fig.subplots(2, 1)
     _draw_cell(ax_n, genotype.normal, genotype.normal_concat, "normal", "normal cell")
@@ -131,7 +133,24 @@ def draw_cells(genotype: Genotype, title: str | None = None) -> Any:
     return fig
 
 
-def plot_genotype(genotype: Genotype, path: str | os.PathLike, title: str | None = None) -> Path:
+def draw_cell_grid(cells: CellGenotypes, title: str | None = None, columns: int = 2) -> Any:
+    """Every cell of a per-cell genotype as a small DAG, in depth order, row by row."""
+    rows = -(-cells.layers // columns)
+    fig = _figure(5.2 * columns, 2.9 * rows)
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for k, (ax, cell) in enumerate(zip(axes, cells.cells)):
+        _draw_cell(ax, cell.pairs, cell.concat, f"cell{k}", f"cell {k}: {'reduction' if cell.type == 'reduce' else 'normal'}")
+        for text in ax.texts:   # small DAGs: smaller labels
+            text.set_fontsize(min(text.get_fontsize(), 6))
+    for ax in axes[cells.layers:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_genotype(genotype: Genotype | CellGenotypes, path: str | os.PathLike, title: str | None = None) -> Path:
     """Draw both cells of ``genotype`` into ``path`` (format from the suffix: .png, .svg or .pdf)."""
     path = Path(path)
     atomic_write_bytes(path, render(draw_cells(genotype, title), path.suffix.lstrip(".").lower() or "png", dpi=130))
@@ -149,7 +168,7 @@ def score_table(record: dict[str, Any]) -> dict[str, Any] | None:
         if kind in record:
             t = record[kind]
             return {"kind": kind, "ops": list(t["ops"]), "edges": [tuple(e) for e in t["edges"]],
-                    "normal": t["normal"], "reduce": t["reduce"]}
+                    "normal": t["normal"], "reduce": t["reduce"], "select": t.get("select", "min")}
     return None
 
 
@@ -157,8 +176,9 @@ def costs(scores: dict[str, Any], cell: str) -> list[list[float]]:
     """The costs derivation minimises (msrdarts.methods.derive): stable ranks, or -softmax(alpha) with
     ``none`` never chosen."""
     table = scores[cell]
-    if scores["kind"] == "stable_rank":
-        return [list(row) for row in table]
+    if scores["kind"] == "stable_rank":   # --select max (the authors' ablation) picks the highest ranks
+        sign = -1.0 if scores.get("select") == "max" else 1.0
+        return [[sign * v for v in row] for row in table]
     return [[math.inf if op == "none" else -a for op, a in zip(scores["ops"], row)] for row in table]
 
 
@@ -221,7 +241,8 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None,
         ax.set_title(f"{cell} cell", fontsize=10)
         ax.set_xlabel("op", fontsize=8)
     axes[0].set_ylabel("edge (source -> node; inputs are 0, 1)", fontsize=8)
-    what = "mean stable rank (lower wins; colour: log10)" if low_wins else "softmax(alpha) (higher wins)"
+    what = ("mean stable rank (" + ("higher wins: --select max" if scores.get("select") == "max" else "lower wins")
+            + "; colour: log10)") if low_wins else "softmax(alpha) (higher wins)"
     fig.suptitle(f"{title or 'epoch ' + str(record['epoch'])}: {what}. Frame: each edge's op; red: the kept edges",
                  fontsize=9)
     fig.tight_layout()
@@ -338,11 +359,12 @@ def read_run(run: str | os.PathLike) -> dict[str, Any]:
     config = F.read_json(run / F.CONFIG) if (run / F.CONFIG).is_file() else {}
     results = F.read_json(run / F.RESULTS) if (run / F.RESULTS).is_file() else None
     genotype = load_genotype(run / F.GENOTYPE) if (run / F.GENOTYPE).is_file() else None
+    cells = load_genotype(run / F.GENOTYPE_CELLS) if (run / F.GENOTYPE_CELLS).is_file() else None
     kind = F.run_kind(run)
     if kind is None:   # history without config.json: a search if its epochs carry score tables
         kind = "search" if any(score_table(r) is not None for r in history) else "train"
-    return {"path": run, "config": config, "history": history, "genotype": genotype, "results": results,
-            "kind": kind}
+    return {"path": run, "config": config, "history": history, "genotype": genotype, "cells": cells,
+            "results": results, "kind": kind}
 
 
 def run_figures(run: dict[str, Any]) -> dict[str, Any]:
@@ -351,6 +373,8 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     if genotype is not None:
         figures["cells"] = draw_cells(genotype)
+    if run.get("cells") is not None:
+        figures["cells-per-cell"] = draw_cell_grid(run["cells"], f"one genotype per cell ({F.GENOTYPE_CELLS})")
     best = best_record(history) if run["kind"] == "search" else None
     if best is not None:
         last = history[-1]["epoch"]

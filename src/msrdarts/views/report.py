@@ -18,11 +18,14 @@ from typing import Any, Sequence
 from .._io import atomic_write_bytes
 from .compare import gather, method_name, summarize
 from ..errors import MsrdartsError, first_line
+from ..genotype import CellGenotypes
 from ..runs.folder import run_kind
 from .plots import best_record, read_run, render, run_figures, settle_epoch
 
 _CAPTIONS = {
-    "cells": "The derived genotype: the normal and the reduction cell.",
+    "cells": "The genotype: the normal and the reduction cell (a per-cell genotype: every cell of the network).",
+    "cells-per-cell": "One genotype per cell of the supernet (genotype-cells.json, SPEC section 4a): each cell's "
+                      "own stable ranks, at the same epoch as genotype.json.",
     "scores": "Scores per edge and op at the epoch genotype.json comes from, for each cell type. The frame "
               "marks each edge's chosen op; red frames and labels mark the edges the genotype keeps.",
     "trajectories-normal": "Normal cell: every op's score on every edge over the epochs.",
@@ -121,6 +124,13 @@ def _config(config: dict[str, Any]) -> str:
     return f"<details><summary>all {len(items)} settings</summary>{table}{extra}</details>"
 
 
+def _genotype_text(genotype: Any) -> str:
+    """A genotype as text: the DARTS form, or a per-cell genotype one cell a line."""
+    if isinstance(genotype, CellGenotypes):
+        return "\n".join(f"cell {k} ({c.type}): {[list(p) for p in c.pairs]}" for k, c in enumerate(genotype.cells))
+    return str(genotype)
+
+
 def _run_section(index: int, run: dict[str, Any]) -> str:
     config = run["config"]
     name = run["path"].name or str(run["path"])
@@ -131,7 +141,7 @@ def _run_section(index: int, run: dict[str, Any]) -> str:
              f'<p class="meta">{_e(run["path"].resolve())}</p>',
              f'<h3 id="run-{index}-results">Results</h3>', _results(run),
              f'<h3 id="run-{index}-genotype">Genotype</h3>',
-             f"<pre>{_e(run['genotype']) if run['genotype'] is not None else 'none yet'}</pre>",
+             f"<pre>{_e(_genotype_text(run['genotype'])) if run['genotype'] is not None else 'none yet'}</pre>",
              f'<h3 id="run-{index}-config">Configuration</h3>', _config(config),
              f'<h3 id="run-{index}-pictures">Pictures</h3>']
     for fig_name, fig in run_figures(run).items():
