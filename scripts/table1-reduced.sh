@@ -1,29 +1,59 @@
 #!/usr/bin/env bash
-# The paper's Table 1 comparison, reduced to finish in well under an hour on a laptop CPU:
-# MSR-DARTS, DARTS (first order) and random genotypes, 3 seeds each, searched and trained in the
-# same pipeline on a 5,000-image CIFAR-10 subset held in one .npz file, then one table.
-#   bash scripts/table1-reduced.sh DATA.npz [OUT]
+# The paper's Table 1 comparison (scripts/table1.sh) reduced to one unattended run on a 2-core CPU,
+# on a class-balanced CIFAR-10 subset in one .npz file, with the same rows:
+#   msr-darts, msr-darts-cells (per-cell, L_eval = L_search), msr-darts-max (the authors' ablation),
+#   darts-1st (msr space) (the paper's DARTS row: the same 4-op space), darts-1st (its own 8-op space),
+#   random (3 genotypes of the 4-op space, unconstrained: each one's size is printed beside its error).
+# 3 seeds each; every genotype trained at the search depth with the same budget; then one table.
+#   bash scripts/table1-reduced.sh [DATA.npz] [OUT] [RECORD]
 # DATA.npz: uint8 x_train (N, 32, 32, 3), y_train, x_test, y_test (see --dataset npz in the README);
-# python scripts/cifar10_subset.py data cifar10-5k.npz --download makes one (500 + 100 images per class).
-# Tiny networks and budgets: this checks the pipeline and the bookkeeping, not the paper's claim.
+# default ../shared/data/cifar10-mini.npz (5,000 + 1,000 images); python scripts/cifar10_subset.py makes
+# another. RECORD (default bench/results/table1-reduced) receives the raw outputs: the table, every
+# run's config.json and results.json, and the log, so each figure in BENCHMARKS.md has its file.
+# The budget (env: LAYERS, CHANNELS, SEARCH_EPOCHS, TRAIN_EPOCHS, SUBSET) is sized by
+# scripts/size-reduced.sh; see BENCHMARKS.md for what a run at this budget can and cannot show.
 set -euo pipefail
-NPZ=${1:?usage: bash scripts/table1-reduced.sh DATA.npz [OUT]}
+NPZ=${1:-../shared/data/cifar10-mini.npz}
 OUT=${2:-runs/table1-reduced}
-DATA=(--dataset npz --data "$NPZ" --device cpu --no-progress)
-SEARCH=(--layers 3 --channels 4 --batch-size 64 --epochs 5 --subset 0.2)
-TRAIN=(--preset cifar10 --layers 4 --channels 8 --batch-size 64 --epochs 3 --drop-path 0)
-mkdir -p "$OUT"
+RECORD=${3:-bench/results/table1-reduced}
+LAYERS=${LAYERS:-5}; CHANNELS=${CHANNELS:-8}; SEARCH_EPOCHS=${SEARCH_EPOCHS:-8}; TRAIN_EPOCHS=${TRAIN_EPOCHS:-8}
+SUBSET=${SUBSET:-0.4}   # search on a class-balanced 40 % (+ 10 % search-valid): searches cost more per image
+DATA=(--dataset npz --data "$NPZ" --device cpu --no-progress --no-plots --no-tensorboard)
+SEARCH=(--layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$SEARCH_EPOCHS" --subset "$SUBSET" --subset-valid 0.1)
+TRAIN=(--preset cifar10 --layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$TRAIN_EPOCHS" --drop-path 0)
+mkdir -p "$OUT" "$RECORD"
+{
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
+echo "# bash scripts/table1-reduced.sh $NPZ $OUT $RECORD  (LAYERS=$LAYERS CHANNELS=$CHANNELS SEARCH_EPOCHS=$SEARCH_EPOCHS TRAIN_EPOCHS=$TRAIN_EPOCHS SUBSET=$SUBSET)"
 for seed in 0 1 2; do
-  msrdarts search "${DATA[@]}" "${SEARCH[@]}" --subset-valid 0.1 --bn-recalibration 4 --seed $seed \
-    --out "$OUT/search-msr-$seed"
-  msrdarts search --preset darts-cifar10 "${DATA[@]}" "${SEARCH[@]}" --subset-valid 0.2 --order 1 --seed $seed \
-    --out "$OUT/search-darts-$seed"
+  for kind in msr msrmax darts4 darts8; do
+    out="$OUT/search-$kind-$seed"
+    [ -f "$out/genotype.json" ] && [ "$(python -c "import json,sys; h=open('$out/history.jsonl').read().splitlines(); print(len(h))")" = "$SEARCH_EPOCHS" ] && continue
+    resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
+    case $kind in
+      msr)    msrdarts search "${DATA[@]}" "${SEARCH[@]}" --bn-recalibration 4 --seed $seed --out "$out" "${resume[@]}" ;;
+      msrmax) msrdarts search "${DATA[@]}" "${SEARCH[@]}" --bn-recalibration 4 --select max --seed $seed --out "$out" "${resume[@]}" ;;
+      darts4) msrdarts search --method darts --space msr --order 1 "${DATA[@]}" "${SEARCH[@]}" --seed $seed --out "$out" "${resume[@]}" ;;
+      darts8) msrdarts search --method darts --space darts --order 1 "${DATA[@]}" "${SEARCH[@]}" --seed $seed --out "$out" "${resume[@]}" ;;
+    esac
+  done
 done
-msrdarts sample --space msr --n 3 --seed 0 --out "$OUT/random"
+[ -d "$OUT/random" ] || msrdarts sample --space msr --n 3 --seed 0 --out "$OUT/random" --layers "$LAYERS" --channels "$CHANNELS"
 for seed in 0 1 2; do
-  for g in "search-msr-$seed" "search-darts-$seed" "random/sample-0$seed"; do
-    msrdarts train "${DATA[@]}" "${TRAIN[@]}" --genotype "$OUT/$g/genotype.json" --seed $seed \
-      --out "$OUT/train-${g//\//-}"
+  for g in "search-msr-$seed/genotype.json" "search-msr-$seed/genotype-cells.json" "search-msrmax-$seed/genotype.json" \
+           "search-darts4-$seed/genotype.json" "search-darts8-$seed/genotype.json" "random/sample-0$seed/genotype.json"; do
+    name=$(echo "${g%.json}" | tr '/' '-')
+    out="$OUT/train-$name"
+    [ -f "$out/results.json" ] && continue
+    resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
+    msrdarts train "${DATA[@]}" "${TRAIN[@]}" --genotype "$OUT/$g" --seed $seed --out "$out" "${resume[@]}"
   done
 done
 msrdarts compare "$OUT"/train-* --out "$OUT/table.md" --csv "$OUT/table.csv"
+} 2>&1 | tee -a "$RECORD/log.txt"
+cp "$OUT/table.md" "$OUT/table.csv" "$OUT/table-methods.csv" "$RECORD/" 2>/dev/null || true
+for d in "$OUT"/train-* "$OUT"/search-*; do
+  mkdir -p "$RECORD/$(basename "$d")"
+  cp "$d/config.json" "$RECORD/$(basename "$d")/"
+  for f in results.json genotype.json genotype-cells.json; do [ -f "$d/$f" ] && cp "$d/$f" "$RECORD/$(basename "$d")/"; done
+done

@@ -274,7 +274,8 @@ class TrainConfig(_DataConfig):
     """Everything a from-scratch training run depends on (stored as config.json in the run folder)."""
 
     genotype: str = _f("MSR_DARTS", "genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
-    layers: int = _f(20, "cells (reduction cells at L/3 and 2L/3)")
+    layers: int = _f(20, "cells (reduction cells at L/3 and 2L/3); a per-cell --genotype sets it to its cell count "
+                           "unless given")
     channels: int = _f(36, "initial channels C")
     batch_size: int = _f(96, "images per step")
     epochs: int = _f(600, "training epochs")
