@@ -26,19 +26,24 @@ def test_presets_lists_every_preset():
 
 def test_a_method_brings_its_defaults_on_top_of_the_preset():
     cfg, origin = search_config("quick", method="darts")
-    assert (cfg.method, cfg.spectral_norm, cfg.space) == ("darts", False, "darts")
+    assert (cfg.method, cfg.spectral_norm, cfg.ops) == ("darts", False, MSR_PRIMITIVES)   # the preset's ops stay
     assert (cfg.dataset, cfg.layers, cfg.epochs) == ("digits", 5, 8)   # the preset's data and budget stay
-    assert origin == {"preset": "quick", "method": "darts", "method_defaults": ["space", "spectral_norm"],
+    assert origin == {"preset": "quick", "method": "darts", "method_defaults": ["spectral_norm"],
                       "overrides": ["method"]}
-    # an explicit setting wins over the method's default, and is not listed as the method's
-    cfg, origin = search_config("quick", method="darts", space="msr")
-    assert cfg.space == "msr" and origin["method_defaults"] == ["spectral_norm"]
-    # the user's own ops replace the method's space
-    cfg, _ = search_config("quick", method="darts", primitives="skip_connect,sep_conv_3x3")
+    cfg, origin = search_config("quick", method="darts", space="darts")
+    assert cfg.ops[0] == "none" and origin["method_defaults"] == ["spectral_norm"]
+    # settings only the previous method reads go back to their defaults unless given
+    cfg, origin = search_config("authors", method="darts")
+    assert (cfg.mixing, cfg.authors_reduce_resolution) == ("sum", False)
+    assert origin["method_defaults"] == ["authors_reduce_resolution", "mixing", "spectral_norm"]
+    # the user's own ops replace the preset's named space
+    cfg, _ = search_config("darts-cifar10", primitives="skip_connect,sep_conv_3x3")
     assert cfg.space == "" and cfg.ops == ("skip_connect", "sep_conv_3x3")
     # the method still checks what it cannot run with
     with pytest.raises(ConfigError, match="without spectral normalisation"):
         search_config("quick", method="darts", spectral_norm=True)
+    with pytest.raises(ConfigError, match="--space=darts: MSR-DARTS ranks ops by the stable rank"):
+        search_config("darts-cifar10", method="msr")
 
 
 def test_same_method_as_the_preset_brings_nothing():
@@ -50,8 +55,9 @@ def test_same_method_as_the_preset_brings_nothing():
 
 
 def test_back_to_msr_from_a_darts_preset_restores_its_settings():
-    cfg, origin = search_config("darts-cifar10", method="msr")
-    assert cfg.spectral_norm and cfg.space == "msr" and cfg.ops == MSR_PRIMITIVES
+    cfg, origin = search_config("darts-cifar10", method="msr", space="msr")
+    assert cfg.spectral_norm and cfg.order == 1 and cfg.ops == MSR_PRIMITIVES
+    assert origin["method_defaults"] == ["order", "spectral_norm"]
 
 
 def test_bad_settings_get_one_line_errors():
@@ -75,7 +81,7 @@ def test_progress_bars_only_on_a_terminal_unless_forced():
     assert show_progress("on", Tty(False)) and not show_progress("off", Tty(True))
     # configs written before auto/on/off read as on/off
     assert SearchConfig(progress=False).progress == "off"
-    assert TrainConfig.from_dict({"progress": True}).progress == "on"
+    assert TrainConfig.from_dict({"progress": True}).progress == "auto"   # the old default: bars where they help
 
 
 def test_stable_rank_and_spectral_norm_of_any_conv_against_a_dense_operator():
@@ -132,7 +138,7 @@ def test_config_json_keeps_the_origin_of_the_first_start_on_resume(tmp_path):
         msrdarts.search("quick", tmp_path / "run", log=lambda m: None, on_epoch_end=stop, method="darts",
                         order=1, **tiny)
     first = json.loads((tmp_path / "run" / "config.json").read_text())["origin"]
-    assert first["method_defaults"] == ["space", "spectral_norm"] and "order" in first["overrides"]
+    assert first["method_defaults"] == ["spectral_norm"] and "order" in first["overrides"]
     cfg = SearchConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
     result = msrdarts.search(cfg, tmp_path / "run", resume=True, log=lambda m: None)
     assert [r["epoch"] for r in result.history] == [1, 2]

@@ -23,6 +23,7 @@ from msrdarts.runs.search import run_search
 
 TINY = SearchConfig(dataset="digits", layers=3, channels=4, batch_size=256, epochs=2, lr=0.05, seed=0,
                     device="cpu", progress="off", plots=False, tensorboard=False, method="toy", spectral_norm=False)
+PICTURES = ("cells", "curves", "scores", "trajectories-normal", "trajectories-reduce")
 
 
 class Toy(Method):
@@ -78,8 +79,10 @@ def test_registry_refuses_duplicates_and_names_unknown_methods(toy_registered):
 
 
 def test_the_loop_runs_a_new_method_with_its_parameters_checkpoint_and_resume(toy_registered, tmp_path):
-    result = run_search(TINY, tmp_path / "run", log=lambda m: None)
+    result = run_search(replace(TINY, plots=True), tmp_path / "run", log=lambda m: None)
     history = read_history(tmp_path / "run")
+    # the views read the method's own score table: every picture of a search, from one file
+    assert sorted({p.stem for p in (tmp_path / "run" / "plots").iterdir()}) == sorted(PICTURES)
     assert [r["epoch"] for r in history] == [1, 2] and "toy_score" in history[0]
     # op 2 of the MSR space wins every edge; ties between edges go to the lower source node
     assert all(op == "dil_conv_3x3" for op, _ in result.genotype.normal + result.genotype.reduce)

@@ -31,7 +31,7 @@ def test_config_json_extras_are_ignored_and_unknown_fields_named():
 
 def test_progress_written_as_a_bool_reads_as_on_or_off():
     assert SearchConfig.from_dict({"progress": False}).progress == "off"
-    assert TrainConfig(progress=True).progress == "on"
+    assert TrainConfig(progress=True).progress == "auto"
 
 
 @pytest.mark.parametrize("cls, change, message", [

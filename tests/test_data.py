@@ -398,3 +398,19 @@ def test_npz_dataset_reads_arrays_without_pickle(tmp_path):
         load_dataset("npz", tmp_path / "short.npz")
     with pytest.raises(DataError, match="no such .npz file"):
         load_dataset("npz", tmp_path / "none.npz")
+
+
+@pytest.mark.parametrize("y_train, classes, message", [
+    (np.array([0, 1, -2, 3, -2, 1]), None, "y_train holds label(s) -2 outside 0..3 (2 of 6 labels;"),
+    (np.array([0, 1, 2, 3, 4, 1]), ["a", "b", "c", "d"], "y_train holds label(s) 4 outside 0..3 (1 of 6 labels; "
+                                                         "4 classes named in 'classes')"),
+    (np.array([0.0, 1.0, 2.0, 3.0, 1.0, 1.0]), None, "y_train must hold integer class labels, got float64"),
+])
+def test_npz_labels_outside_the_classes_are_named_when_read(tmp_path, y_train, classes, message):
+    g = np.random.default_rng(0)
+    x = g.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    extra = {} if classes is None else {"classes": np.array(classes)}
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y_train, x_test=x[:2], y_test=np.array([0, 3]), **extra)
+    with pytest.raises(DataError) as info:
+        load_dataset("npz", tmp_path / "d.npz")
+    assert str(info.value).startswith(f"{tmp_path / 'd.npz'}: {message}") and "\n" not in str(info.value)

@@ -155,3 +155,15 @@ def test_the_readme_layout_names_every_module():
     assert named == files
     for sub in ("nn", "methods", "data", "runs", "views"):
         assert f"{sub}/" in block
+
+
+def test_importing_the_pure_modules_loads_no_torch():
+    """Not only their own imports: the package's __init__ loads the API (and torch) on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, msrdarts.config, msrdarts.runs.folder, msrdarts.zoo, msrdarts.primitives, msrdarts.data.registry; "
+            "msrdarts.config.SearchConfig().validate(); print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

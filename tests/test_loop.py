@@ -268,3 +268,37 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     res = run_search(replace(cfg, epochs=3), out, resume=True, log=logs.append)
     assert any("resuming from the previous checkpoint" in m for m in logs)
     assert [h["epoch"] for h in res.history] == [1, 2, 3]
+
+
+@pytest.mark.slow   # end to end: a real process under a file-size limit
+def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_resumes(tmp_path):
+    """A checkpoint that cannot be written (here: a file-size limit below its size, which fails the
+    write like a full disk) stops the run with one line naming the run folder; the checkpoint of the
+    previous epoch is untouched, loads, and the run resumes from it once there is room again."""
+    args = ["search", "--dataset", "digits", "--layers", "3", "--channels", "4", "--batch-size", "64", "--epochs", "2",
+            "--device", "cpu", "--no-progress", "--no-plots", "--no-tensorboard"]
+    out = tmp_path / "run"
+    first = _cli(args, tmp_path / "ref")
+    assert first.returncode == 0, first.stderr
+    size = (tmp_path / "ref" / "checkpoint.pt").stat().st_size
+    code = ("import resource, sys; from msrdarts.cli import main; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2})); sys.exit(main(sys.argv[1:]))")
+    ok = _cli(args, out)
+    assert ok.returncode == 0
+    ckpt = out / "checkpoint.pt"
+    prev = load_checkpoint(previous_path(ckpt))
+    assert prev["epoch"] == 1
+    # put the run back at epoch 1 (as if epoch 2's save had failed), then fail epoch 2's save for real
+    ckpt.write_bytes(previous_path(ckpt).read_bytes())
+    before = ckpt.read_bytes()
+    full = subprocess.run([sys.executable, "-c", code, *args, "--out", str(out), "--resume"], capture_output=True,
+                          text=True, timeout=300, env=_env())
+    assert full.returncode == 2, full.stderr
+    err = full.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"msrdarts: error: {out}: could not save the run (") and "--resume" in err
+    assert ckpt.read_bytes() == before and not list(out.glob(".*.tmp"))   # untouched, no torn temporary left
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    again = _cli([*args, "--resume"], out)
+    assert again.returncode == 0, again.stderr
+    _assert_same_run(tmp_path / "ref", out)

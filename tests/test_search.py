@@ -40,7 +40,8 @@ def full_run(tmp_path_factory):
 def test_run_folder_contents(full_run):
     out, result = full_run
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "config.json",
-                                                      "genotype-cells.json", "genotype.json", "history.jsonl"]
+                                                      "genotype-cells-max.json", "genotype-cells.json",
+                                                      "genotype-max.json", "genotype.json", "history.jsonl"]
     assert SearchConfig.from_dict(json.loads((out / "config.json").read_text())) == TINY
     history = read_history(out)
     assert [r["epoch"] for r in history] == [1, 2]
@@ -87,6 +88,13 @@ def test_per_cell_genotypes_come_from_the_recorded_cell_tables_at_the_best_epoch
         assert again.to_dict() == r["genotype_cells"]
     best = max(history, key=lambda r: (r["valid_acc"], -r["epoch"]))
     assert json.loads((out / "genotype-cells.json").read_text()) == best["genotype_cells"]
+    # the authors' max ablation, from the same weights and epoch: the recorded tables, negated
+    t = best["stable_rank"]
+    neg = [c == "reduce" for c in t["cell_types"]]
+    top = derive_cells(-torch.tensor(t["cells"]), neg, t["ops"])
+    assert json.loads((out / "genotype-cells-max.json").read_text()) == top.to_dict() == \
+        best["ablations"]["cells-max"]
+    assert json.loads((out / "genotype-max.json").read_text()) == best["ablations"]["max"]
     assert result.cells.to_dict() == best["genotype_cells"] and result.cells.layers == TINY.layers
 
 

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .errors import WriteError
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -33,10 +35,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, keep: str | os.Path
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:   # a full disk or a file-size limit: the file it would replace is untouched
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write it ({e.strerror or e})") from None
     if keep is not None and path.is_file():
         keep = Path(keep)
         keep_tmp = keep.with_name(f".{keep.name}.tmp")

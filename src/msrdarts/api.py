@@ -57,9 +57,15 @@ def search_config(config_or_preset: str | SearchConfig = "cifar10", **overrides:
     method = get_method(name)
     brought: dict[str, Any] = {}
     if name != base.method:
-        brought = {k: v for k, v in method.defaults.items() if k not in given}
-        if "primitives" in given:   # the user's own ops replace the method's space
-            brought.pop("space", None)
+        try:
+            previous = get_method(base.method).owns
+        except ConfigError:
+            previous = ()
+        plain = SearchConfig()
+        brought = {k: getattr(plain, k) for k in previous if k not in given and getattr(base, k) != getattr(plain, k)}
+        brought.update({k: v for k, v in method.defaults.items() if k not in given})
+    if "primitives" in given and "space" not in given and base.space:
+        brought["space"] = ""   # the user's own ops replace the preset's named space
     cfg = replace(base, **brought, **given).validate()
     method.validate(cfg)
     origin = {"preset": preset, "method": name, "method_defaults": sorted(brought), "overrides": sorted(given)}

@@ -40,7 +40,7 @@ class _Config:
 
     def __post_init__(self) -> None:
         if isinstance(getattr(self, "progress", None), bool):   # progress=True/False as before auto/on/off
-            object.__setattr__(self, "progress", "on" if self.progress else "off")
+            object.__setattr__(self, "progress", "auto" if self.progress else "off")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -49,8 +49,8 @@ class _Config:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Any:
         known = {f.name: f for f in fields(cls)}
         data = {k: v for k, v in data.items() if k not in ("runtime", "origin")}  # what config.json adds on top
-        if isinstance(data.get("progress"), bool):   # written before --progress took auto/on/off
-            data["progress"] = "on" if data["progress"] else "off"
+        if isinstance(data.get("progress"), bool):   # written before --progress took auto/on/off: True was
+            data["progress"] = "auto" if data["progress"] else "off"   # the default, bars where they help
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -262,11 +262,6 @@ def get_preset(name: str) -> SearchConfig:
         return SEARCH_PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(SEARCH_PRESETS)}") from None
-
-
-def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """``cfg`` with the non-None entries of ``overrides`` replaced, validated."""
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ class CheckpointError(MsrdartsError):
     """A checkpoint or run folder that cannot be used: names the file and the mismatch."""
 
 
+class WriteError(MsrdartsError):
+    """A file could not be written (a full disk, a file-size limit, a read-only folder); the file it
+    would have replaced is untouched."""
+
+
 class GenotypeError(ConfigError):
     """A malformed genotype: the message names the field and the problem."""
 

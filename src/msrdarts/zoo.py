@@ -94,7 +94,12 @@ def load_genotype(spec: str | os.PathLike, primitives: Iterable[str] | None = No
         except json.JSONDecodeError as e:
             raise GenotypeError(f"genotype JSON string: invalid at column {e.colno}: {e.msg}") from None
         return genotype_from_dict(data, primitives, "genotype JSON string")
-    if not Path(text).is_file():
-        raise GenotypeError(f"genotype {text!r} is neither a file, a Genotype(...) string nor a zoo name "
+    try:
+        is_file = Path(text).is_file()
+    except OSError:   # a name too long for a path
+        is_file = False
+    if not is_file:
+        raise GenotypeError(f"genotype {text[:80]!r}{'...' if len(text) > 80 else ''} is neither a file, a Genotype(...) "
+                            f"string nor a zoo name "
                             f"({', '.join(_ZOO)})")
     return read_genotype_file(text, primitives)

@@ -20,7 +20,7 @@ Order of calls in a run::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -42,6 +42,9 @@ class Derivation:
     genotype: Genotype
     cell_scores: torch.Tensor | None = None
     cells: CellGenotypes | None = None
+    #: Further genotypes read off the same weights, by name (MSR-DARTS: "max" and "cells-max", the
+    #: authors' max-stable-rank ablation; a search writes each as genotype-NAME.json).
+    ablations: dict[str, Genotype | CellGenotypes] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +65,9 @@ class Method:
     #: Settings this method brings on top of a preset (a flag still wins), e.g. DARTS turns
     #: spectral normalisation off.
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Settings only this method reads: a switch to another method resets them to the config's
+    #: defaults unless given (the authors preset's srsoftmax mixing means nothing to DARTS).
+    owns: ClassVar[tuple[str, ...]] = ()
     #: The key of its per-(edge, op) score table in history.jsonl, and whether lower scores win.
     score_key: ClassVar[str] = ""
     lower_wins: ClassVar[bool] = True

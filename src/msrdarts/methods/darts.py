@@ -134,8 +134,10 @@ class Architect:
 @register_method
 class DARTS(Method):
     name = "darts"
-    # DARTS trains without spectral normalisation, in its own 8-op space.
-    defaults = {"spectral_norm": False, "space": "darts"}
+    # DARTS trains without spectral normalisation (its arch optimiser's settings are the config's
+    # defaults); the candidate ops stay the preset's (--space darts for its own 8-op space).
+    defaults = {"spectral_norm": False}
+    owns = ("order", "arch_lr", "arch_weight_decay")
     score_key = "alpha"
     lower_wins = False
 
@@ -147,8 +149,8 @@ class DARTS(Method):
             raise ConfigError(f"--arch-lr={cfg.arch_lr} --arch-weight-decay={cfg.arch_weight_decay}: need "
                               f"arch-lr > 0 and arch-weight-decay >= 0")
         if cfg.spectral_norm:
-            raise ConfigError("--method darts trains without spectral normalisation, as DARTS does: drop "
-                              "--spectral-norm (its default is off)")
+            raise ConfigError("--method darts trains without spectral normalisation, as DARTS does: "
+                              "spectral_norm must be off (--no-spectral-norm, the method's default)")
         if cfg.mixing != "sum":
             raise ConfigError("--method darts mixes by its learned alphas; --mixing applies to --method msr only")
         if cfg.select != "min":

@@ -25,7 +25,8 @@ from .stable_rank import cell_types, stable_rank_table, stable_ranks
 @register_method
 class MSR(Method):
     name = "msr"
-    defaults = {"spectral_norm": True, "space": "msr"}
+    defaults = {"spectral_norm": True}
+    owns = ("mixing", "select", "authors_reduce_resolution", "rank_per_pixel")
     score_key = "stable_rank"
     lower_wins = True
 
@@ -33,8 +34,9 @@ class MSR(Method):
     def validate(cls, cfg: Any) -> None:
         missing = convless(cfg.ops)
         if missing:
-            raise ConfigError(f"--primitives: MSR-DARTS ranks ops by the stable rank of their last conv; "
-                              f"{', '.join(missing)} have none (allowed: sep_conv_*, dil_conv_*)")
+            where = f"--space={cfg.space}" if cfg.space else "--primitives"
+            raise ConfigError(f"{where}: MSR-DARTS ranks ops by the stable rank of their last conv; "
+                              f"{', '.join(missing)} have none (allowed: sep_conv_*, dil_conv_*; --space msr)")
 
     def adapt(self, net: nn.Module) -> None:
         if self.cfg.mixing == "srsoftmax":
@@ -58,7 +60,10 @@ class MSR(Method):
         ranks = ranks.cpu()
         genotype, cells = select_by_rank(table, ranks, is_red.tolist(), net.primitives, self.cfg.select,
                                          net.steps, net.multiplier)
-        return Derivation(table, genotype, ranks, cells)
+        # the authors' ablation, read off the same weights (their search wrote it beside the min files)
+        top, top_cells = select_by_rank(table, ranks, is_red.tolist(), net.primitives, "max", net.steps,
+                                        net.multiplier)
+        return Derivation(table, genotype, ranks, cells, {"max": top, "cells-max": top_cells})
 
 
 def select_by_rank(table: torch.Tensor, ranks: torch.Tensor, reduction: list[bool], primitives: Sequence[str],

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..genotype import Genotype, pairs
 from ..primitives import space_ops
 
-#: The spaces ``--space`` names: their candidate ops (the search supernet's primitives).
+
 def count_cells(num_ops: int, steps: int = 4) -> int:
     """How many distinct cells a space of ``num_ops`` ops has."""
     return math.prod(math.comb(2 + i, 2) * num_ops ** 2 for i in range(steps))

@@ -23,7 +23,7 @@ from ..data import StreamData, derived_seed, search_split, subset_split
 from ..device import resolve_device
 from ..distributed import Dist
 from ..errors import CheckpointError
-from ..genotype import CellGenotypes, Genotype, edge_index
+from ..genotype import CellGenotypes, Genotype, edge_index, genotype_from_dict
 from ..methods import Method, SearchContext, get_method
 from ..nn.supernet import SuperNet
 from . import folder as F
@@ -158,26 +158,26 @@ class SearchRun(EpochRun):
         self.dist.agree("genotype", str(d.genotype) + str(d.cells))
         # the method's score per (edge, op): MSR-DARTS stable ranks (lower wins), DARTS softmax(alpha)
         scores = {"ops": list(self.net.primitives), "edges": self.edges,
-                  "normal": d.scores[0].tolist(), "reduce": d.scores[1].tolist()}
-        if self.method.score_key == "stable_rank":
+                  "normal": d.scores[0].tolist(), "reduce": d.scores[1].tolist(),
+                  "lower_wins": self.method.lower_wins}
+        if self.method.name == "msr":
             scores["select"] = self.cfg.select
         record = {
             "epoch": epoch + 1, "lr": lr,
             "train_loss": tr["loss"], "train_acc": tr["acc"], "valid_loss": ev["loss"], "valid_acc": ev["acc"],
             "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
-            "genotype": d.genotype.to_dict(), self.method.score_key: scores,
+            "genotype": d.genotype.to_dict(), "score_key": self.method.score_key, self.method.score_key: scores,
         }
         if d.cells is not None:   # every cell's own table and genotype (SPEC section 4a)
             scores["cells"] = d.cell_scores.tolist()
             scores["cell_types"] = [c.type for c in d.cells.cells]
             record["genotype_cells"] = d.cells.to_dict()
+        if d.ablations:
+            record["ablations"] = {name: g.to_dict() for name, g in d.ablations.items()}
         return record
 
     def best_extra(self, record: dict) -> dict[str, Any]:
-        extra = {"genotype": record["genotype"]}
-        if "genotype_cells" in record:
-            extra["genotype_cells"] = record["genotype_cells"]
-        return extra
+        return {k: record[k] for k in ("genotype", "genotype_cells", "ablations") if k in record}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"arch_optimizer": self.method.state_dict()}
@@ -187,6 +187,8 @@ class SearchRun(EpochRun):
             Genotype.from_dict(self.best["genotype"]).save(self.out / F.GENOTYPE)
             if "genotype_cells" in self.best:
                 CellGenotypes.from_dict(self.best["genotype_cells"]).save(self.out / F.GENOTYPE_CELLS)
+            for name, g in self.best.get("ablations", {}).items():
+                genotype_from_dict(g).save(self.out / F.ablation_file(name))
 
     def epoch_line(self, tag: str, tr: dict[str, float], ev: dict[str, float], lr: float, record: dict) -> str:
         return (f"{tag}: train loss {tr['loss']:.4f} acc {tr['acc']:.2f}% | valid loss {ev['loss']:.4f} "

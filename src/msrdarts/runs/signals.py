@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 from ..distributed import Dist
 from .epoch import EpochState
 from ..errors import Diverged, RunInterrupted
+from .folder import CHECKPOINT
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Under torchrun, the ranks agree on a stop request every this many steps (all at the same step).
@@ -85,5 +87,5 @@ def diverged(error: Exception, last_saved: str | None, out: Any, command: str, l
     if last_saved is None:
         return Diverged(f"{error}: stopped before any checkpoint; start again with a lower learning rate "
                         f"(for example --lr {lr / 2:g})")
-    return Diverged(f"{error}: stopped. {out}/checkpoint.pt ({last_saved}) is the last good state and is kept; "
+    return Diverged(f"{error}: stopped. {Path(out) / CHECKPOINT} ({last_saved}) is the last good state and is kept; "
                     f"resume with a lower learning rate: msrdarts {command} --out {out} --resume --lr {lr / 2:g}")

@@ -82,17 +82,20 @@ def _search_hours(folder: Path) -> float:
 
 
 def _origin(genotype_spec: str, train_seed: int) -> tuple[str, int | None, float | None, Path | None]:
-    """(method, seed, search hours, origin folder) of a training run's --genotype: a search's
-    genotype-cells.json counts as its own method (``msr-darts-cells``)."""
+    """(method, seed, search hours, origin folder) of a training run's --genotype: each genotype file
+    of a search counts as its own method (``msr-darts``, ``msr-darts-cells``, ``msr-darts-max``,
+    ``msr-darts-cells-max``)."""
     path = Path(genotype_spec)
-    folder = path.parent if path.name in (F.GENOTYPE, F.GENOTYPE_CELLS) else None
+    folder = path.parent if path.name in F.GENOTYPE_FILES else None
     kind = F.run_kind(folder) if folder is not None else None
     if kind == "sample":
         return "random", int(_json(folder / F.SAMPLE)["index"]), 0.0, folder.resolve()
     if kind == "search":
         config = _json(folder / F.CONFIG)
-        label = method_name(config) + ("-cells" if path.name == F.GENOTYPE_CELLS else "")
+        label = method_name(config) + F.GENOTYPE_FILES[path.name]
         return label, int(config.get("seed", 0)), _search_hours(folder), folder.resolve()
+    if genotype_spec.lstrip().startswith(("Genotype(", "{")):   # a genotype given inline (the Python API)
+        return "genotype", train_seed, None, None
     return (path.stem if path.suffix else genotype_spec), train_seed, None, None
 
 

@@ -161,22 +161,25 @@ def plot_genotype(genotype: Genotype | CellGenotypes, path: str | os.PathLike, t
 
 
 def score_table(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The per-(edge, op) scores of one search epoch: ``kind`` ('stable_rank': lower wins, or
-    'alpha': softmax(alpha), higher wins), ``ops``, ``edges`` [(source, target)], and the
-    ``normal`` and ``reduce`` tables (edges x ops). None for a training record."""
-    for kind in ("stable_rank", "alpha"):
+    """The per-(edge, op) scores of one search epoch: ``kind`` (the method's score key: 'stable_rank'
+    or 'alpha' or a user's method's own), ``lower_wins``, ``ops``, ``edges`` [(source, target)], and
+    the ``normal`` and ``reduce`` tables (edges x ops). None for a training record."""
+    keys = [record["score_key"]] if "score_key" in record else ["stable_rank", "alpha"]   # older records
+    for kind in keys:
         if kind in record:
             t = record[kind]
             return {"kind": kind, "ops": list(t["ops"]), "edges": [tuple(e) for e in t["edges"]],
-                    "normal": t["normal"], "reduce": t["reduce"], "select": t.get("select", "min")}
+                    "normal": t["normal"], "reduce": t["reduce"], "select": t.get("select", "min"),
+                    "lower_wins": t.get("lower_wins", kind == "stable_rank")}
     return None
 
 
 def costs(scores: dict[str, Any], cell: str) -> list[list[float]]:
-    """The costs derivation minimises (msrdarts.methods.derive): stable ranks, or -softmax(alpha) with
-    ``none`` never chosen."""
+    """The costs derivation minimises (msrdarts.methods.derive): stable ranks (negated for --select
+    max, the authors' ablation), or -softmax(alpha) with ``none`` never chosen; another method's
+    scores by its ``lower_wins``."""
     table = scores[cell]
-    if scores["kind"] == "stable_rank":   # --select max (the authors' ablation) picks the highest ranks
+    if scores["lower_wins"]:
         sign = -1.0 if scores.get("select") == "max" else 1.0
         return [[sign * v for v in row] for row in table]
     return [[math.inf if op == "none" else -a for op, a in zip(scores["ops"], row)] for row in table]
@@ -213,7 +216,7 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None,
     ops, edges = scores["ops"], scores["edges"]
     fig = _figure(4.2 + 1.15 * len(ops), 0.5 + 0.36 * len(edges))
     axes = fig.subplots(1, 2)
-    low_wins = scores["kind"] == "stable_rank"
+    low_wins = scores["lower_wins"] and scores["kind"] == "stable_rank"   # log colours for stable ranks
     for ax, cell in zip(axes, CELL_TYPES):
         table = np.array(scores[cell], dtype=float)
         shown = np.log10(np.maximum(table, 1e-12)) if low_wins else table
@@ -242,7 +245,9 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None,
         ax.set_xlabel("op", fontsize=8)
     axes[0].set_ylabel("edge (source -> node; inputs are 0, 1)", fontsize=8)
     what = ("mean stable rank (" + ("higher wins: --select max" if scores.get("select") == "max" else "lower wins")
-            + "; colour: log10)") if low_wins else "softmax(alpha) (higher wins)"
+            + "; colour: log10)") if low_wins else \
+        ("softmax(alpha) (higher wins)" if scores["kind"] == "alpha" else
+         f"{scores['kind']} ({'lower' if scores['lower_wins'] else 'higher'} wins)")
     fig.suptitle(f"{title or 'epoch ' + str(record['epoch'])}: {what}. Frame: each edge's op; red: the kept edges",
                  fontsize=9)
     fig.tight_layout()
@@ -308,7 +313,7 @@ def draw_trajectories(history: Sequence[dict[str, Any]], cell: str) -> Any:
     handles, labels = axes[0][0].get_legend_handles_labels()
     free = [ax for ax in axes.flat if not ax.axison]                 # an empty slot for the legend, if any
     (free[-1] if free else axes[0][-1]).legend(handles, labels, loc="center", fontsize=8, title="op")
-    what = "mean stable rank" if first["kind"] == "stable_rank" else "softmax(alpha)"
+    what = {"stable_rank": "mean stable rank", "alpha": "softmax(alpha)"}.get(first["kind"], first["kind"])
     fig.suptitle(f"{cell} cell: {what} per edge (source->node) over the epochs; dotted: the derived cell is "
                  f"unchanged from epoch {settled} on; red dashed: epoch {best['epoch']}, where genotype.json comes from "
                  f"(its edges: 'kept')", fontsize=9, x=0.01, y=0.995, ha="left", va="top")
