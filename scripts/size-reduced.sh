@@ -13,12 +13,16 @@ COMMON=(--dataset npz --data "$NPZ" --device cpu --no-progress --no-plots --no-t
         --preset cifar10 --layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$EPOCHS" --drop-path 0)
 mkdir -p "$OUT"
 [ -d "$OUT/random" ] || msrdarts sample --space msr --n 8 --seed 0 --out "$OUT/random" --layers "$LAYERS" --channels "$CHANNELS"
-for k in 0 1 2 3 4 5 6 7; do
-  [ -f "$OUT/g$k/results.json" ] || msrdarts train "${COMMON[@]}" --genotype "$OUT/random/sample-0$k/genotype.json" \
-    --seed 0 --out "$OUT/g$k"
+# 11 trainings, JOBS at a time (default 2, one thread each: tiny networks use cores better side by side)
+export OMP_NUM_THREADS=1
+one() {   # genotype seed out
+  [ -f "$3/results.json" ] || msrdarts train "${COMMON[@]}" --genotype "$1" --seed "$2" --out "$3" > "$3.log" 2>&1
+}
+for job in $(seq 0 10); do
+  if [ "$job" -lt 8 ]; then one "$OUT/random/sample-0$job/genotype.json" 0 "$OUT/g$job" &
+  else one "$OUT/random/sample-00/genotype.json" $((job - 7)) "$OUT/s$((job - 7))" &
+  fi
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-2}" ]; do wait -n || true; done
 done
-for seed in 1 2 3; do
-  [ -f "$OUT/s$seed/results.json" ] || msrdarts train "${COMMON[@]}" --genotype "$OUT/random/sample-00/genotype.json" \
-    --seed $seed --out "$OUT/s$seed"
-done
+wait
 python "$(dirname "$0")/spread.py" --genotypes "$OUT"/g? --seeds "$OUT/g0" "$OUT"/s? --json "$OUT/spread.json"

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "PNG). msrdarts plot --genotype NAME_OR_FILE [--out F]: draw one genotype's cells.")
     p.add_argument("run", nargs="?", type=Path, default=None, help="a run folder (the --out of search or train)")
     p.add_argument("--genotype", default=None,
-                   help="genotype.json, a file or string in DARTS Genotype(...) form, or a zoo name")
+                   help="genotype.json, genotype-cells.json (per-cell: every cell drawn), a file or string in DARTS "
+                        "Genotype(...) form, or a zoo name")
     p.add_argument("--out", type=Path, default=None,
                    help="with --genotype: picture file to write (.png, .svg, .pdf; default: NAME-cells.png)")
 
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--title", default="msrdarts report", help="page title (default: msrdarts report)")
 
     i = sub.add_parser("info", help="parameters and mult-adds of the evaluation network of a genotype")
-    i.add_argument("--genotype", required=True, help="genotype.json, a DARTS Genotype(...) string or file, or a zoo name")
+    i.add_argument("--genotype", required=True, help="genotype.json, genotype-cells.json (per-cell), a DARTS "
+                                                     "Genotype(...) string or file, or a zoo name")
     i.add_argument("--dataset", default="cifar10", help="data set whose shape to use (default: cifar10; also "
                                                        "digits, cifar100, svhn, imagenet)")
     i.add_argument("--layers", type=int, default=None, help="cells (default: 20; a per-cell genotype: its cell count)")
