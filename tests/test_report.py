@@ -45,7 +45,8 @@ def runs(tmp_path_factory):
 def test_runs_draw_their_pictures_when_they_end(runs):
     search, train = runs
     assert sorted(p.name for p in (search / "plots").iterdir()) == sorted(
-        f"{n}.{fmt}" for n in ("cells", "scores", "trajectories-normal", "trajectories-reduce", "curves")
+        f"{n}.{fmt}" for n in ("cells", "cells-per-cell", "scores", "trajectories-normal", "trajectories-reduce",
+                               "curves")
         for fmt in ("png", "svg"))
     assert sorted(p.name for p in (train / "plots").iterdir()) == ["cells.png", "cells.svg", "curves.png", "curves.svg"]
     for p in (search / "plots").glob("*.png"):
@@ -62,7 +63,7 @@ def test_plot_command_redraws_a_run_and_draws_zoo_genotypes(runs, tmp_path, caps
     copy = tmp_path / "copy"
     shutil.copytree(search, copy, ignore=shutil.ignore_patterns("plots", "*.pt"))
     assert main(["plot", str(copy)]) == 0
-    assert len(list((copy / "plots").iterdir())) == 10
+    assert len(list((copy / "plots").iterdir())) == 12   # 6 pictures (per-cell grid included), SVG and PNG
     assert main(["plot", "--genotype", "DARTS_V2", "--out", str(tmp_path / "d.svg")]) == 0
     assert 'id="reduce-edge-7-1-5-max_pool_3x3"' in (tmp_path / "d.svg").read_text()
     monkeypatch.chdir(tmp_path)
@@ -105,7 +106,8 @@ def test_report_holds_every_section_and_inlines_its_pictures(runs, tmp_path):
     for section in ("comparison", "run-0", "run-0-results", "run-0-genotype", "run-0-config", "run-0-pictures",
                     "run-0-scores", "run-0-trajectories-normal", "run-1", "run-1-curves"):
         assert f'id="{section}"' in page
-    assert page.count("<svg") == 5 + 2
+    assert page.count("<svg") == 6 + 2   # the search's 6 pictures (per-cell grid included), the training's 2
+    assert 'id="run-0-cells-per-cell"' in page
     # self-contained: nothing is fetched (links are local anchors or data: URIs; namespaces are not fetches)
     assert re.findall(r'(?:src|href)\s*=\s*"(?!#|data:)([^"]*)"', page) == []
     assert re.findall(r"url\((?!#)", page) == [] and "<link" not in page
@@ -134,7 +136,7 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
              "--disable-extensions", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
     dom = subprocess.run(flags + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=180).stdout
     assert 'data-render="ok"' in dom, dom[:2000]
-    assert 'data-figures="7"' in dom
+    assert 'data-figures="8"' in dom
     assert "data-errors" not in dom
     for section in ("comparison", "run-0-results", "run-0-scores", "run-1-curves"):
         assert f'id="{section}"' in dom
