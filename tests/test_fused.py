@@ -12,7 +12,8 @@ from msrdarts.errors import ConfigError
 from msrdarts.nn.kernels import DepthwiseRunner, _Geometry
 from msrdarts.nn.ops import OpConv
 from msrdarts.primitives import DARTS_PRIMITIVES
-from msrdarts.nn.spectral import ConvSpectralNorm, SpectralBatch
+from msrdarts.nn.spectral import ConvSpectralNorm
+from msrdarts.nn.spectral_batch import SpectralBatch
 from msrdarts.methods.msr import msr_genotype, use_srsoftmax
 from msrdarts.methods.stable_rank import stable_rank_table
 from msrdarts.nn.supernet import SuperNet
@@ -285,7 +286,7 @@ def test_linked_vectors_are_one_tensor_per_bundle_and_replaced_buffers_still_cou
 def test_depthwise_dsigma_by_conv_equals_the_unfold_gradient(geometries, hw):
     """G = d(v^T A u)/dW of depthwise convs, computed as one conv of u with v for all parts at
     their union geometry, equals each conv's own unfold-based dsigma (ConvSpectralNorm.dsigma)."""
-    from msrdarts.nn.spectral import _depthwise_grads, _Part, _union_kernel
+    from msrdarts.nn.spectral_batch import _depthwise_grads, _Part, _union_kernel
 
     torch.manual_seed(6)
     C, n = 3, 2
@@ -316,7 +317,8 @@ def test_depthwise_dsigma_by_conv_equals_the_unfold_gradient(geometries, hw):
 def test_normalize_function_matches_autograd_including_ties():
     """_Normalize (one autograd node for all groups) against autograd through W * (t / max_j <W_j, G_j>),
     for depthwise groups, 1x1 groups (G = v u^T) and a conv whose two groups tie for the max."""
-    from msrdarts.nn.spectral import _Dsigma, _Normalize, _OuterDsigma
+    from msrdarts.nn.spectral import _Dsigma
+    from msrdarts.nn.spectral_batch import _Normalize, _OuterDsigma
 
     torch.manual_seed(7)
     w_dw = torch.randn(3, 4, 1, 3, 3, dtype=torch.float64)

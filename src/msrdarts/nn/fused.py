@@ -42,7 +42,7 @@ from torch import nn
 from ..genotype import edge_index
 from .kernels import CompiledTaps, DepthwiseRunner, _Geometry
 from .ops import DilConv, OpConv, SepConv
-from .spectral import SpectralBatch, _Slice   # SpectralBatch is also imported from here (nn.supernet)
+from .spectral_batch import SpectralBatch, _Slice
 
 
 def _blocks(op: nn.Module) -> list[DilConv]:

@@ -20,7 +20,8 @@ from ..config import check_network, check_ops, check_positive
 from ..errors import ConfigError
 from ..genotype import edge_index
 from ..primitives import MSR_PRIMITIVES, can_fuse, get_primitive
-from .fused import FusedSuperNet, SpectralBatch, fused_conv_order
+from .fused import FusedSuperNet, fused_conv_order
+from .spectral_batch import SpectralBatch
 from .ops import OpConv, Stem, cell_preprocess, get_op, record_input_sizes, reduction_layers
 from .spectral import apply_spectral_norm
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data import load_dataset, resolve_workers
-from ..device import Accel
+from ..device import Accel, resolve_device
 from ..distributed import Dist
 from ..errors import CheckpointError, MsrdartsError, NonFiniteLoss, WriteError
 from ..views.plots import plot_run_quietly
@@ -77,6 +77,20 @@ class EpochRun:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.seconds = 0.0   # wall time of the completed training epochs (and their evaluations)
+
+    @classmethod
+    def start(cls, cfg: Any, out: str | Path, resume: bool = False,
+              on_epoch_end: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print,
+              origin: dict[str, Any] | None = None) -> Any:
+        """Check ``cfg``, join the process group (torchrun) or not, and run into ``out``."""
+        cls.check(cfg)
+        dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
+        return cls(cfg, Path(out), resume, dist, device, log, on_epoch_end, origin).run()
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Raise ConfigError for settings this run cannot start with."""
+        cfg.validate()
 
     # ------------------------------------------------------------------ what a run fills in
 

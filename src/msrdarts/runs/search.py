@@ -20,8 +20,6 @@ from torch import nn
 
 from ..config import SearchConfig
 from ..data import StreamData, derived_seed, search_split, subset_split
-from ..device import resolve_device
-from ..distributed import Dist
 from ..errors import CheckpointError
 from ..genotype import CellGenotypes, Genotype, edge_index, genotype_from_dict
 from ..methods import Method, SearchContext, get_method
@@ -69,16 +67,18 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
     every process calls this; rank 0 alone writes files and logs (see :mod:`msrdarts.distributed`).
     ``origin`` (where each setting came from) is recorded in config.json.
     """
-    cfg.validate()
-    get_method(cfg.method).validate(cfg)
-    dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
-    return SearchRun(cfg, Path(out), resume, dist, device, log, on_epoch_end, origin).run()
+    return SearchRun.start(cfg, out, resume, on_epoch_end, log, origin)
 
 
 class SearchRun(EpochRun):
     kind = "search"
     checkpoint_format = CHECKPOINT_FORMAT
     files = F.SEARCH_FILES
+
+    @classmethod
+    def check(cls, cfg: SearchConfig) -> None:
+        cfg.validate()
+        get_method(cfg.method).validate(cfg)
 
     def prepare(self, data: Any) -> None:
         cfg, dist = self.cfg, self.dist

@@ -21,7 +21,6 @@ from .._io import write_json
 from ..config import TrainConfig
 from ..data import resolve_workers
 from ..device import resolve_device
-from ..distributed import Dist
 from ..errors import CheckpointError, ConfigError, first_line
 from ..genotype import genotype_from_dict
 from ..nn.metrics import count_mult_adds, count_parameters
@@ -79,9 +78,7 @@ def run_train(cfg: TrainConfig, out: str | Path, resume: bool = False,
 
     Under torchrun every process calls this; rank 0 alone writes files and logs.
     """
-    cfg.validate()
-    dist, device = Dist.start(resolve_device(cfg.device))   # the process group outlives the run
-    return TrainRun(cfg, Path(out), resume, dist, device, log, on_epoch_end, origin).run()
+    return TrainRun.start(cfg, out, resume, on_epoch_end, log, origin)
 
 
 class TrainRun(EpochRun):

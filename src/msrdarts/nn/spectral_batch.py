@@ -1,0 +1,512 @@
+"""Batched spectral normalisation of a whole network's op convs (SPEC section 2).
+
+A supernet has hundreds of normalised convs; the fused
+forward (:mod:`msrdarts.nn.fused`) normalises them all at once, and both forwards converge and
+refresh them this way. All normalised convs of the network with the same shape form one group,
+and each group advances the persistent power-iteration vectors of all its convs at once,
+gathered from and written back to the convs' own buffers:
+
+- pointwise C x C matrices (N of them): batched matrix-vector products, (N, C, C) x (N, C);
+- depthwise kernels with the same (C, k, dilation, stride, input size): on maps of at most 16
+  pixels (``SpectralBatch.DENSE_MAX_PIXELS``), batched products with each channel's dense
+  (H*W, H'*W') operator (:class:`msrdarts.nn.kernels.DenseTaps`); on larger maps a single
+  grouped conv and transposed conv over the N*C channels.
+
+Groups are ordered so that the weights one fused conv needs are a contiguous slice: no gather
+per use. On small maps several groups iterate as one bundle (:meth:`SpectralBatch.bundles`), and
+each bundle's vectors are views of one tensor (:meth:`SpectralBatch.link`). Then each group's
+G = d(v^T A u)/dW (v u^T for the 1x1 convs, one conv of u with v for the depthwise ones,
+:func:`_depthwise_grads`) gives sigma = <W, G>, and every group's ``W * target / sigma`` runs as
+one autograd node (:class:`_Normalize`).
+
+The per-conv mechanism it batches (power iteration, probes, convergence, sigma = <W, G>) is
+:mod:`msrdarts.nn.spectral`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from .kernels import DenseTaps, _Geometry
+from .ops import OpConv
+from .spectral import _Dsigma, ConvOperator, ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration, matrix_top_vectors, refresh_vectors, unfold_dsigma
+
+
+def _sn(conv: OpConv) -> ConvSpectralNorm | None:
+    if parametrize.is_parametrized(conv, "weight"):
+        return next(p for p in conv.parametrizations.weight if isinstance(p, ConvSpectralNorm))
+    return None
+
+
+def _raw_slot(conv: OpConv) -> tuple[dict, str]:
+    """Where the conv's trained weight lives: (a module's ``_parameters``, key)."""
+    if parametrize.is_parametrized(conv, "weight"):
+        return conv.parametrizations.weight._parameters, "original"
+    return conv._parameters, "weight"
+
+
+@dataclass
+class _Slice:
+    """A run of consecutive convs of one group: the weights one fused conv uses (msrdarts.nn.fused)."""
+
+    group: int      # index into SpectralBatch.groups
+    start: int      # first conv of the slice within the group
+    count: int
+
+
+class SpectralBatch:
+    """Normalised weights of many convs, computed group by group (see the module docstring).
+
+    ``convs`` must be listed in the order their weights are consumed (the fused forward's:
+    :func:`msrdarts.nn.fused.fused_conv_order`); :meth:`slice_of` maps a run of consecutive convs
+    of one group to its position. The reference forward normalises each conv in its own
+    parametrization, and uses a batch (of its convs in module order) to converge and refresh.
+    """
+
+    #: Depthwise power iteration uses dense per-channel operators on maps up to this size. On 8x8
+    #: maps the dense operators (64 x 64, 9 or 25 nonzeros per column) cost more than the convs.
+    DENSE_MAX_PIXELS = 16
+
+    def __init__(self, convs: Sequence[OpConv]):
+        self.taps = DenseTaps()
+        self.groups: list[list[OpConv]] = []
+        self._sn_cache: list[list[ConvSpectralNorm | None]] | None = None
+        self._raw_cache: list[list[tuple[dict, str]]] | None = None
+        self._vector_cache: dict[tuple, list[dict]] = {}
+        self._bundles: list[list[int]] | None = None
+        self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
+        keys: dict[tuple, int] = {}
+        self.where: dict[int, tuple[int, int]] = {}
+        for conv in convs:
+            sn = _sn(conv)
+            key = (tuple(conv.weight.shape) if sn is None else None, conv.in_channels, conv.out_channels,
+                   conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.input_hw,
+                   None if sn is None else (sn.matrix, sn.n_power_iterations))
+            if key not in keys:
+                keys[key] = len(self.groups)
+                self.groups.append([])
+            g = keys[key]
+            self.where[id(conv)] = (g, len(self.groups[g]))
+            self.groups[g].append(conv)
+
+    def slice_of(self, convs: Sequence[OpConv]) -> _Slice:
+        g, start = self.where[id(convs[0])]
+        for k, c in enumerate(convs):
+            if self.where[id(c)] != (g, start + k):
+                raise ValueError("convs of one fused op must be consecutive in one group")
+        return _Slice(g, start, len(convs))
+
+    def _norms(self) -> list[list[ConvSpectralNorm | None]]:
+        """Each group's spectral-norm modules, looked up once (after the parametrizations exist),
+        so that a training step does not walk every conv's parametrization list."""
+        if self._sn_cache is None:
+            self._sn_cache = [[_sn(c) for c in convs] for convs in self.groups]
+        return self._sn_cache
+
+    def _raws(self, g: int) -> list[torch.Tensor]:
+        """Group g's trained weights, read straight from the modules' parameter dicts (looked up
+        once): walking every conv's parametrization costs microseconds per conv, every step.
+        Reading the dicts each time still sees what ``torch.func.functional_call`` substitutes."""
+        if self._raw_cache is None:
+            self._raw_cache = [[_raw_slot(c) for c in convs] for convs in self.groups]
+        return [params[name] for params, name in self._raw_cache[g]]
+
+    def _vectors(self, bundle: Sequence[int]) -> "_Vectors":
+        """The power-iteration buffers (u's and v's) of every conv of the bundle's groups, read
+        from the modules' buffer dicts (looked up once), so that buffers replaced by ``.to()`` or
+        substituted by ``functional_call`` are the ones used. Where they are still the views that
+        :meth:`link` made them, the bundle's u's (and v's) are read and written as one tensor."""
+        key = tuple(bundle)
+        if key not in self._vector_cache:
+            self._vector_cache[key] = [sn._buffers for g in bundle for sn in self._norms()[g]]
+        slots = self._vector_cache[key]
+        us, vs = list(map(operator.itemgetter("u"), slots)), list(map(operator.itemgetter("v"), slots))
+        linked = self._linked.get(key)
+        if linked is not None and all(map(operator.is_, us, linked.us)) and all(map(operator.is_, vs, linked.vs)):
+            return linked
+        return _Vectors(us, vs)
+
+    @torch.no_grad()
+    def link(self) -> None:
+        """Make the u (and v) buffers of each bundle's convs views of one 1-D tensor (see
+        :class:`_Vectors`), so that a training step reads and writes a bundle's
+        vectors with one operation instead of one per conv. The buffers stay the modules' own
+        (state_dict, load_state_dict and DDP's buffer broadcasts see them as before); ``.to()``
+        replaces them, and the network links again (:meth:`msrdarts.nn.supernet.SuperNet._apply`)."""
+        self._linked = {}
+        for bundle in self.bundles():
+            vectors = self._vectors(bundle)
+            if not vectors.packable():
+                continue
+            flat = (vectors.u(), vectors.v())
+            us, vs = vectors.unpack(flat[0], vectors.us), vectors.unpack(flat[1], vectors.vs)
+            for sn, u, v in zip((sn for g in bundle for sn in self._norms()[g]), us, vs):
+                sn._buffers["u"], sn._buffers["v"] = u, v
+            self._linked[tuple(bundle)] = _Vectors(us, vs, flat)
+
+    def weights(self, training: bool) -> list[torch.Tensor]:
+        """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
+
+        In training mode the bundles (see :meth:`bundles`) first advance their power iterations
+        (and store the vectors back in each conv's buffers), as each conv's parametrization
+        would. Then every group is scaled by target / sigma in one autograd node (:class:`_Normalize`).
+        """
+        out = [torch.stack(self._raws(g)) for g in range(len(self.groups))]    # (N, Co, Ci/g, k, k)
+        norms = self._norms()
+        normalised, grads = [], []
+        with torch.autocast(out[0].device.type, enabled=False):                   # norms always in fp32+
+            wide = {g: _wide(out[g]) for bundle in self.bundles() for g in bundle}
+            for bundle in self.bundles():
+                parts = [_Part(g, norms[g][0], wide[g].detach()) for g in bundle]
+                iterations = parts[0].sn.n_power_iterations if training else 0
+                grads += self._sigma_grads(parts, self._vectors(bundle), iterations)
+                normalised += bundle
+            if normalised:
+                scaled = _Normalize.apply(grads, [self._targets(g, wide[g]) for g in normalised],
+                                          *[wide[g] for g in normalised])
+                for g, w in zip(normalised, scaled):
+                    out[g] = w
+        return out
+
+    def _targets(self, g: int, w: torch.Tensor) -> float | torch.Tensor:
+        targets = list(map(operator.attrgetter("target"), self._norms()[g]))
+        if targets.count(targets[0]) == len(targets):
+            return targets[0]
+        return w.new_tensor(targets)
+
+    def bundles(self) -> list[list[int]]:
+        """The normalised groups, in bundles whose vectors are one tensor (see :meth:`link`).
+
+        The depthwise groups on maps of at most :data:`DenseTaps.MAX_PIXELS` pixels with the same
+        input size and stride and "same" padding iterate as one computation (dense operators of
+        one shape, or kernels embedded in one larger kernel): on small maps the cost of a group is
+        its number of kernel calls, not their size (23 groups but 6 bundles at the quick preset).
+        All pointwise groups form one bundle too; each of them iterates on its own block of the
+        bundle's vectors (batched matrix-vector products need one matrix shape). On larger maps
+        each group iterates alone.
+        """
+        if self._bundles is None:
+            keys: dict[tuple, list[int]] = {}
+            for g, sns in enumerate(self._norms()):
+                if sns[0] is not None:
+                    keys.setdefault(self._bundle_key(g, sns[0]), []).append(g)
+            self._bundles = list(keys.values())
+        return self._bundles
+
+    def _bundle_key(self, g: int, sn: ConvSpectralNorm) -> tuple:
+        iteration = (sn.n_power_iterations, sn.eps)
+        if sn.matrix:
+            return ("matrix", *iteration)
+        same_padding = all(2 * sn.padding[i] == sn.dilation[i] * (sn.kernel_size[i] - 1) for i in range(2))
+        if sn.depthwise and same_padding and sn.input_hw[0] * sn.input_hw[1] <= DenseTaps.MAX_PIXELS:
+            return ("depthwise", sn.input_hw, sn.stride, *iteration)
+        return ("alone", g)
+
+    def _group_vectors(self, g: int, convs: Sequence[int] | None = None) -> "_Vectors":
+        """The buffers of group g's convs (or of its ``convs``), packed apart from their bundle."""
+        sns = self._norms()[g]
+        sns = sns if convs is None else [sns[i] for i in convs]
+        return _Vectors([sn.u for sn in sns], [sn.v for sn in sns])
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-7, max_iterations: int = 500) -> None:
+        """Converge every group's vectors, as each ConvSpectralNorm would alone at construction,
+        one batched computation per group: the exact top singular vectors of the 1x1 convs;
+        power iteration for the others until each sigma changes by at most ``tol`` (relative)
+        over 10 iterations."""
+        for g, sns in enumerate(self._norms()):
+            if sns[0] is None:
+                continue
+            if sns[0].matrix:
+                self._exact_matrix_vectors(g)
+                continue
+            w = torch.stack(self._raws(g))
+
+            def sigmas(convs: list[int], iterations: int) -> torch.Tensor:
+                part = _Part(g, sns[0], w[convs])
+                dsigma = self._sigma_grads([part], self._group_vectors(g, convs), iterations)[0]
+                return dsigma.sigmas(part.w).amax(1)
+
+            converge_sigmas(sigmas, len(sns), tol, max_iterations)
+
+    @torch.no_grad()
+    def refresh(self, iterations: int = 3) -> None:
+        """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
+        in one batched ``eigh`` per group; the depthwise convs of a group refresh as one grouped
+        conv (:meth:`_refresh_depthwise`); any other conv runs its own refresh."""
+        for g, sns in enumerate(self._norms()):
+            if sns[0] is None:
+                continue
+            if sns[0].matrix:
+                self._exact_matrix_vectors(g)
+            elif sns[0].depthwise:
+                self._refresh_depthwise(g, iterations)
+            else:
+                for w, sn in zip(self._raws(g), sns):
+                    sn.refresh(w.detach(), iterations)
+
+    def _refresh_depthwise(self, g: int, iterations: int) -> None:
+        """:meth:`ConvSpectralNorm.refresh` of group g's N depthwise convs at once. Their channels
+        are independent operators, so the N convs of C channels are one depthwise conv of N*C
+        channels: the same probe (the circular top vector of each channel), the same iterations,
+        the same choice per channel (one call instead of N: the whole refresh of the quick preset's
+        supernet went from 0.6 s to 0.1 s)."""
+        sn = self._norms()[g][0]
+        w = torch.stack(self._raws(g)).detach().flatten(0, 1)                           # (N*C, 1, k, k)
+        n = w.shape[0]
+        vectors = self._group_vectors(g)
+        probe = circular_probe(w, sn.input_hw, sn.dilation, n, sn.eps)
+        op = ConvOperator(w, _Geometry.of(sn), sn.input_hw, n)
+        vectors.write(*refresh_vectors(vectors.u().view(1, n, *sn.input_hw), probe, op, iterations, sn.eps))
+
+    def _exact_matrix_vectors(self, g: int) -> None:
+        """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
+        w = torch.stack(self._raws(g)).detach()
+        self._group_vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
+
+    @torch.no_grad()
+    def _sigma_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+        """Per part, d(v^T A u)/dW of its N convs (see :class:`_Dsigma`), after ``iterations``
+        power iterations run together for all parts (one bundle, see :meth:`bundles`) on
+        ``vectors``, which are read and stored back."""
+        sn = parts[0].sn
+        if sn.matrix:
+            return self._matrix_grads(parts, vectors, iterations)
+        if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
+            return self._dense_grads(parts, vectors, iterations)
+        return self._conv_grads(parts, vectors, iterations)
+
+    def _matrix_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+        """1x1 convs: per part, u (N, C_in) and v (N, C_out), batched matrix-vector products."""
+        u, v = vectors.u(), vectors.v()
+        shapes = [p.w.shape[:3] for p in parts]                                      # (N, Co, Ci)
+        us = [b.view(n, ci) for b, (n, _, ci) in zip(u.split([n * ci for n, _, ci in shapes]), shapes)]
+        vs = [b.view(n, co) for b, (n, co, _) in zip(v.split([n * co for n, co, _ in shapes]), shapes)]
+        out = []
+        for p, u_p, v_p in zip(parts, us, vs):
+            if iterations:
+                new_u, new_v = matrix_power_iteration(p.w.flatten(2), u_p, iterations, p.sn.eps)
+                u_p.copy_(new_u)
+                v_p.copy_(new_v)
+            else:      # u_p and v_p are views of the buffers, which a later forward overwrites
+                new_u, new_v = u_p.clone(), v_p.clone()
+            out.append(_OuterDsigma(new_v, new_u))
+        if iterations:
+            vectors.write(u, v)
+        return out
+
+    def _dense_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+        """Depthwise convs on small maps: per channel c, A_c = M_c^T with M_c (HW, L) its dense
+        operator (see DenseTaps), so A u = u M and A^T v = M v, batched over all channels of all
+        parts (same input and output sizes, any kernel)."""
+        taps = [self.taps(p.sn.kernel_size, p.sn.stride, p.sn.padding, p.sn.dilation, p.sn.input_hw, p.w.dtype,
+                          p.w.device) for p in parts]
+        hw, L = taps[0].shape[1:]
+        taps = [T.view(T.shape[0], hw * L) for T in taps]                            # (k*k, HW*L) each
+        channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
+        u, v = vectors.u().view(-1, hw), vectors.v().view(-1, L)                   # (sum N*C, HW), (sum N*C, L)
+        eps = parts[0].sn.eps
+        if iterations:
+            M = u.new_empty(sum(channels), hw * L)
+            for p, T, rows in zip(parts, taps, M.split(channels)):
+                torch.mm(p.w.reshape(rows.shape[0], -1), T, out=rows)
+            M = M.view(-1, hw, L)
+            for _ in range(iterations):
+                v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=eps)
+                u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=eps)
+            vectors.write(u, v)
+        # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
+        outer = (u.unsqueeze(2) * v.unsqueeze(1)).view(-1, hw * L).split(channels)
+        return [_Dsigma((o @ T.mT).view_as(p.w), p.sn.groups) for o, T, p in zip(outer, taps, parts)]
+
+    def _conv_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+        """Other convs: u (1, sum N*C_in, H, W) and v (1, sum N*C_out, H', W'); their union is one
+        grouped conv with N times the groups (for depthwise convs of different kernels, each
+        kernel embedded in the smallest kernel that spans all, see :func:`_union_geometry`)."""
+        sn = parts[0].sn
+        groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
+        u = vectors.u().view(1, -1, *sn.input_hw)
+        v = vectors.v().view(1, -1, *_Geometry.of(sn).out_size(sn.input_hw))
+        if iterations:
+            geo, wd = _union_kernel(parts)                                          # (sum N*Co, Ci/g, K, K)
+            u, v = ConvOperator(wd, geo, sn.input_hw, groups).power_iterate(u, iterations, sn.eps)
+            vectors.write(u, v)
+        if all(p.sn.depthwise for p in parts):
+            # One conv of u with v for all parts, far cheaper than unfolding u. ConvSpectralNorm.dsigma
+            # (the reference forward, every step) keeps the unfold form: the conv sums in another
+            # order, so one form for both would change the reference path's results in the last bits.
+            return _depthwise_grads(parts, u, v)
+        grads = []
+        u_parts = u.split([p.w.shape[0] * p.w.shape[2] * p.sn.groups for p in parts], 1)      # N*Ci each
+        v_parts = v.split([p.w.shape[0] * p.w.shape[1] for p in parts], 1)                  # N*Co each
+        for p, u_p, v_p in zip(parts, u_parts, v_parts):       # the N convs as one conv of N*groups groups
+            G = unfold_dsigma(u_p, v_p, _Geometry.of(p.sn), p.w.shape[0] * p.sn.groups)
+            grads.append(_Dsigma(G.view_as(p.w), p.sn.groups))
+        return grads
+
+
+@dataclass
+class _Part:
+    """One group's share of a bundle's spectral-norm computation."""
+
+    group: int
+    sn: ConvSpectralNorm        # a representative (the geometry)
+    w: torch.Tensor             # (N, Co, Ci/g, k, k), float32 or wider, detached
+
+
+class _Vectors:
+    """The u and v power-iteration buffers of the convs of a bundle, each set as one 1-D tensor:
+    the buffers' elements concatenated in conv order. Viewed per group of N 1x1 convs, that is a
+    block (N, C); for other convs (one input and one output map size per bundle), the input u
+    (1, sum C_in, H, W) and output v (1, sum C_out, H', W') of their union as one grouped conv.
+
+    Where the buffers are the views of ``flat`` that :meth:`SpectralBatch.link` made them, reading
+    is free and writing is one copy; otherwise a concatenation and a foreach copy.
+    """
+
+    def __init__(self, us: list[torch.Tensor], vs: list[torch.Tensor],
+                 flat: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.us, self.vs, self.flat = us, vs, flat
+
+    def u(self) -> torch.Tensor:
+        return self.flat[0] if self.flat is not None else self._pack(self.us)
+
+    def v(self) -> torch.Tensor:
+        return self.flat[1] if self.flat is not None else self._pack(self.vs)
+
+    def packable(self) -> bool:
+        """Whether the buffers can share one tensor (one dtype and device)."""
+        return len({(t.dtype, t.device) for t in self.us + self.vs}) == 1
+
+    @staticmethod
+    def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The views of ``packed`` (1-D) that hold each of ``like``'s tensors."""
+        return [p.view(t.shape) for p, t in zip(packed.split([t.numel() for t in like]), like)]
+
+    @torch.no_grad()
+    def write(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Store u and v (any shapes holding the packed elements in order) into the buffers."""
+        for new, buffers, which in ((u, self.us, 0), (v, self.vs, 1)):
+            if self.flat is None:
+                torch._foreach_copy_(buffers, self.unpack(new.reshape(-1), buffers))
+            elif new is not self.flat[which]:
+                self.flat[which].copy_(new.reshape(-1))
+
+
+class _OuterDsigma(_Dsigma):
+    """1x1 convs: G = v u^T for v (N, C_out) and u (N, C_in), never formed in the forward."""
+
+    def __init__(self, v: torch.Tensor, u: torch.Tensor):
+        self.v, self.u, self.groups = v, u, 1
+
+    def sigmas(self, w: torch.Tensor) -> torch.Tensor:
+        wu = torch.bmm(w.reshape(w.shape[0], *w.shape[1:3]), self.u.unsqueeze(2))    # (N, Co, 1)
+        return torch.bmm(self.v.unsqueeze(1), wu).view(-1, 1)
+
+    def add_grad(self, base: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        n, co, ci = base.shape[:3]
+        return torch.baddbmm(base.reshape(n, co, ci), (coef * self.v).unsqueeze(2), self.u.unsqueeze(1)
+                             ).view_as(base)
+
+
+class _Normalize(torch.autograd.Function):
+    """``W -> target * W / sigma`` for many groups of convs at once: for each group, its weights
+    W (N, ...) and a :class:`_Dsigma` giving each conv's sigma (the max over its groups of
+    <W_j, G_j>).
+
+    The values and gradients are those of autograd through ``W * (target / sigma(W))``, but as one
+    node: its backward is the handful of products and sums that autograd would run per group,
+    without autograd's per-operation bookkeeping (about 8 nodes per group before).
+    """
+
+    @staticmethod
+    def forward(ctx, dsigmas: list[_Dsigma], targets: list, *ws: torch.Tensor):
+        outs, stats = [], []
+        for w, dsigma, target in zip(ws, dsigmas, targets):
+            per_group = dsigma.sigmas(w)                                               # (N, groups)
+            sigma = per_group.amax(1)
+            scale = target / sigma
+            outs.append(w * scale.view(-1, *[1] * (w.dim() - 1)))
+            stats.append((per_group, sigma, scale))
+        ctx.dsigmas, ctx.stats = dsigmas, stats
+        ctx.save_for_backward(*ws)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *d_outs: torch.Tensor):
+        d_ws = []
+        for i, (w, dsigma, (per_group, sigma, scale), d_out) in enumerate(
+                zip(ctx.saved_tensors, ctx.dsigmas, ctx.stats, d_outs)):
+            if not ctx.needs_input_grad[2 + i]:
+                d_ws.append(None)
+                continue
+            d_sigma = -(scale / sigma) * (d_out * w).reshape(w.shape[0], -1).sum(1)    # dL/dsigma, (N,)
+            ties = (per_group == sigma[:, None]).to(w.dtype)                          # amax's rule: ties share
+            share = ties / ties.sum(1, keepdim=True) * d_sigma[:, None]               # (N, groups)
+            d_ws.append(dsigma.add_grad(d_out * scale.view(-1, *[1] * (w.dim() - 1)), share))
+        return (None, None, *d_ws)
+
+
+def _wide(w: torch.Tensor) -> torch.Tensor:
+    return w if w.dtype in (torch.float32, torch.float64) else w.float()
+
+
+def _union_geometry(parts: list[_Part]) -> _Geometry:
+    """One geometry for all parts' convs: theirs if they share one; else, for depthwise convs of
+    different kernels and dilations, all "same"-padded with one stride (one bundle), the undilated
+    kernel that spans all of them (each kernel's taps sit at :func:`_taps_in` of it)."""
+    geos = {_Geometry.of(p.sn) for p in parts}
+    if len(geos) == 1:
+        return geos.pop()
+    span = tuple(max(p.sn.dilation[i] * (p.sn.kernel_size[i] - 1) + 1 for p in parts) for i in range(2))
+    return _Geometry(span, tuple(parts[0].sn.stride), (span[0] // 2, span[1] // 2), (1, 1))
+
+
+def _taps_in(geo: _Geometry, part: _Part) -> tuple[slice, slice]:
+    """Where the part's kernel taps sit in the (K, K) kernel of the union geometry ``geo``."""
+    out = []
+    for i in range(2):
+        start = (geo.padding[i] - part.sn.padding[i]) // geo.dilation[i]
+        step = part.sn.dilation[i] // geo.dilation[i]
+        out.append(slice(start, start + step * (part.sn.kernel_size[i] - 1) + 1, step))
+    return out[0], out[1]
+
+
+def _union_kernel(parts: list[_Part]) -> tuple[_Geometry, torch.Tensor]:
+    """The parts' convs as one grouped conv: the union geometry and the stacked weights
+    (sum N*Co, Ci/g, K, K), each kernel placed at its taps and zeros elsewhere (the operator is unchanged)."""
+    geo = _union_geometry(parts)
+    weights = [p.w.flatten(0, 1) for p in parts]
+    if all(_Geometry.of(p.sn) == geo for p in parts):
+        return geo, weights[0] if len(weights) == 1 else torch.cat(weights)
+    out = weights[0].new_zeros(sum(w.shape[0] for w in weights), 1, *geo.kernel_size)
+    for p, w, rows in zip(parts, weights, out.split([w.shape[0] for w in weights])):
+        rows[(slice(None), 0, *_taps_in(geo, p))] = w[:, 0]
+    return geo, out
+
+
+def _depthwise_grads(parts: list[_Part], u: torch.Tensor, v: torch.Tensor) -> list["_Dsigma"]:
+    """G = d(v^T A u)/dW of depthwise convs from u (1, C, H, W) and v (1, C, H', W') packed.
+
+    G[c, p, q] = sum over output pixels (y, x) of v[c, y, x] * u_padded[c, s*y + d*p, s*x + d*q]:
+    a depthwise conv of u with v as the kernel, with the roles of stride and dilation swapped.
+    One such conv serves all parts at the union geometry (far cheaper than unfolding u: the
+    output is only K x K per channel); each part's G is a strided view of it.
+    """
+    geo = _union_geometry(parts)
+    C = u.shape[1]
+    G = F.conv2d(u, v.reshape(C, 1, *v.shape[2:]), None, geo.dilation, geo.padding, geo.stride, C)[0]  # (C, >=K, >=K)
+    out = []
+    for p, rows in zip(parts, G.split([p.w.shape[0] * p.w.shape[1] for p in parts])):
+        out.append(_Dsigma(rows[(slice(None), *_taps_in(geo, p))].view_as(p.w), p.sn.groups))
+    return out
