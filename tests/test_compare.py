@@ -101,6 +101,8 @@ def test_method_labels():
     assert method_name({"method": "msr"}) == "msr-darts" and method_name({}) == "msr-darts"
     assert method_name({"method": "darts", "order": 2, "space": "darts"}) == "darts-2nd"
     assert method_name({"method": "darts", "order": 1, "space": "msr"}) == "darts-1st (msr space)"
+    assert method_name({"method": "pc-darts", "order": 1, "space": "darts"}) == "pc-darts"
+    assert method_name({"method": "pc-darts", "order": 1, "space": "msr"}) == "pc-darts (msr space)"
 
 
 def test_compact_genotype():

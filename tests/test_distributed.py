@@ -43,9 +43,13 @@ DRIVER = textwrap.dedent("""
     darts = se.run_search(SearchConfig(dataset="digits", method="darts", space="msr", spectral_norm=False,
                                        train_portion=0.5, layers=3, channels=4, batch_size=128, epochs=1,
                                        device="cpu", progress=False, plots=False, tensorboard=False), out / "darts")
+    pc = se.run_search(SearchConfig(dataset="digits", method="pc-darts", space="msr", spectral_norm=False,
+                                    partial_channels=2, train_portion=0.5, layers=3, channels=4, batch_size=128,
+                                    epochs=2, arch_start=1, device="cpu", progress=False, plots=False,
+                                    tensorboard=False), out / "pc-darts")
     report.write_text(json.dumps({"genotype": str(search.genotype), "best_epoch": search.best_epoch,
                                   "history": search.history, "train": train.results, "writes": writes,
-                                  "darts": darts.history}))
+                                  "darts": darts.history, "pc-darts": pc.history}))
 """)
 
 
@@ -89,6 +93,7 @@ def test_both_ranks_derive_the_same_genotype_and_history(two_ranks):
     assert _untimed(r0["history"]) == _untimed(r1["history"])   # reduced metrics, identical stable-rank tables
     assert _untimed([r0["train"]]) == _untimed([r1["train"]])
     assert _untimed(r0["darts"]) == _untimed(r1["darts"])       # DARTS: alphas averaged over ranks
+    assert _untimed(r0["pc-darts"]) == _untimed(r1["pc-darts"])  # PC-DARTS: alphas and betas averaged
     assert json.loads((tmp / "runs" / "search" / "genotype.json").read_text()) == r0["history"][r0["best_epoch"] - 1]["genotype"]
 
 

@@ -135,14 +135,19 @@ class SearchConfig(_DataConfig):
                                    "exact top singular vectors, depthwise convs checked against a fresh "
                                    "circular-boundary start (catches singular values that overtake)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
-    method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection) or "
+    method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "
-                            "--space darts and --no-spectral-norm unless given)")
+                            "--space darts and --no-spectral-norm unless given) or 'pc-darts' (DARTS with partial "
+                            "channels and edge normalisation)")
     space: str = _f("", "the candidate ops by name: 'msr' (4 conv ops) or 'darts' (the 8 DARTS ops); empty: "
                         "--primitives")
     order: int = _f(1, "--method darts: 1 (first-order alpha gradient) or 2 (unrolled second-order, finite differences)")
     arch_lr: float = _f(3e-4, "--method darts: Adam learning rate of the alphas (betas 0.5, 0.999)")
     arch_weight_decay: float = _f(1e-3, "--method darts: weight decay of the alphas")
+    arch_start: int = _f(0, "--method darts / pc-darts: epochs of weights-only warm-up before the architecture "
+                            "steps start (PC-DARTS: 15 on CIFAR-10, 35 on ImageNet)")
+    partial_channels: int = _f(4, "--method pc-darts: K, the channel proportion: 1/K of each edge's channels go "
+                                  "through its ops, the rest bypass them (PC-DARTS: 4 on CIFAR-10, 2 on ImageNet)")
     select: str = _f("min", "--method msr: pick the op and edges of lowest stable rank ('min', the method) or of "
                             "highest ('max', the authors' ablation)")
     rank_per_pixel: bool = _f(False, "divide stable ranks by the conv's H*W before averaging over cells")
@@ -157,7 +162,10 @@ class SearchConfig(_DataConfig):
     def validate(self) -> "SearchConfig":
         """Raise ConfigError naming the first invalid field; return self. The chosen method checks
         its own settings on top (``Method.validate``)."""
-        check_positive(**{n: getattr(self, n) for n in ("batch_size", "epochs", "sn_iterations", "sn_refresh_every")})
+        check_positive(**{n: getattr(self, n) for n in ("batch_size", "epochs", "sn_iterations", "sn_refresh_every",
+                                                       "partial_channels")})
+        if not isinstance(self.arch_start, int) or isinstance(self.arch_start, bool) or self.arch_start < 0:
+            raise ConfigError(f"--arch-start={self.arch_start!r}: must be an integer >= 0 (epochs of warm-up)")
         check_network(self.layers, self.channels)
         for name in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "bn_recalibration"):
             if getattr(self, name) < 0:
@@ -249,6 +257,17 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
     # headline result), no spectral normalisation, the 8-op DARTS space.
     "darts-cifar10": SearchConfig(method="darts", space="darts", batch_size=64, train_portion=0.5, order=2,
                                   spectral_norm=False),
+    # PC-DARTS (Xu et al., 2020, and its code; SPEC section 10): DARTS's space, 8 cells, C = 16, K = 4,
+    # batch 256, SGD 0.1 cosine to 0, wd 3e-4, clip 5, 50 epochs, a 1:1 split; first-order
+    # architecture steps by Adam 6e-4 (wd 1e-3) from epoch 16 on (15 epochs of weights only).
+    "pc-darts-cifar10": SearchConfig(method="pc-darts", space="darts", batch_size=256, lr=0.1, lr_min=0.0,
+                                     train_portion=0.5, arch_lr=6e-4, arch_start=15, partial_channels=4,
+                                     spectral_norm=False),
+    # PC-DARTS's ImageNet search: 8 cells, C = 16, K = 2 on a class-balanced 10 % of the training
+    # images (2.5 % for the architecture steps), batch 1024, SGD 0.5 cosine to 0, Adam 6e-3 from epoch 36.
+    "pc-darts-imagenet": SearchConfig(method="pc-darts", space="darts", dataset="imagenet", batch_size=1024, lr=0.5,
+                                      lr_min=0.0, subset=0.1, subset_valid=0.025, arch_lr=6e-3, arch_start=35,
+                                      partial_channels=2, spectral_norm=False),
     # Exactly the authors' released search code path (SPEC sections 4a, 8): the cifar10 preset (their
     # batch 128, 4:1 split, schedule) with edges mixed by softmax(-R) of the raw stable ranks, refreshed
     # at every epoch, and their reduction-cell resolution quirk. What stays ours: spectral norms by

@@ -8,6 +8,7 @@ preset; the supernet and the loop know no method by name.
 Order of calls in a run::
 
     Method.validate(cfg)                  settings check (class method, before anything is built)
+    Method.supernet_options(cfg)          the method's own SuperNet arguments (e.g. its mixed edge)
     m = Method(cfg)
     m.adapt(net)                          add what the method needs to the supernet
     m.setup(net, weight_optimizer, ctx)   its optimisers and data (ctx: SearchContext)
@@ -74,6 +75,12 @@ class Method:
     @classmethod
     def validate(cls, cfg: Any) -> None:
         """Raise ConfigError for settings this method cannot run with."""
+
+    @classmethod
+    def supernet_options(cls, cfg: Any) -> dict[str, Any]:
+        """Keyword arguments of :class:`msrdarts.nn.supernet.SuperNet` this method builds its supernet
+        with (PC-DARTS: ``edge``, its partial-channel mixed edge)."""
+        return {}
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

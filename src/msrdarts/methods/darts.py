@@ -137,36 +137,47 @@ class DARTS(Method):
     # DARTS trains without spectral normalisation (its arch optimiser's settings are the config's
     # defaults); the candidate ops stay the preset's (--space darts for its own 8-op space).
     defaults = {"spectral_norm": False}
-    owns = ("order", "arch_lr", "arch_weight_decay")
+    owns = ("order", "arch_lr", "arch_weight_decay", "arch_start")
     score_key = "alpha"
     lower_wins = False
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
+        flag = f"--method {cls.name}"
         if cfg.order not in (1, 2):
             raise ConfigError(f"--order={cfg.order}: must be 1 or 2")
         if cfg.arch_lr <= 0 or cfg.arch_weight_decay < 0:
             raise ConfigError(f"--arch-lr={cfg.arch_lr} --arch-weight-decay={cfg.arch_weight_decay}: need "
                               f"arch-lr > 0 and arch-weight-decay >= 0")
+        if cfg.arch_start >= cfg.epochs:
+            raise ConfigError(f"--arch-start={cfg.arch_start}: must be below --epochs={cfg.epochs}, or the "
+                              f"architecture is never trained")
         if cfg.spectral_norm:
-            raise ConfigError("--method darts trains without spectral normalisation, as DARTS does: "
+            raise ConfigError(f"{flag} trains without spectral normalisation, as its authors do: "
                               "spectral_norm must be off (--no-spectral-norm, the method's default)")
         if cfg.mixing != "sum":
-            raise ConfigError("--method darts mixes by its learned alphas; --mixing applies to --method msr only")
+            raise ConfigError(f"{flag} mixes by its learned alphas; --mixing applies to --method msr only")
         if cfg.select != "min":
-            raise ConfigError("--select applies to --method msr (stable ranks) only; DARTS picks the strongest alphas")
+            raise ConfigError(f"--select applies to --method msr (stable ranks) only; {flag} picks the strongest "
+                              f"alphas")
 
     def adapt(self, net: nn.Module) -> None:
         for a in add_alphas(net).arch_parameters():   # trained by the Architect's own steps only
             a.requires_grad_(False)
 
     def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: SearchContext) -> None:
-        self.ctx = ctx
+        self.ctx, self.epoch = ctx, 0
         self.architect = Architect(net, weight_optimizer, self.cfg.arch_lr, self.cfg.arch_weight_decay,
                                    self.cfg.order, reduce_grads=ctx.average)
 
-    def step_hook(self, epoch_seed: int, start: int) -> BeforeStep:
-        """One architecture step on the next search-valid batch before each weight step."""
+    def new_epoch(self, epoch: int, fresh: bool) -> None:
+        self.epoch = epoch
+
+    def step_hook(self, epoch_seed: int, start: int) -> BeforeStep | None:
+        """One architecture step on the next search-valid batch before each weight step (none in the
+        first ``arch_start`` epochs: weights only)."""
+        if self.epoch < self.cfg.arch_start:
+            return None
         batches: Iterator = iter(self.ctx.valid_batches(epoch_seed, start))
         accel, architect = self.ctx.accel, self.architect
 

@@ -27,6 +27,10 @@ from .spectral import apply_spectral_norm
 
 #: mixer(net, cell) -> the (edges, ops) mixing weights of the cell, or None for plain sums.
 Mixer = Callable[[nn.Module, nn.Module], "torch.Tensor | None"]
+#: edge_mixer(net, cell) -> the (edges,) weights of the cell's edges in each node's sum, or None.
+EdgeMixer = Callable[[nn.Module, nn.Module], "torch.Tensor | None"]
+#: edge(C, stride, primitives) -> a mixed edge module (default :class:`MixedOp`).
+EdgeFactory = Callable[[int, int, Sequence[str]], nn.Module]
 
 
 class MixedOp(nn.Module):
@@ -49,23 +53,27 @@ class MixedOp(nn.Module):
 
 
 class SearchCell(nn.Module):
-    """A cell of mixed edges: node j = sum over i < j of edge (i, j) applied to node i."""
+    """A cell of mixed edges: node j = sum over i < j of edge (i, j) applied to node i, each edge's
+    output optionally scaled by an edge weight (PC-DARTS's edge normalisation)."""
 
     def __init__(self, steps: int, multiplier: int, C_pp: int, C_p: int, C: int, reduction: bool,
-                 reduction_prev: bool, primitives: Sequence[str]):
+                 reduction_prev: bool, primitives: Sequence[str], edge: EdgeFactory = MixedOp):
         super().__init__()
         self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
         self.pre0, self.pre1 = cell_preprocess(C_pp, C_p, C, reduction_prev, affine=False)
         self.edges = nn.ModuleList(
-            MixedOp(C, 2 if reduction and src < 2 else 1, primitives) for src, _ in edge_index(steps))
+            edge(C, 2 if reduction and src < 2 else 1, primitives) for src, _ in edge_index(steps))
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor | None = None,
+                edge_weights: torch.Tensor | None = None) -> torch.Tensor:
         states = [self.pre0(s0), self.pre1(s1)]
         e = 0
         for _ in range(self.steps):
-            node = sum(self.edges[e + i](h, None if weights is None else weights[e + i]) for i, h in enumerate(states))
+            outs = [self.edges[e + i](h, None if weights is None else weights[e + i]) for i, h in enumerate(states)]
+            if edge_weights is not None:
+                outs = [edge_weights[e + i] * o for i, o in enumerate(outs)]
             e += len(states)
-            states.append(node)
+            states.append(sum(outs))
         return torch.cat(states[-self.multiplier:], dim=1)
 
 
@@ -92,14 +100,19 @@ class SuperNet(nn.Module):
             compute the same function with the same modules and state.
         compile_kernels: let the fused path compile its large depthwise weight gradients on the
             CPU (:class:`msrdarts.nn.kernels.CompiledTaps`; seconds per kernel geometry, once).
+        edge: the factory of the mixed edges, ``edge(C, stride, primitives)`` (a method's own edge,
+            e.g. PC-DARTS's :class:`msrdarts.nn.partial.PartialMixedOp`; only the default
+            :class:`MixedOp` has a fused forward).
 
-    Every edge sums its ops until a search method sets :attr:`mixer`.
+    Every edge sums its ops, and every node its edges, until a search method sets :attr:`mixer`
+    (op weights per edge) or :attr:`edge_mixer` (a weight per edge).
     """
 
     def __init__(self, num_classes: int, layers: int, channels: int, input_size: int, stem: str = "cifar",
                  primitives: Sequence[str] = MSR_PRIMITIVES, in_channels: int = 3,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, spectral_norm: bool = True,
-                 sn_iterations: int = 1, impl: str = "auto", compile_kernels: bool = True):
+                 sn_iterations: int = 1, impl: str = "auto", compile_kernels: bool = True,
+                 edge: EdgeFactory = MixedOp):
         super().__init__()
         check_positive(num_classes=num_classes, input_size=input_size, in_channels=in_channels, steps=steps,
                        sn_iterations=sn_iterations)
@@ -107,7 +120,11 @@ class SuperNet(nn.Module):
         check_ops(tuple(primitives), impl)
         if not 1 <= multiplier <= steps:
             raise ConfigError(f"multiplier={multiplier} must be in 1..steps={steps}")
-        self.impl = impl if impl != "auto" else ("fused" if can_fuse(primitives) else "reference")
+        fusable = can_fuse(primitives) and edge is MixedOp
+        if impl == "fused" and not fusable:
+            raise ConfigError("--impl=fused: this search method's mixed edges have no fused forward; "
+                              "use --impl reference (or auto)")
+        self.impl = impl if impl != "auto" else ("fused" if fusable else "reference")
         self.primitives = tuple(primitives)
         self.steps, self.multiplier, self.layers = steps, multiplier, layers
         self.stem = Stem(stem, in_channels, channels, stem_multiplier)
@@ -118,7 +135,8 @@ class SuperNet(nn.Module):
             reduction = i in reduction_layers(layers)
             if reduction:
                 C_curr *= 2
-            cells.append(SearchCell(steps, multiplier, C_pp, C_p, C_curr, reduction, reduction_prev, self.primitives))
+            cells.append(SearchCell(steps, multiplier, C_pp, C_p, C_curr, reduction, reduction_prev, self.primitives,
+                                    edge))
             reduction_prev = reduction
             C_pp, C_p = C_p, multiplier * C_curr
         self.cells = nn.ModuleList(cells)
@@ -126,12 +144,13 @@ class SuperNet(nn.Module):
         self.classifier = nn.Linear(C_p, num_classes)
         #: The mixing weights of a cell's edges, set by a search method (None: plain sums).
         self.mixer: Mixer | None = None
+        #: The weights of a cell's edges in each node's sum, set by a search method (None: plain sums).
+        self.edge_mixer: EdgeMixer | None = None
         #: Names of the architecture parameters a search method added (DARTS: ("alphas",)).
         self.arch_parameter_names: tuple[str, ...] = ()
         self._fused: FusedSuperNet | None = None   # the reference forward records the conv input sizes
         record_input_sizes(self, torch.zeros(1, in_channels, input_size, input_size))
         # The op convs grouped by geometry for batched spectral norms, in the fused forward's order.
-        fusable = can_fuse(self.primitives)
         batch = SpectralBatch(fused_conv_order(self) if fusable else
                               [m for m in self.modules() if isinstance(m, OpConv)])
         if spectral_norm:
@@ -152,6 +171,9 @@ class SuperNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:
+            if self.edge_mixer is not None:
+                raise ConfigError("edge weights (edge_mixer) need the reference forward: build the supernet with "
+                                  "impl='reference'")
             return self._fused(self, x)
         return self.forward_reference(x)
 
@@ -159,12 +181,16 @@ class SuperNet(nn.Module):
         """The readable definition: every edge a :class:`MixedOp`, every op and conv on its own."""
         s0, s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, self.mixing_weights(cell))
+            s0, s1 = s1, cell(s0, s1, self.mixing_weights(cell), self.edge_weights(cell))
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def mixing_weights(self, cell: nn.Module) -> torch.Tensor | None:
         """The (edges, ops) weights of ``cell``'s mixed edges; None for a plain sum."""
         return None if self.mixer is None else self.mixer(self, cell)
+
+    def edge_weights(self, cell: nn.Module) -> torch.Tensor | None:
+        """The (edges,) weights of ``cell``'s edges in each node's sum; None for a plain sum."""
+        return None if self.edge_mixer is None else self.edge_mixer(self, cell)
 
     def arch_parameters(self) -> list[nn.Parameter]:
         """The architecture parameters a search method added (DARTS alphas); empty for MSR-DARTS."""

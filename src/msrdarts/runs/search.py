@@ -42,10 +42,11 @@ class SearchResult:
 
 
 def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
-    """The supernet of ``cfg`` for ``data`` (not yet adapted by a method)."""
+    """The supernet of ``cfg`` for ``data``, with the method's own options (not yet adapted by it)."""
     return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
                     primitives=cfg.ops, in_channels=data.in_channels, spectral_norm=cfg.spectral_norm,
-                    sn_iterations=cfg.sn_iterations, impl=cfg.impl, compile_kernels=cfg.compile != "off")
+                    sn_iterations=cfg.sn_iterations, impl=cfg.impl, compile_kernels=cfg.compile != "off",
+                    **get_method(cfg.method).supernet_options(cfg))
 
 
 def arch_batches(loader: Any, epoch_seed: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
