@@ -1,4 +1,4 @@
-"""PC-DARTS (msrdarts.nn.partial, msrdarts.methods.pcdarts) against hand-built references: the
+"""PC-DARTS (msrdarts.nn.edges, msrdarts.methods.pcdarts) against hand-built references: the
 partial-channel edge channel by channel, edge normalisation, derivation on a hand-computed table,
 the warm-up and the settings."""
 
@@ -14,7 +14,7 @@ from msrdarts.genotype import edge_index
 from msrdarts.methods import get_method
 from msrdarts.methods.darts import Architect
 from msrdarts.methods.pcdarts import PCDARTS, node_softmax
-from msrdarts.nn.partial import PartialMixedOp
+from msrdarts.nn.edges import PartialMixedOp
 from msrdarts.nn.supernet import SuperNet
 from msrdarts.primitives import DARTS_PRIMITIVES, MSR_PRIMITIVES
 

@@ -24,12 +24,14 @@ def _preset_help(name: str, presets: dict) -> str:
 
 
 def _show(value: Any) -> str:
-    return ",".join(value) if isinstance(value, tuple) else str(value)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, presets: dict) -> None:
     group = parser.add_argument_group("settings (default: the preset's value, shown as preset: value)")
     for f in fields(cls):
+        if not f.metadata.get("cli", True):
+            continue   # set by the program, not by a flag
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} ({_preset_help(f.name, presets)})"
         default = getattr(cls(), f.name)
@@ -49,7 +51,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, presets: dict)
 
 
 def _overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(cls)}
+    return {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli", True)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,8 +31,10 @@ MSR_MIXING = ("sum", "srsoftmax")
 SELECT_MODES = ("min", "max")
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, cli: bool = True) -> Any:
+    """A setting with its help text; ``cli=False``: set by the program (recorded in config.json),
+    no flag."""
+    return field(default=default, metadata={"help": help, "cli": cli})
 
 
 class _Config:
@@ -137,8 +139,9 @@ class SearchConfig(_DataConfig):
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "
-                            "--space darts and --no-spectral-norm unless given) or 'pc-darts' (DARTS with partial "
-                            "channels and edge normalisation)")
+                            "--no-spectral-norm unless given), 'pc-darts' (DARTS with partial "
+                            "channels and edge normalisation) or 'p-darts' (DARTS in stages of growing depth, "
+                            "dropping ops between them)")
     space: str = _f("", "the candidate ops by name: 'msr' (4 conv ops) or 'darts' (the 8 DARTS ops); empty: "
                         "--primitives")
     order: int = _f(1, "--method darts: 1 (first-order alpha gradient) or 2 (unrolled second-order, finite differences)")
@@ -146,6 +149,17 @@ class SearchConfig(_DataConfig):
     arch_weight_decay: float = _f(1e-3, "--method darts: weight decay of the alphas")
     arch_start: int = _f(0, "--method darts / pc-darts: epochs of weights-only warm-up before the architecture "
                             "steps start (PC-DARTS: 15 on CIFAR-10, 35 on ImageNet)")
+    stage_layers: tuple[int, ...] = _f((), "--method p-darts: cells of the supernet in each stage (P-DARTS: 5,11,17); "
+                                            "--epochs is per stage")
+    stage_keep: tuple[int, ...] = _f((), "--method p-darts: ops each edge keeps after each stage, by softmax(alpha) "
+                                         "(P-DARTS: 5,3,1; the last must be 1: the final op)")
+    skip_dropout: tuple[float, ...] = _f((), "--method p-darts: dropout rate on skip connections in each stage, "
+                                             "decayed within the stage (P-DARTS: 0.1,0.4,0.7 on CIFAR-10, 0.1,0.2,0.3 "
+                                             "on CIFAR-100)")
+    max_skips: int = _f(2, "--method p-darts: at most this many skip connections in the final normal cell (-1: no limit)")
+    stage: int = _f(0, "--method p-darts: the stage this run is (0-based; set by the staged search)", cli=False)
+    edge_ops: tuple = _f((), "--method p-darts: every edge's candidate ops in this stage, (normal, reduce) (set by "
+                             "the staged search from the previous stage's alphas)", cli=False)
     partial_channels: int = _f(4, "--method pc-darts: K, the channel proportion: 1/K of each edge's channels go "
                                   "through its ops, the rest bypass them (PC-DARTS: 4 on CIFAR-10, 2 on ImageNet)")
     select: str = _f("min", "--method msr: pick the op and edges of lowest stable rank ('min', the method) or of "
@@ -158,6 +172,17 @@ class SearchConfig(_DataConfig):
     tensorboard: bool = _f(True, "write TensorBoard event files into RUN/tensorboard/ (when the tensorboard package "
                                  "is installed: pip install tensorboard)")
     plots: bool = _f(True, "draw the run's pictures into RUN/plots/ when it ends (again any time: msrdarts plot RUN)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, kind in (("stage_layers", int), ("stage_keep", int), ("skip_dropout", float)):
+            try:   # from the command line: strings; from config.json: numbers
+                object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{_flag(name)}={getattr(self, name)!r}: need comma-separated "
+                                  f"{'integers' if kind is int else 'numbers'}") from None
+        if self.edge_ops:   # config.json stores lists
+            object.__setattr__(self, "edge_ops", tuple(tuple(tuple(e) for e in t) for t in self.edge_ops))
 
     def validate(self) -> "SearchConfig":
         """Raise ConfigError naming the first invalid field; return self. The chosen method checks
@@ -263,11 +288,30 @@ SEARCH_PRESETS: dict[str, SearchConfig] = {
     "pc-darts-cifar10": SearchConfig(method="pc-darts", space="darts", batch_size=256, lr=0.1, lr_min=0.0,
                                      train_portion=0.5, arch_lr=6e-4, arch_start=15, partial_channels=4,
                                      spectral_norm=False),
+    # P-DARTS (Chen et al., 2019, and its code; SPEC section 10): three stages of 5, 11 and 17 cells,
+    # C = 16, 25 epochs each (10 of weights only), DARTS's space cut to 5, 3, then 1 op per edge,
+    # dropout on skips 0.1, 0.4, 0.7, at most 2 skips in the normal cell; batch 96, SGD 0.025 cosine
+    # to 0, wd 3e-4, clip 5, a 1:1 split; first-order Adam 6e-4 (wd 1e-3) steps, gradient clipped at 5.
+    "p-darts-cifar10": SearchConfig(method="p-darts", space="darts", batch_size=96, lr_min=0.0, train_portion=0.5,
+                                    epochs=25, arch_start=10, arch_lr=6e-4, stage_layers=(5, 11, 17),
+                                    stage_keep=(5, 3, 1), skip_dropout=(0.1, 0.4, 0.7), max_skips=2,
+                                    spectral_norm=False),
+    # The same on CIFAR-100, with its dropout rates on skips (0.1, 0.2, 0.3).
+    "p-darts-cifar100": SearchConfig(method="p-darts", space="darts", dataset="cifar100", batch_size=96, lr_min=0.0,
+                                     train_portion=0.5, epochs=25, arch_start=10, arch_lr=6e-4,
+                                     stage_layers=(5, 11, 17), stage_keep=(5, 3, 1), skip_dropout=(0.1, 0.2, 0.3),
+                                     max_skips=2, spectral_norm=False),
     # PC-DARTS's ImageNet search: 8 cells, C = 16, K = 2 on a class-balanced 10 % of the training
     # images (2.5 % for the architecture steps), batch 1024, SGD 0.5 cosine to 0, Adam 6e-3 from epoch 36.
     "pc-darts-imagenet": SearchConfig(method="pc-darts", space="darts", dataset="imagenet", batch_size=1024, lr=0.5,
                                       lr_min=0.0, subset=0.1, subset_valid=0.025, arch_lr=6e-3, arch_start=35,
                                       partial_channels=2, spectral_norm=False),
+    # Offline P-DARTS demo on digits: stages of 3, 4 and 5 cells at C = 8, 3 epochs each (1 of
+    # weights only), DARTS's space cut to 5, 3, then 1 op per edge.
+    "p-darts-quick": SearchConfig(method="p-darts", space="darts", dataset="digits", channels=8, batch_size=64,
+                                  epochs=3, lr=0.05, lr_min=0.0, bn_recalibration=8, train_portion=0.5, arch_start=1,
+                                  arch_lr=6e-4, stage_layers=(3, 4, 5), stage_keep=(5, 3, 1),
+                                  skip_dropout=(0.1, 0.4, 0.7), max_skips=2, spectral_norm=False),
     # Exactly the authors' released search code path (SPEC sections 4a, 8): the cifar10 preset (their
     # batch 128, 4:1 split, schedule) with edges mixed by softmax(-R) of the raw stable ranks, refreshed
     # at every epoch, and their reduction-cell resolution quirk. What stays ours: spectral norms by

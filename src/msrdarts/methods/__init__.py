@@ -6,5 +6,6 @@ from .base import Method, SearchContext, get_method, list_methods, register_meth
 from . import msr  # noqa: F401, I001  (registers MSR-DARTS first: the order of --method's choices)
 from . import darts  # noqa: F401
 from . import pcdarts  # noqa: F401
+from . import pdarts  # noqa: F401
 
 __all__ = ["Method", "SearchContext", "get_method", "list_methods", "register_method"]

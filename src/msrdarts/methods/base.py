@@ -9,6 +9,8 @@ Order of calls in a run::
 
     Method.validate(cfg)                  settings check (class method, before anything is built)
     Method.supernet_options(cfg)          the method's own SuperNet arguments (e.g. its mixed edge)
+    Method.stages(cfg)                    how many stages the search has (1; P-DARTS: 3): stage s is
+                                          a search run of Method.stage_config(cfg, s, previous)
     m = Method(cfg)
     m.adapt(net)                          add what the method needs to the supernet
     m.setup(net, weight_optimizer, ctx)   its optimisers and data (ctx: SearchContext)
@@ -46,6 +48,9 @@ class Derivation:
     #: Further genotypes read off the same weights, by name (MSR-DARTS: "max" and "cells-max", the
     #: authors' max-stable-rank ablation; a search writes each as genotype-NAME.json).
     ablations: dict[str, Genotype | CellGenotypes] = field(default_factory=dict)
+    #: Further plain-data results a method keeps in each epoch's history record, by key (P-DARTS:
+    #: ``kept_ops``, the candidate ops of every edge in its next stage).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +86,17 @@ class Method:
         """Keyword arguments of :class:`msrdarts.nn.supernet.SuperNet` this method builds its supernet
         with (PC-DARTS: ``edge``, its partial-channel mixed edge)."""
         return {}
+
+    @classmethod
+    def stages(cls, cfg: Any) -> int:
+        """The number of stages: each one its own search run in ``RUN/stage-K`` (1: a plain run)."""
+        return 1
+
+    @classmethod
+    def stage_config(cls, cfg: Any, stage: int, previous: dict[str, Any] | None) -> Any:
+        """The config of stage ``stage`` (0-based), given the last history record of the previous
+        stage (None for the first)."""
+        return cfg
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

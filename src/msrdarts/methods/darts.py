@@ -52,11 +52,14 @@ class Architect:
         order: 1 or 2.
         reduce_grads: averages the alpha gradient over processes (distributed runs).
         fd_scale: the finite-difference step is fd_scale / ||g|| (DARTS: 0.01).
+        clip: clip the norm of the architecture gradient to this (P-DARTS: 5; None: no clipping,
+            as DARTS and PC-DARTS).
     """
 
     def __init__(self, net: nn.Module, weight_optimizer: torch.optim.SGD, lr: float = 3e-4,
                  weight_decay: float = 1e-3, order: int = 1, loss: Loss = nn.functional.cross_entropy,
-                 reduce_grads: Callable[[torch.Tensor], torch.Tensor] | None = None, fd_scale: float = 0.01):
+                 reduce_grads: Callable[[torch.Tensor], torch.Tensor] | None = None, fd_scale: float = 0.01,
+                 clip: float | None = None):
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         self.net, self.weight_optimizer, self.order, self.loss = net, weight_optimizer, order, loss
@@ -64,7 +67,7 @@ class Architect:
         if not self.alphas:
             raise ValueError("the network has no architecture parameters (mixing='alpha')")
         self.optimizer = torch.optim.Adam(self.alphas, lr=lr, betas=ARCH_BETAS, weight_decay=weight_decay)
-        self.reduce_grads, self.fd_scale = reduce_grads, fd_scale
+        self.reduce_grads, self.fd_scale, self.clip = reduce_grads, fd_scale, clip
         arch = {id(a) for a in self.alphas}   # the weights by name, looked up once (not per step)
         self._named = [(n, p) for n, p in net.named_parameters() if id(p) not in arch]
 
@@ -83,6 +86,8 @@ class Architect:
             grads = [self.reduce_grads(g) for g in grads]
         for a, g in zip(self.alphas, grads):
             a.grad = g
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.alphas, self.clip)
         self.optimizer.step()
         for a in self.alphas:
             a.grad = None

@@ -1,7 +1,7 @@
 """PC-DARTS (Xu et al., ICLR 2020), ``msrdarts search --method pc-darts``: DARTS with partial
 channel connections and edge normalisation (SPEC section 10).
 
-* **Partial channels.** Every edge is a :class:`msrdarts.nn.partial.PartialMixedOp`: its ops see
+* **Partial channels.** Every edge is a :class:`msrdarts.nn.edges.PartialMixedOp`: its ops see
   1/K of the input channels (``--partial-channels K``), the rest bypass them, then a channel
   shuffle. The supernet is built with that edge; its forward is the reference one.
 * **Edge normalisation.** Parameters ``betas`` (2, edges), one per edge and cell type, drawn as
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..genotype import num_edges
-from ..nn.partial import partial_channel_edge
+from ..nn.edges import partial_channel_edge
 from .base import Derivation, register_method
 from .darts import DARTS, add_alphas, alpha_table
 from .derive import derive_genotype

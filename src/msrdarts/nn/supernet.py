@@ -57,12 +57,14 @@ class SearchCell(nn.Module):
     output optionally scaled by an edge weight (PC-DARTS's edge normalisation)."""
 
     def __init__(self, steps: int, multiplier: int, C_pp: int, C_p: int, C: int, reduction: bool,
-                 reduction_prev: bool, primitives: Sequence[str], edge: EdgeFactory = MixedOp):
+                 reduction_prev: bool, primitives: Sequence[str], edge: EdgeFactory = MixedOp,
+                 edge_ops: Sequence[Sequence[str]] | None = None):
         super().__init__()
         self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
         self.pre0, self.pre1 = cell_preprocess(C_pp, C_p, C, reduction_prev, affine=False)
         self.edges = nn.ModuleList(
-            edge(C, 2 if reduction and src < 2 else 1, primitives) for src, _ in edge_index(steps))
+            edge(C, 2 if reduction and src < 2 else 1, primitives if edge_ops is None else edge_ops[e])
+            for e, (src, _) in enumerate(edge_index(steps)))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor | None = None,
                 edge_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,6 +77,17 @@ class SearchCell(nn.Module):
             e += len(states)
             states.append(sum(outs))
         return torch.cat(states[-self.multiplier:], dim=1)
+
+
+def check_edge_ops(edge_ops: Sequence[Sequence[Sequence[str]]], primitives: tuple[str, ...], steps: int) -> None:
+    """Every edge's candidate ops: a non-empty subset of ``primitives`` in their order, for both types."""
+    if len(edge_ops) != 2 or any(len(t) != len(edge_index(steps)) for t in edge_ops):
+        raise ConfigError(f"edge_ops: need (normal, reduce), each with {len(edge_index(steps))} edges")
+    for kind, table in zip(("normal", "reduce"), edge_ops):
+        for e, ops in enumerate(table):
+            if not ops or [p for p in primitives if p in ops] != list(ops):
+                raise ConfigError(f"edge_ops: {kind} edge {e} has {list(ops)}; need a non-empty subset of "
+                                  f"{', '.join(primitives)} in that order")
 
 
 def raw_weight(conv: nn.Conv2d) -> torch.Tensor:
@@ -101,8 +114,11 @@ class SuperNet(nn.Module):
         compile_kernels: let the fused path compile its large depthwise weight gradients on the
             CPU (:class:`msrdarts.nn.kernels.CompiledTaps`; seconds per kernel geometry, once).
         edge: the factory of the mixed edges, ``edge(C, stride, primitives)`` (a method's own edge,
-            e.g. PC-DARTS's :class:`msrdarts.nn.partial.PartialMixedOp`; only the default
+            e.g. PC-DARTS's :class:`msrdarts.nn.edges.PartialMixedOp`; only the default
             :class:`MixedOp` has a fused forward).
+        edge_ops: the candidate ops of every edge, ``(normal, reduce)``, each one tuple of op
+            names per edge (P-DARTS's edges after op dropping: each a subset of ``primitives``, in
+            their order); None: every edge has all of ``primitives``.
 
     Every edge sums its ops, and every node its edges, until a search method sets :attr:`mixer`
     (op weights per edge) or :attr:`edge_mixer` (a weight per edge).
@@ -112,7 +128,7 @@ class SuperNet(nn.Module):
                  primitives: Sequence[str] = MSR_PRIMITIVES, in_channels: int = 3,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, spectral_norm: bool = True,
                  sn_iterations: int = 1, impl: str = "auto", compile_kernels: bool = True,
-                 edge: EdgeFactory = MixedOp):
+                 edge: EdgeFactory = MixedOp, edge_ops: Sequence[Sequence[Sequence[str]]] | None = None):
         super().__init__()
         check_positive(num_classes=num_classes, input_size=input_size, in_channels=in_channels, steps=steps,
                        sn_iterations=sn_iterations)
@@ -120,7 +136,9 @@ class SuperNet(nn.Module):
         check_ops(tuple(primitives), impl)
         if not 1 <= multiplier <= steps:
             raise ConfigError(f"multiplier={multiplier} must be in 1..steps={steps}")
-        fusable = can_fuse(primitives) and edge is MixedOp
+        if edge_ops is not None:
+            check_edge_ops(edge_ops, tuple(primitives), steps)
+        fusable = can_fuse(primitives) and edge is MixedOp and edge_ops is None
         if impl == "fused" and not fusable:
             raise ConfigError("--impl=fused: this search method's mixed edges have no fused forward; "
                               "use --impl reference (or auto)")
@@ -136,7 +154,7 @@ class SuperNet(nn.Module):
             if reduction:
                 C_curr *= 2
             cells.append(SearchCell(steps, multiplier, C_pp, C_p, C_curr, reduction, reduction_prev, self.primitives,
-                                    edge))
+                                    edge, None if edge_ops is None else edge_ops[int(reduction)]))
             reduction_prev = reduction
             C_pp, C_p = C_p, multiplier * C_curr
         self.cells = nn.ModuleList(cells)

@@ -66,9 +66,67 @@ def run_search(cfg: SearchConfig, out: str | Path, resume: bool = False,
 
     ``on_epoch_end(epoch, record)`` is called after each epoch's files are written. Under torchrun
     every process calls this; rank 0 alone writes files and logs (see :mod:`msrdarts.distributed`).
-    ``origin`` (where each setting came from) is recorded in config.json.
+    ``origin`` (where each setting came from) is recorded in config.json. A method with stages
+    (P-DARTS) runs each stage as a search of its own in ``out/stage-K`` (:func:`run_stages`).
     """
+    if get_method(cfg.method).stages(cfg) > 1:
+        return run_stages(cfg, out, resume, on_epoch_end, log, origin)
     return SearchRun.start(cfg, out, resume, on_epoch_end, log, origin)
+
+
+def stage_folder(out: Path, stage: int) -> Path:
+    return out / f"stage-{stage + 1}"
+
+
+def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
+               on_epoch_end: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print,
+               origin: dict[str, Any] | None = None) -> SearchResult:
+    """A search in stages: stage s is a search run in ``out/stage-{s+1}`` with the config
+    ``Method.stage_config(cfg, s, last record of stage s)``. Each stage resumes like any run; a
+    finished stage is not run again. ``out`` itself holds config.json, the stages' histories in one
+    history.jsonl (``stage`` and ``stage_epoch`` in every record, epochs counted over all stages)
+    and genotype.json: the last stage's last epoch, as P-DARTS reads it."""
+    from ..distributed import Dist
+    from ..device import resolve_device
+
+    out = Path(out)
+    SearchRun.check(cfg)
+    method = get_method(cfg.method)
+    n = method.stages(cfg)
+    if resume:
+        if not (stage_folder(out, 0) / F.CHECKPOINT).is_file():
+            raise CheckpointError(f"--resume: {stage_folder(out, 0) / F.CHECKPOINT} not found; nothing to resume")
+    else:
+        F.check_run_folder(out, False, (*F.SEARCH_FILES, *(stage_folder(Path(), s).name for s in range(n))))
+    dist, _ = Dist.start(resolve_device(cfg.device))
+    if dist.main:
+        F.write_config(out, F.make_run_folder(out, cfg.to_dict(), {"stages": n}, origin))
+    history: list[dict] = []
+    previous = None
+    for s in range(n):
+        scfg = method.stage_config(cfg, s, previous)
+        folder = stage_folder(out, s)
+        done = F.read_history(folder) if (folder / F.HISTORY).is_file() else []
+        if len(done) < scfg.epochs or not (folder / F.GENOTYPE).is_file():
+            log(f"stage {s + 1}/{n}: {scfg.layers} cells" + (
+                f", {len(scfg.edge_ops[0][0])} candidate ops per edge" if scfg.edge_ops else "") + f" -> {folder}")
+            done = SearchRun.start(scfg, folder, (folder / F.CHECKPOINT).is_file(), on_epoch_end, log,
+                                   origin).history
+        for r in done:
+            history.append({**r, "epoch": len(history) + 1, "stage": s + 1, "stage_epoch": r["epoch"]})
+        previous = done[-1]
+    final = history[-1]
+    genotype = Genotype.from_dict(final["genotype"])
+    if dist.main:
+        F.write_history(out, history)
+        genotype.save(out / F.GENOTYPE)
+        if cfg.plots:
+            from ..views.plots import plot_run_quietly
+            plot_run_quietly(out, log)
+        log(f"genotype (stage {n}, last epoch): {genotype}")
+        log(f"results in {out}/ (every stage in stage-K/); a page with all of it: msrdarts report {out} "
+            f"--out report.html")
+    return SearchResult(genotype, final["epoch"], final["valid_acc"], history, out)
 
 
 class SearchRun(EpochRun):
@@ -175,6 +233,7 @@ class SearchRun(EpochRun):
             record["genotype_cells"] = d.cells.to_dict()
         if d.ablations:
             record["ablations"] = {name: g.to_dict() for name, g in d.ablations.items()}
+        record.update(d.extra)
         return record
 
     def best_extra(self, record: dict) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""PC-DARTS's partial-channel mixed edge (Xu et al., ICLR 2020; SPEC section 10).
+"""Mixed edges of other search methods (SPEC section 10): PC-DARTS's partial-channel edge (Xu et
+al., ICLR 2020) and P-DARTS's edge with dropout on its skip connection (Chen et al., 2019).
 
-On every edge only the first C/K channels of the input go through the candidate ops (built for
+Partial channels: on every edge only the first C/K channels of the input go through the candidate ops (built for
 C/K channels); the other (K-1)C/K channels bypass them, max-pooled 2x2 on stride-2 edges. The two
 parts are concatenated, [ops' output, bypass], and channel-shuffled with K groups, so that the
 next edge sends a different slice of channels through its ops. A search method builds its
-supernet with these edges through ``SuperNet(edge=partial_channel_edge(K))``; the supernet itself
-knows nothing of partial channels.
+supernet with these edges through ``SuperNet(edge=partial_channel_edge(K))`` (P-DARTS:
+``SuperNet(edge=SkipDropMixedOp)``); the supernet itself knows neither method.
 """
 
 from __future__ import annotations
@@ -58,3 +59,24 @@ class PartialMixedOp(MixedOp):
 def partial_channel_edge(k: int) -> Callable[[int, int, Sequence[str]], nn.Module]:
     """The edge factory of a supernet with partial channels of proportion 1/k."""
     return functools.partial(PartialMixedOp, k=k)
+
+
+class SkipDropMixedOp(MixedOp):
+    """A mixed edge whose identity skip connection passes through dropout of rate ``p`` while
+    training (P-DARTS's search regulariser, Chen et al., 2019; SPEC section 10). The method sets
+    ``p`` before each epoch; stride-2 skips (factorised reductions) are left as they are, as in
+    P-DARTS's code."""
+
+    def __init__(self, C: int, stride: int, primitives: Sequence[str], p: float = 0.0):
+        super().__init__(C, stride, primitives)
+        self.p = p
+        self.skip = next((i for i, (name, op) in enumerate(zip(primitives, self.ops))
+                          if name == "skip_connect" and isinstance(op, nn.Identity)), None)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        outs = [op(x) for op in self.ops]
+        if self.skip is not None and self.p > 0:
+            outs[self.skip] = F.dropout(outs[self.skip], self.p, self.training)
+        if weights is None:
+            return sum(outs)
+        return sum(w * o for w, o in zip(weights, outs))
