@@ -47,9 +47,13 @@ DRIVER = textwrap.dedent("""
                                     partial_channels=2, train_portion=0.5, layers=3, channels=4, batch_size=128,
                                     epochs=2, arch_start=1, device="cpu", progress=False, plots=False,
                                     tensorboard=False), out / "pc-darts")
+    pd = se.run_search(SearchConfig(dataset="digits", method="p-darts", space="darts", spectral_norm=False,
+                                    stage_layers=(3, 3, 3), stage_keep=(5, 3, 1), skip_dropout=(0.1, 0.4, 0.7),
+                                    train_portion=0.5, layers=3, channels=4, batch_size=128, epochs=1,
+                                    device="cpu", progress=False, plots=False, tensorboard=False), out / "p-darts")
     report.write_text(json.dumps({"genotype": str(search.genotype), "best_epoch": search.best_epoch,
                                   "history": search.history, "train": train.results, "writes": writes,
-                                  "darts": darts.history, "pc-darts": pc.history}))
+                                  "darts": darts.history, "pc-darts": pc.history, "p-darts": pd.history}))
 """)
 
 
@@ -94,6 +98,8 @@ def test_both_ranks_derive_the_same_genotype_and_history(two_ranks):
     assert _untimed([r0["train"]]) == _untimed([r1["train"]])
     assert _untimed(r0["darts"]) == _untimed(r1["darts"])       # DARTS: alphas averaged over ranks
     assert _untimed(r0["pc-darts"]) == _untimed(r1["pc-darts"])  # PC-DARTS: alphas and betas averaged
+    assert _untimed(r0["p-darts"]) == _untimed(r1["p-darts"])    # P-DARTS: the same ops kept in every stage
+    assert [r["stage"] for r in r0["p-darts"]] == [1, 2, 3]
     assert json.loads((tmp / "runs" / "search" / "genotype.json").read_text()) == r0["history"][r0["best_epoch"] - 1]["genotype"]
 
 

@@ -38,6 +38,7 @@ class MixedOp(nn.Module):
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str]):
         super().__init__()
+        self.primitives = tuple(primitives)
         ops = []
         for name in primitives:
             op = get_op(name)(C, stride, False)

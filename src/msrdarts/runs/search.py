@@ -93,12 +93,13 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
     SearchRun.check(cfg)
     method = get_method(cfg.method)
     n = method.stages(cfg)
+    dist, _ = Dist.start(resolve_device(cfg.device))
     if resume:
         if not (stage_folder(out, 0) / F.CHECKPOINT).is_file():
             raise CheckpointError(f"--resume: {stage_folder(out, 0) / F.CHECKPOINT} not found; nothing to resume")
     else:
         F.check_run_folder(out, False, (*F.SEARCH_FILES, *(stage_folder(Path(), s).name for s in range(n))))
-    dist, _ = Dist.start(resolve_device(cfg.device))
+    dist.barrier()   # every process has checked the folder before the first write
     if dist.main:
         F.write_config(out, F.make_run_folder(out, cfg.to_dict(), {"stages": n}, origin))
     history: list[dict] = []
