@@ -15,7 +15,7 @@
 # scripts/size-reduced.sh; see BENCHMARKS.md for what a run at this budget can and cannot show.
 set -euo pipefail
 NPZ=${1:-../shared/data/cifar10-mini.npz}
-OUT=${2:-runs/table1-reduced}
+OUT=${2:-runs/reduced}   # shared with table2-reduced.sh: the runs both need are made once
 RECORD=${3:-bench/results/table1-reduced}
 LAYERS=${LAYERS:-5}; CHANNELS=${CHANNELS:-8}; SEARCH_EPOCHS=${SEARCH_EPOCHS:-8}; TRAIN_EPOCHS=${TRAIN_EPOCHS:-8}
 SUBSET=${SUBSET:-0.4}   # search on a class-balanced 40 % (+ 10 % search-valid): searches cost more per image
@@ -25,6 +25,13 @@ SEARCH=(--layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$SEA
         --bn-recalibration 4)
 TRAIN=(--preset cifar10 --layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$TRAIN_EPOCHS" --drop-path 0)
 mkdir -p "$OUT" "$RECORD"
+runs=()
+for seed in 0 1 2; do
+  for g in "search-msr-$seed-genotype" "search-msr-$seed-genotype-cells" "search-msr-$seed-genotype-cells-max" \
+           "search-darts4-$seed-genotype" "search-darts8-$seed-genotype" "random-sample-0$seed-genotype"; do
+    runs+=("$OUT/train-$g")
+  done
+done
 {
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
 echo "# bash scripts/table1-reduced.sh $NPZ $OUT $RECORD  (LAYERS=$LAYERS CHANNELS=$CHANNELS SEARCH_EPOCHS=$SEARCH_EPOCHS TRAIN_EPOCHS=$TRAIN_EPOCHS SUBSET=$SUBSET)"
@@ -51,11 +58,11 @@ for seed in 0 1 2; do
     msrdarts train "${DATA[@]}" "${TRAIN[@]}" --genotype "$OUT/$g" --seed $seed --out "$out" "${resume[@]}"
   done
 done
-msrdarts compare "$OUT"/train-* --out "$OUT/table.md" --csv "$OUT/table.csv"
+msrdarts compare "${runs[@]}" --out "$RECORD/table.md" --csv "$RECORD/table.csv"
 } 2>&1 | tee -a "$RECORD/log.txt"
-cp "$OUT/table.md" "$OUT/table.csv" "$OUT/table-methods.csv" "$RECORD/" 2>/dev/null || true
-for d in "$OUT"/train-* "$OUT"/search-*; do
+for d in "${runs[@]}" "$OUT"/search-msr-? "$OUT"/search-darts4-? "$OUT"/search-darts8-?; do
   mkdir -p "$RECORD/$(basename "$d")"
-  cp "$d/config.json" "$RECORD/$(basename "$d")/"
-  for f in results.json genotype.json genotype-cells.json; do [ -f "$d/$f" ] && cp "$d/$f" "$RECORD/$(basename "$d")/"; done
+  for f in config.json results.json genotype.json genotype-cells.json; do
+    if [ -f "$d/$f" ]; then cp "$d/$f" "$RECORD/$(basename "$d")/"; fi
+  done
 done

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from msrdarts.cli import main
 
@@ -112,3 +113,30 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
         assert out[key] > 0, key
     assert out["speedup_fused_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fused"],
                                                              rel=0.01)
+
+
+def test_bench_method_step_is_the_searchs_step():
+    """A timed method step runs the method's architecture step, then the weight step; MSR-DARTS's
+    refresh falls every sn_refresh_every steps."""
+    from msrdarts.bench import _method_setup, _method_step
+
+    for method in ("darts", "pc-darts", "p-darts"):
+        net, opt, hook, x, y, cfg = _method_setup(method, "msr", 3, 4 if method != "pc-darts" else 8, 4, 8, 1,
+                                                  "cpu", 0)
+        arch = [p.detach().clone() for p in net.arch_parameters()]
+        weights = [p.detach().clone() for p in net.weight_parameters()]
+        _method_step(net, opt, hook, x, y, cfg, 0)
+        assert all(not torch.equal(a, b) for a, b in zip(arch, net.arch_parameters())), method
+        assert any(not torch.equal(a, b) for a, b in zip(weights, net.weight_parameters())), method
+    net, opt, hook, x, y, cfg = _method_setup("msr", "msr", 3, 4, 4, 8, 1, "cpu", 0)
+    assert hook is None and cfg.spectral_norm and cfg.sn_refresh_every == 10
+    calls = []
+    net.refresh_spectral_norms = lambda *a: calls.append(1)
+    for i in range(20):
+        _method_step(net, opt, hook, x, y, cfg, i)
+    assert len(calls) == 2
+
+
+def test_bench_method_rejects_unknown_method(capsys):
+    assert main(["bench", "search-step", "--method", "msr,enas", "--no-memory"]) == 2
+    assert "--method='enas': unknown; allowed: msr, darts, pc-darts, p-darts" in capsys.readouterr().err

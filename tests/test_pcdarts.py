@@ -232,6 +232,15 @@ def test_short_search_on_digits_writes_a_valid_genotype(tmp_path):
         for j in range(4):
             assert 0 < table[start:start + 2 + j].sum() <= 1 + 1e-5
             start += 2 + j
+    for r in h:   # the recorded edge weights: softmax over each node's incoming edges
+        for cell in ("normal", "reduce"):
+            b = r["beta"][cell]
+            assert [round(sum(b[s:s + n]), 5) for s, n in ((0, 2), (2, 3), (5, 4), (9, 5))] == [1.0] * 4
+    from msrdarts.views.plots import plot_run
+
+    plot_run(tmp_path / "pc", formats=("svg",))
+    svg = (tmp_path / "pc" / "plots" / "betas.svg").read_text()
+    assert 'id="beta-normal"' in svg and 'id="beta-reduce"' in svg
     # epoch 1 is weights only: its genotype is read off the initial (random 1e-3 N(0, 1)) architecture,
     # epoch 2 off stepped alphas and betas; the checkpoint holds the Adam state of both
     from msrdarts.runs.checkpoint import load_checkpoint

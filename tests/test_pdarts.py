@@ -204,6 +204,16 @@ def test_resume_at_a_stage_boundary_gives_the_same_run(tmp_path):
     assert again.genotype == full.genotype
     with pytest.raises(Exception, match="already holds a run"):
         _tiny(tmp_path, "a")
+    # the stages picture frames, per stage and cell type, exactly the ops the next stage kept
+    from msrdarts.views.plots import plot_run
+
+    plot_run(tmp_path / "a", formats=("svg",))
+    svg = (tmp_path / "a" / "plots" / "stages.svg").read_text()
+    for e, ops in enumerate(kept):
+        for op in OPS:
+            assert (f'id="stage1-normal-{e}-{op}-kept"' in svg) == (op in ops)
+    stage3 = full_config(tmp_path / "a" / "stage-3")
+    assert [list(o) for o in stage3.edge_ops[0]] == full.history[3]["kept_ops"]["normal"]
 
 
 def full_config(folder):

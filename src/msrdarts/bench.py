@@ -243,3 +243,114 @@ def _peak_child(variant: str, layers: int, channels: int, batch_size: int, input
         return round((_rss_kb("VmHWM") - before) / 1024, 1)
     except OSError:
         return None
+
+
+def _method_setup(method: str, space: str, layers: int, channels: int, batch_size: int, input_size: int,
+                  in_channels: int, device: str, seed: int) -> tuple[Any, ...]:
+    """A supernet adapted by ``method`` at one configuration, its weight optimiser, the method's
+    step hook (architecture steps on random search-valid batches), a batch and the config."""
+    from .api import search_config
+    from .methods import SearchContext, get_method
+
+    extra: dict[str, Any] = {}
+    if method == "p-darts":   # the first stage's step: every op on every edge
+        extra = {"stage_layers": (layers,), "stage_keep": (1,), "skip_dropout": (0.1,)}
+    cfg, _ = search_config("cifar10", method=method, space=space, layers=layers, channels=channels,
+                           batch_size=batch_size, arch_start=0, device=device, compile="off", **extra)
+    cls = get_method(method)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    net = SuperNet(10, layers, channels, input_size, in_channels=in_channels, primitives=cfg.ops,
+                   spectral_norm=cfg.spectral_norm, impl=cfg.impl, **cls.supernet_options(cfg)).to(dev)
+    m = cls(cfg)
+    m.adapt(net)
+    opt = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
+
+    def valid_batches(_seed: int, _start: int):
+        while True:
+            yield (torch.randn(batch_size, in_channels, input_size, input_size, device=dev, generator=g),
+                   torch.randint(0, 10, (batch_size,), device=dev, generator=g))
+
+    m.setup(net, opt, SearchContext(accel=Accel.resolve(dev, "off", "off", "off"), average=None,
+                                    valid_batches=valid_batches))
+    m.new_epoch(0, True)
+    hook = m.step_hook(0, 0)
+    x = torch.randn(batch_size, in_channels, input_size, input_size, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    return net, opt, hook, x, y, cfg
+
+
+def _method_step(net: Any, opt: Any, hook: Any, x: torch.Tensor, y: torch.Tensor, cfg: Any, i: int) -> None:
+    """One search step as the loop runs it: the method's step first, then the weights', then the
+    spectral-norm refresh every ``sn_refresh_every`` steps (its cost amortised in the timing)."""
+    if hook is not None:
+        hook(i, x, y)
+    _step(net, opt, x, y, net.weight_parameters())
+    if cfg.spectral_norm and (i + 1) % cfg.sn_refresh_every == 0:
+        net.refresh_spectral_norms()
+
+
+def bench_methods(methods: list[str], space: str = "msr", layers: int = 8, channels: int = 16, batch_size: int = 64,
+                  input_size: int = 32, in_channels: int = 3, steps: int = 10, warmup: int = 2, device: str = "cpu",
+                  threads: int | None = None, seed: int = 0, memory: bool = True) -> dict[str, Any]:
+    """Median ms per search step of each method at one configuration, timed side by side in
+    rounds (ms, images/s, and peak memory of one step in a fresh process)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    setups = {m: _method_setup(m, space, layers, channels, batch_size, input_size, in_channels, device, seed)
+              for m in methods}
+    counters = {m: 0 for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    rounds = max(1, steps // 2)
+    for r in range(rounds):
+        for m in methods:
+            net, opt, hook, x, y, cfg = setups[m]
+            net.train()
+            for k in range((warmup if r == 0 else 0) + -(-steps // rounds)):
+                _sync(dev)
+                t0 = time.perf_counter()
+                _method_step(net, opt, hook, x, y, cfg, counters[m])
+                _sync(dev)
+                counters[m] += 1
+                if r > 0 or k >= warmup:
+                    times[m].append(time.perf_counter() - t0)
+    result: dict[str, Any] = {"space": space, "layers": layers, "channels": channels, "batch_size": batch_size,
+                              "input_size": input_size, "device": str(dev), "threads": torch.get_num_threads(),
+                              "torch": torch.__version__, "steps": len(times[methods[0]]), "methods": {}}
+    for m in methods:
+        ms = 1000 * statistics.median(times[m])
+        row = {"ms_per_step": round(ms, 1), "images_per_s": round(batch_size / ms * 1000, 1),
+               "sn_refresh_every": setups[m][5].sn_refresh_every if setups[m][5].spectral_norm else None}
+        if memory:
+            args = json.dumps([m, space, layers, channels, batch_size, input_size, in_channels, device, seed])
+            code = f"import json, msrdarts.bench as b; print(json.dumps(b._method_peak_child(*json.loads({args!r}))))"
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+            row["peak_step_memory_mb"] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 \
+                else None
+        result["methods"][m] = row
+    return result
+
+
+def _method_peak_child(method: str, space: str, layers: int, channels: int, batch_size: int, input_size: int,
+                       in_channels: int, device: str, seed: int) -> float | None:
+    net, opt, hook, x, y, cfg = _method_setup(method, space, layers, channels, batch_size, input_size, in_channels,
+                                              device, seed)
+    dev = x.device
+    _method_step(net, opt, hook, x, y, cfg, 0)   # optimiser states exist, as in a running search
+    if dev.type != "cpu":
+        mod = getattr(torch, dev.type)
+        mod.reset_peak_memory_stats(dev)
+        before = mod.memory_allocated(dev)
+        _method_step(net, opt, hook, x, y, cfg, 1)
+        return round((mod.max_memory_allocated(dev) - before) / 2 ** 20, 1)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_kb("VmRSS")
+        _method_step(net, opt, hook, x, y, cfg, 1)
+        return round((_rss_kb("VmHWM") - before) / 1024, 1)
+    except OSError:
+        return None

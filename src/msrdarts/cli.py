@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--channels-last", default="auto", help="as for search: auto|on|off (default: auto)")
     st.add_argument("--compile", default="auto", help="torch.compile the forwards, as for search: auto|on|off "
                                                       "(default: auto; compiling happens in the warm-up steps)")
+    st.add_argument("--method", default=None, metavar="A,B,...",
+                    help="instead of the variants: time one whole search step (architecture step, weight step, "
+                         "amortised spectral-norm refresh) of each of these methods (msr, darts, pc-darts, p-darts) "
+                         "side by side at the same configuration, in eager fp32")
+    st.add_argument("--space", default="msr", help="with --method: the candidate ops of every method (msr|darts)")
     return parser
 
 
@@ -299,13 +304,34 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench_search_step
+    from .bench import bench_methods, bench_search_step
 
     for name in ("layers", "channels", "batch_size", "input_size", "in_channels", "steps"):
         if getattr(args, name) < 1:
             raise MsrdartsError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a positive integer")
     if args.warmup < 0:
         raise MsrdartsError(f"--warmup={args.warmup}: must be >= 0")
+    if args.method:
+        from .config import check_choice
+        from .methods import list_methods
+        from .primitives import SPACES
+
+        methods = [m.strip() for m in args.method.split(",") if m.strip()]
+        for m in methods:
+            check_choice("method", m, list_methods())
+        check_choice("space", args.space, list(SPACES))
+        result = bench_methods(methods, args.space, args.layers, args.channels, args.batch_size, args.input_size,
+                               args.in_channels, args.steps, args.warmup, args.device, args.threads,
+                               memory=args.memory)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{args.space} space, L = {args.layers}, C = {args.channels}, batch {args.batch_size}, "
+                  f"{args.input_size} px, {result['device']}, {result['threads']} threads, median of {result['steps']}")
+            for m, row in result["methods"].items():
+                print(f"  {m:10s} {row['ms_per_step']:9.1f} ms/step {row['images_per_s']:8.1f} img/s  "
+                      f"peak {row.get('peak_step_memory_mb')} MB")
+        return 0
     result = bench_search_step(layers=args.layers, channels=args.channels, batch_size=args.batch_size,
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
                                warmup=args.warmup, device=args.device, threads=args.threads, memory=args.memory,

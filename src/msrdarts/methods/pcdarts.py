@@ -62,8 +62,10 @@ class PCDARTS(DARTS):
 
     def derive(self, net: nn.Module) -> Derivation:
         table = strength_table(net).cpu()
+        betas = beta_table(net).cpu()
         return Derivation(table, derive_genotype(-table[0], -table[1], net.primitives, net.steps, net.multiplier,
-                                                 exclude=("none",)))
+                                                 exclude=("none",)),
+                          extra={"beta": {"normal": betas[0].tolist(), "reduce": betas[1].tolist()}})
 
 
 def add_betas(net: nn.Module) -> nn.Module:

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 from .._io import atomic_write_bytes
 from ..errors import MsrdartsError, first_line
-from ..genotype import CellGenotypes, Genotype, Pairs
-from ..primitives import colour
+from ..genotype import CellGenotypes, Genotype, Pairs, edge_index
+from ..primitives import colour, get_primitive
 from ..runs import folder as F
 from ..zoo import load_genotype
 
@@ -254,6 +254,58 @@ def draw_score_heatmap(record: dict[str, Any], genotype: Genotype | None = None,
     return fig
 
 
+def draw_edge_weights(record: dict[str, Any], title: str | None = None) -> Any:
+    """PC-DARTS's normalised edge weights softmax(beta) of one epoch: one bar per edge, grouped by
+    the node the edges enter, per cell type."""
+    scores = score_table(record)
+    edges = scores["edges"] if scores else [list(e) for e in edge_index(4)]
+    fig = _figure(9, 3.0)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, cell in zip(axes, CELL_TYPES):
+        values = record["beta"][cell]
+        colours = ["#4c72b0" if dst % 2 == 0 else "#dd8452" for _, dst in edges]
+        ax.bar(range(len(values)), values, color=colours, gid=f"beta-{cell}")
+        ax.set_xticks(range(len(edges)), [f"{s}->{d}" for s, d in edges], rotation=60, fontsize=7)
+        ax.set_title(f"{cell} cell", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("softmax(beta) over the node's inputs")
+    fig.suptitle(f"{title or 'epoch ' + str(record['epoch'])}: edge normalisation (PC-DARTS)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def draw_stages(history: Sequence[dict[str, Any]]) -> Any:
+    """A staged search (P-DARTS): for every stage and cell type, softmax(alpha) at the stage's last
+    epoch (blank: ops the stage no longer had) with the ops each edge keeps for the next stage framed."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    stages = sorted({r["stage"] for r in history})
+    last = [[r for r in history if r["stage"] == s][-1] for s in stages]
+    scores = [score_table(r) for r in last]
+    ops, edges = scores[0]["ops"], scores[0]["edges"]
+    fig = _figure(1.2 + 0.5 * len(ops) * len(stages), 1.2 + 0.62 * 2 * len(edges) / 2.2)
+    axes = np.array(fig.subplots(2, len(stages), squeeze=False))
+    for col, (record, table) in enumerate(zip(last, scores)):
+        kept = record.get("kept_ops")
+        for row, cell in enumerate(CELL_TYPES):
+            ax = axes[row, col]
+            values = np.array(table[cell], dtype=float)
+            ax.imshow(np.where(values > 0, values, np.nan), cmap="viridis", aspect="auto")
+            for e in range(len(edges)):
+                for j, op in enumerate(ops):
+                    if kept and op in kept[cell][e]:
+                        ax.add_patch(Rectangle((j - 0.45, e - 0.4), 0.9, 0.8, fill=False, ec="#e8112d", lw=1.4,
+                                               gid=f"stage{record['stage']}-{cell}-{e}-{op}-kept"))
+            ax.set_xticks(range(len(ops)), [get_primitive(o).short for o in ops], fontsize=7)
+            ax.set_yticks(range(len(edges)), [f"{s}->{d}" for s, d in edges] if col == 0 else [], fontsize=7)
+            ax.set_title(f"stage {record['stage']}, {cell} ({int((values[0] > 0).sum())} ops per edge)", fontsize=8)
+    fig.suptitle("softmax(alpha) at the end of each stage; red frames: the ops each edge keeps for the next stage",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def best_record(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The search epoch genotype.json comes from (the run folder's best-epoch rule)."""
     return F.best_record([r for r in history if score_table(r) is not None], F.BEST_KEY["search"])
@@ -380,12 +432,17 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
         figures["cells"] = draw_cells(genotype)
     if run.get("cells") is not None:
         figures["cells-per-cell"] = draw_cell_grid(run["cells"], f"one genotype per cell ({F.GENOTYPE_CELLS})")
-    best = best_record(history) if run["kind"] == "search" else None
+    staged = bool(history) and "stage" in history[-1]   # P-DARTS: genotype.json is the last epoch's
+    best = (history[-1] if staged else best_record(history)) if run["kind"] == "search" else None
     if best is not None:
         last = history[-1]["epoch"]
         title = f"epoch {best['epoch']} of {last} (genotype.json's" + (")" if best["epoch"] == last else
                                                                          "; the best search-valid accuracy)")
         figures["scores"] = draw_score_heatmap(best, genotype, title)
+        if "beta" in best:
+            figures["betas"] = draw_edge_weights(best, title)
+        if staged:
+            figures["stages"] = draw_stages(history)
         for cell in CELL_TYPES:
             figures[f"trajectories-{cell}"] = draw_trajectories(history, cell)
     if history:
