@@ -74,7 +74,7 @@ def test_registry_refuses_duplicates_and_names_unknown_methods(toy_registered):
     assert list_methods()[:2] == ["msr", "darts"] and "toy" in list_methods() and get_method("toy") is Toy
     with pytest.raises(ValueError, match="already registered"):
         register_method(Toy)
-    with pytest.raises(ConfigError, match="--method='gdas': unknown; allowed: msr, darts, toy"):
+    with pytest.raises(ConfigError, match="--method='gdas': unknown; allowed: msr, darts, pc-darts, p-darts, toy"):
         get_method("gdas")
 
 

@@ -249,15 +249,16 @@ def _method_setup(method: str, space: str, layers: int, channels: int, batch_siz
                   in_channels: int, device: str, seed: int) -> tuple[Any, ...]:
     """A supernet adapted by ``method`` at one configuration, its weight optimiser, the method's
     step hook (architecture steps on random search-valid batches), a batch and the config."""
-    from .api import search_config
+    from .config import SearchConfig
     from .methods import SearchContext, get_method
 
-    extra: dict[str, Any] = {}
-    if method == "p-darts":   # the first stage's step: every op on every edge
-        extra = {"stage_layers": (layers,), "stage_keep": (1,), "skip_dropout": (0.1,)}
-    cfg, _ = search_config("cifar10", method=method, space=space, layers=layers, channels=channels,
-                           batch_size=batch_size, arch_start=0, device=device, compile="off", **extra)
     cls = get_method(method)
+    extra: dict[str, Any] = dict(cls.defaults)
+    if method == "p-darts":   # the first stage's step: every op on every edge
+        extra.update(stage_layers=(layers,), stage_keep=(1,), skip_dropout=(0.1,))
+    cfg = SearchConfig(method=method, space=space, layers=layers, channels=channels, batch_size=batch_size,
+                       device=device, compile="off", **extra).validate()
+    cls.validate(cfg)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     net = SuperNet(10, layers, channels, input_size, in_channels=in_channels, primitives=cfg.ops,
