@@ -221,3 +221,37 @@ def full_config(folder):
     from msrdarts.runs import folder as F
 
     return SearchConfig.from_dict(F.read_json(folder / F.CONFIG))
+
+
+@pytest.mark.slow   # real processes: a kill -9 inside stage 2, then msrdarts search --resume
+def test_killed_inside_a_stage_resumes_from_the_command_line_to_the_same_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from msrdarts.runs import folder as F
+
+    full = _tiny(tmp_path, "a")
+    args = [sys.executable, "-m", "msrdarts", "search", "--preset", "p-darts-quick", "--stage-layers", "3,3,4",
+            "--epochs", "2", "--layers", "3", "--channels", "4", "--no-progress", "--no-plots", "--no-tensorboard",
+            "--out", str(tmp_path / "c")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "c" / "stage-2" / F.CHECKPOINT).is_file():   # stage 2's first epoch is saved
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    resumed = subprocess.run([*args[:4], "--out", str(tmp_path / "c"), "--resume", "--no-progress"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    untimed = [{k: v for k, v in r.items() if k not in ("epoch_time_s", "train_images_per_s")}
+               for r in F.read_history(tmp_path / "c")]
+    assert untimed == [{k: v for k, v in r.items() if k not in ("epoch_time_s", "train_images_per_s")}
+                       for r in full.history]

@@ -174,7 +174,7 @@ def _config(args: argparse.Namespace, cls: type, make: Any) -> tuple[Any, dict[s
     """The preset (or, on --resume, the run's own settings) with the flags' overrides applied, and
     where each setting came from (``make``: :func:`msrdarts.api.search_config` or ``train_config``)."""
     from .runs.checkpoint import load_resume_checkpoint
-    from .runs.folder import CHECKPOINT
+    from .runs.folder import CHECKPOINT, CONFIG, read_json
 
     base: Any = args.preset or "cifar10"
     ckpt = args.out / CHECKPOINT
@@ -185,7 +185,16 @@ def _config(args: argparse.Namespace, cls: type, make: Any) -> tuple[Any, dict[s
             base = cls.from_dict(saved, source=str(ckpt))
         except (TypeError, AttributeError) as e:
             raise MsrdartsError(f"{ckpt}: no usable config ({e})") from None
+    elif args.resume and args.preset is None and (args.out / CONFIG).is_file() and _staged(args.out):
+        # a search in stages (P-DARTS): its settings are in RUN/config.json, its checkpoints in RUN/stage-K/
+        base = cls.from_dict(read_json(args.out / CONFIG), source=str(args.out / CONFIG))
     return make(base, **_overrides(args, cls))
+
+
+def _staged(out: Path) -> bool:
+    from .runs.folder import CHECKPOINT
+
+    return (out / "stage-1" / CHECKPOINT).is_file()
 
 
 def _run(args: argparse.Namespace, run: Any, cfg: Any, origin: dict[str, Any]) -> int:
@@ -194,7 +203,7 @@ def _run(args: argparse.Namespace, run: Any, cfg: Any, origin: dict[str, Any]) -
     try:
         run(cfg, args.out, resume=args.resume, origin=origin)
     except KeyboardInterrupt:
-        if (args.out / CHECKPOINT).is_file():
+        if (args.out / CHECKPOINT).is_file() or _staged(args.out):
             print(f"msrdarts: interrupted; continue with: msrdarts {args.command} --out {args.out} --resume",
                   file=sys.stderr)
         else:
