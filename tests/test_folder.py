@@ -44,6 +44,10 @@ def test_best_epoch_rule_higher_wins_ties_keep_the_earlier():
     assert F.best_record(history, "test_acc")["epoch"] == 5
     assert F.best_record([], "valid_acc") is None
     assert F.improves(1.0, None, "valid_acc") and not F.improves(90.0, {"valid_acc": 90.0}, "valid_acc")
+    # warm-up epochs (weights only: PC-DARTS's first 15) never count, however good
+    warm = [{"epoch": 1, "valid_acc": 95.0, "warmup": True}, {"epoch": 2, "valid_acc": 70.0},
+            {"epoch": 3, "valid_acc": 75.0}]
+    assert F.best_record(warm)["epoch"] == 3
 
 
 def test_a_run_is_refused_over_a_run_and_resume_needs_a_checkpoint(tmp_path):

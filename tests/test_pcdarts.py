@@ -226,6 +226,8 @@ def test_short_search_on_digits_writes_a_valid_genotype(tmp_path):
     assert all(op in MSR_PRIMITIVES for op, _ in g.normal + g.reduce)
     h = F.read_history(tmp_path / "pc")
     assert [r["score_key"] for r in h] == ["strength"] * 2
+    # epoch 1 trained the weights only: flagged, and never the genotype's epoch
+    assert h[0]["warmup"] is True and "warmup" not in h[1] and found.best_epoch == 2
     for r in h:   # per node the strengths sum to the node's betas' softmax (1) times a probability (<= 1)
         table = torch.tensor(r["strength"]["normal"])
         start = 0
@@ -241,8 +243,9 @@ def test_short_search_on_digits_writes_a_valid_genotype(tmp_path):
     plot_run(tmp_path / "pc", formats=("svg",))
     svg = (tmp_path / "pc" / "plots" / "betas.svg").read_text()
     assert 'id="beta-normal"' in svg and 'id="beta-reduce"' in svg
-    # epoch 1 is weights only: its genotype is read off the initial (random 1e-3 N(0, 1)) architecture,
-    # epoch 2 off stepped alphas and betas; the checkpoint holds the Adam state of both
+    # the architecture took one Adam step per weight step of epoch 2 only: 1,150 search-train digits
+    # in batches of 64, the last partial one dropped, make 17 (34 had the warm-up been skipped)
     from msrdarts.runs.checkpoint import load_checkpoint
     ck = load_checkpoint(tmp_path / "pc" / F.CHECKPOINT)
-    assert len(ck["arch_optimizer"]["state"]) == 2
+    assert len(ck["arch_optimizer"]["state"]) == 2         # alphas and betas
+    assert [float(s["step"]) for s in ck["arch_optimizer"]["state"].values()] == [17.0, 17.0]

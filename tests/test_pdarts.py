@@ -255,3 +255,53 @@ def test_killed_inside_a_stage_resumes_from_the_command_line_to_the_same_run(tmp
                for r in F.read_history(tmp_path / "c")]
     assert untimed == [{k: v for k, v in r.items() if k not in ("epoch_time_s", "train_images_per_s")}
                        for r in full.history]
+
+
+def test_each_stage_sets_its_own_dropout_rate_and_keeps_its_own_count():
+    cfg, _ = search_config("p-darts-quick", channels=4)
+    kept = {"normal": [list(OPS[:5])] * 14, "reduce": [list(OPS[3:])] * 14}
+    s1 = PDARTS.stage_config(cfg, 1, {"kept_ops": kept})     # stage 2: rate 0.4, keeps 3
+    torch.manual_seed(0)
+    net = SuperNet(10, s1.layers, s1.channels, 8, in_channels=1, primitives=s1.ops, spectral_norm=False,
+                   **PDARTS.supernet_options(s1))
+    method = PDARTS(s1)
+    method.adapt(net)
+    for epoch in range(s1.epochs):
+        method.new_epoch(epoch, True)
+        rates = {m.p for m in net.modules() if isinstance(m, SkipDropMixedOp)}
+        assert len(rates) == 1 and rates.pop() == pytest.approx(skip_dropout_rate(0.4, epoch, s1.epochs,
+                                                                                  s1.arch_start))
+    # hand-made alphas over each edge's own 5 ops: normal edges have none..sep_conv_3x3, reduce edges
+    # skip_connect..dil_conv_5x5; the table spreads them over the 8 ops (0 where an edge lacks one)
+    alphas = torch.zeros(2, 14, 5)
+    alphas[0, :, 4] = 2.0     # normal: sep_conv_3x3 strongest everywhere
+    alphas[0, :, 3] = 1.0     # then skip_connect
+    alphas[0, 0, 0] = 3.0     # edge 0: none strongest
+    alphas[1, :, 2] = 1.5     # reduce: sep_conv_5x5 (the third of skip, sep3, sep5, dil3, dil5)
+    alphas[1, :, 4] = 1.0     # then dil_conv_5x5
+    with torch.no_grad():
+        net.alphas.copy_(alphas)
+    d = method.derive(net)
+    p = torch.softmax(alphas, -1)
+    assert torch.allclose(d.scores[0, :, :5], p[0]) and (d.scores[0, :, 5:] == 0).all()
+    assert torch.allclose(d.scores[1, :, 3:], p[1]) and (d.scores[1, :, :3] == 0).all()
+    # stage 2 keeps 3 per edge: normal edge 0 none, skip, sep3; other normal edges sep3, skip, then
+    # the first of the tied rest (none); reduce: sep5, dil5, then skip (the first of the tied rest)
+    assert d.extra["kept_ops"]["normal"][0] == ["none", "skip_connect", "sep_conv_3x3"]
+    assert d.extra["kept_ops"]["normal"][5] == ["none", "skip_connect", "sep_conv_3x3"]
+    assert d.extra["kept_ops"]["reduce"][3] == ["skip_connect", "sep_conv_5x5", "dil_conv_5x5"]
+    # sep_conv_3x3 everywhere; node 2's edge 0 is weaker (none's 3.0 shares its softmax): 1 before 0;
+    # the other nodes' edges tie: the lower sources first
+    assert d.genotype.normal == (("sep_conv_3x3", 1), ("sep_conv_3x3", 0)) + (("sep_conv_3x3", 0),
+                                                                             ("sep_conv_3x3", 1)) * 3
+    assert all(op == "sep_conv_5x5" for op, _ in d.genotype.reduce)
+
+
+def test_p_darts_preset_schedule_and_label():
+    from msrdarts.views.compare import method_name
+
+    cfg, _ = search_config("p-darts-cifar10")
+    assert (cfg.lr, cfg.lr_min, cfg.momentum, cfg.weight_decay, cfg.grad_clip) == (0.025, 0.0, 0.9, 3e-4, 5.0)
+    assert (cfg.arch_lr, cfg.arch_weight_decay, cfg.order, cfg.spectral_norm) == (6e-4, 1e-3, 1, False)
+    assert method_name(cfg.to_dict()) == "p-darts"
+    assert method_name({**cfg.to_dict(), "space": "msr"}) == "p-darts (msr space)"

@@ -185,16 +185,22 @@ def _config(args: argparse.Namespace, cls: type, make: Any) -> tuple[Any, dict[s
             base = cls.from_dict(saved, source=str(ckpt))
         except (TypeError, AttributeError) as e:
             raise MsrdartsError(f"{ckpt}: no usable config ({e})") from None
-    elif args.resume and args.preset is None and (args.out / CONFIG).is_file() and _staged(args.out):
+    elif args.resume and args.preset is None and _staged(args.out):
         # a search in stages (P-DARTS): its settings are in RUN/config.json, its checkpoints in RUN/stage-K/
         base = cls.from_dict(read_json(args.out / CONFIG), source=str(args.out / CONFIG))
     return make(base, **_overrides(args, cls))
 
 
 def _staged(out: Path) -> bool:
-    from .runs.folder import CHECKPOINT
+    """Whether ``out`` holds a search in stages (P-DARTS): settings in config.json, no checkpoint of its own."""
+    from .runs.folder import CHECKPOINT, CONFIG, read_json
 
-    return (out / "stage-1" / CHECKPOINT).is_file()
+    if (out / CHECKPOINT).is_file() or not (out / CONFIG).is_file():
+        return False
+    try:
+        return len(read_json(out / CONFIG).get("stage_layers") or ()) > 1
+    except (MsrdartsError, AttributeError):   # unreadable: the run's own resume gives the message
+        return False
 
 
 def _run(args: argparse.Namespace, run: Any, cfg: Any, origin: dict[str, Any]) -> int:

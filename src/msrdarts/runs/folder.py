@@ -111,8 +111,8 @@ def improves(acc: float, best: dict[str, Any] | None, key: str) -> bool:
 def best_record(history: Sequence[dict[str, Any]], key: str = BEST_KEY["search"]) -> dict[str, Any] | None:
     """The epoch of ``history`` that :func:`improves` picks (the records that carry ``key``)."""
     best = None
-    for r in history:
-        if key in r and improves(r[key], best, key):
+    for r in history:   # warm-up epochs (weights only, the architecture untrained) never count
+        if key in r and not r.get("warmup") and improves(r[key], best, key):
             best = r
     return best
 

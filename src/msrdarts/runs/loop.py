@@ -126,6 +126,10 @@ class EpochRun:
         """The epoch's line of history.jsonl."""
         raise NotImplementedError
 
+    def resume_folder(self) -> Path:
+        """The folder ``--resume`` continues this run in (a staged search: its parent)."""
+        return self.out
+
     def new_best(self, record: dict) -> None:
         """Called when ``record`` is the best epoch so far (after :attr:`best` is set)."""
 
@@ -193,14 +197,14 @@ class EpochRun:
                     self._save(epoch_done, position, rngs, seconds)
                 except WriteError as e:   # a full disk: the last checkpoint is untouched
                     then = (f"the last saved state ({last_saved}) is kept in {out / F.CHECKPOINT}; free some space, "
-                            f"then: msrdarts {self.kind} --out {out} --resume") if last_saved else \
+                            f"then: msrdarts {self.kind} --out {self.resume_folder()} --resume") if last_saved else \
                         "nothing was saved yet; free some space and run the same command again"
                     raise CheckpointError(f"{out}: could not save the run ({e}); {then}") from None
             last_saved = describe_position(epoch_done, state)
 
         self.forward = self.accel.forward_fn(self.model, log)
         self.eval_forward = None if dist.active else self.forward   # ranks evaluate the unwrapped network
-        hint = f"msrdarts {self.kind} --out {out} --resume"
+        hint = f"msrdarts {self.kind} --out {self.resume_folder()} --resume"
         tb = TensorBoardLog(out, cfg.tensorboard and dist.main, log, resume_epoch=start_epoch)
         key = F.BEST_KEY[self.kind]
         with StopRequests() as stops, contextlib.closing(tb):
@@ -220,13 +224,13 @@ class EpochRun:
                                          desc=tag, progress=self.bars, accel=self.accel, forward=self.forward,
                                          state=state, on_step=on_step, reduce=dist.sum, **self.train_hooks(state))
                 except NonFiniteLoss as e:
-                    raise diverged(e, last_saved, out, self.kind, cfg.lr) from None
+                    raise diverged(e, last_saved, self.resume_folder(), self.kind, cfg.lr) from None
                 ev = self.evaluate(tag)
                 self.scheduler.step()
                 record = self.record(epoch, lr, tr, ev, t0)
                 self.seconds += record["epoch_time_s"]
                 self.history.append(record)
-                if F.improves(record[key], self.best, key):
+                if not record.get("warmup") and F.improves(record[key], self.best, key):
                     self.best = {"epoch": epoch + 1, key: record[key], **self.best_extra(record)}
                     self.new_best(record)
                 save(epoch + 1, None, self.seconds)

@@ -95,12 +95,16 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
     n = method.stages(cfg)
     dist, _ = Dist.start(resolve_device(cfg.device))
     if resume:
-        if not (stage_folder(out, 0) / F.CHECKPOINT).is_file():
-            raise CheckpointError(f"--resume: {stage_folder(out, 0) / F.CHECKPOINT} not found; nothing to resume")
+        if not (out / F.CONFIG).is_file():
+            raise CheckpointError(f"--resume: {out / F.CONFIG} not found; nothing to resume")
+        from .checkpoint import config_mismatch
+        diff = config_mismatch(SearchConfig.from_dict(F.read_json(out / F.CONFIG), source=str(out / F.CONFIG)), cfg)
+        if diff:
+            raise CheckpointError(f"--resume with changed settings ({'; '.join(diff)})")
     else:
         F.check_run_folder(out, False, (*F.SEARCH_FILES, *(stage_folder(Path(), s).name for s in range(n))))
     dist.barrier()   # every process has checked the folder before the first write
-    if dist.main:
+    if dist.main and not resume:
         F.write_config(out, F.make_run_folder(out, cfg.to_dict(), {"stages": n}, origin))
     history: list[dict] = []
     previous = None
@@ -108,13 +112,21 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
         scfg = method.stage_config(cfg, s, previous)
         folder = stage_folder(out, s)
         done = F.read_history(folder) if (folder / F.HISTORY).is_file() else []
+        offset = len(history)
+
+        def in_stage(record: dict, s: int = s, offset: int = offset) -> dict:
+            return {**record, "epoch": offset + record["epoch"], "stage": s + 1, "stage_epoch": record["epoch"]}
+
+        def stage_epoch_end(epoch: int, record: dict, offset: int = offset, in_stage=in_stage) -> None:
+            if on_epoch_end is not None:
+                on_epoch_end(offset + epoch, in_stage(record))
+
         if len(done) < scfg.epochs or not (folder / F.GENOTYPE).is_file():
             log(f"stage {s + 1}/{n}: {scfg.layers} cells" + (
                 f", {len(scfg.edge_ops[0][0])} candidate ops per edge" if scfg.edge_ops else "") + f" -> {folder}")
-            done = SearchRun.start(scfg, folder, (folder / F.CHECKPOINT).is_file(), on_epoch_end, log,
+            done = SearchRun.start(scfg, folder, (folder / F.CHECKPOINT).is_file(), stage_epoch_end, log,
                                    origin).history
-        for r in done:
-            history.append({**r, "epoch": len(history) + 1, "stage": s + 1, "stage_epoch": r["epoch"]})
+        history += [in_stage(r) for r in done]
         previous = done[-1]
     final = history[-1]
     genotype = Genotype.from_dict(final["genotype"])
@@ -127,6 +139,7 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
         log(f"genotype (stage {n}, last epoch): {genotype}")
         log(f"results in {out}/ (every stage in stage-K/); a page with all of it: msrdarts report {out} "
             f"--out report.html")
+    dist.barrier()   # the run's files are written before any process returns
     return SearchResult(genotype, final["epoch"], final["valid_acc"], history, out)
 
 
@@ -235,7 +248,12 @@ class SearchRun(EpochRun):
         if d.ablations:
             record["ablations"] = {name: g.to_dict() for name, g in d.ablations.items()}
         record.update(d.extra)
+        if "arch_start" in self.method.owns and epoch < self.cfg.arch_start:   # weights only so far: its genotype is read off untrained alphas
+            record["warmup"] = True
         return record
+
+    def resume_folder(self) -> Path:
+        return self.out.parent if get_method(self.cfg.method).stages(self.cfg) > 1 else self.out
 
     def best_extra(self, record: dict) -> dict[str, Any]:
         return {k: record[k] for k in ("genotype", "genotype_cells", "ablations") if k in record}

@@ -64,15 +64,15 @@ def _json(path: Path) -> Any:
 
 def method_name(config: dict[str, Any]) -> str:
     """A search run's method label: ``msr-darts`` (``msr-darts-max`` for the authors' max ablation),
-    ``darts-1st`` / ``darts-2nd``, ``pc-darts`` (``pc-darts-2nd`` unrolled), each DARTS-family label
+    ``darts-1st`` / ``darts-2nd``, ``pc-darts`` and ``p-darts`` (``-2nd`` unrolled), each DARTS-family label
     with the space when the method searched another space than its own."""
     method = config.get("method", "msr")
     if method == "msr":
         return "msr-darts-max" if config.get("select") == "max" else "msr-darts"
     if method == "darts":
         label = "darts-1st" if config.get("order", 1) == 1 else "darts-2nd"
-    elif method == "pc-darts":
-        label = "pc-darts" if config.get("order", 1) == 1 else "pc-darts-2nd"
+    elif method in ("pc-darts", "p-darts"):
+        label = method if config.get("order", 1) == 1 else f"{method}-2nd"
     else:
         return method   # a user's own method: its registered name
     space = config.get("space") or "custom"
