@@ -4,7 +4,8 @@
 # and per-cell), DARTS (1st order), PC-DARTS, P-DARTS and random genotypes, all in the 4-op MSR space
 # (the paper's Table 1 setting, where the methods differ only in how they pick), 3 seeds each, then one
 # table by msrdarts compare. Runs it shares with table1-reduced.sh (MSR-DARTS, DARTS in the msr space,
-# random) are reused when both write to the same OUT (the default).
+# random, all with the same settings) are reused when both write to the same OUT (the default); keep
+# the env settings the same for both.
 #   bash scripts/table2-reduced.sh [DATA.npz] [OUT] [RECORD]
 # P-DARTS: stages of LAYERS-2, LAYERS, LAYERS+2 cells (keeping 3, 2, then 1 of the 4 ops), each stage
 # SEARCH_EPOCHS/2 epochs (at least 2), so its search costs about what one of the others does.
@@ -17,7 +18,7 @@ LAYERS=${LAYERS:-5}; CHANNELS=${CHANNELS:-8}; SEARCH_EPOCHS=${SEARCH_EPOCHS:-8};
 SUBSET=${SUBSET:-0.4}
 STAGE_EPOCHS=$(( SEARCH_EPOCHS / 2 > 2 ? SEARCH_EPOCHS / 2 : 2 ))
 DATA=(--dataset npz --data "$NPZ" --device cpu --no-progress --no-plots --no-tensorboard)
-SEARCH=(--space msr --layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --subset "$SUBSET" --subset-valid 0.1
+SEARCH=(--layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --subset "$SUBSET" --subset-valid 0.1
         --bn-recalibration 4)
 TRAIN=(--preset cifar10 --layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$TRAIN_EPOCHS" --drop-path 0)
 mkdir -p "$OUT" "$RECORD"
@@ -38,9 +39,9 @@ for seed in 0 1 2; do
     out="$OUT/search-$kind-$seed"
     case $kind in
       msr)      args=(--epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
-      darts4)   args=(--method darts --order 1 --epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
-      pc-darts) args=(--method pc-darts --partial-channels 2 --epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
-      p-darts)  args=(--method p-darts --stage-layers "$((LAYERS - 2)),$LAYERS,$((LAYERS + 2))" --stage-keep 3,2,1
+      darts4)   args=(--method darts --space msr --order 1 --epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
+      pc-darts) args=(--method pc-darts --space msr --partial-channels 2 --epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
+      p-darts)  args=(--method p-darts --space msr --stage-layers "$((LAYERS - 2)),$LAYERS,$((LAYERS + 2))" --stage-keep 3,2,1
                       --skip-dropout 0.1,0.4,0.7 --epochs "$STAGE_EPOCHS" --arch-start 1); n=$((3 * STAGE_EPOCHS)) ;;
     esac
     finished "$out" "$n" && continue

@@ -51,7 +51,8 @@ DRIVER = textwrap.dedent("""
                                     stage_layers=(3, 3, 3), stage_keep=(5, 3, 1), skip_dropout=(0.1, 0.4, 0.7),
                                     train_portion=0.5, layers=3, channels=4, batch_size=128, epochs=1,
                                     device="cpu", progress=False, plots=False, tensorboard=False), out / "p-darts")
-    report.write_text(json.dumps({"genotype": str(search.genotype), "best_epoch": search.best_epoch,
+    import torch
+    report.write_text(json.dumps({"threads": torch.get_num_threads(), "genotype": str(search.genotype), "best_epoch": search.best_epoch,
                                   "history": search.history, "train": train.results, "writes": writes,
                                   "darts": darts.history, "pc-darts": pc.history, "p-darts": pd.history}))
 """)
@@ -70,7 +71,7 @@ def two_ranks(tmp_path_factory):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+        env = dict(os.environ, OMP_NUM_THREADS="2", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(tmp / "driver.py"), str(tmp / "runs"),
                                        str(tmp / f"rank{rank}.json")], env=env, stdout=subprocess.PIPE,
@@ -100,6 +101,8 @@ def test_both_ranks_derive_the_same_genotype_and_history(two_ranks):
     assert _untimed(r0["pc-darts"]) == _untimed(r1["pc-darts"])  # PC-DARTS: alphas and betas averaged
     assert _untimed(r0["p-darts"]) == _untimed(r1["p-darts"])    # P-DARTS: the same ops kept in every stage
     assert [r["stage"] for r in r0["p-darts"]] == [1, 2, 3]
+    # OMP_NUM_THREADS=2 in the shell: each of the 2 ranks takes its share of the cores, at most 2
+    assert r0["threads"] == r1["threads"] == max(1, min(2, len(os.sched_getaffinity(0)) // 2))
     assert json.loads((tmp / "runs" / "search" / "genotype.json").read_text()) == r0["history"][r0["best_epoch"] - 1]["genotype"]
 
 
@@ -114,6 +117,7 @@ def test_rank_0_alone_writes_files_and_logs(two_ranks):
         assert len(list((tmp / "runs" / "search" / "tensorboard").iterdir())) == 1
     assert "epoch 1/2" in outs[0][0] and outs[1][0] == ""
     assert "all 2 processes derived this genotype" in outs[0][0]
+    assert "2 processes, 32 images each per step, " in outs[0][0] and "CPU threads each" in outs[0][0]
     assert r0["train"]["devices"] == 2
 
 
@@ -157,6 +161,16 @@ def test_shard_bounds_partition_evenly():
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             sizes = [hi - lo for lo, hi in bounds]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_cpu_ranks_share_the_cores():
+    from msrdarts.distributed import cpu_threads_per_rank
+
+    assert cpu_threads_per_rank(2, 2, 2) == 1        # the crawl: OMP_NUM_THREADS=2 on 2 cores, 2 ranks
+    assert cpu_threads_per_rank(2, 16, 4) == 4       # never more than the process was given
+    assert cpu_threads_per_rank(4, 16, 16) == 4
+    assert cpu_threads_per_rank(8, 4, 4) == 1        # more ranks than cores: one thread each
+    assert cpu_threads_per_rank(1, 8, 8) == 8
 
 
 def test_single_process_is_a_no_op_and_batch_must_divide():
@@ -211,3 +225,4 @@ def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert "all 2 processes derived this genotype" in outs[0][0]
+    assert "2 processes, 32 images each per step, " in outs[0][0] and "CPU threads each" in outs[0][0]

@@ -37,6 +37,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def cpu_threads_per_rank(local_world: int, cores: int, threads: int) -> int:
+    """Threads of one CPU rank: its share of the machine's cores, at most ``threads`` (what the
+    process was given), at least 1."""
+    return max(1, min(threads, cores // max(1, local_world)))
+
+
 @dataclass
 class Dist:
     """This process's place in the run (rank 0 of 1 when not started by torchrun)."""
@@ -67,9 +73,21 @@ class Dist:
                                   f"{torch.accelerator.device_count()} {device.type} device(s)")
             device = torch.device(device.type, local_rank)
             torch.accelerator.set_device_index(local_rank)
+        else:   # CPU processes on one machine share its cores (an inherited OMP_NUM_THREADS would oversubscribe)
+            torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                                       len(os.sched_getaffinity(0)), torch.get_num_threads()))
         if not dist.is_initialized():   # joined once per process; later runs in it reuse the group
             dist.init_process_group(backend=dist.get_default_backend_for_device(device))
         return cls(rank, world, local_rank, device), device
+
+    def describe(self, batch_size: int) -> str:
+        """The log's note on the process group ('' for one process)."""
+        if not self.active:
+            return ""
+        cpu = self.device is not None and self.device.type == "cpu"
+        return (f"; {self.world} processes, {batch_size // self.world} images each per step"
+                + (f", {torch.get_num_threads()} CPU threads each (the cores shared by this machine's ranks)"
+                   if cpu else ""))
 
     # --- collectives (all no-ops for a single process) -------------------------------------------
     def barrier(self) -> None:

@@ -104,6 +104,7 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
     else:
         F.check_run_folder(out, False, (*F.SEARCH_FILES, *(stage_folder(Path(), s).name for s in range(n))))
     dist.barrier()   # every process has checked the folder before the first write
+    say = log if dist.main else (lambda message: None)   # rank 0 alone logs
     if dist.main and not resume:
         F.write_config(out, F.make_run_folder(out, cfg.to_dict(), {"stages": n}, origin))
     history: list[dict] = []
@@ -122,7 +123,7 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
                 on_epoch_end(offset + epoch, in_stage(record))
 
         if len(done) < scfg.epochs or not (folder / F.GENOTYPE).is_file():
-            log(f"stage {s + 1}/{n}: {scfg.layers} cells" + (
+            say(f"stage {s + 1}/{n}: {scfg.layers} cells" + (
                 f", {len(scfg.edge_ops[0][0])} candidate ops per edge" if scfg.edge_ops else "") + f" -> {folder}")
             done = SearchRun.start(scfg, folder, (folder / F.CHECKPOINT).is_file(), stage_epoch_end, log,
                                    origin).history
@@ -162,8 +163,7 @@ class SearchRun(EpochRun):
             self.train_idx, self.valid_idx = search_split(len(data.train_labels), cfg.train_portion, cfg.split_seed)
         self.log(f"{cfg.dataset}: {len(self.train_idx)} search-train / {len(self.valid_idx)} search-valid images, "
                  f"{data.input_size} px, {'streamed' if isinstance(data, StreamData) else 'in memory'}"
-                 + (f"; {dist.world} processes, {cfg.batch_size // dist.world} images each per step"
-                    if dist.active else ""))
+                 + dist.describe(cfg.batch_size))
 
     def build(self, data: Any) -> tuple[nn.Module, nn.Module]:
         self.method: Method = get_method(self.cfg.method)(self.cfg)

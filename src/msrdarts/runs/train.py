@@ -129,8 +129,7 @@ class TrainRun(EpochRun):
     def restored(self, ckpt: dict[str, Any] | None) -> None:
         cfg, dist = self.cfg, self.dist
         self.log(f"training {cfg.genotype}: {self.params_m:.3f}M parameters, {self.mult_adds_m:.1f}M mult-adds"
-                 + (f"; {dist.world} processes, {cfg.batch_size // dist.world} images each per step"
-                    if dist.active else ""))
+                 + dist.describe(cfg.batch_size))
 
     def begin_epoch(self, epoch: int, fresh: bool) -> None:
         self.drop = self.cfg.drop_path * epoch / self.cfg.epochs   # DARTS: linear ramp from 0
