@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Regenerates the CPU figures of BENCHMARKS.md in one unattended run; each command's raw output goes to
+# bench/results/<name>.txt behind a header (date, commit, machine, command), so every figure there has
+# its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
+# times are not).
+#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, methods, torchrun-cpu, quick
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=bench/results
+mkdir -p "$R"
+header() {
+  echo "# $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes')"
+  echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB, torch $(python -c 'import torch; print(torch.__version__)')"
+  echo "# command: $*"
+}
+run() {   # name command...
+  local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [ "$ONLY" != "$name" ]; then return; fi
+  { header "$@"; "$@"; } 2>&1 | tee "$R/$name.txt"
+}
+ONLY=${1:-}
+run search-step bash bench/search_step.sh
+run methods bash bench/methods.sh
+run torchrun-cpu bash bench/torchrun_cpu.sh runs/bench-torchrun
+rm -rf runs/bench-quick
+run quick /usr/bin/time -f "%e s wall, %M KB peak resident" msrdarts search --preset quick --out runs/bench-quick \
+  --no-progress --device cpu
+rm -rf runs/bench-quick
