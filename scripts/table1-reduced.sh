@@ -12,7 +12,9 @@
 # another. RECORD (default bench/results/table1-reduced) receives the raw outputs: the table, every
 # run's config.json and results.json, and the log, so each figure in BENCHMARKS.md has its file.
 # The budget (env: LAYERS, CHANNELS, SEARCH_EPOCHS, TRAIN_EPOCHS, SUBSET) is sized by
-# scripts/size-reduced.sh; see BENCHMARKS.md for what a run at this budget can and cannot show.
+# scripts/size-reduced.sh. The defaults are PROVISIONAL: no sized point has yet separated random genotypes
+# from seed noise on cifar10-mini.npz (BENCHMARKS.md, "Table 1, reduced: sizing the recipe"), so a run at
+# them cannot rank methods less than about 2 points apart.
 set -euo pipefail
 NPZ=${1:-../shared/data/cifar10-mini.npz}
 OUT=${2:-runs/reduced}   # shared with table2-reduced.sh: the runs both need are made once

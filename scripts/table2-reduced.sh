@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # scripts/table2.sh reduced to one unattended run on a 2-core CPU, with the budget of
-# scripts/table1-reduced.sh (the same env settings, sized by scripts/size-reduced.sh): MSR-DARTS (mean
+# scripts/table1-reduced.sh (the same env settings and PROVISIONAL defaults: see its header): MSR-DARTS (mean
 # and per-cell), DARTS (1st order), PC-DARTS, P-DARTS and random genotypes, all in the 4-op MSR space
 # (the paper's Table 1 setting, where the methods differ only in how they pick), 3 seeds each, then one
 # table by msrdarts compare. Runs it shares with table1-reduced.sh (MSR-DARTS, DARTS in the msr space,
@@ -14,7 +14,7 @@ set -euo pipefail
 NPZ=${1:-../shared/data/cifar10-mini.npz}
 OUT=${2:-runs/reduced}
 RECORD=${3:-bench/results/table2-reduced}
-LAYERS=${LAYERS:-5}; CHANNELS=${CHANNELS:-8}; SEARCH_EPOCHS=${SEARCH_EPOCHS:-8}; TRAIN_EPOCHS=${TRAIN_EPOCHS:-12}
+LAYERS=${LAYERS:-5}; CHANNELS=${CHANNELS:-8}; SEARCH_EPOCHS=${SEARCH_EPOCHS:-8}; TRAIN_EPOCHS=${TRAIN_EPOCHS:-8}
 SUBSET=${SUBSET:-0.4}
 STAGE_EPOCHS=$(( SEARCH_EPOCHS / 2 > 2 ? SEARCH_EPOCHS / 2 : 2 ))
 DATA=(--dataset npz --data "$NPZ" --device cpu --no-progress --no-plots --no-tensorboard)
