@@ -6,9 +6,9 @@
 set -euo pipefail
 L=${1:-5}; C=${2:-16}; B=${3:-32}; S=${4:-4}
 for space in msr darts; do
-  echo "# msrdarts bench search-step --method msr,darts,pc-darts,p-darts --space $space --layers $L --channels $C --batch-size $B --input-size 32 --steps $S --warmup 1 --json"
   methods=msr,darts,pc-darts,p-darts
-  [ "$space" = darts ] && methods=darts,pc-darts,p-darts   # MSR-DARTS ranks convs: its space is the 4 conv ops
+  if [ "$space" = darts ]; then methods=darts,pc-darts,p-darts; fi   # MSR-DARTS ranks convs: its space is the 4 conv ops
+  echo "# msrdarts bench search-step --method $methods --space $space --layers $L --channels $C --batch-size $B --input-size 32 --steps $S --warmup 1 --json"
   msrdarts bench search-step --method $methods --space $space --layers "$L" --channels "$C" --batch-size "$B" \
     --input-size 32 --steps "$S" --warmup 1 --json
 done
