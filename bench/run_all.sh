@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 R=bench/results
 mkdir -p "$R"
 header() {
-  echo "# $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes')"
+  echo "# $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet -- . ':!bench/results' 2>/dev/null || echo '+changes')"
   echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB, torch $(python -c 'import torch; print(torch.__version__)')"
   echo "# command: $*"
 }
