@@ -225,4 +225,4 @@ def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert "all 2 processes derived this genotype" in outs[0][0]
-    assert "2 processes, 32 images each per step, " in outs[0][0] and "CPU threads each" in outs[0][0]
+    assert "2 processes, 16 images each per step, " in outs[0][0] and "CPU threads each" in outs[0][0]
