@@ -16,17 +16,8 @@
 # from seed noise on cifar10-mini.npz (BENCHMARKS.md, "Table 1, reduced: sizing the recipe"), so a run at
 # them cannot rank methods less than about 2 points apart.
 set -euo pipefail
-NPZ=${1:-../shared/data/cifar10-mini.npz}
-OUT=${2:-runs/reduced}   # shared with table2-reduced.sh: the runs both need are made once
-RECORD=${3:-bench/results/table1-reduced}
-LAYERS=${LAYERS:-5}; CHANNELS=${CHANNELS:-8}; SEARCH_EPOCHS=${SEARCH_EPOCHS:-8}; TRAIN_EPOCHS=${TRAIN_EPOCHS:-8}
-SUBSET=${SUBSET:-0.4}   # search on a class-balanced 40 % (+ 10 % search-valid): searches cost more per image
-DATA=(--dataset npz --data "$NPZ" --device cpu --no-progress --no-plots --no-tensorboard)
-# every search measures its search-valid accuracy (which picks the genotype's epoch) the same way
-SEARCH=(--layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$SEARCH_EPOCHS" --subset "$SUBSET" --subset-valid 0.1
-        --bn-recalibration 4)
-TRAIN=(--preset cifar10 --layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$TRAIN_EPOCHS" --drop-path 0)
-mkdir -p "$OUT" "$RECORD"
+NAME=table1-reduced
+source "$(dirname "$0")/reduced-common.sh"
 runs=()
 for seed in 0 1 2; do
   for g in "search-msr-$seed-genotype" "search-msr-$seed-genotype-cells" "search-msr-$seed-genotype-cells-max" \
@@ -35,36 +26,19 @@ for seed in 0 1 2; do
   done
 done
 {
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
-echo "# bash scripts/table1-reduced.sh $NPZ $OUT $RECORD  (LAYERS=$LAYERS CHANNELS=$CHANNELS SEARCH_EPOCHS=$SEARCH_EPOCHS TRAIN_EPOCHS=$TRAIN_EPOCHS SUBSET=$SUBSET)"
+header
 for seed in 0 1 2; do
-  for kind in msr darts4 darts8; do
-    out="$OUT/search-$kind-$seed"
-    [ -f "$out/genotype.json" ] && [ "$(python -c "import json,sys; h=open('$out/history.jsonl').read().splitlines(); print(len(h))")" = "$SEARCH_EPOCHS" ] && continue
-    resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-    case $kind in
-      msr)    msrdarts search "${DATA[@]}" "${SEARCH[@]}" --seed $seed --out "$out" "${resume[@]}" ;;
-      darts4) msrdarts search --method darts --space msr --order 1 "${DATA[@]}" "${SEARCH[@]}" --seed $seed --out "$out" "${resume[@]}" ;;
-      darts8) msrdarts search --method darts --space darts --order 1 "${DATA[@]}" "${SEARCH[@]}" --seed $seed --out "$out" "${resume[@]}" ;;
-    esac
-  done
+  search_run msr "$seed" "$SEARCH_EPOCHS" --epochs "$SEARCH_EPOCHS"
+  search_run darts4 "$seed" "$SEARCH_EPOCHS" --method darts --space msr --order 1 --epochs "$SEARCH_EPOCHS"
+  search_run darts8 "$seed" "$SEARCH_EPOCHS" --method darts --space darts --order 1 --epochs "$SEARCH_EPOCHS"
 done
-[ -d "$OUT/random" ] || msrdarts sample --space msr --n 3 --seed 0 --out "$OUT/random" --layers "$LAYERS" --channels "$CHANNELS"
+sample_random
 for seed in 0 1 2; do
   for g in "search-msr-$seed/genotype.json" "search-msr-$seed/genotype-cells.json" "search-msr-$seed/genotype-cells-max.json" \
            "search-darts4-$seed/genotype.json" "search-darts8-$seed/genotype.json" "random/sample-0$seed/genotype.json"; do
-    name=$(echo "${g%.json}" | tr '/' '-')
-    out="$OUT/train-$name"
-    [ -f "$out/results.json" ] && continue
-    resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-    msrdarts train "${DATA[@]}" "${TRAIN[@]}" --genotype "$OUT/$g" --seed $seed --out "$out" "${resume[@]}"
+    train_run "$g" "$seed"
   done
 done
 msrdarts compare "${runs[@]}" --out "$RECORD/table.md" --csv "$RECORD/table.csv"
 } 2>&1 | tee -a "$RECORD/log.txt"
-for d in "${runs[@]}" "$OUT"/search-msr-? "$OUT"/search-darts4-? "$OUT"/search-darts8-?; do
-  mkdir -p "$RECORD/$(basename "$d")"
-  for f in config.json results.json genotype.json genotype-cells.json; do
-    if [ -f "$d/$f" ]; then cp "$d/$f" "$RECORD/$(basename "$d")/"; fi
-  done
-done
+record_runs "${runs[@]}" "$OUT"/search-msr-? "$OUT"/search-darts4-? "$OUT"/search-darts8-?

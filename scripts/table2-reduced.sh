@@ -11,60 +11,33 @@
 # SEARCH_EPOCHS/2 epochs (at least 2), so its search costs about what one of the others does.
 # PC-DARTS: K = 2 (CHANNELS must be even), architecture steps from the start (no warm-up at this size).
 set -euo pipefail
-NPZ=${1:-../shared/data/cifar10-mini.npz}
-OUT=${2:-runs/reduced}
-RECORD=${3:-bench/results/table2-reduced}
-LAYERS=${LAYERS:-5}; CHANNELS=${CHANNELS:-8}; SEARCH_EPOCHS=${SEARCH_EPOCHS:-8}; TRAIN_EPOCHS=${TRAIN_EPOCHS:-8}
-SUBSET=${SUBSET:-0.4}
+NAME=table2-reduced
+source "$(dirname "$0")/reduced-common.sh"
 STAGE_EPOCHS=$(( SEARCH_EPOCHS / 2 > 2 ? SEARCH_EPOCHS / 2 : 2 ))
-DATA=(--dataset npz --data "$NPZ" --device cpu --no-progress --no-plots --no-tensorboard)
-SEARCH=(--layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --subset "$SUBSET" --subset-valid 0.1
-        --bn-recalibration 4)
-TRAIN=(--preset cifar10 --layers "$LAYERS" --channels "$CHANNELS" --batch-size 64 --epochs "$TRAIN_EPOCHS" --drop-path 0)
-mkdir -p "$OUT" "$RECORD"
-finished() {   # a search folder whose genotype.json exists and whose history has all its epochs
-  [ -f "$1/genotype.json" ] && [ "$(wc -l < "$1/history.jsonl")" -ge "$2" ]
-}
 runs=()
 for seed in 0 1 2; do
-  runs+=("$OUT/train-search-msr-$seed-genotype" "$OUT/train-search-msr-$seed-genotype-cells"
-         "$OUT/train-search-darts4-$seed-genotype" "$OUT/train-search-pc-darts-$seed-genotype"
-         "$OUT/train-search-p-darts-$seed-genotype" "$OUT/train-random-sample-0$seed-genotype")
-done
-{
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
-echo "# bash scripts/table2-reduced.sh $NPZ $OUT $RECORD  (LAYERS=$LAYERS CHANNELS=$CHANNELS SEARCH_EPOCHS=$SEARCH_EPOCHS TRAIN_EPOCHS=$TRAIN_EPOCHS SUBSET=$SUBSET)"
-for seed in 0 1 2; do
-  for kind in msr darts4 pc-darts p-darts; do
-    out="$OUT/search-$kind-$seed"
-    case $kind in
-      msr)      args=(--epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
-      darts4)   args=(--method darts --space msr --order 1 --epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
-      pc-darts) args=(--method pc-darts --space msr --partial-channels 2 --epochs "$SEARCH_EPOCHS"); n=$SEARCH_EPOCHS ;;
-      p-darts)  args=(--method p-darts --space msr --stage-layers "$((LAYERS - 2)),$LAYERS,$((LAYERS + 2))" --stage-keep 3,2,1
-                      --skip-dropout 0.1,0.4,0.7 --epochs "$STAGE_EPOCHS" --arch-start 1); n=$((3 * STAGE_EPOCHS)) ;;
-    esac
-    finished "$out" "$n" && continue
-    resume=(); { [ -f "$out/checkpoint.pt" ] || [ -f "$out/stage-1/checkpoint.pt" ]; } && resume=(--resume)
-    msrdarts search "${DATA[@]}" "${SEARCH[@]}" "${args[@]}" --seed $seed --out "$out" "${resume[@]}"
+  for g in "search-msr-$seed-genotype" "search-msr-$seed-genotype-cells" "search-darts4-$seed-genotype" \
+           "search-pc-darts-$seed-genotype" "search-p-darts-$seed-genotype" "random-sample-0$seed-genotype"; do
+    runs+=("$OUT/train-$g")
   done
 done
-[ -d "$OUT/random" ] || msrdarts sample --space msr --n 3 --seed 0 --out "$OUT/random" --layers "$LAYERS" --channels "$CHANNELS"
+{
+header
+for seed in 0 1 2; do
+  search_run msr "$seed" "$SEARCH_EPOCHS" --epochs "$SEARCH_EPOCHS"
+  search_run darts4 "$seed" "$SEARCH_EPOCHS" --method darts --space msr --order 1 --epochs "$SEARCH_EPOCHS"
+  search_run pc-darts "$seed" "$SEARCH_EPOCHS" --method pc-darts --space msr --partial-channels 2 --epochs "$SEARCH_EPOCHS"
+  search_run p-darts "$seed" $((3 * STAGE_EPOCHS)) --method p-darts --space msr \
+    --stage-layers "$((LAYERS - 2)),$LAYERS,$((LAYERS + 2))" --stage-keep 3,2,1 --skip-dropout 0.1,0.4,0.7 \
+    --epochs "$STAGE_EPOCHS" --arch-start 1
+done
+sample_random
 for seed in 0 1 2; do
   for g in "search-msr-$seed/genotype.json" "search-msr-$seed/genotype-cells.json" "search-darts4-$seed/genotype.json" \
            "search-pc-darts-$seed/genotype.json" "search-p-darts-$seed/genotype.json" "random/sample-0$seed/genotype.json"; do
-    name=$(echo "${g%.json}" | tr '/' '-')
-    out="$OUT/train-$name"
-    [ -f "$out/results.json" ] && continue
-    resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-    msrdarts train "${DATA[@]}" "${TRAIN[@]}" --genotype "$OUT/$g" --seed $seed --out "$out" "${resume[@]}"
+    train_run "$g" "$seed"
   done
 done
 msrdarts compare "${runs[@]}" --out "$RECORD/table.md" --csv "$RECORD/table.csv"
 } 2>&1 | tee -a "$RECORD/log.txt"
-for d in "${runs[@]}" "$OUT"/search-msr-? "$OUT"/search-darts4-? "$OUT"/search-pc-darts-? "$OUT"/search-p-darts-?; do
-  mkdir -p "$RECORD/$(basename "$d")"
-  for f in config.json results.json genotype.json genotype-cells.json; do
-    if [ -f "$d/$f" ]; then cp "$d/$f" "$RECORD/$(basename "$d")/"; fi
-  done
-done
+record_runs "${runs[@]}" "$OUT"/search-msr-? "$OUT"/search-darts4-? "$OUT"/search-pc-darts-? "$OUT"/search-p-darts-?

@@ -25,7 +25,7 @@ exact hypergradient by double backward).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -143,6 +143,8 @@ class DARTS(Method):
     # defaults); the candidate ops stay the preset's (--space darts for its own 8-op space).
     defaults = {"spectral_norm": False}
     owns = ("order", "arch_lr", "arch_weight_decay", "arch_start")
+    #: Clip the architecture gradient's norm at --grad-clip (P-DARTS's code does; DARTS's does not).
+    clip_arch_grad: ClassVar[bool] = False
     score_key = "alpha"
     lower_wins = False
 
@@ -173,7 +175,8 @@ class DARTS(Method):
     def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: SearchContext) -> None:
         self.ctx, self.epoch = ctx, 0
         self.architect = Architect(net, weight_optimizer, self.cfg.arch_lr, self.cfg.arch_weight_decay,
-                                   self.cfg.order, reduce_grads=ctx.average)
+                                   self.cfg.order, reduce_grads=ctx.average,
+                                   clip=(self.cfg.grad_clip or None) if self.clip_arch_grad else None)
 
     def new_epoch(self, epoch: int, fresh: bool) -> None:
         self.epoch = epoch
@@ -205,11 +208,12 @@ class DARTS(Method):
             self.architect.optimizer.load_state_dict(state)
 
 
-def add_alphas(net: nn.Module) -> nn.Module:
+def add_alphas(net: nn.Module, ops: int | None = None) -> nn.Module:
     """Give a supernet DARTS's alphas (2, edges, ops), drawn as 1e-3 * N(0, 1), and softmax(alpha)
-    mixing (the search turns their ``requires_grad`` off: :meth:`Architect.step` turns it on)."""
+    mixing (the search turns their ``requires_grad`` off: :meth:`Architect.step` turns it on).
+    ``ops``: candidates per edge (default: all of the supernet's; P-DARTS's later stages: fewer)."""
     net.register_parameter("alphas", nn.Parameter(
-        1e-3 * torch.randn(2, num_edges(net.steps), len(net.primitives), device=net.classifier.weight.device)))
+        1e-3 * torch.randn(2, num_edges(net.steps), ops or len(net.primitives), device=net.classifier.weight.device)))
     net.arch_parameter_names = ("alphas",)
     net.mixer = softmax_alpha
     return net

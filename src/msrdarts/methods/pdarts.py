@@ -34,8 +34,8 @@ from ..config import check_network
 from ..errors import ConfigError
 from ..genotype import Genotype, num_edges, pairs
 from ..nn.edges import SkipDropMixedOp
-from .base import Derivation, SearchContext, register_method
-from .darts import DARTS, Architect, softmax_alpha
+from .base import Derivation, register_method
+from .darts import DARTS, add_alphas
 from .derive import derive_cell
 
 SKIP, NONE = "skip_connect", "none"
@@ -99,6 +99,7 @@ class PDARTS(DARTS):
     owns = DARTS.owns + ("stage_layers", "stage_keep", "skip_dropout", "max_skips", "stage", "edge_ops")
     score_key = "alpha"
     lower_wins = False
+    clip_arch_grad = True
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -148,17 +149,9 @@ class PDARTS(DARTS):
         k = {len(ops) for table in (self.cfg.edge_ops or ()) for ops in table} or {len(net.primitives)}
         if len(k) != 1:
             raise ConfigError("edge_ops: every edge needs the same number of candidate ops")
-        net.register_parameter("alphas", nn.Parameter(
-            1e-3 * torch.randn(2, num_edges(net.steps), k.pop(), device=net.classifier.weight.device),
-            requires_grad=False))   # trained by the Architect's own steps only
-        net.arch_parameter_names = ("alphas",)
-        net.mixer = softmax_alpha
+        for a in add_alphas(net, k.pop()).arch_parameters():   # trained by the Architect's own steps only
+            a.requires_grad_(False)
         self.net = net
-
-    def setup(self, net: nn.Module, weight_optimizer: torch.optim.Optimizer, ctx: SearchContext) -> None:
-        self.ctx, self.epoch = ctx, 0
-        self.architect = Architect(net, weight_optimizer, self.cfg.arch_lr, self.cfg.arch_weight_decay,
-                                   self.cfg.order, reduce_grads=ctx.average, clip=self.cfg.grad_clip or None)
 
     def new_epoch(self, epoch: int, fresh: bool) -> None:
         super().new_epoch(epoch, fresh)

@@ -63,20 +63,25 @@ def partial_channel_edge(k: int) -> Callable[[int, int, Sequence[str]], nn.Modul
 
 class SkipDropMixedOp(MixedOp):
     """A mixed edge whose identity skip connection passes through dropout of rate ``p`` while
-    training (P-DARTS's search regulariser, Chen et al., 2019; SPEC section 10). The method sets
-    ``p`` before each epoch; stride-2 skips (factorised reductions) are left as they are, as in
-    P-DARTS's code."""
+    training (P-DARTS's search regulariser, Chen et al., 2019; SPEC section 10): the skip op becomes
+    ``Sequential(Identity, Dropout)``, as in P-DARTS's code. The method sets ``p`` before each
+    epoch; stride-2 skips (factorised reductions) are left as they are, as in their code."""
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str], p: float = 0.0):
         super().__init__(C, stride, primitives)
-        self.p = p
+        self._p = p
         self.skip = next((i for i, (name, op) in enumerate(zip(primitives, self.ops))
                           if name == "skip_connect" and isinstance(op, nn.Identity)), None)
+        if self.skip is not None:
+            self.ops[self.skip] = nn.Sequential(self.ops[self.skip], nn.Dropout(p))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        outs = [op(x) for op in self.ops]
-        if self.skip is not None and self.p > 0:
-            outs[self.skip] = F.dropout(outs[self.skip], self.p, self.training)
-        if weights is None:
-            return sum(outs)
-        return sum(w * o for w, o in zip(weights, outs))
+    @property
+    def p(self) -> float:
+        """The rate the method set (edges without an identity skip keep it and drop nothing)."""
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = value
+        if self.skip is not None:
+            self.ops[self.skip][1].p = value

@@ -108,11 +108,17 @@ def improves(acc: float, best: dict[str, Any] | None, key: str) -> bool:
     return best is None or acc > best[key]
 
 
+def eligible(record: dict[str, Any], key: str) -> bool:
+    """Whether an epoch can be the best one: it has ``key``, and is no warm-up epoch (weights only,
+    the architecture untrained: PC-DARTS's first 15)."""
+    return key in record and not record.get("warmup")
+
+
 def best_record(history: Sequence[dict[str, Any]], key: str = BEST_KEY["search"]) -> dict[str, Any] | None:
     """The epoch of ``history`` that :func:`improves` picks (the records that carry ``key``)."""
     best = None
-    for r in history:   # warm-up epochs (weights only, the architecture untrained) never count
-        if key in r and not r.get("warmup") and improves(r[key], best, key):
+    for r in history:
+        if eligible(r, key) and improves(r[key], best, key):
             best = r
     return best
 

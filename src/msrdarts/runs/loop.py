@@ -230,7 +230,7 @@ class EpochRun:
                 record = self.record(epoch, lr, tr, ev, t0)
                 self.seconds += record["epoch_time_s"]
                 self.history.append(record)
-                if not record.get("warmup") and F.improves(record[key], self.best, key):
+                if F.eligible(record, key) and F.improves(record[key], self.best, key):
                     self.best = {"epoch": epoch + 1, key: record[key], **self.best_extra(record)}
                     self.new_best(record)
                 save(epoch + 1, None, self.seconds)
