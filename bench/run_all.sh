@@ -3,7 +3,7 @@
 # bench/results/<name>.txt behind a header (date, commit, machine, command), so every figure there has
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
-#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, methods, torchrun-cpu, quick
+#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, methods, torchrun-cpu, quick, sn-accuracy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
@@ -26,3 +26,4 @@ rm -rf runs/bench-quick
 run quick /usr/bin/time -f "%e s wall, %M KB peak resident" msrdarts search --preset quick --out runs/bench-quick \
   --no-progress --device cpu
 rm -rf runs/bench-quick
+run sn-accuracy bash bench/sn_accuracy.sh

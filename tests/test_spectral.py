@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from torch.nn.utils import parametrize
 from msrdarts.nn.ops import FactorizedReduce, OpConv, record_input_sizes
 from msrdarts.nn.spectral import ConvSpectralNorm, apply_spectral_norm, refresh_spectral_norms
 
-from _reference import dense_of, op_norm
+from _reference import dense_conv, dense_of, op_norm
 
 # name -> (C_in, C_out, k, stride, padding, dilation, groups, (H, W))
 GEOMS = {
@@ -434,3 +436,68 @@ def test_matrix_top_vectors_and_power_iteration_against_the_svd():
     u1, v1 = matrix_power_iteration(w, torch.full((5, 4), 0.5, dtype=torch.float64), 200)
     torch.testing.assert_close((u1 * u).sum(1).abs(), torch.ones(5, dtype=torch.float64))
     torch.testing.assert_close((v1[:, None, :] @ w @ u1[:, :, None]).flatten(), S[:, 0], rtol=1e-10, atol=0)
+
+
+def _dense_channels(conv: OpConv, weight: torch.Tensor) -> list[torch.Tensor]:
+    """Each channel of a depthwise conv as its own dense operator (brute force, float64)."""
+    return [dense_conv(weight[c:c + 1].double(), conv.input_hw, conv.stride, conv.padding, conv.dilation, 1)
+            for c in range(weight.shape[0])]
+
+
+@pytest.mark.parametrize("name", ["dw3_s1_8x8", "dw3_s2_7x7", "dw3_d2_s1_7x7"])
+def test_refresh_finds_a_singular_value_that_overtook_the_tracked_one(name):
+    """The tracked vectors sit exactly on each channel's SECOND singular pair (what happens when
+    training lifts another singular value past the tracked one): power iteration stays there for
+    many steps, and the refresh must return the top one, checked against the dense operator."""
+    conv = make_conv(name, seed=21, dtype=torch.float64)
+    sn = register(conv)
+    w = conv.parametrizations.weight.original.detach()
+    tops, seconds = [], []
+    with torch.no_grad():
+        for c, M in enumerate(_dense_channels(conv, w)):       # M: (C_out/g * H'W', HW) of one channel
+            U, S, Vh = torch.linalg.svd(M)
+            tops.append(float(S[0]))
+            seconds.append(float(S[1]))
+            sn.u[0, c] = Vh[1].view(conv.input_hw)
+            sn.v[0, c] = U[:, 1].view(sn.v.shape[2:])
+    true = max(tops)
+    assert float(sn.sigma(w)) == pytest.approx(max(seconds), rel=1e-9)   # the scenario: tracking the second
+    stuck = copy.deepcopy(sn)
+    stuck._power_iterate(w, 3)                                # the old refresh's budget of iterations
+    assert true / float(stuck.sigma(w)) - 1 > 1e-3, "the scenario is too easy to test the refresh"
+    sn.refresh(w)
+    assert float(sn.sigma(w)) == pytest.approx(true, rel=1e-6)
+    groups = sn._group_sigmas(w)
+    assert groups.tolist() == pytest.approx(tops, rel=1e-6)  # every channel, not only the largest
+
+
+def test_refresh_after_training_steps_matches_the_dense_norm_of_every_conv():
+    """A small supernet trained a few SGD steps at the quick preset's rate (close, moving singular
+    values), then refreshed: every normalised conv's estimate equals its dense operator norm, and
+    ``spectral_drift`` measures the weights' relative change since the refresh."""
+    from msrdarts.nn.supernet import SuperNet
+    torch.manual_seed(3)
+    net = SuperNet(10, 3, 4, 8, in_channels=1, primitives=["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
+                                                          "dil_conv_5x5"], spectral_norm=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.refresh_spectral_norms()
+    assert net.spectral_drift() == 0.0
+    pairs = [(m, m.parametrizations.weight[0]) for m in net.modules()
+             if isinstance(m, OpConv) and parametrize.is_parametrized(m, "weight")]
+    worst = 0.0
+    for conv, sn in pairs:
+        w = conv.parametrizations.weight.original.detach()
+        worst = max(worst, true_norm(conv, w.double()) / float(sn.sigma(w)) - 1)
+    assert len(pairs) > 100 and worst < 1e-4
+    before = {id(c): c.parametrizations.weight.original.detach().clone() for c, sn in pairs if not sn.matrix}
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    moved = max(float((c.parametrizations.weight.original.detach() - before[id(c)]).norm() / before[id(c)].norm())
+                for c, sn in pairs if not sn.matrix)
+    assert moved > 0 and net.spectral_drift() == pytest.approx(moved, rel=1e-5)

@@ -133,9 +133,13 @@ class SearchConfig(_DataConfig):
                            "the same function either way")
     spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
-    sn_refresh_every: int = _f(10, "steps between refreshes of the power iterations: pointwise convs reset to their "
-                                   "exact top singular vectors, depthwise convs checked against a fresh "
-                                   "circular-boundary start (catches singular values that overtake)")
+    sn_refresh_every: int = _f(10, "steps between refreshes of the power iterations: every conv's vectors set to its "
+                                   "top singular pair (exact for 1x1 convs, Rayleigh-Ritz iterated to convergence "
+                                   "for the others; catches singular values that overtake)")
+    sn_refresh_drift: float = _f(0.0, "also refresh as soon as some conv's weight has moved by more than this fraction "
+                                      "(relative Frobenius norm) since the last refresh; 0: off. 0.04 held every conv "
+                                      "within about 1 percent of norm 1 in the quick search's first epoch, at the cost of "
+                                      "more refreshes (BENCHMARKS.md, spectral norms)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "
@@ -192,7 +196,7 @@ class SearchConfig(_DataConfig):
         if not isinstance(self.arch_start, int) or isinstance(self.arch_start, bool) or self.arch_start < 0:
             raise ConfigError(f"--arch-start={self.arch_start!r}: must be an integer >= 0 (epochs of warm-up)")
         check_network(self.layers, self.channels)
-        for name in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "bn_recalibration"):
+        for name in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "bn_recalibration", "sn_refresh_drift"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)}: must be >= 0")
         if self.lr <= 0:

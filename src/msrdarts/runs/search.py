@@ -213,7 +213,8 @@ class SearchRun(EpochRun):
         cfg, net = self.cfg, self.net
 
         def refresh_sn(step: int) -> None:
-            if cfg.spectral_norm and step % cfg.sn_refresh_every == 0:
+            if cfg.spectral_norm and (step % cfg.sn_refresh_every == 0 or
+                                      (cfg.sn_refresh_drift and net.spectral_drift() > cfg.sn_refresh_drift)):
                 net.refresh_spectral_norms()
 
         return {"after_step": refresh_sn, "before_step": self.method.step_hook(state.epoch_seed, state.step)}

@@ -1,0 +1,134 @@
+"""How close to 1 the spectral norms hold during a real search (issue 18, item 1).
+
+    python bench/sn_accuracy.py [--preset quick] [--epochs 2] [--every 1] [--lr LR]
+
+Runs a real MSR-DARTS search (the preset's optimiser, data and refresh schedule; nothing mocked)
+and, after every ``--every``-th training forward, reads every spectrally normalised conv's weight as
+that forward used it (the trained weight over the sigma estimate its power iteration had then)
+and measures its true operator norm on the conv's real input shape by brute force: the dense
+operator of each channel (depthwise convs: the conv applied to every one-hot input) or the
+matrix (1x1 convs), then its largest singular value in float64. Prints one JSON line per checked
+step (worst and median |norm - 1|, and where the step sits relative to a refresh) and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from msrdarts.config import get_preset
+from msrdarts.nn.ops import OpConv
+from msrdarts.nn.spectral import ConvSpectralNorm
+from msrdarts.runs.search import SearchRun
+
+
+@torch.no_grad()
+def true_norms(convs: list[OpConv]) -> list[float]:
+    """Largest singular value of each conv's trained weight as an operator on its input (float64)."""
+    out = []
+    for conv in convs:
+        w = conv.parametrizations.weight.original.detach().double()
+        H, W = conv.input_hw
+        if conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1:
+            out.append(float(torch.linalg.matrix_norm(w.flatten(1), ord=2)))
+            continue
+        cin = conv.in_channels // conv.groups   # one group's inputs, every group at once
+        eye = torch.eye(cin * H * W, dtype=torch.float64).view(cin * H * W, cin, H, W).repeat(1, conv.groups, 1, 1)
+        y = F.conv2d(eye, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)   # (cin*HW, C_out, H', W')
+        cout = conv.out_channels // conv.groups
+        per_group = y.view(cin * H * W, conv.groups, cout * y.shape[2] * y.shape[3]).permute(1, 2, 0)
+        out.append(float(torch.linalg.matrix_norm(per_group, ord=2).max()))
+    return out
+
+
+def normalised_convs(net) -> list[tuple[OpConv, ConvSpectralNorm]]:
+    pairs = []
+    for m in net.modules():
+        if isinstance(m, OpConv) and hasattr(m, "parametrizations"):
+            pairs += [(m, p) for p in m.parametrizations.weight if isinstance(p, ConvSpectralNorm)]
+    return pairs
+
+
+class Probe(SearchRun):
+    """The search run itself, with a forward hook on the supernet that measures the norms."""
+
+    every = 1
+    rows: list[dict] = []
+
+    def build(self, data):
+        net, wrapped = super().build(data)
+        pairs = normalised_convs(net)
+        counter = {"forward": 0, "refreshed": None, "refreshes": 0}
+        refresh = net.refresh_spectral_norms
+
+        def counted_refresh() -> None:   # the loop's refreshes (periodic and on drift), counted
+            refresh()
+            counter["refreshed"], counter["refreshes"] = counter["forward"], counter["refreshes"] + 1
+
+        net.refresh_spectral_norms = counted_refresh
+
+        def check(module, args, output):
+            if not module.training:
+                return
+            step = counter["forward"]
+            counter["forward"] += 1
+            if step % self.every:
+                return
+            est = [float(sn.sigma(c.parametrizations.weight.original.detach())) for c, sn in pairs]
+            true = true_norms([c for c, _ in pairs])
+            dev = [t / e * sn.target - 1 for t, e, (_, sn) in zip(true, est, pairs)]
+            depthwise = [d for d, (_, sn) in zip(dev, pairs) if not sn.matrix]
+            pointwise = [d for d, (_, sn) in zip(dev, pairs) if sn.matrix]
+            since = None if counter["refreshed"] is None else step - counter["refreshed"]
+            row = {"forward": step, "epoch": step // len(self.train_loader) + 1, "steps_since_refresh": since,
+                   "refreshes": counter["refreshes"],
+                   "worst": max(map(abs, dev)), "median": statistics.median(map(abs, dev)),
+                   "worst_depthwise": max(map(abs, depthwise)), "worst_pointwise": max(map(abs, pointwise)),
+                   "drift": net.spectral_drift(), "convs": len(dev)}
+            self.rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        net.register_forward_hook(check)
+        return net, wrapped
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--every", type=int, default=1, help="check every N-th training forward")
+    p.add_argument("--lr", type=float, default=None, help="the weight learning rate (default: the preset's)")
+    p.add_argument("--sn-iterations", type=int, default=None, help="power iterations per forward (default: the preset's)")
+    p.add_argument("--sn-refresh-every", type=int, default=None, help="steps between refreshes (default: the preset's)")
+    p.add_argument("--sn-refresh-drift", type=float, default=None, help="refresh on this weight drift (default: the preset's)")
+    args = p.parse_args()
+    cfg = replace(get_preset(args.preset), epochs=args.epochs, progress="off", plots=False, tensorboard=False,
+                  device="cpu")
+    cfg = replace(cfg, **{k: v for k, v in (("lr", args.lr), ("sn_iterations", args.sn_iterations),
+                                            ("sn_refresh_every", args.sn_refresh_every),
+                                            ("sn_refresh_drift", args.sn_refresh_drift)) if v is not None})
+    print(json.dumps({"preset": args.preset, "epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
+                      "weight_decay": cfg.weight_decay, "sn_iterations": cfg.sn_iterations,
+                      "sn_refresh_every": cfg.sn_refresh_every, "sn_refresh_drift": cfg.sn_refresh_drift, "layers": cfg.layers, "channels": cfg.channels,
+                      "batch_size": cfg.batch_size, "dataset": cfg.dataset}), flush=True)
+    Probe.every = args.every
+    with tempfile.TemporaryDirectory() as out:
+        Probe.start(cfg, out, log=lambda s: None)
+    worst = max(r["worst"] for r in Probe.rows)
+    at = max(Probe.rows, key=lambda r: r["worst"])
+    print(json.dumps({"summary": True, "checked_forwards": len(Probe.rows), "worst": worst,
+                      "worst_at": at["forward"], "worst_steps_since_refresh": at["steps_since_refresh"],
+                      "mean_of_worst": statistics.fmean(r["worst"] for r in Probe.rows),
+                      "refreshes": Probe.rows[-1]["refreshes"],
+                      "within_2pct": worst <= 0.02 and not math.isnan(worst)}))
+
+
+if __name__ == "__main__":
+    main()
