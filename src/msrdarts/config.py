@@ -138,8 +138,8 @@ class SearchConfig(_DataConfig):
                                    "for the others; catches singular values that overtake)")
     sn_refresh_drift: float = _f(0.0, "also refresh as soon as some conv's weight has moved by more than this fraction "
                                       "(relative Frobenius norm) since the last refresh; 0: off. 0.04 held every conv "
-                                      "within about 1 percent of norm 1 in the quick search's first epoch, at the cost of "
-                                      "more refreshes (BENCHMARKS.md, spectral norms)")
+                                      "within 0.33 percent of norm 1 over the quick search's first two epochs, at the cost "
+                                      "of more refreshes (BENCHMARKS.md, spectral norms)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "
