@@ -78,3 +78,9 @@ def test_check_helpers():
     check_ops(("sep_conv_3x3", "skip_connect"))
     with pytest.raises(ConfigError, match="distinct"):
         check_ops(("sep_conv_3x3", "sep_conv_3x3"))
+
+
+def test_sn_refresh_drift_must_not_be_negative():
+    assert SearchConfig(sn_refresh_drift=0.04).validate().sn_refresh_drift == 0.04
+    with pytest.raises(ConfigError, match="^--sn-refresh-drift=-0.1: must be >= 0$"):
+        SearchConfig(sn_refresh_drift=-0.1).validate()

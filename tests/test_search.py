@@ -296,3 +296,28 @@ def test_second_order_darts_on_the_darts_space_never_picks_none(tmp_path):
     assert "none" not in res.genotype.ops() and len(res.history[0]["alpha"]["ops"]) == 8
     with pytest.raises(ConfigError, match="without spectral normalisation"):
         get_method("darts").validate(replace(cfg, spectral_norm=True))
+
+
+@pytest.mark.parametrize("drift, expected", [(0.0, "one per epoch"), (1e-9, "one per step")])
+def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, drift, expected):
+    """--sn-refresh-every 1000 refreshes at each epoch's first step only; a drift trigger below any
+    real step's weight change refreshes after every step as well."""
+    from msrdarts.runs.search import SearchRun
+
+    calls, steps = [], []
+
+    class Counting(SearchRun):
+        def build(self, data):
+            net, wrapped = super().build(data)
+            refresh = net.refresh_spectral_norms
+            net.refresh_spectral_norms = lambda: (calls.append(len(steps)), refresh())
+            net.register_forward_hook(lambda m, a, o: steps.append(1) if m.training else None)
+            return net, wrapped
+
+    cfg = replace(TINY, sn_refresh_every=1000, sn_refresh_drift=drift)
+    Counting.start(cfg, tmp_path / "run", log=quiet)
+    assert len(read_history(tmp_path / "run")) == cfg.epochs and len(steps) > 2 * cfg.epochs
+    if expected == "one per epoch":      # after the first step of each epoch
+        assert calls == [1, len(steps) // cfg.epochs + 1]
+    else:                                # after every step
+        assert calls == list(range(1, len(steps) + 1))
