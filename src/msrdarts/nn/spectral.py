@@ -25,7 +25,7 @@ unfold form, so the per-conv path keeps the unfold form and its results to the l
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn

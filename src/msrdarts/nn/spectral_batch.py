@@ -238,7 +238,9 @@ class SpectralBatch:
     def drift(self) -> float:
         """The largest relative change ||W - W_r|| / ||W_r|| (Frobenius, per conv) of any non-1x1
         normalised conv's weight W since its last refresh W_r: how far the power iterations'
-        vectors may be from the top singular pair. One number, one sync."""
+        vectors may be from the top singular pair. One number, one sync. The 1x1 convs are left
+        out: their matrix power iteration lags least, and the trigger was sized on the depthwise
+        convs (``bench/sn_accuracy.sh``)."""
         worst = []
         for g, ref in self._refreshed.items():
             if self._norms()[g][0].matrix:
@@ -253,8 +255,7 @@ class SpectralBatch:
         """:meth:`ConvSpectralNorm.refresh` of group g's N depthwise convs at once. Their channels
         are independent operators, so the N convs of C channels are one depthwise conv of N*C
         channels: the same probe (the circular top vector of each channel), the same iterations
-        per channel (one call instead of N: the whole refresh of the quick preset's
-        supernet went from 0.6 s to 0.1 s)."""
+        per channel, one call instead of N."""
         sn = self._norms()[g][0]
         w = torch.stack(self._raws(g)).detach().flatten(0, 1)                           # (N*C, 1, k, k)
         n = w.shape[0]
