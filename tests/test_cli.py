@@ -109,8 +109,11 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
     assert out["amp"] == ("off" if amp == "auto" else "bf16") and out["compile"] is False   # auto: off on the CPU
     for key in ("ms_per_step_reference", "ms_per_step_fused", "ms_per_step_fused_no_sn", "speedup_fused_vs_reference",
                 "sn_overhead_fused", "gflop_s_fused", "gb_s_fused", "copy_gb_s", "matmul_gflop_s",
-                "stable_rank_table_and_derivation_ms"):
+                "stable_rank_table_and_derivation_ms", "sn_refresh_ms", "sn_overhead_fused_with_refresh"):
         assert out[key] > 0, key
+    assert out["sn_overhead_fused_with_refresh"] == pytest.approx(
+        (out["ms_per_step_fused"] + out["sn_refresh_ms"] / out["sn_refresh_every"]) / out["ms_per_step_fused_no_sn"],
+        rel=0.01)
     assert out["speedup_fused_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fused"],
                                                              rel=0.01)
 
