@@ -133,13 +133,12 @@ class SearchConfig(_DataConfig):
                            "the same function either way")
     spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
-    sn_refresh_every: int = _f(10, "steps between refreshes of the power iterations: every conv's vectors set to its "
-                                   "top singular pair (exact for 1x1 convs, Rayleigh-Ritz iterated to convergence "
-                                   "for the others; catches singular values that overtake)")
+    sn_refresh_every: int = _f(10, "steps between refreshes of the power iterations: pointwise convs reset to their "
+                                   "exact top singular vectors, depthwise convs checked against a fresh "
+                                   "circular-boundary start (catches singular values that overtake)")
     sn_refresh_drift: float = _f(0.0, "also refresh as soon as some conv's weight has moved by more than this fraction "
-                                      "(relative Frobenius norm) since the last refresh; 0: off. 0.04 held every conv "
-                                      "within 0.33 percent of norm 1 over the quick search's first two epochs, at the cost "
-                                      "of more refreshes (BENCHMARKS.md, spectral norms)")
+                                      "(relative Frobenius norm) since the last refresh; 0: off. Costs more refreshes "
+                                      "(BENCHMARKS.md, spectral norms during a search)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "

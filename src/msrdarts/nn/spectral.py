@@ -15,8 +15,9 @@ normalised weight, ``conv.parametrizations.weight.original`` the trained one.
 The batched form for whole networks is :mod:`msrdarts.nn.spectral_batch`.
 
 One home each, for both paths: the probe a refresh starts from (:func:`circular_probe`), the
-conv operator and its power iteration (:class:`ConvOperator`), the refresh, which also converges the
-vectors at construction (:func:`refresh_vectors`), the unfold form of G (:func:`unfold_dsigma`) and sigma = <W, G>
+conv operator and its power iteration (:class:`ConvOperator`), the refresh's choice between
+probe and tracked vector (:func:`refresh_vectors`), the convergence loop at construction
+(:func:`converge_sigmas`), the unfold form of G (:func:`unfold_dsigma`) and sigma = <W, G>
 (:meth:`_Dsigma.sigmas`). The batch keeps two faster forms of G for its depthwise groups (dense
 operators on small maps, one conv of u with v on larger ones): they sum in another order than the
 unfold form, so the per-conv path keeps the unfold form and its results to the last bit.
@@ -25,7 +26,7 @@ unfold form, so the per-conv path keeps the unfold form and its results to the l
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -134,76 +135,42 @@ class ConvOperator(NamedTuple):
         return u, v
 
 
-#: A refresh stops when, in every group, the residuals ||B x - theta x|| of the two top Ritz pairs of
-#: B = A^T A are at most this fraction of the top theta (then theta is within that fraction of an
-#: eigenvalue), or after :data:`REFRESH_MAX_ITERATIONS` iterations.
-REFRESH_TOL = 1e-4
-REFRESH_MAX_ITERATIONS = 40
+@torch.no_grad()
+def refresh_vectors(u: torch.Tensor, probe: torch.Tensor, op: ConvOperator, iterations: int, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power-iterate ``u`` and ``probe`` (each (1, C_in, H, W)) side by side through the operator
+    ``op``; per group, keep whichever gives the larger sigma estimate (both are lower bounds of
+    the true one). Returns the kept (u, v), each (groups, -1)."""
+    groups = op.groups
+    u = torch.cat([u, probe])                                                  # (2, C_in, H, W)
+    for _ in range(iterations):
+        v = _normalize(op.A(u), groups, eps)
+        at_v = op.At(v)
+        est = at_v.reshape(2, groups, -1).norm(dim=2)                          # lower bounds, (2, groups)
+        u = _normalize(at_v, groups, eps)
+    use_probe = (est[1] > est[0]).view(groups, 1)
+    return (torch.where(use_probe, u[1].reshape(groups, -1), u[0].reshape(groups, -1)),
+            torch.where(use_probe, v[1].reshape(groups, -1), v[0].reshape(groups, -1)))
 
 
 @torch.no_grad()
-def refresh_vectors(u: torch.Tensor, probe: torch.Tensor, op: ConvOperator, eps: float, tol: float = REFRESH_TOL,
-                    max_iterations: int = REFRESH_MAX_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top singular pair of each group of ``op``, found from the tracked vector ``u`` and the
-    ``probe`` (each (1, C_in, H, W), unit per group). Returns (u, v), each (groups, -1).
+def converge_sigmas(sigmas: Callable[[list[int], int], torch.Tensor], count: int, tol: float,
+                    max_iterations: int) -> None:
+    """Power-iterate ``count`` operators to convergence: 10 iterations at a time, until each one's
+    sigma estimate changes by at most ``tol`` (relative) over 10 iterations, or ``max_iterations``.
 
-    Rayleigh-Ritz on B = A^T A over a growing subspace per group (block Lanczos): it starts as
-    [u, probe, a fixed pseudo-random vector], and each iteration adds the residuals B x - theta x
-    of the two top Ritz pairs, orthogonalised twice, until in every group both residuals are at
-    most ``tol`` times the top theta, the subspace is the whole input space, or after
-    ``max_iterations``. Power iteration would need hundreds of iterations where the top singular
-    values are close together or have just crossed (the usual case for small depthwise convs under
-    training); the subspace holds the near-top directions at once. A test on the change of theta
-    alone stops early on a plateau (theta near the second singular value while the first is still
-    growing in); two converged residuals and the random start keep it from settling there. The
-    subspace contains ``u``, so the answer is never worse than the tracked vector; sqrt(theta)
-    stays a lower bound of the true norm, as every estimate here is.
+    ``sigmas(active, n)`` advances the operators listed in ``active`` by n iterations (n = 0 at
+    first) and returns their sigma estimates (len(active),). Converged operators leave ``active``
+    (so does one whose sigma is NaN: more iterations cannot help it); each check syncs once.
     """
-    g = op.groups
-    shape = u.shape[1:]
-    n = u.numel() // g                                  # one group's input size
-
-    def B(cols: torch.Tensor) -> torch.Tensor:        # (g, n, k) -> (g, n, k), all columns in one batch
-        k = cols.shape[-1]
-        y = op.At(op.A(cols.permute(2, 0, 1).reshape(k, *shape)))
-        return y.reshape(k, g, -1).permute(1, 2, 0)
-
-    def orthonormal_to(Q: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        """R's columns made orthonormal and orthogonal to Q's. Twice over: where a group's residual
-        is (nearly) zero, the first pass's QR returns arbitrary unit columns, which the second
-        makes orthogonal to Q (any direction outside Q is a valid addition to the subspace)."""
-        for _ in range(2):
-            R = torch.linalg.qr(R - Q @ (Q.mT @ R)).Q
-        return R
-
-    # one fixed pseudo-random vector for every group: a group's answer depends on nothing but its own operator
-    rand = torch.randn(n, generator=torch.Generator(u.device).manual_seed(0), device=u.device, dtype=u.dtype).expand(g, n)
-    start = torch.stack([u.reshape(g, n), probe.reshape(g, n), rand], -1)[..., :n]
-    Q = torch.linalg.qr(start).Q                                                        # (g, n, k)
-    BQ = B(Q)
-    H = Q.mT @ BQ                                        # Q^T B Q, grown by a border per iteration
-    done = top = None
-    for iteration in range(max_iterations + 1):
-        evals, evecs = torch.linalg.eigh((H + H.mT) / 2)                                # ascending
-        theta = evals[:, -1]
-        x = (Q @ evecs[:, :, -1:])[..., 0]                                               # top Ritz vectors, (g, n)
-        width = min(2, n - Q.shape[-1], Q.shape[-1])     # the residuals that still fit in the space
-        Y = evecs[:, :, -max(width, 1):]
-        R = BQ @ Y - (Q @ Y) * evals[:, None, -Y.shape[-1]:]                             # residuals, (g, n, w)
-        converged = (R.norm(dim=1) <= tol * theta.abs()[:, None]).all(1)
-        # a group that has converged keeps its answer, so each group's result is its own alone
-        top = x if top is None else torch.where(done[:, None], top, x)
-        done = converged if done is None else done | converged
-        if width <= 0 or iteration == max_iterations or bool(done.all()):
+    active = list(range(count))                 # operators still converging
+    last = sigmas(active, 0)
+    for _ in range(0, max_iterations, 10):
+        now = sigmas(active, 10)
+        moving = ((now - last).abs() > tol * now).tolist()
+        active, last = [i for i, m in zip(active, moving) if m], now[torch.tensor(moving, dtype=torch.bool)]
+        if not active:
             break
-        R = orthonormal_to(Q, R)
-        BR = B(R)
-        side = Q.mT @ BR
-        H = torch.cat([torch.cat([H, side], -1), torch.cat([side.mT, R.mT @ BR], -1)], -2)
-        Q, BQ = torch.cat([Q, R], -1), torch.cat([BQ, BR], -1)
-    u = _normalize(top.reshape(1, *shape), g, eps)
-    v = _normalize(op.A(u), g, eps)
-    return u.reshape(g, -1), v.reshape(g, -1)
 
 
 @torch.no_grad()
@@ -249,13 +216,14 @@ class ConvSpectralNorm(nn.Module):
       at the exact top singular vectors, and :meth:`refresh` resets them to the exact ones.
     - other convs: power iteration with conv2d / conv_transpose2d, one unit vector per group
       (per channel for depthwise convs, whose operator is block-diagonal), sigma = max over
-      groups. The vectors persist across steps (buffers ``u``, ``v``) and advance
-      ``n_power_iterations`` per training forward. :meth:`refresh` (at construction, and every
-      few steps from the search loop through :func:`refresh_spectral_norms`) sets them to the
-      top singular pair by Rayleigh-Ritz over a subspace started from ``u`` and the circular
-      top vector (:func:`refresh_vectors`), iterated until the estimate converges: a singular
-      value that overtakes the tracked one, which one power iteration per step would take
-      hundreds of steps to find, is caught at the next refresh.
+      groups. The vectors start at the circular-boundary top singular vectors, are iterated to
+      convergence at construction, persist across steps (buffers ``u``, ``v``), and advance
+      ``n_power_iterations`` per training forward. :meth:`refresh` (called every few steps by
+      the search loop through :func:`refresh_spectral_norms`) iterates a probe started at the
+      current circular top vector and keeps, per group, whichever of the probe and ``u`` gives
+      the larger sigma: a singular value that overtakes the tracked one is caught within a few
+      steps instead of hundreds, and since both are lower bounds of the true norm, the choice
+      adds no bias.
 
     Args:
         conv: the conv whose ``weight`` this will parametrize (its geometry is copied).
@@ -265,7 +233,8 @@ class ConvSpectralNorm(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int], n_power_iterations: int = 1,
-                 target: float = 1.0, eps: float = 1e-12, converge: bool = True):
+                 target: float = 1.0, eps: float = 1e-12, init_tol: float = 1e-7,
+                 max_init_iterations: int = 500, converge: bool = True):
         super().__init__()
         if n_power_iterations < 1:
             raise ValueError("n_power_iterations must be >= 1")
@@ -288,8 +257,15 @@ class ConvSpectralNorm(nn.Module):
         u = self._circular_u(weight)
         self.register_buffer("u", u)                                         # (1, C_in, H, W), unit per group
         self.register_buffer("v", _normalize(self._A(u, weight), self.groups, eps))  # (1, C_out, H', W')
-        if converge:   # else the caller converges many convs at once (SpectralBatch.refresh)
-            self.refresh(weight)
+        if not converge:   # the caller converges many convs at once (SpectralBatch.converge)
+            return
+
+        def sigmas(active: list[int], iterations: int) -> torch.Tensor:   # this conv is the only operator
+            if iterations:
+                self._power_iterate(weight, iterations)
+            return self._group_sigmas(weight).max().view(1)
+
+        converge_sigmas(sigmas, 1, init_tol, max_init_iterations)
 
     def _circular_u(self, weight: torch.Tensor) -> torch.Tensor:
         return circular_probe(weight, self.input_hw, self.dilation, self.groups, self.eps)
@@ -316,17 +292,15 @@ class ConvSpectralNorm(nn.Module):
         self.v.copy_(v)
 
     @torch.no_grad()
-    def refresh(self, weight: torch.Tensor, tol: float = REFRESH_TOL, max_iterations: int = REFRESH_MAX_ITERATIONS
-                ) -> None:
-        """Set the vectors to the top singular pair of each group (:func:`refresh_vectors`, from
-        ``u`` and the circular probe). A 1x1 conv's vectors become the exact top singular vectors."""
+    def refresh(self, weight: torch.Tensor, iterations: int = 3) -> None:
+        """Iterate ``u`` and a circular-start probe side by side; keep the better vector per group.
+        A 1x1 conv's vectors become the exact top singular vectors."""
         if self.matrix:
             u, v = matrix_top_vectors(weight.flatten(1), self.eps)
             self.u.copy_(u)
             self.v.copy_(v)
             return
-        u, v = refresh_vectors(self.u, self._circular_u(weight), self.conv_operator(weight), self.eps, tol,
-                               max_iterations)
+        u, v = refresh_vectors(self.u, self._circular_u(weight), self.conv_operator(weight), iterations, self.eps)
         self.u.copy_(u.view_as(self.u))
         self.v.copy_(v.view_as(self.v))
 
@@ -391,14 +365,13 @@ def fill_missing_matrix_vectors(model: nn.Module, missing_keys: list[str]) -> li
     return filled
 
 
-def refresh_spectral_norms(model: nn.Module, tol: float = REFRESH_TOL, max_iterations: int = REFRESH_MAX_ITERATIONS
-                           ) -> None:
+def refresh_spectral_norms(model: nn.Module, iterations: int = 3) -> None:
     """Run :meth:`ConvSpectralNorm.refresh` for every spectrally normalised conv of ``model``."""
     for m in model.modules():
         if parametrize.is_parametrized(m, "weight"):
             for p in m.parametrizations.weight:
                 if isinstance(p, ConvSpectralNorm):
-                    p.refresh(m.parametrizations.weight.original.detach(), tol, max_iterations)
+                    p.refresh(m.parametrizations.weight.original.detach(), iterations)
 
 
 # ---------------------------------------------------------------------------------------------

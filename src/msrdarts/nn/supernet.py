@@ -174,7 +174,7 @@ class SuperNet(nn.Module):
                               [m for m in self.modules() if isinstance(m, OpConv)])
         if spectral_norm:
             apply_spectral_norm(self, sn_iterations, converge=False)
-            batch.refresh()
+            batch.converge()
         self._spectral = batch    # for batched refreshes; references this network's own modules
         batch.link()
         if self.impl == "fused":   # the plan holds references to this network's own modules, no state
@@ -220,10 +220,10 @@ class SuperNet(nn.Module):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
 
-    def refresh_spectral_norms(self) -> None:
-        """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, batched
-        per shape (the search loop calls it every ``sn_refresh_every`` steps)."""
-        self._spectral.refresh()
+    def refresh_spectral_norms(self, iterations: int = 3) -> None:
+        """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, the 1x1
+        convs batched per shape (the search loop calls it every ``sn_refresh_every`` steps)."""
+        self._spectral.refresh(iterations)
 
     def spectral_drift(self) -> float:
         """How far the normalised convs' weights moved since the last refresh (relative, worst conv:
