@@ -251,7 +251,8 @@ class SpectralBatch:
             else:
                 for w, sn in zip(self._raws(g), sns):
                     sn.refresh(w.detach(), iterations)
-            self._refreshed[g] = torch.stack(self._raws(g)).detach().clone()
+            if not sns[0].matrix:   # what drift() compares against (it leaves the 1x1 convs out)
+                self._refreshed[g] = torch.stack(self._raws(g)).detach().clone()
 
     @torch.no_grad()
     def drift(self) -> float:
@@ -262,8 +263,6 @@ class SpectralBatch:
         convs (``bench/sn_accuracy.sh``). Before the first refresh: 0."""
         worst = []
         for g, ref in self._refreshed.items():
-            if self._norms()[g][0].matrix:
-                continue
             w = torch.stack(self._raws(g)).detach()
             if w.shape != ref.shape or w.device != ref.device or w.dtype != ref.dtype:   # moved or reloaded
                 return float("inf")
