@@ -8,8 +8,9 @@
 # It checks the CUDA paths that the CPU tests cannot: bf16 autocast, channels_last and
 # torch.compile in a real search step, a short real search with every GPU default, and DDP with
 # NCCL (one process: the NCCL init, the gradient all-reduce and the buffer broadcasts). It times
-# the CIFAR-10 search step (L=8, C=16, batch 64, 32x32), fused vs reference, fp32 vs bf16, compile
-# off and on. Record the JSON lines in BENCHMARKS.md.
+# the CIFAR-10 search step (L=8, C=16, batch 64, 32x32), fused vs reference, and the evaluation
+# network's training step (DARTS_V2, L=20, C=36, batch 96), reference vs fast, each in fp32, bf16 and
+# bf16 compiled. Record the JSON lines in BENCHMARKS.md.
 set -uo pipefail
 out=${1:-runs/gpu-check}
 mkdir -p "$out"
@@ -31,6 +32,10 @@ step="msrdarts bench search-step --layers 8 --channels 16 --batch-size 64 --inpu
 run 120 step-fp32 $step --steps 10 --amp off --channels-last off --compile off
 run 120 step-bf16 $step --steps 10 --amp bf16 --channels-last on --compile off
 run 420 step-bf16-compiled $step --steps 10 --amp bf16 --channels-last on --compile on --no-memory
+train="msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 --batch-size 96 --device cuda --json"
+run 120 train-fp32 $train --steps 10 --amp off --channels-last off --compile off
+run 120 train-bf16 $train --steps 10 --amp bf16 --channels-last on --compile off
+run 420 train-bf16-compiled $train --steps 10 --amp bf16 --channels-last on --compile on --no-memory
 run 240 search-quick msrdarts search --preset quick --device cuda --out "$out/quick" --no-progress
 run 180 ddp-nccl torchrun --standalone --nproc_per_node 1 -m msrdarts search --preset quick --device cuda \
   --epochs 1 --out "$out/ddp" --no-progress

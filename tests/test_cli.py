@@ -143,3 +143,28 @@ def test_bench_method_step_is_the_searchs_step():
 def test_bench_method_rejects_unknown_method(capsys):
     assert main(["bench", "search-step", "--method", "msr,enas", "--no-memory"]) == 2
     assert "--method='enas': unknown; allowed: msr, darts, pc-darts, p-darts" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # end to end: the whole bench, with its peak-memory subprocesses
+def test_bench_train_step_runs_and_reports_every_figure(capsys):
+    rc = main(["bench", "train-step", "--genotype", "DARTS_V2", "--layers", "3", "--channels", "4", "--batch-size",
+               "4", "--input-size", "16", "--steps", "2", "--warmup", "0", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["channels_last_reference"], out["channels_last_reference_channels_last"], out["channels_last_fast"]) \
+        == (False, True, True)   # the CPU defaults: the reference NCHW, the fast path channels_last
+    for v in ("reference", "reference_channels_last", "fast"):
+        for key in ("ms_per_step", "images_per_s", "gflop_s", "gb_s"):
+            assert out[f"{key}_{v}"] > 0, (key, v)
+    for v in ("reference", "fast"):
+        assert out[f"peak_step_memory_mb_{v}"] > 0
+    assert out["speedup_fast_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fast"],
+                                                             rel=0.01)
+    assert out["allocator"] == "tuned"
+
+
+def test_bench_train_step_flags_get_one_line_errors(capsys):
+    assert main(["bench", "train-step", "--genotype", "NOPE", "--no-memory"]) == 2
+    assert "genotype 'NOPE'" in capsys.readouterr().err
+    assert main(["bench", "train-step", "--allocator", "jemalloc", "--no-memory"]) == 2
+    assert "--allocator='jemalloc'" in capsys.readouterr().err

@@ -168,3 +168,99 @@ def test_pc_darts_imagenet_matches_its_published_size():
     # our convention (multiply-accumulates of every conv and linear, torch.utils.flop_counter) gives 582M:
     # 2.6 % under the paper's 597M, like DARTS_V2's 530M against its published 574M
     assert count_mult_adds(net, 3, 224) / 1e6 == pytest.approx(597, rel=0.03)
+
+
+# Every op of the DARTS space, in normal and reduction cells, with skip and pool edges.
+EVERY_OP = Genotype(
+    (("sep_conv_3x3", 0), ("sep_conv_5x5", 1), ("dil_conv_3x3", 0), ("dil_conv_5x5", 2),
+     ("skip_connect", 1), ("avg_pool_3x3", 3), ("max_pool_3x3", 2), ("sep_conv_3x3", 4)), CONCAT,
+    (("dil_conv_5x5", 0), ("sep_conv_5x5", 1), ("skip_connect", 0), ("max_pool_3x3", 1),
+     ("avg_pool_3x3", 0), ("dil_conv_3x3", 3), ("sep_conv_3x3", 4), ("skip_connect", 2)), CONCAT)
+
+
+def _train_step_state(net, x, y, drop_seed):
+    """Logits, auxiliary logits, every gradient and every BN buffer after one training forward/backward."""
+    torch.manual_seed(drop_seed)   # the drop-path masks
+    logits, aux = net(x)
+    loss = torch.nn.functional.cross_entropy(logits, y) + 0.4 * torch.nn.functional.cross_entropy(aux, y)
+    loss.backward()
+    return ({"logits": logits, "aux": aux} | {n: p.grad for n, p in net.named_parameters()}
+            | {n: b for n, b in net.named_buffers()})
+
+
+@pytest.mark.parametrize("channels_last, stem, size", [(True, "cifar", 16), (False, "cifar", 16),
+                                                       (True, "imagenet", 64)])
+def test_fast_network_equals_the_plain_pytorch_reference_in_float64(channels_last, stem, size):
+    """--impl fast (channels_last on the CPU, format-keeping concatenation, or NCHW with the fast
+    depthwise backward on maps of 256+ px) computes DARTS's network: same outputs, gradients and
+    BN statistics as the plain-PyTorch reference, in float64, with drop path and auxiliary head."""
+    states = {}
+    for impl in ("reference", "fast"):
+        torch.manual_seed(0)
+        net = Network(EVERY_OP, 10, 5, 6, stem=stem, input_size=size, auxiliary=True, impl=impl).double()
+        net.set_drop_path(0.3)
+        x = torch.randn(4, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        if impl == "fast" and channels_last:
+            net = net.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        states[impl] = _train_step_state(net.train(), x, torch.tensor([0, 3, 5, 9]), drop_seed=7)
+    ref, fast = states["reference"], states["fast"]
+    assert ref.keys() == fast.keys() and all(v is not None for v in ref.values())
+    for k in ref:
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert (ref["logits"] != 0).all() and ref["stem.stem0.0.weight"].abs().sum() > 0
+
+
+def test_fast_network_runs_depthwise_convs_in_the_mode_that_wins(monkeypatch):
+    """The fast path's depthwise convs: the custom backward for large NCHW maps, PyTorch's own conv
+    for channels_last inputs (faster there) and for every input of the reference network."""
+    import msrdarts.nn.ops as ops
+
+    calls = []
+    real = ops.depthwise_conv2d
+    monkeypatch.setattr(ops, "depthwise_conv2d", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x = torch.randn(2, 3, 16, 16)
+    for impl, cl, used in (("fast", False, True), ("fast", True, False), ("reference", False, False)):
+        calls.clear()
+        net = Network(EVERY_OP, 10, 5, 6, input_size=16, impl=impl)
+        if cl:
+            net, xx = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        else:
+            xx = x
+        net(xx)
+        assert bool(calls) == used, (impl, cl)
+        assert all(s[-1] * s[-2] >= 256 for s in calls)
+
+
+def test_channels_cat_gives_each_input_its_gradient_in_its_own_format():
+    from msrdarts.nn.kernels import channels_cat
+
+    a = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(2, 2, 4, 5).requires_grad_()
+    out = channels_cat([a, b])
+    torch.testing.assert_close(out, torch.cat([a, b], 1), rtol=0, atol=0)
+    g = torch.randn(2, 5, 4, 5).contiguous(memory_format=torch.channels_last)
+    out.backward(g)
+    assert a.grad.is_contiguous(memory_format=torch.channels_last) and not a.grad.is_contiguous()
+    assert b.grad.is_contiguous()
+    torch.testing.assert_close(a.grad, g[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, g[:, 3:], rtol=0, atol=0)
+
+
+def test_network_impl_is_checked():
+    with pytest.raises(ConfigError, match="impl"):
+        Network(get_genotype("DARTS_V2"), 10, 5, 4, impl="fused")
+
+
+def test_step_flops_count_a_depthwise_weight_gradient_once_not_per_group():
+    """By hand: a depthwise 3x3 conv on (2, 8, 6, 6) with padding 1 costs 2 * 2*8*36 * 9 FLOPs
+    forward, and as much again for each of the input and the weight gradient."""
+    from msrdarts.nn.metrics import count_step_flops
+
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, requires_grad=True)
+    forward = 2 * (2 * 8 * 36) * 9
+    assert count_step_flops(lambda: torch.nn.functional.conv2d(x, w, padding=1, groups=8).sum().backward()) \
+        == 3 * forward
+    w2 = torch.randn(4, 8, 1, 1, requires_grad=True)   # a dense 1x1 conv: 2 * (2*4*36) * 8 each way
+    assert count_step_flops(lambda: torch.nn.functional.conv2d(x, w2).sum().backward()) == 3 * 2 * (2 * 4 * 36) * 8

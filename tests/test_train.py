@@ -218,3 +218,20 @@ def test_a_per_cell_genotype_sets_the_depth_unless_given(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()   # refused before the run folder was made
     assert main(["info", "--genotype", str(path), "--dataset", "digits", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layers"] == 3
+
+
+def test_impl_reference_and_fast_train_alike_and_say_how_they_run(tmp_path):
+    """--impl fast (channels_last on the CPU) and --impl reference (DARTS's network, NCHW) train the
+    same network from the same seed to the same figures (float32 rounding differs between the
+    layouts and grows over an epoch of SGD; the float64 equality is in tests/test_network.py)."""
+    results = {}
+    for impl in ("reference", "fast"):
+        lines = []
+        cfg = replace(TINY, epochs=1, impl=impl)
+        results[impl] = run_train(cfg, tmp_path / impl, log=lines.append).history[-1]
+        layout = "NCHW" if impl == "reference" else "channels_last"
+        assert any(f"{impl} network in {layout}" in line for line in lines), lines
+    for key in ("train_loss", "test_loss"):
+        assert results["fast"][key] == pytest.approx(results["reference"][key], rel=1e-3), key
+    with pytest.raises(ConfigError, match="--impl='fused'.*auto, fast, reference"):
+        replace(TINY, impl="fused").validate()

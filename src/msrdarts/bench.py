@@ -1,6 +1,9 @@
 """Micro-benchmarks behind ``msrdarts bench`` (results are recorded in BENCHMARKS.md).
 
-``bench_search_step`` times one supernet training step (forward, backward, clip, SGD) for the
+``bench_train_step`` times one training step of the evaluation network (forward with the
+auxiliary head and drop path, backward, clip, SGD) for the reference network (DARTS's, in plain
+PyTorch), the same in channels_last, and the fast path, in alternating rounds, against the same
+ceilings. ``bench_search_step`` times one supernet training step (forward, backward, clip, SGD) for the
 fused and the reference implementation and for the fused one without spectral norms, in
 alternating rounds so that machine noise hits all alike, and puts the step against the machine's
 own ceilings measured in the same run: the bandwidth of a large tensor copy and the throughput
@@ -22,11 +25,10 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
-
 from .config import SearchConfig
-from .device import Accel, resolve_device
+from .device import Accel, resolve_device, tune_cpu_allocator
 from .methods.msr import msr_genotype
+from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
 
 VARIANTS = ("reference", "fused", "fused_no_sn")
@@ -119,15 +121,18 @@ def _build(variant: str, layers: int, channels: int, input_size: int, in_channel
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
                       in_channels: int = 3, steps: int = 10, warmup: int = 2, device: str = "cpu",
                       threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False,
-                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto") -> dict[str, Any]:
+                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto",
+                      allocator: str = "tuned") -> dict[str, Any]:
     """Median step times of the three VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory.
 
     ``amp``, ``channels_last`` and ``compile`` are the search's settings (:class:`msrdarts.device.Accel`;
     ``auto``: all on for an accelerator, all off on the CPU). Compiling happens in the warm-up steps.
+    ``allocator``: as for :func:`bench_train_step`.
     """
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
+    tuned = _allocator(allocator, dev)
     accel = Accel.resolve(dev, amp, channels_last, compile)
     torch.manual_seed(seed)
     x = accel.input(torch.randn(batch_size, in_channels, input_size, input_size, device=dev))
@@ -153,9 +158,9 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         refresh_times.append(time.perf_counter() - t0)
     refresh_ms = 1000 * statistics.median(refresh_times)
 
-    # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some).
-    with FlopCounterMode(display=False) as flops:
-        _step(models["reference"], opts["reference"], x, y, None, None, accel)   # eager: counted per aten op
+    # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some),
+    # depthwise weight gradients counted correctly (torch's counter has them C times too high).
+    flops = count_step_flops(lambda: _step(models["reference"], opts["reference"], x, y, None, None, accel))
     traffic = {}
     for v in ("reference", "fused"):
         with _TrafficCounter() as counter:
@@ -171,7 +176,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "layers": layers, "channels": channels, "batch_size": batch_size, "input_size": input_size,
         "in_channels": in_channels, "device": str(dev), "threads": torch.get_num_threads(),
         "amp": "bf16" if accel.amp else "off", "channels_last": accel.channels_last, "compile": accel.compile,
-        "steps": len(times["fused"]), "torch": torch.__version__,
+        "steps": len(times["fused"]), "torch": torch.__version__, "allocator": "tuned" if tuned else "default",
         "ms_per_step_reference": round(ms["reference"], 1), "ms_per_step_fused": round(ms["fused"], 1),
         "ms_per_step_fused_no_sn": round(ms["fused_no_sn"], 1),
         "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
@@ -179,9 +184,9 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "sn_refresh_ms": round(refresh_ms, 1), "sn_refresh_every": refresh_every,
         "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_ms / refresh_every) / ms["fused_no_sn"], 3),
         "images_per_s_fused": round(batch_size / (ms["fused"] / 1000), 1),
-        "gflop_per_step": round(flops.get_total_flops() / 1e9, 2),
-        "gflop_s_reference": round(flops.get_total_flops() / ms["reference"] / 1e6, 2),
-        "gflop_s_fused": round(flops.get_total_flops() / ms["fused"] / 1e6, 2),
+        "gflop_per_step": round(flops / 1e9, 2),
+        "gflop_s_reference": round(flops / ms["reference"] / 1e6, 2),
+        "gflop_s_fused": round(flops / ms["fused"] / 1e6, 2),
         "traffic_gb_reference": round(traffic["reference"] / 1e9, 2),
         "traffic_gb_fused": round(traffic["fused"] / 1e9, 2),
         "gb_s_reference": round(traffic["reference"] / ms["reference"] / 1e6, 2),
@@ -192,7 +197,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     if memory:
         for v in ("reference", "fused"):
             result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
-                                                                     in_channels, device, seed, accel)
+                                                                     in_channels, device, seed, accel, tuned)
     if profile:
         from torch.profiler import profile as torch_profile
 
@@ -204,7 +209,8 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
 
 
 def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: int, input_size: int,
-                        in_channels: int, device: str, seed: int, accel: Accel | None = None) -> float | None:
+                        in_channels: int, device: str, seed: int, accel: Accel | None = None,
+                        tuned_allocator: bool = False) -> float | None:
     """Peak memory (MB) one training step adds over the built model, in a fresh process.
 
     On the CPU: the process's resident high-water mark (reset after building, Linux only) minus
@@ -212,7 +218,8 @@ def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: in
     """
     settings = ["bf16" if accel.amp else "off", _switch(accel.channels_last), _switch(accel.compile)] \
         if accel is not None else ["off", "off", "off"]
-    args = json.dumps([variant, layers, channels, batch_size, input_size, in_channels, device, seed, *settings])
+    args = json.dumps([variant, layers, channels, batch_size, input_size, in_channels, device, seed, *settings,
+                       tuned_allocator])
     code = f"import json, msrdarts.bench as b; print(json.dumps(b._peak_child(*json.loads({args!r}))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -232,7 +239,9 @@ def _switch(on: bool) -> str:
 
 def _peak_child(variant: str, layers: int, channels: int, batch_size: int, input_size: int, in_channels: int,
                 device: str, seed: int, amp: str = "off", channels_last: str = "off",
-                compile: str = "off") -> float | None:
+                compile: str = "off", tuned_allocator: bool = False) -> float | None:
+    if tuned_allocator:
+        tune_cpu_allocator()
     dev = resolve_device(device)
     accel = Accel.resolve(dev, amp, channels_last, compile)
     model = accel.prepare_model(_build(variant, layers, channels, input_size, in_channels, seed))
@@ -240,19 +249,25 @@ def _peak_child(variant: str, layers: int, channels: int, batch_size: int, input
     opt = _optimizer(model)
     x = accel.input(torch.randn(batch_size, in_channels, input_size, input_size, device=dev))
     y = torch.randint(0, 10, (batch_size,), device=dev)
+    if dev.type != "cpu" and accel.compile:
+        _step(model, opt, x, y, None, forward, accel)   # compile outside the measured step
+    return _peak_mb(lambda: _step(model, opt, x, y, None, forward, accel), dev)
+
+
+def _peak_mb(step: Any, dev: torch.device) -> float | None:
+    """Peak memory (MB) ``step()`` adds: on an accelerator its peak allocated memory; on the CPU
+    the resident high-water mark (reset first, Linux only) over the resident size before it."""
     if dev.type != "cpu":
         mod = getattr(torch, dev.type)
-        if accel.compile:
-            _step(model, opt, x, y, None, forward, accel)   # compile outside the measured step
         mod.reset_peak_memory_stats(dev)
         before = mod.memory_allocated(dev)
-        _step(model, opt, x, y, None, forward, accel)
+        step()
         return round((mod.max_memory_allocated(dev) - before) / 2 ** 20, 1)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")   # reset the high-water mark
         before = _rss_kb("VmRSS")
-        _step(model, opt, x, y, None, forward, accel)
+        step()
         return round((_rss_kb("VmHWM") - before) / 1024, 1)
     except OSError:
         return None
@@ -351,18 +366,137 @@ def _method_peak_child(method: str, space: str, layers: int, channels: int, batc
                        in_channels: int, device: str, seed: int) -> float | None:
     net, opt, hook, x, y, cfg = _method_setup(method, space, layers, channels, batch_size, input_size, in_channels,
                                               device, seed)
-    dev = x.device   # the first step: later ones reuse memory the allocator kept, invisible to the RSS mark
-    if dev.type != "cpu":
-        mod = getattr(torch, dev.type)
-        mod.reset_peak_memory_stats(dev)
-        before = mod.memory_allocated(dev)
-        _method_step(net, opt, hook, x, y, cfg, 0)
-        return round((mod.max_memory_allocated(dev) - before) / 2 ** 20, 1)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kb("VmRSS")
-        _method_step(net, opt, hook, x, y, cfg, 0)
-        return round((_rss_kb("VmHWM") - before) / 1024, 1)
-    except OSError:
-        return None
+    # the first step: later ones reuse memory the allocator kept, invisible to the RSS mark
+    return _peak_mb(lambda: _method_step(net, opt, hook, x, y, cfg, 0), x.device)
+
+
+TRAIN_VARIANTS = ("reference", "reference_channels_last", "fast")
+
+
+def _train_setup(variant: str, genotype: str, layers: int, channels: int, batch_size: int, input_size: int,
+                 num_classes: int, device: str, seed: int, amp: str, channels_last: str, compile: str,
+                 drop_path: float = 0.2) -> tuple[Any, ...]:
+    """One variant's evaluation network (auxiliary head, drop path), optimiser, forward and batch.
+
+    ``reference``: DARTS's network in plain PyTorch ops, in the memory format the run's settings
+    give it (NCHW on the CPU by default); ``reference_channels_last``: the same in channels_last
+    (to show what the memory format alone gives); ``fast``: ``--impl fast`` as training runs it.
+    """
+    from .nn.network import Network
+    from .nn.ops import list_ops
+    from .zoo import load_genotype
+
+    dev = resolve_device(device)
+    fast = variant == "fast"
+    accel = Accel.resolve(dev, amp, "on" if variant == "reference_channels_last" else channels_last, compile,
+                          cpu_channels_last=fast)
+    torch.manual_seed(seed)
+    net = Network(load_genotype(genotype, primitives=list_ops()), num_classes, layers, channels,
+                  input_size=input_size, auxiliary=True, impl="fast" if fast else "reference")
+    net.set_drop_path(drop_path)
+    net = accel.prepare_model(net).train()
+    opt = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = accel.input(torch.randn(batch_size, 3, input_size, input_size, device=dev, generator=g))
+    y = torch.randint(0, num_classes, (batch_size,), device=dev, generator=g)
+    return net, opt, accel.forward_fn(net, log=lambda message: print(message, file=sys.stderr)), accel, x, y
+
+
+def _train_step(net: Any, opt: Any, forward: Any, accel: Accel, x: torch.Tensor, y: torch.Tensor,
+                params: list | None = None) -> None:
+    """One training step as :class:`msrdarts.runs.train.TrainRun` runs it (loss + 0.4 x auxiliary loss)."""
+    with accel.autocast():
+        logits, aux = forward(x)
+        loss = torch.nn.functional.cross_entropy(logits, y) + 0.4 * torch.nn.functional.cross_entropy(aux, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params if params is not None else list(net.parameters()), 5.0)
+    opt.step()
+
+
+def bench_train_step(genotype: str = "DARTS_V2", layers: int = 20, channels: int = 36, batch_size: int = 96,
+                     input_size: int = 32, num_classes: int = 10, steps: int = 6, warmup: int = 2,
+                     device: str = "cpu", threads: int | None = None, seed: int = 0, memory: bool = True,
+                     amp: str = "auto", channels_last: str = "auto", compile: str = "auto",
+                     variants: tuple[str, ...] = TRAIN_VARIANTS, allocator: str = "tuned") -> dict[str, Any]:
+    """Median step times of the evaluation network's TRAIN_VARIANTS, timed in alternating rounds,
+    with speedups, FLOPs (grouped convs counted correctly), traffic, the machine's ceilings and
+    the peak memory of one step of the reference and the fast path (each in a fresh process).
+
+    ``allocator``: ``"tuned"`` (as training runs on the CPU: :func:`msrdarts.device.tune_cpu_allocator`)
+    or ``"default"`` (glibc's defaults); the same for every variant.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    tuned = _allocator(allocator, dev)
+    setups = {v: _train_setup(v, genotype, layers, channels, batch_size, input_size, num_classes, device, seed,
+                              amp, channels_last, compile) for v in variants}
+    params = {v: list(s[0].parameters()) for v, s in setups.items()}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    rounds = max(1, steps // 2)
+    for r in range(rounds):
+        for v in variants:
+            for k in range((warmup if r == 0 else 1) + -(-steps // rounds)):
+                _sync(dev)
+                t0 = time.perf_counter()
+                _train_step(*setups[v], params[v])
+                _sync(dev)
+                if k >= (warmup if r == 0 else 1):
+                    times[v].append(time.perf_counter() - t0)
+    ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
+    ref = setups[variants[0]]
+    accel = ref[3]
+    flops = count_step_flops(lambda: _train_step(ref[0], ref[1], ref[0], accel, ref[4], ref[5]))
+    traffic = {}
+    for v in variants:
+        net, opt, _, acc, x, y = setups[v]
+        with _TrafficCounter() as counter:
+            _train_step(net, opt, net, acc, x, y)
+        traffic[v] = counter.bytes
+    from .nn.metrics import count_parameters
+
+    result: dict[str, Any] = {
+        "genotype": genotype, "layers": layers, "channels": channels, "batch_size": batch_size,
+        "input_size": input_size, "device": str(dev), "threads": torch.get_num_threads(),
+        "amp": "bf16" if accel.amp else "off", "compile": accel.compile, "torch": torch.__version__,
+        "params_m": round(count_parameters(ref[0]) / 1e6, 3), "steps": len(times[variants[0]]),
+        "allocator": "tuned" if tuned else "default",
+        "gflop_per_step": round(flops / 1e9, 2), **machine_ceilings(dev)}
+    for v in variants:
+        result[f"channels_last_{v}"] = setups[v][4].is_contiguous(memory_format=torch.channels_last) \
+            and not setups[v][4].is_contiguous()
+        result[f"ms_per_step_{v}"] = round(ms[v], 1)
+        result[f"images_per_s_{v}"] = round(batch_size / ms[v] * 1000, 1)
+        result[f"gflop_s_{v}"] = round(flops / ms[v] / 1e6, 2)
+        result[f"traffic_gb_{v}"] = round(traffic[v] / 1e9, 2)
+        result[f"gb_s_{v}"] = round(traffic[v] / ms[v] / 1e6, 2)
+    for v in variants[1:]:
+        result[f"speedup_{v}_vs_{variants[0]}"] = round(ms[variants[0]] / ms[v], 3)
+    if memory:
+        for v in (variants[0], variants[-1]):
+            args = json.dumps([tuned, v, genotype, layers, channels, batch_size, input_size, num_classes, device,
+                               seed, amp, channels_last, compile])
+            code = f"import json, msrdarts.bench as b; print(json.dumps(b._train_peak_child(*json.loads({args!r}))))"
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+            result[f"peak_step_memory_mb_{v}"] = json.loads(out.stdout.strip().splitlines()[-1]) \
+                if out.returncode == 0 else None
+    return result
+
+
+def _train_peak_child(tuned: bool, *args: Any) -> float | None:
+    if tuned:
+        tune_cpu_allocator()
+    net, opt, forward, accel, x, y = _train_setup(*args)
+    if x.device.type != "cpu" and accel.compile:
+        _train_step(net, opt, forward, accel, x, y)   # compile outside the measured step
+    return _peak_mb(lambda: _train_step(net, opt, forward, accel, x, y), x.device)
+
+
+def _allocator(allocator: str, dev: torch.device) -> bool:
+    """Apply ``allocator`` ("tuned" or "default") for a CPU benchmark; whether the tuning is on."""
+    from .config import check_choice
+
+    check_choice("allocator", allocator, ("tuned", "default"))
+    return dev.type == "cpu" and allocator == "tuned" and tune_cpu_allocator()

@@ -144,30 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     st = bsub.add_parser("search-step", help="time one supernet training step: fused vs reference, with and "
                                              "without spectral norm, against the machine's copy and matmul ceilings")
-    st.add_argument("--layers", type=int, default=8, help="cells (default: 8)")
-    st.add_argument("--channels", type=int, default=16, help="initial channels (default: 16)")
-    st.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    st.add_argument("--input-size", type=int, default=32, help="image side (default: 32)")
-    st.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
-    st.add_argument("--steps", type=int, default=10, help="timed steps, median reported (default: 10)")
-    st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    st.add_argument("--device", default="cpu", help="device (default: cpu)")
-    st.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    st.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    st.add_argument("--no-memory", dest="memory", action="store_false",
-                    help="skip the peak-memory measurement (two extra processes)")
+    _bench_arguments(st, layers=8, channels=16, batch_size=64, steps=10)
     st.add_argument("--profile", action="store_true", help="also print the fused step's top operators by self time")
-    st.add_argument("--amp", default="auto", help="bf16 autocast, as for search: auto|bf16|off (default: auto, "
-                                                  "on for an accelerator)")
-    st.add_argument("--channels-last", default="auto", help="as for search: auto|on|off (default: auto)")
-    st.add_argument("--compile", default="auto", help="torch.compile the forwards, as for search: auto|on|off "
-                                                      "(default: auto; compiling happens in the warm-up steps)")
     st.add_argument("--method", default=None, metavar="A,B,...",
                     help="instead of the variants: time one whole search step (architecture step, weight step, "
                          "amortised spectral-norm refresh) of each of these methods (msr, darts, pc-darts, p-darts) "
                          "side by side at the same configuration, in eager fp32")
     st.add_argument("--space", default="msr", help="with --method: the candidate ops of every method (msr|darts)")
+    tr = bsub.add_parser("train-step", help="time one training step of the evaluation network (auxiliary head, "
+                                            "drop path 0.2): the reference network vs the fast path (--impl fast)")
+    tr.add_argument("--genotype", default="DARTS_V2", help="genotype file, string or zoo name (default: DARTS_V2)")
+    _bench_arguments(tr, layers=20, channels=36, batch_size=96, steps=6)
     return parser
+
+
+def _bench_arguments(p: argparse.ArgumentParser, layers: int, channels: int, batch_size: int, steps: int) -> None:
+    """The flags both step benchmarks take."""
+    p.add_argument("--layers", type=int, default=layers, help=f"cells (default: {layers})")
+    p.add_argument("--channels", type=int, default=channels, help=f"initial channels (default: {channels})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default: {batch_size})")
+    p.add_argument("--input-size", type=int, default=32, help="image side (default: 32)")
+    p.add_argument("--in-channels", type=int, default=3, help="image channels (default: 3)")
+    p.add_argument("--steps", type=int, default=steps, help=f"timed steps, median reported (default: {steps})")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--device", default="cpu", help="device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory measurement (two extra processes)")
+    p.add_argument("--amp", default="auto", help="bf16 autocast, as for search and train: auto|bf16|off (default: "
+                                                 "auto, on for an accelerator)")
+    p.add_argument("--channels-last", default="auto", help="as for search and train: auto|on|off (default: auto)")
+    p.add_argument("--compile", default="auto", help="torch.compile the forwards, as for search and train: "
+                                                     "auto|on|off (default: auto; compiling happens in the warm-up "
+                                                     "steps)")
+    p.add_argument("--allocator", default="tuned", help="CPU: 'tuned' (freed memory kept for reuse, as search and "
+                                                        "train run) or 'default' (glibc's own settings)")
 
 
 def _config(args: argparse.Namespace, cls: type, make: Any) -> tuple[Any, dict[str, Any]]:
@@ -319,13 +331,34 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench_methods, bench_search_step
+    from .bench import bench_methods, bench_search_step, bench_train_step
+    from .config import AMP_MODES, SWITCHES, check_choice
 
     for name in ("layers", "channels", "batch_size", "input_size", "in_channels", "steps"):
         if getattr(args, name) < 1:
             raise MsrdartsError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a positive integer")
     if args.warmup < 0:
         raise MsrdartsError(f"--warmup={args.warmup}: must be >= 0")
+    for name, allowed in (("amp", AMP_MODES), ("channels_last", SWITCHES), ("compile", SWITCHES),
+                          ("allocator", ("tuned", "default"))):
+        check_choice(name, getattr(args, name), allowed)
+    if args.bench == "train-step":
+        from .nn.ops import list_ops
+        from .zoo import load_genotype
+
+        load_genotype(args.genotype, primitives=list_ops())   # a bad --genotype: its one-line error first
+        if args.in_channels != 3:
+            raise MsrdartsError("bench train-step: --in-channels must be 3 (the CIFAR stem)")
+        result = bench_train_step(args.genotype, args.layers, args.channels, args.batch_size, args.input_size,
+                                  steps=args.steps, warmup=args.warmup, device=args.device, threads=args.threads,
+                                  memory=args.memory, amp=args.amp, channels_last=args.channels_last,
+                                  compile=args.compile, allocator=args.allocator)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for k, v in result.items():
+                print(f"{k:>44}: {v}")
+        return 0
     if args.method:
         from .config import check_choice
         from .methods import list_methods
@@ -351,7 +384,7 @@ def _bench(args: argparse.Namespace) -> int:
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
                                warmup=args.warmup, device=args.device, threads=args.threads, memory=args.memory,
                                profile=args.profile, amp=args.amp, channels_last=args.channels_last,
-                               compile=args.compile)
+                               compile=args.compile, allocator=args.allocator)
     table = result.pop("profile_fused", None)
     if args.json:
         print(json.dumps(result))

@@ -25,6 +25,9 @@ PROGRESS_MODES = ("auto", "on", "off")
 #: Supernet forward implementations: "fused" (see msrdarts.nn.fused), "reference" (one module call
 #: per op), "auto" (fused where the ops allow it).
 IMPLS = ("auto", "fused", "reference")
+#: Evaluation network implementations: "fast" (the same function, faster on the CPU: see
+#: msrdarts.nn.network.Network), "reference" (DARTS's network in plain PyTorch ops), "auto" (fast).
+EVAL_IMPLS = ("auto", "fast", "reference")
 #: Edge mixing of --method msr.
 MSR_MIXING = ("sum", "srsoftmax")
 #: --method msr: the op and edges of lowest stable rank (the method) or highest (the authors' ablation).
@@ -80,7 +83,8 @@ class _DataConfig(_Config):
     device: str = _f("auto", "'auto' (the accelerator if any, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps' ...")
     amp: str = _f("auto", "bf16 autocast of forward and backward: 'bf16', 'off', or 'auto' (bf16 on an accelerator, "
                           "off on the CPU); spectral norms and stable ranks stay in float32")
-    channels_last: str = _f("auto", "channels_last memory format: 'on', 'off', or 'auto' (on on an accelerator)")
+    channels_last: str = _f("auto", "channels_last memory format: 'on', 'off', or 'auto' (on on an accelerator; on the "
+                                    "CPU, on for training with --impl fast, off otherwise)")
     compile: str = _f("auto", "torch.compile the network: 'on', 'off', or 'auto' (on on an accelerator); falls back "
                               "to eager with a message where compiling fails. On the CPU the fused search also "
                               "compiles its large depthwise weight gradients unless this is 'off'")
@@ -352,6 +356,9 @@ class TrainConfig(_DataConfig):
     schedule: str = _f("cosine", "learning-rate schedule: 'cosine' (to --lr-min) or 'step' (x0.97 per epoch, DARTS ImageNet)")
     warmup_epochs: int = _f(0, "epochs of linear learning-rate warm-up before the schedule")
     seed: int = _f(0, "seed of weights, batch order and augmentation")
+    impl: str = _f("auto", "evaluation network: 'fast' (same function, faster on the CPU: channels_last with "
+                           "format-keeping gradients), 'reference' (DARTS's network in plain PyTorch ops, NCHW on the "
+                           "CPU), or 'auto' (fast)")
     sync_bn: bool = _f(False, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm) instead "
                               "of each rank's share")
     progress: str = _f("auto", "progress bars: 'on', 'off', or 'auto' (bars on a terminal; to a file or pipe, "
@@ -373,6 +380,7 @@ class TrainConfig(_DataConfig):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing={self.label_smoothing}: must be in [0, 1)")
         check_choice("schedule", self.schedule, ("cosine", "step"))
+        check_choice("impl", self.impl, EVAL_IMPLS)
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"--warmup-epochs={self.warmup_epochs}: must be in 0..epochs-1")
         if not 0.0 <= self.drop_path < 1.0:

@@ -3,13 +3,16 @@
 Library code names no device type; these settings choose per device. ``auto`` means: on an
 accelerator, bf16 autocast, channels_last and ``torch.compile``; on the CPU, none of them (bf16
 convolutions are slower there, and compiling a supernet takes longer than it saves on a short
-run). Spectral norms and stable ranks are always computed in float32 or wider (see
+run), except channels_last for the evaluation network's fast path (PyTorch's CPU depthwise
+convs are several times faster in it). Spectral norms and stable ranks are always computed in float32 or wider (see
 :mod:`msrdarts.nn.spectral` and :mod:`msrdarts.nn.fused`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,6 +42,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def tune_cpu_allocator() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    By default glibc maps every block above a threshold (at most 32 MB) afresh from the kernel
+    and unmaps it when freed, so each large activation of a CPU training step pays a page fault
+    per 4 KB page and the zeroing of its memory: at batch 96 that is most of the time of a ReLU
+    or a BN (BENCHMARKS.md, "Evaluation network training step"). This serves every block from
+    the heap (``M_MMAP_MAX`` 0) and trims the heap only above 2 GB of free memory at its top;
+    PyTorch's CPU allocator is malloc. The process keeps its peak memory resident, as a caching
+    allocator does. Linux with glibc only (elsewhere nothing happens); returns whether it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):   # not glibc (musl has no mallopt)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 @dataclass(frozen=True)
 class Accel:
     """The resolved speed settings of a run."""
@@ -50,13 +74,15 @@ class Accel:
 
     @classmethod
     def resolve(cls, device: torch.device, amp: str = "auto", channels_last: str = "auto",
-                compile: str = "auto") -> "Accel":
+                compile: str = "auto", cpu_channels_last: bool = False) -> "Accel":
+        """``cpu_channels_last``: what ``channels_last="auto"`` means on the CPU (the evaluation
+        network's fast path runs channels_last there; the supernets do not)."""
         for name, value, allowed in (("amp", amp, AMP_MODES), ("channels_last", channels_last, SWITCHES),
                                      ("compile", compile, SWITCHES)):
             check_choice(name, value, allowed)
         accel = device.type != "cpu"
         return cls(device, amp == "bf16" or (amp == "auto" and accel),
-                   channels_last == "on" or (channels_last == "auto" and accel),
+                   channels_last == "on" or (channels_last == "auto" and (accel or cpu_channels_last)),
                    compile == "on" or (compile == "auto" and accel))
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -69,12 +69,37 @@ def use_fast_depthwise(x: torch.Tensor, kernel_size: tuple[int, int], stride: tu
                        dilation: tuple[int, int]) -> bool:
     """Whether :func:`depthwise_conv2d` beats PyTorch's own depthwise conv for input ``x``.
 
-    Measured on a 2-core CPU (bench/depthwise.py, BENCHMARKS.md): for stride-1 convs on maps of
-    16 x 16 or more, except the 3 x 3 undilated kernel, for which PyTorch's backward is fast; on
-    smaller maps per-op overhead dominates. Never on other devices.
+    Measured on a 2-core CPU (bench/depthwise.py, BENCHMARKS.md): for stride-1 convs on NCHW maps
+    of 16 x 16 or more, except the 3 x 3 undilated kernel, for which PyTorch's backward is fast; on
+    smaller maps per-op overhead dominates. Never for channels_last inputs (PyTorch's channels_last
+    depthwise kernels are several times faster than both NCHW paths) nor on other devices.
     """
-    return (x.device.type == "cpu" and stride == (1, 1) and x.shape[-1] * x.shape[-2] >= 256
+    return (x.device.type == "cpu" and x.is_contiguous() and stride == (1, 1) and x.shape[-1] * x.shape[-2] >= 256
             and not (kernel_size == (3, 3) and dilation == (1, 1)))
+
+
+class _ChannelsCat(torch.autograd.Function):
+    """``torch.cat(xs, 1)`` whose backward hands each input its gradient in the input's own memory
+    format. Autograd's hands out channel slices of the output gradient, which are contiguous in
+    neither format for channels_last tensors; the convs and batch norms downstream then take
+    PyTorch's slow mixed-format paths (several times slower on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, *xs: torch.Tensor) -> torch.Tensor:
+        ctx.sizes = [x.shape[1] for x in xs]
+        ctx.formats = [torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                       and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+                       for x in xs]
+        return torch.cat(xs, 1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return tuple(part.contiguous(memory_format=f) for part, f in zip(g.split(ctx.sizes, 1), ctx.formats))
+
+
+def channels_cat(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along channels; the gradients keep each input's memory format (:class:`_ChannelsCat`)."""
+    return _ChannelsCat.apply(*xs)
 
 
 #: Elements of grad_output per channel block in depthwise_conv2d's weight gradient (4 MB in fp32).

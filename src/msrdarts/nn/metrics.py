@@ -9,6 +9,9 @@ DARTS's ImageNet figures (574M for DARTS_V2, here 530M) used another convention.
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,3 +35,24 @@ def count_mult_adds(model: nn.Module, in_channels: int, input_size: int) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape, **kwargs) -> int:
+    """FLOPs of a conv's backward: each of the input and the weight gradient costs what the forward
+    does, 2 * (output elements of the forward) * (weight elements per output channel).
+
+    torch's own formula counts the weight gradient of a grouped conv as a conv over all input
+    channels, ``groups`` times too many (SPEC section 7): 36x for a depthwise conv at C = 36.
+    """
+    forward = 2 * math.prod(x_shape if transposed else grad_out_shape) * math.prod(w_shape[1:])
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of ``step()`` (a forward and backward), with grouped convs' weight gradients counted
+    correctly (:func:`_conv_backward_flops`). ``step`` must run eagerly (not compiled)."""
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
+        step()
+    return counter.get_total_flops()

@@ -8,38 +8,48 @@ authors' evaluation network has none (SPEC section 8).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_network, check_positive
+from ..config import EVAL_IMPLS, check_choice, check_network, check_positive
 from ..errors import ConfigError
 from ..genotype import CellGenotypes, Genotype, Pairs
-from .ops import Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
+from .kernels import channels_cat
+from .ops import OpConv, SepConv, Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
 
 
 class EvalCell(nn.Module):
     """A discrete cell: node j = op_a(x_a) + op_b(x_b) for the two (op, input) pairs of node j."""
 
     def __init__(self, pairs: Pairs, concat: tuple[int, ...], C_pp: int, C_p: int, C: int, reduction: bool,
-                 reduction_prev: bool):
+                 reduction_prev: bool, fast: bool = True):
         super().__init__()
         self.reduction = reduction
+        self.fast = fast
         self.pre0, self.pre1 = cell_preprocess(C_pp, C_p, C, reduction_prev, affine=True)
         self.concat = tuple(concat)
         self.inputs = tuple(i for _, i in pairs)
         self.ops = nn.ModuleList(get_op(name)(C, 2 if reduction and i < 2 else 1, True) for name, i in pairs)
         self.steps = len(pairs) // 2
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
-        states = [self.pre0(s0), self.pre1(s1)]
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
+                activated: bool = False) -> torch.Tensor:
+        """``activated``: s0 and s1 have been through ReLU already (the preprocessors' first step)."""
+        if activated:
+            states = [self.pre0.reduce(s0), self.pre1.reduce(s1)]
+        else:
+            states = [self.pre0(s0), self.pre1(s1)]
         for j in range(self.steps):
-            node = 0
-            for k in (2 * j, 2 * j + 1):
-                h = self.ops[k](states[self.inputs[k]])
-                if not isinstance(self.ops[k], nn.Identity):  # DARTS: identity edges are never dropped
-                    h = drop_path(h, drop_prob, self.training)
-                node = node + h
-            states.append(node)
-        return torch.cat([states[i] for i in self.concat], dim=1)
+            a, b = (self._edge(k, states, drop_prob) for k in (2 * j, 2 * j + 1))
+            states.append(a + b)
+        out = [states[i] for i in self.concat]   # (channels_cat: see Network)
+        return channels_cat(out) if self.fast else torch.cat(out, dim=1)
+
+    def _edge(self, k: int, states: list[torch.Tensor], drop_prob: float) -> torch.Tensor:
+        h = self.ops[k](states[self.inputs[k]])
+        if isinstance(self.ops[k], nn.Identity):   # DARTS: identity edges are never dropped
+            return h
+        return drop_path(h, drop_prob, self.training)
 
 
 class AuxiliaryHead(nn.Module):
@@ -76,11 +86,24 @@ class Network(nn.Module):
 
     ``forward`` returns (logits, auxiliary logits or None); the auxiliary head sits after the
     second reduction cell and runs only in training mode.
+
+    ``impl``: ``"reference"`` is DARTS's network in plain PyTorch ops; ``"fast"`` (or ``"auto"``)
+    computes the same function faster on the CPU, where it is meant to run in channels_last
+    (:class:`msrdarts.device.Accel` sets that): gradients keep the channels_last format through
+    each cell's concatenation (:func:`msrdarts.nn.kernels.channels_cat`), the ReLU that the two
+    cells reading a state both begin with runs once, the inner ReLU of each
+    separable conv works in place, and the depthwise convs of NCHW inputs use the fast backward
+    of :func:`msrdarts.nn.kernels.depthwise_conv2d` where it wins. Same parameters and state dict
+    either way.
     """
 
     def __init__(self, genotype: Genotype | CellGenotypes, num_classes: int, layers: int, channels: int, stem: str = "cifar",
-                 in_channels: int = 3, input_size: int = 32, auxiliary: bool = False, stem_multiplier: int = 3):
+                 in_channels: int = 3, input_size: int = 32, auxiliary: bool = False, stem_multiplier: int = 3,
+                 impl: str = "auto"):
         super().__init__()
+        check_choice("impl", impl, EVAL_IMPLS)
+        self.impl = "fast" if impl == "auto" else impl
+        fast = self.impl == "fast"
         genotype.validate(list_ops())
         check_network(layers, channels)
         check_positive(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
@@ -95,7 +118,7 @@ class Network(nn.Module):
             if reduction:
                 C_curr *= 2
                 size = -(-size // 2)
-            cell = EvalCell(*cells_of[i], C_pp, C_p, C_curr, reduction, reduction_prev)
+            cell = EvalCell(*cells_of[i], C_pp, C_p, C_curr, reduction, reduction_prev, fast)
             cells.append(cell)
             reduction_prev = reduction
             C_pp, C_p = C_p, len(cell.concat) * C_curr
@@ -106,12 +129,25 @@ class Network(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
         self.drop_prob = 0.0
+        for m in self.modules():
+            if isinstance(m, OpConv):
+                m.fast = fast
+            elif isinstance(m, SepConv) and fast:
+                m[1][0].inplace = True   # the inner ReLU: its input (a BN's output) has no other reader
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         s0, s1 = self.stem(x)
+        if self.impl == "fast":   # every state feeds two cells, which both begin with its ReLU: run it once
+            r1 = F.relu(s1)
+            r0 = r1 if s0 is s1 else F.relu(s0)
         aux = None
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_prob)
+            if self.impl == "fast":
+                s0, s1 = s1, cell(r0, r1, self.drop_prob, activated=True)
+                if i + 1 < len(self.cells):
+                    r0, r1 = r1, F.relu(s1)
+            else:
+                s0, s1 = s1, cell(s0, s1, self.drop_prob)
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
                 aux = self.auxiliary_head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1)), aux

@@ -67,6 +67,9 @@ class OpConv(nn.Conv2d):
     """
 
     input_hw: tuple[int, int] | None = None
+    #: Run depthwise convs with :func:`msrdarts.nn.kernels.depthwise_conv2d` where it is faster
+    #: (``False``: always PyTorch's own conv, as the evaluation network's reference path does).
+    fast: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_depthwise(x):
@@ -75,7 +78,7 @@ class OpConv(nn.Conv2d):
 
     def _fast_depthwise(self, x: torch.Tensor) -> bool:
         depthwise = self.groups == self.in_channels == self.out_channels and self.kernel_size != (1, 1)
-        return (depthwise and self.bias is None and self.padding_mode == "zeros"
+        return (self.fast and depthwise and self.bias is None and self.padding_mode == "zeros"
                 and use_fast_depthwise(x, self.kernel_size, self.stride, self.dilation))
 
 
@@ -106,6 +109,10 @@ class ReLUConvBN(nn.Sequential):
             nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The block after its ReLU (for a caller that has the activated input already)."""
+        return self[2](self[1](x))
 
 
 class DilConv(nn.Sequential):
@@ -167,8 +174,14 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
-        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        return self.reduce(self.relu(x))
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The block after its ReLU (for a caller that has the activated input already)."""
+        if x.shape[-2] % 2 or x.shape[-1] % 2:   # odd: the shifted grid needs a zero row / column
+            shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        else:   # even: the stride-2 conv never reads the padding (DARTS's own code has no pad)
+            shifted = x[:, :, 1:, 1:]
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 
 
@@ -217,8 +230,7 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     if not training or drop_prob <= 0.0:
         return x
     keep = 1.0 - drop_prob
-    mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
-    return x * mask / keep
+    return x * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)   # one pass over x, each way
 
 
 class Stem(nn.Module):

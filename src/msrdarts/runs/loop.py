@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data import load_dataset, resolve_workers
-from ..device import Accel, resolve_device
+from ..device import Accel, resolve_device, tune_cpu_allocator
 from ..distributed import Dist
 from ..errors import CheckpointError, MsrdartsError, NonFiniteLoss, WriteError
 from ..views.plots import plot_run_quietly
@@ -150,6 +150,10 @@ class EpochRun:
     def summary(self, result: Any) -> None:
         """The last lines of the log (every rank's files are complete)."""
 
+    def cpu_channels_last(self) -> bool:
+        """What ``--channels-last auto`` means on the CPU for this run's network."""
+        return False
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> Any:
@@ -165,7 +169,9 @@ class EpochRun:
             data = load_run_data(cfg, progress=self.bars)
         self.data = data
         self.prepare(data)
-        self.accel = Accel.resolve(device, cfg.amp, cfg.channels_last, cfg.compile)
+        self.accel = Accel.resolve(device, cfg.amp, cfg.channels_last, cfg.compile, self.cpu_channels_last())
+        if device.type == "cpu" and tune_cpu_allocator():
+            log("CPU memory: freed blocks kept for reuse (glibc mallopt; see msrdarts.device.tune_cpu_allocator)")
         self.net, self.model = self.build(data)   # identical on every rank (same seed)
         loader_gen = torch.Generator().manual_seed(cfg.seed)
         self.shard = {"rank": dist.rank, "world": dist.world}

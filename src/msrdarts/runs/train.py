@@ -106,7 +106,7 @@ class TrainRun(EpochRun):
         cfg, dist = self.cfg, self.dist
         net = Network(self.genotype, data.num_classes, cfg.layers, cfg.channels, stem=data.stem,
                       in_channels=data.in_channels, input_size=data.input_size,
-                      auxiliary=cfg.auxiliary_weight > 0)   # identical on every rank (same seed)
+                      auxiliary=cfg.auxiliary_weight > 0, impl=cfg.impl)   # identical on every rank (same seed)
         if dist.active:   # drop path draws its own masks on each rank
             torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
         net = self.accel.prepare_model(net)
@@ -114,6 +114,9 @@ class TrainRun(EpochRun):
         self.mult_adds_m = count_mult_adds(net, data.in_channels, data.input_size) / 1e6
         model = dist.wrap(net, sync_bn=cfg.sync_bn)
         return getattr(model, "module", net), model   # SyncBatchNorm conversion makes a new module tree
+
+    def cpu_channels_last(self) -> bool:
+        return self.cfg.impl != "reference"
 
     def setup(self, data: Any, loader_gen: torch.Generator, workers: int) -> None:
         cfg, device = self.cfg, self.device
@@ -128,8 +131,9 @@ class TrainRun(EpochRun):
 
     def restored(self, ckpt: dict[str, Any] | None) -> None:
         cfg, dist = self.cfg, self.dist
-        self.log(f"training {cfg.genotype}: {self.params_m:.3f}M parameters, {self.mult_adds_m:.1f}M mult-adds"
-                 + dist.describe(cfg.batch_size))
+        layout = "channels_last" if self.accel.channels_last else "NCHW"
+        self.log(f"training {cfg.genotype}: {self.params_m:.3f}M parameters, {self.mult_adds_m:.1f}M mult-adds, "
+                 f"{self.net.impl} network in {layout}" + dist.describe(cfg.batch_size))
 
     def begin_epoch(self, epoch: int, fresh: bool) -> None:
         self.drop = self.cfg.drop_path * epoch / self.cfg.epochs   # DARTS: linear ramp from 0
