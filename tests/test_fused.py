@@ -347,3 +347,50 @@ def test_normalize_function_matches_autograd_including_ties():
         torch.testing.assert_close(o, r, rtol=1e-13, atol=1e-13)
     for a, b in zip(torch.autograd.grad(outs, ws, gs), torch.autograd.grad(refs, ws_ref, gs)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mixing", ["sum", "srsoftmax"])
+def test_checkpoint_cells_computes_the_same_step_and_state_and_runs_each_cell_twice(mixing, monkeypatch):
+    """--checkpoint-cells: two training steps give the outputs, gradients, power-iteration vectors
+    and BN statistics of the plain fused forward (the recomputation in the backward must not count
+    a batch twice), and every cell really runs again in the backward."""
+    from msrdarts.nn import fused as fused_module
+
+    kw = dict(num_classes=5, layers=3, channels=4, input_size=16, mixing=mixing)
+    _, plain = _pair(**kw)
+    torch.manual_seed(0)
+    adapt = use_srsoftmax if mixing == "srsoftmax" else (lambda net: net)
+    ckpt = adapt(SuperNet(impl="fused", checkpoint_cells=True, num_classes=5, layers=3, channels=4,
+                          input_size=16)).double()
+    ckpt.load_state_dict(plain.state_dict())
+    runs = []
+    real = fused_module.FusedCell.__call__
+    monkeypatch.setattr(fused_module.FusedCell, "__call__", lambda self, *a: runs.append(self) or real(self, *a))
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    for _ in range(2):
+        runs.clear()
+        out_p = plain(x)
+        assert len(runs) == 3
+        out_c = ckpt(x)
+        torch.testing.assert_close(out_c, out_p, rtol=0, atol=0)
+        g = torch.randn_like(out_p)
+        grads_p = torch.autograd.grad(out_p, list(plain.parameters()), g)
+        grads_c = torch.autograd.grad(out_c, list(ckpt.parameters()), g)
+        assert len(runs) == 3 + 3 + 3     # plain: 3 cells; checkpointed: 3 in the forward, 3 again in the backward
+        for (name, _), gp, gc in zip(plain.named_parameters(), grads_p, grads_c):
+            torch.testing.assert_close(gc, gp, rtol=1e-12, atol=1e-12, msg=name)
+    sp, sc = _state(plain), _state(ckpt)
+    for k in sp:
+        torch.testing.assert_close(sc[k], sp[k], rtol=0, atol=0, msg=k)
+    ckpt.eval()
+    runs.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt(x), plain.eval()(x), rtol=0, atol=0)
+    assert len(runs) == 3 + 3     # evaluation: no checkpointing
+
+
+def test_checkpoint_cells_needs_the_fused_forward():
+    with pytest.raises(ConfigError, match="--checkpoint-cells: needs the fused"):
+        SuperNet(5, 3, 4, 16, impl="reference", checkpoint_cells=True)
+    with pytest.raises(ConfigError, match="--checkpoint-cells"):
+        SuperNet(5, 3, 4, 16, primitives=DARTS_PRIMITIVES, checkpoint_cells=True)

@@ -31,7 +31,7 @@ from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
 
-VARIANTS = ("reference", "fused", "fused_no_sn")
+VARIANTS = ("reference", "fused", "fused_no_sn", "fused_checkpoint_cells")
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +115,7 @@ def _build(variant: str, layers: int, channels: int, input_size: int, in_channel
     torch.manual_seed(seed)
     return SuperNet(10, layers, channels, input_size, in_channels=in_channels,
                     impl="reference" if variant == "reference" else "fused",
-                    spectral_norm=variant != "fused_no_sn")
+                    spectral_norm=variant != "fused_no_sn", checkpoint_cells=variant == "fused_checkpoint_cells")
 
 
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
@@ -123,7 +123,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
                       threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False,
                       amp: str = "auto", channels_last: str = "auto", compile: str = "auto",
                       allocator: str = "tuned") -> dict[str, Any]:
-    """Median step times of the three VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory.
+    """Median step times of the VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory.
 
     ``amp``, ``channels_last`` and ``compile`` are the search's settings (:class:`msrdarts.device.Accel`;
     ``auto``: all on for an accelerator, all off on the CPU). Compiling happens in the warm-up steps.
@@ -179,6 +179,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "steps": len(times["fused"]), "torch": torch.__version__, "allocator": "tuned" if tuned else "default",
         "ms_per_step_reference": round(ms["reference"], 1), "ms_per_step_fused": round(ms["fused"], 1),
         "ms_per_step_fused_no_sn": round(ms["fused_no_sn"], 1),
+        "ms_per_step_fused_checkpoint_cells": round(ms["fused_checkpoint_cells"], 1),
         "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
         "sn_refresh_ms": round(refresh_ms, 1), "sn_refresh_every": refresh_every,
@@ -195,7 +196,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "stable_rank_table_and_derivation_ms": round(derive_ms, 1),
     }
     if memory:
-        for v in ("reference", "fused"):
+        for v in ("reference", "fused", "fused_checkpoint_cells"):
             result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
                                                                      in_channels, device, seed, accel, tuned)
     if profile:

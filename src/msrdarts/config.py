@@ -143,6 +143,9 @@ class SearchConfig(_DataConfig):
     sn_refresh_drift: float = _f(0.0, "also refresh as soon as some conv's weight has moved by more than this fraction "
                                       "(relative Frobenius norm) since the last refresh; 0: off. Costs more refreshes "
                                       "(BENCHMARKS.md, spectral norms during a search)")
+    checkpoint_cells: bool = _f(False, "keep only each cell's inputs for the backward and run the cell again there "
+                                       "(activation checkpointing; fused forward only): less memory, more compute "
+                                       "(BENCHMARKS.md, search step)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "

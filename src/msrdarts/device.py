@@ -49,9 +49,11 @@ def tune_cpu_allocator() -> bool:
     and unmaps it when freed, so each large activation of a CPU training step pays a page fault
     per 4 KB page and the zeroing of its memory: at batch 96 that is most of the time of a ReLU
     or a BN (BENCHMARKS.md, "Evaluation network training step"). This serves every block from
-    the heap (``M_MMAP_MAX`` 0) and trims the heap only above 2 GB of free memory at its top;
-    PyTorch's CPU allocator is malloc. The process keeps its peak memory resident, as a caching
-    allocator does. Linux with glibc only (elsewhere nothing happens); returns whether it applied.
+    the heap (``M_MMAP_MAX`` 0) and never gives the heap's free top back (``M_TRIM_THRESHOLD``
+    -1, which glibc reads as the largest size: a bound of 2 GB would still hand back and fault
+    in again most of a CIFAR step's activations); PyTorch's CPU allocator is malloc. The process
+    keeps its peak memory resident, as a caching allocator does. Linux with glibc only (elsewhere
+    nothing happens); returns whether it applied.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -60,7 +62,7 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):   # not glibc (musl has no mallopt)
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 @dataclass(frozen=True)

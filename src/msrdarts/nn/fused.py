@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from ..genotype import edge_index
 from .kernels import CompiledTaps, DepthwiseRunner, _Geometry
@@ -194,17 +196,50 @@ class FusedSuperNet:
     :class:`msrdarts.nn.kernels.DepthwiseRunner`).
     """
 
-    def __init__(self, net: nn.Module, batch: SpectralBatch, compile_kernels: bool = True):
+    def __init__(self, net: nn.Module, batch: SpectralBatch, compile_kernels: bool = True,
+                 checkpoint_cells: bool = False):
         self.batch = batch
         self.runner = DepthwiseRunner(batch.taps, CompiledTaps() if compile_kernels else None)
         self.cells = [FusedCell(cell, self.batch, self.runner) for cell in net.cells]
+        self.checkpoint_cells = checkpoint_cells
 
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weights = self.batch.weights(net.training)
+        weights = self.batch.weights(net.training)   # normalised once per step, outside any checkpoint
         s0, s1 = net.stem(x)
+        recompute = self.checkpoint_cells and net.training and torch.is_grad_enabled()
         for cell, fused in zip(net.cells, self.cells):
-            s0, s1 = s1, fused(s0, s1, weights, net.mixing_weights(cell))
+            mix = net.mixing_weights(cell)
+            if recompute:
+                out = checkpoint(_Recomputed(fused), s0, s1, mix, *weights, use_reentrant=False)
+            else:
+                out = fused(s0, s1, weights, mix)
+            s0, s1 = s1, out
         return net.classifier(net.global_pooling(s1).flatten(1))
+
+
+class _Recomputed:
+    """One cell's fused forward under activation checkpointing (``--checkpoint-cells``): the
+    backward keeps only the cell's inputs and runs the cell again to get its activations. The
+    first call is the forward; the second, in the backward, leaves the BN statistics as the forward
+    left them (a second update would count the batch twice). The spectral norms are computed
+    before the cells, once per step, so both runs use the same normalised weights."""
+
+    def __init__(self, fused: FusedCell):
+        self.fused, self.calls = fused, 0
+
+    def __call__(self, s0: torch.Tensor, s1: torch.Tensor, mix: torch.Tensor | None,
+                 *weights: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            return self.fused(s0, s1, list(weights), mix)
+        buffers = [b for m in self.fused.cell.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+        kept = [b.clone() for b in buffers]
+        try:
+            return self.fused(s0, s1, list(weights), mix)
+        finally:
+            with torch.no_grad():
+                for b, k in zip(buffers, kept):
+                    b.copy_(k)
 
 
 def fused_conv_order(net: nn.Module) -> list[OpConv]:

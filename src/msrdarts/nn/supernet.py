@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from ..config import check_network, check_ops, check_positive
 from ..errors import ConfigError
 from ..genotype import edge_index
-from ..primitives import MSR_PRIMITIVES, can_fuse, get_primitive
+from ..primitives import MSR_PRIMITIVES, can_fuse, fusable_ops, get_primitive
 from .fused import FusedSuperNet, fused_conv_order
 from .spectral_batch import SpectralBatch
 from .ops import OpConv, Stem, cell_preprocess, get_op, record_input_sizes, reduction_layers
@@ -120,6 +120,8 @@ class SuperNet(nn.Module):
         edge_ops: the candidate ops of every edge, ``(normal, reduce)``, each one tuple of op
             names per edge (P-DARTS's edges after op dropping: each a subset of ``primitives``, in
             their order); None: every edge has all of ``primitives``.
+        checkpoint_cells: keep only each cell's inputs for the backward and run the cell again
+            there (activation checkpointing; fused forward only): less memory, more compute.
 
     Every edge sums its ops, and every node its edges, until a search method sets :attr:`mixer`
     (op weights per edge) or :attr:`edge_mixer` (a weight per edge).
@@ -129,7 +131,8 @@ class SuperNet(nn.Module):
                  primitives: Sequence[str] = MSR_PRIMITIVES, in_channels: int = 3,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, spectral_norm: bool = True,
                  sn_iterations: int = 1, impl: str = "auto", compile_kernels: bool = True,
-                 edge: EdgeFactory = MixedOp, edge_ops: Sequence[Sequence[Sequence[str]]] | None = None):
+                 edge: EdgeFactory = MixedOp, edge_ops: Sequence[Sequence[Sequence[str]]] | None = None,
+                 checkpoint_cells: bool = False):
         super().__init__()
         check_positive(num_classes=num_classes, input_size=input_size, in_channels=in_channels, steps=steps,
                        sn_iterations=sn_iterations)
@@ -144,6 +147,9 @@ class SuperNet(nn.Module):
             raise ConfigError("--impl=fused: this search method's mixed edges have no fused forward; "
                               "use --impl reference (or auto)")
         self.impl = impl if impl != "auto" else ("fused" if fusable else "reference")
+        if checkpoint_cells and self.impl != "fused":
+            raise ConfigError("--checkpoint-cells: needs the fused supernet forward (the ops "
+                              f"{', '.join(fusable_ops())}, mixed edges of MSR-DARTS or DARTS, --impl fused or auto)")
         self.primitives = tuple(primitives)
         self.steps, self.multiplier, self.layers = steps, multiplier, layers
         self.stem = Stem(stem, in_channels, channels, stem_multiplier)
@@ -178,7 +184,7 @@ class SuperNet(nn.Module):
         self._spectral = batch    # for batched refreshes; references this network's own modules
         batch.link()
         if self.impl == "fused":   # the plan holds references to this network's own modules, no state
-            self._fused = FusedSuperNet(self, batch, compile_kernels)
+            self._fused = FusedSuperNet(self, batch, compile_kernels, checkpoint_cells)
 
     def _apply(self, fn, *args, **kwargs):
         """``.to()``, ``.double()`` and the like replace the power-iteration buffers: link the new
