@@ -264,3 +264,26 @@ def test_step_flops_count_a_depthwise_weight_gradient_once_not_per_group():
         == 3 * forward
     w2 = torch.randn(4, 8, 1, 1, requires_grad=True)   # a dense 1x1 conv: 2 * (2*4*36) * 8 each way
     assert count_step_flops(lambda: torch.nn.functional.conv2d(x, w2).sum().backward()) == 3 * 2 * (2 * 4 * 36) * 8
+
+
+@pytest.mark.parametrize("fast, grad_channels_last", [(True, True), (False, False)])
+def test_factorized_reduce_keeps_the_gradient_format_on_the_fast_path(fast, grad_channels_last):
+    """On even maps FactorizedReduce reads x[:, :, 1:, 1:] (DARTS's own shift, no padding needed);
+    autograd's slice backward would hand a channels_last input an NCHW gradient, the fast path's
+    does not. Same values either way, and the same as the zero-padded shift."""
+    from msrdarts.nn.ops import FactorizedReduce
+
+    torch.manual_seed(0)
+    m = FactorizedReduce(4, 6).double().to(memory_format=torch.channels_last)
+    m.fast = fast
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    m(x).backward(g)
+    assert (x.grad.is_contiguous(memory_format=torch.channels_last) and not x.grad.is_contiguous()) == grad_channels_last
+    # the independent reference: the padded shift of the odd-size path, by hand
+    xr = x.detach().clone().requires_grad_()
+    r = torch.relu(xr)
+    shifted = torch.nn.functional.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
+    out = m.bn(torch.cat([m.conv_1(r), m.conv_2(shifted)], dim=1))
+    out.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)

@@ -97,6 +97,31 @@ class _ChannelsCat(torch.autograd.Function):
         return tuple(part.contiguous(memory_format=f) for part, f in zip(g.split(ctx.sizes, 1), ctx.formats))
 
 
+class _ShiftedView(torch.autograd.Function):
+    """``x[:, :, 1:, 1:]`` whose backward builds the input's gradient in the input's own memory
+    format (autograd's slice backward makes an NCHW tensor of zeros, whatever the input's format)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        ctx.format = torch.channels_last if x.dim() == 4 and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return x[:, :, 1:, 1:]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        grad = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=ctx.format)
+        grad[:, :, :1].zero_()
+        grad[:, :, 1:, :1].zero_()
+        grad[:, :, 1:, 1:] = g
+        return grad
+
+
+def shifted_view(x: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, 1:, 1:]`` with its gradient in ``x``'s memory format (:class:`_ShiftedView`)."""
+    return _ShiftedView.apply(x)
+
+
 def channels_cat(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate along channels; the gradients keep each input's memory format (:class:`_ChannelsCat`)."""
     return _ChannelsCat.apply(*xs)

@@ -15,7 +15,7 @@ from ..config import EVAL_IMPLS, check_choice, check_network, check_positive
 from ..errors import ConfigError
 from ..genotype import CellGenotypes, Genotype, Pairs
 from .kernels import channels_cat
-from .ops import OpConv, SepConv, Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
+from .ops import FactorizedReduce, OpConv, SepConv, Stem, cell_preprocess, drop_path, get_op, list_ops, reduction_layers
 
 
 class EvalCell(nn.Module):
@@ -130,7 +130,7 @@ class Network(nn.Module):
         self.classifier = nn.Linear(C_p, num_classes)
         self.drop_prob = 0.0
         for m in self.modules():
-            if isinstance(m, OpConv):
+            if isinstance(m, (OpConv, FactorizedReduce)):
                 m.fast = fast
             elif isinstance(m, SepConv) and fast:
                 m[1][0].inplace = True   # the inner ReLU: its input (a BN's output) has no other reader

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..primitives import Primitive, list_primitives, register_primitive
-from .kernels import depthwise_conv2d, use_fast_depthwise
+from .kernels import depthwise_conv2d, shifted_view, use_fast_depthwise
 
 OpFactory = Callable[[int, int, bool], nn.Module]
 
@@ -166,6 +166,10 @@ class FactorizedReduce(nn.Module):
     Odd sizes are handled by zero-padding the shifted path, so both halves have ceil(H/2) rows.
     """
 
+    #: Keep the input's gradient in the input's memory format (``False``: plain slicing, whose
+    #: gradient is NCHW; the evaluation network's reference path).
+    fast: bool = True
+
     def __init__(self, C_in: int, C_out: int, affine: bool = True):
         super().__init__()
         self.relu = nn.ReLU(inplace=False)
@@ -181,7 +185,7 @@ class FactorizedReduce(nn.Module):
         if x.shape[-2] % 2 or x.shape[-1] % 2:   # odd: the shifted grid needs a zero row / column
             shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
         else:   # even: the stride-2 conv never reads the padding (DARTS's own code has no pad)
-            shifted = x[:, :, 1:, 1:]
+            shifted = shifted_view(x) if self.fast else x[:, :, 1:, 1:]
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 
 
