@@ -266,24 +266,32 @@ def test_step_flops_count_a_depthwise_weight_gradient_once_not_per_group():
     assert count_step_flops(lambda: torch.nn.functional.conv2d(x, w2).sum().backward()) == 3 * 2 * (2 * 4 * 36) * 8
 
 
-@pytest.mark.parametrize("fast, grad_channels_last", [(True, True), (False, False)])
-def test_factorized_reduce_keeps_the_gradient_format_on_the_fast_path(fast, grad_channels_last):
-    """On even maps FactorizedReduce reads x[:, :, 1:, 1:] (DARTS's own shift, no padding needed);
-    autograd's slice backward would hand a channels_last input an NCHW gradient, the fast path's
-    does not. Same values either way, and the same as the zero-padded shift."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_factorized_reduce_shift_keeps_the_gradient_format_on_the_fast_path(fast):
+    """On even maps FactorizedReduce reads x[:, :, 1:, 1:] (DARTS's own shift, no padding needed).
+    Autograd's slice backward hands a channels_last input an NCHW gradient; the fast path's shift
+    (kernels.shifted_view) does not. The block computes the zero-padded shift's function either way."""
+    from msrdarts.nn.kernels import shifted_view
     from msrdarts.nn.ops import FactorizedReduce
+
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    h = x * 1.0   # not a leaf: autograd restrides a leaf's .grad to the leaf's layout, hiding the format
+    seen = []
+    h.register_hook(seen.append)
+    (shifted_view(h) if fast else h[:, :, 1:, 1:]).backward(g)
+    assert (seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()) == fast
+    assert seen[0][:, :, 0].abs().sum() == 0 and seen[0][:, :, :, 0].abs().sum() == 0
+    torch.testing.assert_close(seen[0][:, :, 1:, 1:], g, rtol=0, atol=0)
 
     torch.manual_seed(0)
     m = FactorizedReduce(4, 6).double().to(memory_format=torch.channels_last)
     m.fast = fast
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x.grad = None
     g = torch.randn(2, 6, 3, 3, dtype=torch.float64)
     m(x).backward(g)
-    assert (x.grad.is_contiguous(memory_format=torch.channels_last) and not x.grad.is_contiguous()) == grad_channels_last
-    # the independent reference: the padded shift of the odd-size path, by hand
-    xr = x.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()   # the independent reference: the padded shift, by hand
     r = torch.relu(xr)
     shifted = torch.nn.functional.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
-    out = m.bn(torch.cat([m.conv_1(r), m.conv_2(shifted)], dim=1))
-    out.backward(g)
+    m.bn(torch.cat([m.conv_1(r), m.conv_2(shifted)], dim=1)).backward(g)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
