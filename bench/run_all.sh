@@ -4,7 +4,7 @@
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, train-step-default-allocator,
-#                                     # methods, torchrun-cpu, quick, sn-accuracy
+#                                     # depthwise-32px, methods, torchrun-cpu, quick, sn-accuracy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
@@ -24,6 +24,7 @@ run search-step bash bench/search_step.sh
 run train-step msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 --batch-size 96 --steps 8 --json
 run train-step-default-allocator msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 \
   --batch-size 96 --steps 8 --json --allocator default
+run depthwise-32px python bench/depthwise.py 32
 run methods bash bench/methods.sh
 run torchrun-cpu bash bench/torchrun_cpu.sh runs/bench-torchrun
 rm -rf runs/bench-quick

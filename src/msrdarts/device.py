@@ -4,7 +4,7 @@ Library code names no device type; these settings choose per device. ``auto`` me
 accelerator, bf16 autocast, channels_last and ``torch.compile``; on the CPU, none of them (bf16
 convolutions are slower there, and compiling a supernet takes longer than it saves on a short
 run), except channels_last for the evaluation network's fast path (PyTorch's CPU depthwise
-convs are several times faster in it). Spectral norms and stable ranks are always computed in float32 or wider (see
+convs with stride 1 are faster in it: bench/depthwise.py, BENCHMARKS.md). Spectral norms and stable ranks are always computed in float32 or wider (see
 :mod:`msrdarts.nn.spectral` and :mod:`msrdarts.nn.fused`).
 """
 

@@ -72,7 +72,7 @@ def use_fast_depthwise(x: torch.Tensor, kernel_size: tuple[int, int], stride: tu
     Measured on a 2-core CPU (bench/depthwise.py, BENCHMARKS.md): for stride-1 convs on NCHW maps
     of 16 x 16 or more, except the 3 x 3 undilated kernel, for which PyTorch's backward is fast; on
     smaller maps per-op overhead dominates. Never for channels_last inputs (PyTorch's channels_last
-    depthwise kernels are several times faster than both NCHW paths) nor on other devices.
+    depthwise kernels beat both NCHW paths at stride 1; bench/depthwise.py) nor on other devices.
     """
     return (x.device.type == "cpu" and x.is_contiguous() and stride == (1, 1) and x.shape[-1] * x.shape[-2] >= 256
             and not (kernel_size == (3, 3) and dilation == (1, 1)))
@@ -82,7 +82,7 @@ class _ChannelsCat(torch.autograd.Function):
     """``torch.cat(xs, 1)`` whose backward hands each input its gradient in the input's own memory
     format. Autograd's hands out channel slices of the output gradient, which are contiguous in
     neither format for channels_last tensors; the convs and batch norms downstream then take
-    PyTorch's slow mixed-format paths (several times slower on the CPU)."""
+    PyTorch's slow mixed-format paths on the CPU."""
 
     @staticmethod
     def forward(ctx, *xs: torch.Tensor) -> torch.Tensor:
