@@ -3,8 +3,8 @@
 # bench/results/<name>.txt behind a header (date, commit, machine, command), so every figure there has
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
-#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, train-step-default-allocator,
-#                                     # depthwise-32px, methods, torchrun-cpu, quick, sn-accuracy
+#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, methods,
+#                                     # torchrun-cpu, quick, sn-accuracy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
@@ -22,8 +22,6 @@ run() {   # name command...
 ONLY=${1:-}
 run search-step bash bench/search_step.sh
 run train-step msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 --batch-size 96 --steps 8 --json
-run train-step-default-allocator msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 \
-  --batch-size 96 --steps 8 --json --allocator default
 run depthwise-32px python bench/depthwise.py 32
 run methods bash bench/methods.sh
 run torchrun-cpu bash bench/torchrun_cpu.sh runs/bench-torchrun

@@ -160,11 +160,10 @@ def test_bench_train_step_runs_and_reports_every_figure(capsys):
         assert out[f"peak_step_memory_mb_{v}"] > 0
     assert out["speedup_fast_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fast"],
                                                              rel=0.01)
-    assert out["allocator"] == "tuned"
 
 
 def test_bench_train_step_flags_get_one_line_errors(capsys):
     assert main(["bench", "train-step", "--genotype", "NOPE", "--no-memory"]) == 2
     assert "genotype 'NOPE'" in capsys.readouterr().err
-    assert main(["bench", "train-step", "--allocator", "jemalloc", "--no-memory"]) == 2
-    assert "--allocator='jemalloc'" in capsys.readouterr().err
+    assert main(["bench", "train-step", "--channels-last", "maybe", "--no-memory"]) == 2
+    assert "--channels-last='maybe': unknown; allowed: auto, on, off" in capsys.readouterr().err

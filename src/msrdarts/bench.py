@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from .config import SearchConfig
-from .device import Accel, resolve_device, tune_cpu_allocator
+from .device import Accel, resolve_device
 from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
@@ -121,18 +121,15 @@ def _build(variant: str, layers: int, channels: int, input_size: int, in_channel
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
                       in_channels: int = 3, steps: int = 10, warmup: int = 2, device: str = "cpu",
                       threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False,
-                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto",
-                      allocator: str = "tuned") -> dict[str, Any]:
+                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto") -> dict[str, Any]:
     """Median step times of the VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory.
 
     ``amp``, ``channels_last`` and ``compile`` are the search's settings (:class:`msrdarts.device.Accel`;
     ``auto``: all on for an accelerator, all off on the CPU). Compiling happens in the warm-up steps.
-    ``allocator``: as for :func:`bench_train_step`.
     """
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    tuned = _allocator(allocator, dev)
     accel = Accel.resolve(dev, amp, channels_last, compile)
     torch.manual_seed(seed)
     x = accel.input(torch.randn(batch_size, in_channels, input_size, input_size, device=dev))
@@ -176,7 +173,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "layers": layers, "channels": channels, "batch_size": batch_size, "input_size": input_size,
         "in_channels": in_channels, "device": str(dev), "threads": torch.get_num_threads(),
         "amp": "bf16" if accel.amp else "off", "channels_last": accel.channels_last, "compile": accel.compile,
-        "steps": len(times["fused"]), "torch": torch.__version__, "allocator": "tuned" if tuned else "default",
+        "steps": len(times["fused"]), "torch": torch.__version__,
         "ms_per_step_reference": round(ms["reference"], 1), "ms_per_step_fused": round(ms["fused"], 1),
         "ms_per_step_fused_no_sn": round(ms["fused_no_sn"], 1),
         "ms_per_step_fused_checkpoint_cells": round(ms["fused_checkpoint_cells"], 1),
@@ -198,7 +195,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     if memory:
         for v in ("reference", "fused", "fused_checkpoint_cells"):
             result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
-                                                                     in_channels, device, seed, accel, tuned)
+                                                                     in_channels, device, seed, accel)
     if profile:
         from torch.profiler import profile as torch_profile
 
@@ -210,8 +207,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
 
 
 def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: int, input_size: int,
-                        in_channels: int, device: str, seed: int, accel: Accel | None = None,
-                        tuned_allocator: bool = False) -> float | None:
+                        in_channels: int, device: str, seed: int, accel: Accel | None = None) -> float | None:
     """Peak memory (MB) one training step adds over the built model, in a fresh process.
 
     On the CPU: the process's resident high-water mark (reset after building, Linux only) minus
@@ -219,8 +215,7 @@ def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: in
     """
     settings = ["bf16" if accel.amp else "off", _switch(accel.channels_last), _switch(accel.compile)] \
         if accel is not None else ["off", "off", "off"]
-    args = json.dumps([variant, layers, channels, batch_size, input_size, in_channels, device, seed, *settings,
-                       tuned_allocator])
+    args = json.dumps([variant, layers, channels, batch_size, input_size, in_channels, device, seed, *settings])
     code = f"import json, msrdarts.bench as b; print(json.dumps(b._peak_child(*json.loads({args!r}))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -240,9 +235,7 @@ def _switch(on: bool) -> str:
 
 def _peak_child(variant: str, layers: int, channels: int, batch_size: int, input_size: int, in_channels: int,
                 device: str, seed: int, amp: str = "off", channels_last: str = "off",
-                compile: str = "off", tuned_allocator: bool = False) -> float | None:
-    if tuned_allocator:
-        tune_cpu_allocator()
+                compile: str = "off") -> float | None:
     dev = resolve_device(device)
     accel = Accel.resolve(dev, amp, channels_last, compile)
     model = accel.prepare_model(_build(variant, layers, channels, input_size, in_channels, seed))
@@ -419,18 +412,13 @@ def bench_train_step(genotype: str = "DARTS_V2", layers: int = 20, channels: int
                      input_size: int = 32, num_classes: int = 10, steps: int = 6, warmup: int = 2,
                      device: str = "cpu", threads: int | None = None, seed: int = 0, memory: bool = True,
                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto",
-                     variants: tuple[str, ...] = TRAIN_VARIANTS, allocator: str = "tuned") -> dict[str, Any]:
+                     variants: tuple[str, ...] = TRAIN_VARIANTS) -> dict[str, Any]:
     """Median step times of the evaluation network's TRAIN_VARIANTS, timed in alternating rounds,
     with speedups, FLOPs (grouped convs counted correctly), traffic, the machine's ceilings and
-    the peak memory of one step of the reference and the fast path (each in a fresh process).
-
-    ``allocator``: ``"tuned"`` (as training runs on the CPU: :func:`msrdarts.device.tune_cpu_allocator`)
-    or ``"default"`` (glibc's defaults); the same for every variant.
-    """
+    the peak memory of one step of the reference and the fast path (each in a fresh process)."""
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    tuned = _allocator(allocator, dev)
     setups = {v: _train_setup(v, genotype, layers, channels, batch_size, input_size, num_classes, device, seed,
                               amp, channels_last, compile) for v in variants}
     params = {v: list(s[0].parameters()) for v, s in setups.items()}
@@ -462,7 +450,6 @@ def bench_train_step(genotype: str = "DARTS_V2", layers: int = 20, channels: int
         "input_size": input_size, "device": str(dev), "threads": torch.get_num_threads(),
         "amp": "bf16" if accel.amp else "off", "compile": accel.compile, "torch": torch.__version__,
         "params_m": round(count_parameters(ref[0]) / 1e6, 3), "steps": len(times[variants[0]]),
-        "allocator": "tuned" if tuned else "default",
         "gflop_per_step": round(flops / 1e9, 2), **machine_ceilings(dev)}
     for v in variants:
         result[f"channels_last_{v}"] = setups[v][4].is_contiguous(memory_format=torch.channels_last) \
@@ -476,8 +463,8 @@ def bench_train_step(genotype: str = "DARTS_V2", layers: int = 20, channels: int
         result[f"speedup_{v}_vs_{variants[0]}"] = round(ms[variants[0]] / ms[v], 3)
     if memory:
         for v in (variants[0], variants[-1]):
-            args = json.dumps([tuned, v, genotype, layers, channels, batch_size, input_size, num_classes, device,
-                               seed, amp, channels_last, compile])
+            args = json.dumps([v, genotype, layers, channels, batch_size, input_size, num_classes, device, seed,
+                               amp, channels_last, compile])
             code = f"import json, msrdarts.bench as b; print(json.dumps(b._train_peak_child(*json.loads({args!r}))))"
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -486,18 +473,9 @@ def bench_train_step(genotype: str = "DARTS_V2", layers: int = 20, channels: int
     return result
 
 
-def _train_peak_child(tuned: bool, *args: Any) -> float | None:
-    if tuned:
-        tune_cpu_allocator()
+def _train_peak_child(*args: Any) -> float | None:
     net, opt, forward, accel, x, y = _train_setup(*args)
     if x.device.type != "cpu" and accel.compile:
         _train_step(net, opt, forward, accel, x, y)   # compile outside the measured step
     return _peak_mb(lambda: _train_step(net, opt, forward, accel, x, y), x.device)
 
-
-def _allocator(allocator: str, dev: torch.device) -> bool:
-    """Apply ``allocator`` ("tuned" or "default") for a CPU benchmark; whether the tuning is on."""
-    from .config import check_choice
-
-    check_choice("allocator", allocator, ("tuned", "default"))
-    return dev.type == "cpu" and allocator == "tuned" and tune_cpu_allocator()

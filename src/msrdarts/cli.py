@@ -178,8 +178,6 @@ def _bench_arguments(p: argparse.ArgumentParser, layers: int, channels: int, bat
     p.add_argument("--compile", default="auto", help="torch.compile the forwards, as for search and train: "
                                                      "auto|on|off (default: auto; compiling happens in the warm-up "
                                                      "steps)")
-    p.add_argument("--allocator", default="tuned", help="CPU: 'tuned' (freed memory kept for reuse, as search and "
-                                                        "train run) or 'default' (glibc's own settings)")
 
 
 def _config(args: argparse.Namespace, cls: type, make: Any) -> tuple[Any, dict[str, Any]]:
@@ -339,8 +337,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise MsrdartsError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a positive integer")
     if args.warmup < 0:
         raise MsrdartsError(f"--warmup={args.warmup}: must be >= 0")
-    for name, allowed in (("amp", AMP_MODES), ("channels_last", SWITCHES), ("compile", SWITCHES),
-                          ("allocator", ("tuned", "default"))):
+    for name, allowed in (("amp", AMP_MODES), ("channels_last", SWITCHES), ("compile", SWITCHES)):
         check_choice(name, getattr(args, name), allowed)
     if args.bench == "train-step":
         from .nn.ops import list_ops
@@ -352,7 +349,7 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench_train_step(args.genotype, args.layers, args.channels, args.batch_size, args.input_size,
                                   steps=args.steps, warmup=args.warmup, device=args.device, threads=args.threads,
                                   memory=args.memory, amp=args.amp, channels_last=args.channels_last,
-                                  compile=args.compile, allocator=args.allocator)
+                                  compile=args.compile)
         if args.json:
             print(json.dumps(result))
         else:
@@ -384,7 +381,7 @@ def _bench(args: argparse.Namespace) -> int:
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
                                warmup=args.warmup, device=args.device, threads=args.threads, memory=args.memory,
                                profile=args.profile, amp=args.amp, channels_last=args.channels_last,
-                               compile=args.compile, allocator=args.allocator)
+                               compile=args.compile)
     table = result.pop("profile_fused", None)
     if args.json:
         print(json.dumps(result))

@@ -11,8 +11,6 @@ convs with stride 1 are faster in it: bench/depthwise.py, BENCHMARKS.md). Spectr
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,29 +38,6 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device={name!r}: this machine has {torch.accelerator.device_count()} "
                           f"{device.type} device(s)")
     return device
-
-
-def tune_cpu_allocator() -> bool:
-    """Have glibc's malloc keep freed memory for reuse instead of returning it to the system.
-
-    By default glibc maps every block above a threshold (at most 32 MB) afresh from the kernel
-    and unmaps it when freed, so each large activation of a CPU training step pays a page fault
-    per 4 KB page and the zeroing of its memory: at batch 96 that is most of the time of a ReLU
-    or a BN (BENCHMARKS.md, "Evaluation network training step"). This serves every block from
-    the heap (``M_MMAP_MAX`` 0) and never gives the heap's free top back (``M_TRIM_THRESHOLD``
-    -1, which glibc reads as the largest size: a bound of 2 GB would still hand back and fault
-    in again most of a CIFAR step's activations); PyTorch's CPU allocator is malloc. The process
-    keeps its peak memory resident, as a caching allocator does. Linux with glibc only (elsewhere
-    nothing happens); returns whether it applied.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):   # not glibc (musl has no mallopt)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 @dataclass(frozen=True)

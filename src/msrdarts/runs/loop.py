@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data import load_dataset, resolve_workers
-from ..device import Accel, resolve_device, tune_cpu_allocator
+from ..device import Accel, resolve_device
 from ..distributed import Dist
 from ..errors import CheckpointError, MsrdartsError, NonFiniteLoss, WriteError
 from ..views.plots import plot_run_quietly
@@ -170,8 +170,6 @@ class EpochRun:
         self.data = data
         self.prepare(data)
         self.accel = Accel.resolve(device, cfg.amp, cfg.channels_last, cfg.compile, self.cpu_channels_last())
-        if device.type == "cpu" and tune_cpu_allocator():
-            log("CPU memory: freed blocks kept for reuse (glibc mallopt; see msrdarts.device.tune_cpu_allocator)")
         self.net, self.model = self.build(data)   # identical on every rank (same seed)
         loader_gen = torch.Generator().manual_seed(cfg.seed)
         self.shard = {"rank": dist.rank, "world": dist.world}
