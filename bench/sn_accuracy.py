@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from msrdarts.config import get_preset
 from msrdarts.nn.ops import OpConv
 from msrdarts.nn.spectral import ConvSpectralNorm
+from msrdarts.nn.spectral_batch import _sn
 from msrdarts.runs.search import SearchRun
 
 
@@ -49,11 +50,7 @@ def true_norms(convs: list[OpConv]) -> list[float]:
 
 
 def normalised_convs(net) -> list[tuple[OpConv, ConvSpectralNorm]]:
-    pairs = []
-    for m in net.modules():
-        if isinstance(m, OpConv) and hasattr(m, "parametrizations"):
-            pairs += [(m, p) for p in m.parametrizations.weight if isinstance(p, ConvSpectralNorm)]
-    return pairs
+    return [(m, _sn(m)) for m in net.modules() if isinstance(m, OpConv) and _sn(m) is not None]
 
 
 class Probe(SearchRun):

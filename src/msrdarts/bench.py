@@ -399,9 +399,10 @@ def _train_setup(variant: str, genotype: str, layers: int, channels: int, batch_
 def _train_step(net: Any, opt: Any, forward: Any, accel: Accel, x: torch.Tensor, y: torch.Tensor,
                 params: list | None = None) -> None:
     """One training step as :class:`msrdarts.runs.train.TrainRun` runs it (loss + 0.4 x auxiliary loss)."""
+    from .runs.train import auxiliary_criterion
+
     with accel.autocast():
-        logits, aux = forward(x)
-        loss = torch.nn.functional.cross_entropy(logits, y) + 0.4 * torch.nn.functional.cross_entropy(aux, y)
+        loss, _ = auxiliary_criterion(0.4)(forward(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params if params is not None else list(net.parameters()), 5.0)

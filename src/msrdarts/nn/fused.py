@@ -42,7 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from ..genotype import edge_index
-from .kernels import CompiledTaps, DepthwiseRunner, _Geometry
+from .kernels import CompiledTaps, DepthwiseRunner, _Geometry, is_channels_last
 from .ops import DilConv, OpConv, SepConv
 from .spectral_batch import SpectralBatch, _Slice
 
@@ -101,7 +101,7 @@ def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     batched matmul (faster than a grouped conv on CPU); keeps channels_last inputs channels_last."""
     B, _, H, W = x.shape
     m, c_out, c_in = w.shape
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+    if not is_channels_last(x):
         y = torch.einsum("mdc,bmcl->bmdl", w, x.reshape(B, m, c_in, H * W))     # a (m, d, b, l)-ordered view
         return y.contiguous().view(B, m * c_out, H, W)   # BN, ReLU and convs are slow on that order
     xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in)                        # a view for NHWC
@@ -145,6 +145,7 @@ class FusedCell:
 
     def __init__(self, cell: nn.Module, batch: SpectralBatch, runner: DepthwiseRunner):
         self.cell = cell
+        self.batch_norms = [m for m in cell.modules() if isinstance(m, _BatchNorm)]
         pairs = edge_index(cell.steps)
         n_ops = len(cell.edges[0].ops)
         self.sources: list[_SourcePlan | None] = []
@@ -232,7 +233,7 @@ class _Recomputed:
         self.calls += 1
         if self.calls == 1:
             return self.fused(s0, s1, list(weights), mix)
-        buffers = [b for m in self.fused.cell.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+        buffers = [b for m in self.fused.batch_norms for b in m.buffers()]   # (.to() replaces buffers: read now)
         kept = [b.clone() for b in buffers]
         try:
             return self.fused(s0, s1, list(weights), mix)

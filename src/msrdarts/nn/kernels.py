@@ -74,8 +74,17 @@ def use_fast_depthwise(x: torch.Tensor, kernel_size: tuple[int, int], stride: tu
     smaller maps per-op overhead dominates. Never for channels_last inputs (PyTorch's channels_last
     depthwise kernels beat both NCHW paths at stride 1; bench/depthwise.py) nor on other devices.
     """
-    return (x.device.type == "cpu" and x.is_contiguous() and stride == (1, 1) and x.shape[-1] * x.shape[-2] >= 256
+    return (x.device.type == "cpu" and not is_channels_last(x) and stride == (1, 1) and x.shape[-1] * x.shape[-2] >= 256
             and not (kernel_size == (3, 3) and dilation == (1, 1)))
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels_last (and not also plain contiguous, as 1x1 maps are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 class _ChannelsCat(torch.autograd.Function):
@@ -87,9 +96,7 @@ class _ChannelsCat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *xs: torch.Tensor) -> torch.Tensor:
         ctx.sizes = [x.shape[1] for x in xs]
-        ctx.formats = [torch.channels_last if x.dim() == 4 and not x.is_contiguous()
-                       and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-                       for x in xs]
+        ctx.formats = [_format_of(x) for x in xs]
         return torch.cat(xs, 1)
 
     @staticmethod
@@ -104,8 +111,7 @@ class _ShiftedView(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
-        ctx.format = torch.channels_last if x.dim() == 4 and not x.is_contiguous() \
-            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        ctx.format = _format_of(x)
         return x[:, :, 1:, 1:]
 
     @staticmethod
