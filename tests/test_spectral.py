@@ -444,9 +444,6 @@ def _dense_channels(conv: OpConv, weight: torch.Tensor) -> list[torch.Tensor]:
             for c in range(weight.shape[0])]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 1, open: the refresh is 3 power iterations from the tracked "
-                   "vector and the circular probe; an exact block Rayleigh-Ritz refresh (commit 94caa73) passed this "
-                   "but was far too slow on the CIFAR-10 search supernet, and was taken back")
 @pytest.mark.parametrize("name", ["dw3_s1_8x8", "dw3_s2_7x7", "dw3_d2_s1_7x7"])
 def test_refresh_finds_a_singular_value_that_overtook_the_tracked_one(name):
     """The tracked vectors sit exactly on each channel's SECOND singular pair (what happens when
@@ -493,9 +490,6 @@ def _trained_supernet():
     return net, opt, pairs, x, y
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 1, open: the refresh is 3 power iterations from the tracked "
-                   "vector and the circular probe; an exact block Rayleigh-Ritz refresh (commit 94caa73) passed this "
-                   "but was far too slow on the CIFAR-10 search supernet, and was taken back")
 def test_refresh_after_training_steps_matches_the_dense_norm_of_every_conv():
     net, opt, pairs, x, y = _trained_supernet()
     worst = 0.0

@@ -35,7 +35,9 @@ from torch.nn.utils import parametrize
 
 from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
-from .spectral import _Dsigma, ConvOperator, ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration, matrix_top_vectors, refresh_vectors, unfold_dsigma
+from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, ConvOperator, ConvSpectralNorm, RefreshInput, block_refresh,
+                       block_step, circular_probe, converge_sigmas, dense_refresh, depthwise_dense, matrix_power_iteration, matrix_top_vectors,
+                       stack_block, unfold_dsigma)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
@@ -71,7 +73,7 @@ class SpectralBatch:
 
     #: Depthwise power iteration uses dense per-channel operators on maps up to this size. On 8x8
     #: maps the dense operators (64 x 64, 9 or 25 nonzeros per column) cost more than the convs.
-    DENSE_MAX_PIXELS = 16
+    DENSE_MAX_PIXELS = DENSE_MAX_PIXELS
 
     def __init__(self, convs: Sequence[OpConv]):
         self.taps = DenseTaps()
@@ -88,7 +90,7 @@ class SpectralBatch:
             sn = _sn(conv)
             key = (tuple(conv.weight.shape) if sn is None else None, conv.in_channels, conv.out_channels,
                    conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.input_hw,
-                   None if sn is None else (sn.matrix, sn.n_power_iterations))
+                   None if sn is None else (sn.matrix, sn.n_power_iterations, sn.block))
             if key not in keys:
                 keys[key] = len(self.groups)
                 self.groups.append([])
@@ -128,10 +130,12 @@ class SpectralBatch:
             self._vector_cache[key] = [sn._buffers for g in bundle for sn in self._norms()[g]]
         slots = self._vector_cache[key]
         us, vs = list(map(operator.itemgetter("u"), slots)), list(map(operator.itemgetter("v"), slots))
+        bases = [slot["basis"] for slot in slots] if "basis" in slots[0] else []
         linked = self._linked.get(key)
-        if linked is not None and all(map(operator.is_, us, linked.us)) and all(map(operator.is_, vs, linked.vs)):
+        if (linked is not None and all(map(operator.is_, us, linked.us)) and all(map(operator.is_, vs, linked.vs))
+                and all(map(operator.is_, bases, linked.bases))):
             return linked
-        return _Vectors(us, vs)
+        return _Vectors(us, vs, bases)
 
     @torch.no_grad()
     def link(self) -> None:
@@ -145,11 +149,14 @@ class SpectralBatch:
             vectors = self._vectors(bundle)
             if not vectors.packable():
                 continue
-            flat = (vectors.u(), vectors.v())
+            flat = (vectors.u(), vectors.v(), vectors.basis())
             us, vs = vectors.unpack(flat[0], vectors.us), vectors.unpack(flat[1], vectors.vs)
-            for sn, u, v in zip((sn for g in bundle for sn in self._norms()[g]), us, vs):
+            bases = vectors.unpack(flat[2], vectors.bases) if vectors.bases else []
+            for k, (sn, u, v) in enumerate(zip((sn for g in bundle for sn in self._norms()[g]), us, vs)):
                 sn._buffers["u"], sn._buffers["v"] = u, v
-            self._linked[tuple(bundle)] = _Vectors(us, vs, flat)
+                if bases:
+                    sn._buffers["basis"] = bases[k]
+            self._linked[tuple(bundle)] = _Vectors(us, vs, bases, flat)
 
     def weights(self, training: bool) -> list[torch.Tensor]:
         """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
@@ -201,7 +208,7 @@ class SpectralBatch:
         return self._bundles
 
     def _bundle_key(self, g: int, sn: ConvSpectralNorm) -> tuple:
-        iteration = (sn.n_power_iterations, sn.eps)
+        iteration = (sn.n_power_iterations, sn.eps, sn.block)
         if sn.matrix:
             return ("matrix", *iteration)
         same_padding = all(2 * sn.padding[i] == sn.dilation[i] * (sn.kernel_size[i] - 1) for i in range(2))
@@ -213,7 +220,7 @@ class SpectralBatch:
         """The buffers of group g's convs (or of its ``convs``), packed apart from their bundle."""
         sns = self._norms()[g]
         sns = sns if convs is None else [sns[i] for i in convs]
-        return _Vectors([sn.u for sn in sns], [sn.v for sn in sns])
+        return _Vectors([sn.u for sn in sns], [sn.v for sn in sns], [sn.basis for sn in sns if sn.block > 1])
 
     @torch.no_grad()
     def converge(self, tol: float = 1e-7, max_iterations: int = 500) -> None:
@@ -237,22 +244,40 @@ class SpectralBatch:
             converge_sigmas(sigmas, len(sns), tol, max_iterations)
 
     @torch.no_grad()
-    def refresh(self, iterations: int = 3) -> None:
+    def refresh(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL) -> None:
         """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
-        in one batched ``eigh`` per group; the depthwise convs of a group refresh as one grouped
-        conv (:meth:`_refresh_depthwise`); any other conv runs its own refresh."""
-        for g, sns in enumerate(self._norms()):
-            if sns[0] is None:
+        in one batched ``eigh`` per group; the other convs run one :func:`block_refresh` (up to
+        ``iterations`` Krylov steps, converged to ``tol``) per block size, each bundle's convs as one
+        grouped conv (their channels are independent operators, so the N convs of C channels of a
+        group are one depthwise conv of N*C channels) and the Ritz problems of all of them solved
+        together: a few hundred small operations per refresh, not per conv."""
+        jobs: dict[int, list[tuple[RefreshInput, _Vectors, ConvSpectralNorm, ConvOperator]]] = {}
+        for bundle in self.bundles():
+            sn = self._norms()[bundle[0]][0]
+            if sn.matrix:
+                for g in bundle:
+                    self._exact_matrix_vectors(g)
                 continue
-            if sns[0].matrix:
-                self._exact_matrix_vectors(g)
-            elif sns[0].depthwise:
-                self._refresh_depthwise(g, iterations)
-            else:
-                for w, sn in zip(self._raws(g), sns):
-                    sn.refresh(w.detach(), iterations)
-            if not sns[0].matrix:   # what drift() compares against (it leaves the 1x1 convs out)
+            parts = [_Part(g, self._norms()[g][0], _wide(torch.stack(self._raws(g)).detach())) for g in bundle]
+            for g in bundle:     # what drift() compares against (it leaves the 1x1 convs out)
                 self._refreshed[g] = torch.stack(self._raws(g)).detach().clone()
+            if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
+                self._refresh_dense(parts, self._vectors(bundle))
+                continue
+            geo, wd = _union_kernel(parts)
+            groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
+            op = ConvOperator(wd, geo, sn.input_hw, groups)
+            vectors = self._vectors(bundle)
+            rows = [vectors.u().view(groups, 1, -1)]
+            if vectors.basis() is not None:
+                rows.append(vectors.basis().view(groups, sn.block - 1, -1))
+            rows.append(circular_probe(wd, sn.input_hw, geo.dilation, groups, sn.eps).view(groups, 1, -1))
+            jobs.setdefault(sn.block, []).append((RefreshInput(op.A_rows, op.At_rows, torch.cat(rows, 1).to(wd.dtype)),
+                                                  vectors, sn, op))
+        for block, items in jobs.items():
+            results = block_refresh([item[0] for item in items], block, iterations, tol, items[0][2].eps)
+            for (_, vectors, sn, op), (u, v, basis) in zip(items, results):
+                vectors.write(u, v, basis if block > 1 else None)
 
     @torch.no_grad()
     def drift(self) -> float:
@@ -269,19 +294,18 @@ class SpectralBatch:
             worst.append(((w - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
         return float(torch.stack(worst).max()) if worst else 0.0
 
-    def _refresh_depthwise(self, g: int, iterations: int) -> None:
-        """:meth:`ConvSpectralNorm.refresh` of group g's N depthwise convs at once. Their channels
-        are independent operators, so the N convs of C channels are one depthwise conv of N*C
-        channels: the same probe (the circular top vector of each channel), the same iterations,
-        the same choice per channel (one call instead of N: the whole refresh of the quick preset's
-        supernet went from 0.6 s to 0.1 s)."""
-        sn = self._norms()[g][0]
-        w = torch.stack(self._raws(g)).detach().flatten(0, 1)                           # (N*C, 1, k, k)
-        n = w.shape[0]
-        vectors = self._group_vectors(g)
-        probe = circular_probe(w, sn.input_hw, sn.dilation, n, sn.eps)
-        op = ConvOperator(w, _Geometry.of(sn), sn.input_hw, n)
-        vectors.write(*refresh_vectors(vectors.u().view(1, n, *sn.input_hw), probe, op, iterations, sn.eps))
+    def _refresh_dense(self, parts: list["_Part"], vectors: "_Vectors") -> None:
+        """:func:`dense_refresh` of a bundle of depthwise convs on small maps, all channels at once."""
+        sn = parts[0].sn
+        M = torch.cat([depthwise_dense(p.w.flatten(0, 1), _Geometry.of(p.sn), sn.input_hw, self.taps) for p in parts])
+        C, hw = M.shape[:2]
+        rows = [vectors.u().view(C, 1, hw)]
+        if vectors.basis() is not None:
+            rows.append(vectors.basis().view(C, sn.block - 1, hw))
+        rows.append(torch.cat([circular_probe(p.w.flatten(0, 1), sn.input_hw, p.sn.dilation, p.w.shape[0] * p.w.shape[1],
+                                              sn.eps) for p in parts], 1).view(C, 1, hw))
+        u, v, basis = dense_refresh(M, torch.cat(rows, 1).to(M.dtype), sn.block, sn.eps)
+        vectors.write(u, v, basis if sn.block > 1 else None)
 
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
@@ -335,10 +359,17 @@ class SpectralBatch:
             for p, T, rows in zip(parts, taps, M.split(channels)):
                 torch.mm(p.w.reshape(rows.shape[0], -1), T, out=rows)
             M = M.view(-1, hw, L)
-            for _ in range(iterations):
-                v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=eps)
-                u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=eps)
-            vectors.write(u, v)
+            basis = vectors.basis()
+            if basis is None:
+                for _ in range(iterations):
+                    v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=eps)
+                    u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=eps)
+            else:                                                       # (sum N*C, b-1, HW): block steps
+                basis = basis.view(u.shape[0], -1, hw)
+                for _ in range(iterations):
+                    Z = torch.bmm(stack_block(u, basis), M)
+                    u, v, basis = block_step(Z, torch.bmm(Z, M.mT), eps)
+            vectors.write(u, v, basis)
         # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
         outer = (u.unsqueeze(2) * v.unsqueeze(1)).view(-1, hw * L).split(channels)
         return [_Dsigma((o @ T.mT).view_as(p.w), p.sn.groups) for o, T, p in zip(outer, taps, parts)]
@@ -353,8 +384,10 @@ class SpectralBatch:
         v = vectors.v().view(1, -1, *_Geometry.of(sn).out_size(sn.input_hw))
         if iterations:
             geo, wd = _union_kernel(parts)                                          # (sum N*Co, Ci/g, K, K)
-            u, v = ConvOperator(wd, geo, sn.input_hw, groups).power_iterate(u, iterations, sn.eps)
-            vectors.write(u, v)
+            basis = vectors.basis()
+            basis = None if basis is None else basis.view(groups, sn.block - 1, -1)
+            u, v, basis = ConvOperator(wd, geo, sn.input_hw, groups).power_iterate(u, iterations, sn.eps, basis)
+            vectors.write(u, v, basis)
         if all(p.sn.depthwise for p in parts):
             # One conv of u with v for all parts, far cheaper than unfolding u. ConvSpectralNorm.dsigma
             # (the reference forward, every step) keeps the unfold form: the conv sums in another
@@ -388,9 +421,9 @@ class _Vectors:
     is free and writing is one copy; otherwise a concatenation and a foreach copy.
     """
 
-    def __init__(self, us: list[torch.Tensor], vs: list[torch.Tensor],
-                 flat: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.us, self.vs, self.flat = us, vs, flat
+    def __init__(self, us: list[torch.Tensor], vs: list[torch.Tensor], bases: list[torch.Tensor] | None = None,
+                 flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None):
+        self.us, self.vs, self.bases, self.flat = us, vs, bases or [], flat
 
     def u(self) -> torch.Tensor:
         return self.flat[0] if self.flat is not None else self._pack(self.us)
@@ -398,9 +431,15 @@ class _Vectors:
     def v(self) -> torch.Tensor:
         return self.flat[1] if self.flat is not None else self._pack(self.vs)
 
+    def basis(self) -> torch.Tensor | None:
+        """The block iterations' bases (None where the convs track one vector)."""
+        if not self.bases:
+            return None
+        return self.flat[2] if self.flat is not None else self._pack(self.bases)
+
     def packable(self) -> bool:
         """Whether the buffers can share one tensor (one dtype and device)."""
-        return len({(t.dtype, t.device) for t in self.us + self.vs}) == 1
+        return len({(t.dtype, t.device) for t in self.us + self.vs + self.bases}) == 1
 
     @staticmethod
     def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -412,9 +451,11 @@ class _Vectors:
         return [p.view(t.shape) for p, t in zip(packed.split([t.numel() for t in like]), like)]
 
     @torch.no_grad()
-    def write(self, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Store u and v (any shapes holding the packed elements in order) into the buffers."""
-        for new, buffers, which in ((u, self.us, 0), (v, self.vs, 1)):
+    def write(self, u: torch.Tensor, v: torch.Tensor, basis: torch.Tensor | None = None) -> None:
+        """Store u, v and the basis (any shapes holding the packed elements in order) into the buffers."""
+        for new, buffers, which in ((u, self.us, 0), (v, self.vs, 1), (basis, self.bases, 2)):
+            if new is None or not buffers:
+                continue
             if self.flat is None:
                 torch._foreach_copy_(buffers, self.unpack(new.reshape(-1), buffers))
             elif new is not self.flat[which]:

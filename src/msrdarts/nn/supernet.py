@@ -23,7 +23,7 @@ from ..primitives import MSR_PRIMITIVES, can_fuse, fusable_ops, get_primitive
 from .fused import FusedSuperNet, fused_conv_order
 from .spectral_batch import SpectralBatch
 from .ops import OpConv, Stem, cell_preprocess, get_op, record_input_sizes, reduction_layers
-from .spectral import apply_spectral_norm
+from .spectral import REFRESH_STEPS, apply_spectral_norm
 
 #: mixer(net, cell) -> the (edges, ops) mixing weights of the cell, or None for plain sums.
 Mixer = Callable[[nn.Module, nn.Module], "torch.Tensor | None"]
@@ -226,7 +226,7 @@ class SuperNet(nn.Module):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
 
-    def refresh_spectral_norms(self, iterations: int = 3) -> None:
+    def refresh_spectral_norms(self, iterations: int = REFRESH_STEPS) -> None:
         """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, the 1x1
         convs batched per shape (the search loop calls it every ``sn_refresh_every`` steps)."""
         self._spectral.refresh(iterations)
