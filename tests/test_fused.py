@@ -18,6 +18,8 @@ from msrdarts.methods.msr import msr_genotype, use_srsoftmax
 from msrdarts.methods.stable_rank import stable_rank_table
 from msrdarts.nn.supernet import SuperNet
 
+from _reference import dense_of, op_norm
+
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
@@ -35,6 +37,18 @@ def _pair(mixing="sum", **kw):
 
 def _state(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _normalised(net):
+    return [(m, m.parametrizations.weight[0]) for m in net.modules()
+            if isinstance(m, OpConv) and parametrize.is_parametrized(m, "weight")]
+
+
+def _span(basis: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projector onto the span of each group's basis rows (groups, b-1, n): the
+    tracked subspace, which rounding cannot move, where the rows themselves may rotate within it."""
+    q = torch.linalg.qr(basis.double().mT).Q
+    return q @ q.mT
 
 
 @pytest.mark.parametrize("stem, size", [("cifar", 16), ("imagenet", 64)])
@@ -208,8 +222,9 @@ def test_compile_failure_falls_back_to_eager_with_one_message():
     assert len(messages) == 1 and "backend exploded" in messages[0] and "--compile off" in messages[0]
 
 
-def test_batched_refresh_equals_each_convs_own_refresh():
-    """SuperNet.refresh_spectral_norms (1x1 convs in one eigh per shape) = every conv's own refresh."""
+def test_batched_refresh_and_each_convs_own_refresh_both_reach_the_dense_norm():
+    """SuperNet.refresh_spectral_norms (1x1 convs in one eigh per shape, the rest in one block
+    Krylov refresh) and every conv's own refresh both find each conv's true operator norm."""
     from msrdarts.nn.spectral import refresh_spectral_norms
 
     torch.manual_seed(4)
@@ -220,11 +235,19 @@ def test_batched_refresh_equals_each_convs_own_refresh():
     other = copy.deepcopy(net)
     net.refresh_spectral_norms()
     refresh_spectral_norms(other)
-    n_matrix = 0
-    for (name, a), b in zip(net.named_buffers(), other.buffers()):
-        if a.dim() == 1 and name.endswith((".u", ".v")):   # a 1x1 conv's singular vector: up to sign
-            a = a * torch.sign((a * b).sum())
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    # The batched refresh runs each bundle as one grouped conv and stops its Krylov cycles when every
+    # group of every bundle has converged, so its vectors differ from the per-conv ones; both must
+    # match the dense operator.
+    n_matrix = n_conv = 0
+    worst = 0.0
+    for (c, a), (_, b) in zip(_normalised(net), _normalised(other)):
+        w = c.parametrizations.weight.original.detach()
+        true = op_norm(dense_of(c, weight=w))
+        worst = max(worst, true / float(a.sigma(w)) - 1, true / float(b.sigma(w)) - 1)
+        n_conv += 1
+    # the weights moved by 0.3 * randn, as far as new ones: one refresh (6 Krylov steps at most) from
+    # stale vectors is within 0.5 %; the training-step tests check what a search sees
+    assert n_conv > 100 and worst < 5e-3, worst
     for c in net.modules():
         if isinstance(c, OpConv) and c.kernel_size == (1, 1):   # 1x1: exact again after the refresh
             sn = c.parametrizations.weight[0]
@@ -245,8 +268,15 @@ def test_fused_path_follows_buffers_that_to_replaced():
     for _ in range(2):
         ref(x.float()), fused(x.float())
     sr, sf = _state(ref), _state(fused)
-    for k in sr:
-        torch.testing.assert_close(sf[k], sr[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in sr:   # the tracked vectors: float32 rounding may turn them within a near-repeated top
+        if not k.endswith((".u", ".v", ".basis")):   # singular value, so compare what they give
+            torch.testing.assert_close(sf[k], sr[k], rtol=1e-4, atol=1e-5, msg=k)
+    for (c, a), (_, b) in zip(_normalised(fused), _normalised(ref)):
+        w = c.parametrizations.weight.original.detach()
+        torch.testing.assert_close(a._group_sigmas(w), b._group_sigmas(w), rtol=1e-4, atol=0)
+        if a.block > 1:   # the same tracked subspace
+            block = lambda sn: torch.cat([sn.u.reshape(sn.groups, 1, -1), sn.basis], 1)
+            torch.testing.assert_close(_span(block(a)), _span(block(b)), rtol=0, atol=1e-2)
 
 
 def test_linked_vectors_are_one_tensor_per_bundle_and_replaced_buffers_still_count():
@@ -258,9 +288,11 @@ def test_linked_vectors_are_one_tensor_per_bundle_and_replaced_buffers_still_cou
     assert sorted(g for b in bundles for g in b) == [g for g, sns in enumerate(batch._norms()) if sns[0] is not None]
     assert any(len(b) > 1 for b in bundles)
     for bundle in bundles:
-        u_flat, v_flat = batch._linked[tuple(bundle)].flat
+        u_flat, v_flat, basis_flat = batch._linked[tuple(bundle)].flat
         sns = [sn for g in bundle for sn in batch._norms()[g]]
         assert all(sn.u._base is u_flat and sn.v._base is v_flat for sn in sns)
+        assert (basis_flat is None) == all(sn.block == 1 for sn in sns)
+        assert basis_flat is None or all(sn.basis._base is basis_flat for sn in sns)
         # each buffer is its own slice of the packed tensor: no overlaps, all of it covered
         assert sum(sn.u.numel() for sn in sns) == u_flat.numel()
         assert len({sn.u.data_ptr() for sn in sns}) == len(sns)

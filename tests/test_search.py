@@ -166,11 +166,17 @@ def test_checkpoint_from_before_pointwise_vectors_resumes_with_exact_ones(full_r
     assert pointwise
     for k in pointwise:
         del ckpt["model"][k + ".u"], ckpt["model"][k + ".v"]
+    bases = [k for k in ckpt["model"] if k.endswith(".basis")]   # and before block power iteration
+    assert bases
+    for k in bases:
+        del ckpt["model"][k]
     torch.save(ckpt, old / "checkpoint.pt")
     (old / "checkpoint.prev.pt").unlink()
     logs = []
-    run_search(TINY, old, resume=True, log=logs.append)
+    res = run_search(TINY, old, resume=True, log=logs.append)
     assert any("were set to the exact ones" in m and f"their {len(pointwise)} vectors" in m for m in logs)
+    assert any("before block power iteration" in m and f"{len(bases)} convs" in m for m in logs)
+    assert len(res.history) == TINY.epochs
     del ckpt["model"][next(k for k in ckpt["model"] if k.endswith("running_mean"))]
     torch.save(ckpt, old / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="does not match this network \\(missing 1 entries"):

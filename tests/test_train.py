@@ -161,7 +161,11 @@ def test_imagenet_preset_trains_and_evaluates_a_streamed_folder(tmp_path):
     assert (preset.layers, preset.channels, preset.label_smoothing, preset.weight_decay) == (14, 48, 0.1, 3e-5)
     cfg = replace(preset, genotype="MSR_DARTS", data=str(tmp_path / "inet"), image_size=72, layers=3, channels=4,
                   epochs=3, warmup_epochs=2, batch_size=4, workers=0, device="cpu", progress=False)
-    result = run_train(cfg, tmp_path / "run", log=quiet)
+    # torch 2.14.1's oneDNN corrupts the heap in mkldnn_convolution_backward_weights on some AMD EPYC
+    # hosts with this run ("corrupted size vs. prev_size", abort; gdb backtrace in the closing note of
+    # issue 18); PyTorch's native CPU convs are used here instead. Not our code: with oneDNN off it passes.
+    with torch.backends.mkldnn.flags(enabled=False):
+        result = run_train(cfg, tmp_path / "run", log=quiet)
     assert [h["lr"] for h in result.history][:2] == [pytest.approx(0.05), pytest.approx(0.1)]  # linear warm-up
     res = result.results
     assert res["input_size"] == 72 and res["dataset"] == "imagenet"

@@ -4,10 +4,12 @@
 linear map on its actual input shape (C_in, H, W), with its zero padding, stride, dilation and
 groups: not the norm of the reshaped kernel matrix. A 1x1 conv without padding has the operator
 norm of its C_out x C_in matrix on any input, so its sigma comes from plain matrix power
-iteration (as in the authors' code). Other convs (the depthwise ones) use power iteration with
-``conv2d`` (A) and ``conv_transpose2d`` (A^T), one vector per channel group. The vectors persist
-across steps and in checkpoints, start converged, and are checked against an exact or fresh
-answer every few steps (see :class:`ConvSpectralNorm`).
+iteration (as in the authors' code). Other convs (the depthwise ones) use block power iteration
+with ``conv2d`` (A) and ``conv_transpose2d`` (A^T): per channel group a block of vectors tracks the
+top singular subspace (:func:`block_step`), so a singular value that overtakes the tracked one is
+followed at once. The vectors persist across steps and in checkpoints, start converged, and are
+recomputed every few steps by a restarted block Krylov refresh (:func:`block_refresh`, or
+:func:`dense_refresh` on small maps; see :class:`ConvSpectralNorm`).
 
 The parametrization is registered with ``torch.nn.utils.parametrize``: ``conv.weight`` is the
 normalised weight, ``conv.parametrizations.weight.original`` the trained one.
@@ -15,8 +17,9 @@ normalised weight, ``conv.parametrizations.weight.original`` the trained one.
 The batched form for whole networks is :mod:`msrdarts.nn.spectral_batch`.
 
 One home each, for both paths: the probe a refresh starts from (:func:`circular_probe`), the
-conv operator and its power iteration (:class:`ConvOperator`), the refresh's choice between
-probe and tracked vector (:func:`refresh_vectors`), the convergence loop at construction
+conv operator and its power iteration (:class:`ConvOperator`), the block step
+(:func:`block_step`), the refreshes (:func:`block_refresh`, :func:`dense_refresh`), the
+convergence loop at construction
 (:func:`converge_sigmas`), the unfold form of G (:func:`unfold_dsigma`) and sigma = <W, G>
 (:meth:`_Dsigma.sigmas`). The batch keeps two faster forms of G for its depthwise groups (dense
 operators on small maps, one conv of u with v on larger ones): they sum in another order than the
@@ -138,33 +141,6 @@ def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def _top_eigenvector(S: torch.Tensor, squarings: int = 8) -> torch.Tensor:
-    """A unit top eigenvector of each symmetric PSD (..., b, b) ``S``, without ``eigh`` (6x slower
-    batched on the CPU): S^(2^squarings), trace-normalised, is the projector onto the top
-    eigenvectors up to (l2/l1)^256; its column with the largest diagonal is one (a vector of the
-    top eigenspace where the top eigenvalue repeats, which serves as well)."""
-    P = S
-    for _ in range(squarings):
-        P = P / P.diagonal(dim1=-2, dim2=-1).sum(-1).abs().clamp_min(torch.finfo(P.dtype).tiny)[..., None, None]
-        P = P @ P
-    col = P.diagonal(dim1=-2, dim2=-1).argmax(-1)
-    x = torch.take_along_dim(P, col[..., None, None].expand(*P.shape[:-1], 1), -1)[..., 0]
-    return F.normalize(x, dim=-1)
-
-
-def _top_eigenvectors(T: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top ``k`` eigenpairs of each symmetric PSD (..., r, r) ``T`` by deflation:
-    (values (..., k) descending, vectors (..., r, k))."""
-    values, vectors = [], []
-    for _ in range(k):
-        x = _top_eigenvector(T)
-        lam = (x.unsqueeze(-2) @ T @ x.unsqueeze(-1))[..., 0, 0]
-        values.append(lam)
-        vectors.append(x)
-        T = T - lam[..., None, None] * (x.unsqueeze(-1) * x.unsqueeze(-2))
-    return torch.stack(values, -1), torch.stack(vectors, -1)
-
-
 def stack_block(u: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """The block (groups, b, n) of vectors a block iteration tracks: u (groups, n) first, then the
     rest of the tracked subspace, ``basis`` (groups, b-1, n)."""
@@ -205,9 +181,11 @@ def _cols_lower_inverse(L: torch.Tensor) -> torch.Tensor:
 
 
 def _cols_top_eigenvector(S: torch.Tensor, squarings: int = 8) -> torch.Tensor:
-    """:func:`_top_eigenvector` of each (b, b) slice of ``S`` (b, b, G): (b, G), unit columns.
-    (Reductions over a tiny axis, as ``argmax`` or ``normalize`` would run, cost 20x more on the
-    CPU than these few loops over b.)"""
+    """A unit top eigenvector of each (b, b) slice of the column-batched symmetric PSD ``S``
+    (b, b, G), as (b, G): S^(2^squarings), trace-normalised, is the projector onto the top
+    eigenvectors up to (l2/l1)^(2^squarings); its column with the largest diagonal is one (a vector
+    of the top eigenspace where the top eigenvalue repeats, which serves as well). Reductions over a
+    tiny axis, as ``argmax`` or ``normalize`` would run, cost 20x more on the CPU than these loops."""
     P, b = S, S.shape[0]
     for _ in range(squarings):
         trace = sum(P[i, i] for i in range(b))                       # (G,)
@@ -543,22 +521,27 @@ class ConvSpectralNorm(nn.Module):
     - 1x1 convs without padding (the pointwise convs): the operator is the C_out x C_in matrix on
       any input, so u (C_in,) and v (C_out,) are plain matrix power-iteration vectors. They start
       at the exact top singular vectors, and :meth:`refresh` resets them to the exact ones.
-    - other convs: power iteration with conv2d / conv_transpose2d, one unit vector per group
-      (per channel for depthwise convs, whose operator is block-diagonal), sigma = max over
-      groups. The vectors start at the circular-boundary top singular vectors, are iterated to
-      convergence at construction, persist across steps (buffers ``u``, ``v``), and advance
-      ``n_power_iterations`` per training forward. :meth:`refresh` (called every few steps by
-      the search loop through :func:`refresh_spectral_norms`) iterates a probe started at the
-      current circular top vector and keeps, per group, whichever of the probe and ``u`` gives
-      the larger sigma: a singular value that overtakes the tracked one is caught within a few
-      steps instead of hundreds, and since both are lower bounds of the true norm, the choice
-      adds no bias.
+    - other convs: block power iteration with conv2d / conv_transpose2d per group (per channel
+      for depthwise convs, whose operator is block-diagonal), sigma = max over groups. Each group
+      tracks ``block`` unit vectors (u and the rows of buffer ``basis``, (groups, block-1, n)): each
+      training forward applies A^T A to them ``n_power_iterations`` times and keeps the best vector
+      of their span as u (:func:`block_step`), so that a singular value overtaking the tracked one,
+      which happens where the top ones are close, is already in the block. The vectors start at
+      the circular-boundary top singular vectors and are iterated to convergence at construction.
+      :meth:`refresh` (every few steps, through :func:`refresh_spectral_norms` or the batched
+      :meth:`msrdarts.nn.spectral_batch.SpectralBatch.refresh`) recomputes the top singular
+      vectors by a restarted block Krylov method (:func:`block_refresh`) from the block, the
+      circular top vector and a random vector, or from the dense operator of a depthwise conv on
+      at most :data:`DENSE_MAX_PIXELS` pixels (:func:`dense_refresh`); a group keeps its vectors
+      where that does not raise its estimate, so a refresh never lowers one. ``block=1`` is plain
+      power iteration (no ``basis`` buffer).
 
     Args:
         conv: the conv whose ``weight`` this will parametrize (its geometry is copied).
         input_hw: spatial size of the conv's input.
         n_power_iterations: iterations per training forward.
         target: the operator norm to normalise to (C in the paper, 1 by default).
+        block: vectors tracked per group for non-1x1 convs (3 by default; 1x1 convs track 1).
     """
 
     def __init__(self, conv: nn.Conv2d, input_hw: tuple[int, int], n_power_iterations: int = 1,
@@ -704,9 +687,13 @@ def apply_spectral_norm(model: nn.Module, n_power_iterations: int = 1, target: f
 def fill_missing_matrix_vectors(model: nn.Module, missing_keys: list[str]) -> list[str]:
     """Checkpoints written before 1x1 convs had power-iteration vectors lack their ``u`` and
     ``v``: set those to the exact top singular vectors of the loaded weights (what the old code
-    computed every step). Returns the missing keys this accounts for."""
+    computed every step). Checkpoints written before block power iteration lack the ``basis`` of
+    the other convs: those keep their start value. Returns the missing keys this accounts for."""
     missing, filled = set(missing_keys), []
     for name, sn in model.named_modules():
+        if isinstance(sn, ConvSpectralNorm) and sn.block > 1 and f"{name}.basis" in missing:
+            filled.append(f"{name}.basis")   # written before block iteration: the start basis serves,
+            continue                         # the block steps turn it to the tracked subspace
         keys = [f"{name}.u", f"{name}.v"]
         if isinstance(sn, ConvSpectralNorm) and sn.matrix and all(k in missing for k in keys):
             conv = model.get_submodule(name.rsplit(".parametrizations.", 1)[0])

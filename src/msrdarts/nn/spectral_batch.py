@@ -7,10 +7,15 @@ and each group advances the persistent power-iteration vectors of all its convs 
 gathered from and written back to the convs' own buffers:
 
 - pointwise C x C matrices (N of them): batched matrix-vector products, (N, C, C) x (N, C);
-- depthwise kernels with the same (C, k, dilation, stride, input size): on maps of at most 16
-  pixels (``SpectralBatch.DENSE_MAX_PIXELS``), batched products with each channel's dense
-  (H*W, H'*W') operator (:class:`msrdarts.nn.kernels.DenseTaps`); on larger maps a single
+- depthwise kernels with the same (C, k, dilation, stride, input size): block power iteration
+  (:func:`msrdarts.nn.spectral.block_step`, the u, v and basis buffers) on maps of at most 16
+  pixels (``SpectralBatch.DENSE_MAX_PIXELS``) by batched products with each channel's dense
+  (H*W, H'*W') operator (:class:`msrdarts.nn.kernels.DenseTaps`), on larger maps by a single
   grouped conv and transposed conv over the N*C channels.
+
+A refresh (:meth:`SpectralBatch.refresh`) recomputes all of them: exact vectors for the pointwise
+convs, the dense refresh on small maps, and one restarted block Krylov refresh for all other
+bundles at once (:func:`msrdarts.nn.spectral.block_refresh`).
 
 Groups are ordered so that the weights one fused conv needs are a contiguous slice: no gather
 per use. On small maps several groups iterate as one bundle (:meth:`SpectralBatch.bundles`), and
@@ -223,11 +228,13 @@ class SpectralBatch:
         return _Vectors([sn.u for sn in sns], [sn.v for sn in sns], [sn.basis for sn in sns if sn.block > 1])
 
     @torch.no_grad()
-    def converge(self, tol: float = 1e-7, max_iterations: int = 500) -> None:
+    def converge(self, tol: float = 1e-6, max_iterations: int = 500) -> None:
         """Converge every group's vectors, as each ConvSpectralNorm would alone at construction,
         one batched computation per group: the exact top singular vectors of the 1x1 convs;
-        power iteration for the others until each sigma changes by at most ``tol`` (relative)
-        over 10 iterations."""
+        for the others a refresh (:meth:`refresh`, which starts their tracked subspaces near the
+        answer in a few Krylov steps), then block power iteration until each sigma changes by at
+        most ``tol`` (relative) over 10 iterations."""
+        self.refresh(REFRESH_STEPS, tol)
         for g, sns in enumerate(self._norms()):
             if sns[0] is None:
                 continue
@@ -285,7 +292,7 @@ class SpectralBatch:
         normalised conv's weight W since its last refresh W_r: how far the power iterations'
         vectors may be from the top singular pair. One number, one sync. The 1x1 convs are left
         out: their matrix power iteration lags least, and the trigger was sized on the depthwise
-        convs (``bench/sn_accuracy.sh``). Before the first refresh: 0."""
+        convs (``bench/sn_accuracy.sh``). The first reference is the refresh at construction."""
         worst = []
         for g, ref in self._refreshed.items():
             w = torch.stack(self._raws(g)).detach()

@@ -154,9 +154,13 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
         if missing or unexpected:
             raise CheckpointError(f"{path} does not match this network (missing {len(missing)} entries, e.g. "
                                   f"{missing[:1]}; unexpected {len(unexpected)}, e.g. {unexpected[:1]})")
-        if legacy:
-            log(f"{path}: written before 1x1 convs had power-iteration vectors; their {len(legacy) // 2} "
+        matrix = [k for k in legacy if not k.endswith(".basis")]
+        if matrix:
+            log(f"{path}: written before 1x1 convs had power-iteration vectors; their {len(matrix) // 2} "
                 f"vectors were set to the exact ones of the loaded weights")
+        if len(matrix) < len(legacy):
+            log(f"{path}: written before block power iteration; {len(legacy) - len(matrix)} convs start their "
+                f"tracked subspace afresh (the next refresh sets it)")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
