@@ -307,10 +307,11 @@ def dense_refresh(M: torch.Tensor, start: torch.Tensor, block: int, eps: float
     (groups, n, m), and ``start`` (groups, block+1, n) as for :func:`block_refresh`. The top
     ``block`` eigenvectors of A^T A = M M^T (n x n, float64) by :func:`_ritz` from the start rows
     (and a random one where n allows), so no Krylov basis. Returns (u, v, basis) as it does."""
-    x0 = _with_random(start, eps)[:, :max(1, min(block + 2, M.shape[1]))]
+    x0 = _with_random(start, eps)[:, :max(block, min(block + 2, M.shape[1]))]   # no more than n where n allows
     wide = torch.float64
     Q, T, ok = _ritz_space((M @ M.mT).to(wide), x0.to(wide).mT)
     c = Q @ _top_pairs(T, block)[0]
+    ok = ok & torch.isfinite(c.sum((1, 2)))          # fewer dimensions than vectors: some rows fail
     c = torch.where(ok[:, None, None], c, torch.zeros_like(c))
     new = F.normalize(c.mT.to(M.dtype), dim=-1, eps=eps)                            # (groups, block, n)
     return _refreshed(x0, new, (x0[:, :1] @ M)[:, 0], (new[:, :1] @ M)[:, 0], ok, block, eps)
