@@ -241,16 +241,6 @@ def depthwise_dense(w: torch.Tensor, geo: _Geometry, input_hw: tuple[int, int], 
     return (w.reshape(w.shape[0], -1) @ T.reshape(T.shape[0], -1)).view(w.shape[0], *T.shape[1:])
 
 
-class RefreshInput(NamedTuple):
-    """One operator for :func:`block_refresh`: A and A^T on blocks of vectors per group
-    ((groups, r, n) -> (groups, r, m) and back) and the rows to start from (groups, block+1, n):
-    the tracked u, its basis and a probe."""
-
-    A: Callable[[torch.Tensor], torch.Tensor]
-    At: Callable[[torch.Tensor], torch.Tensor]
-    start: torch.Tensor
-
-
 def _ritz_space(S: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An orthonormal basis Q (groups, p, s) of the approximate top-s eigenspace of each symmetric
     PSD (groups, p, p) ``S`` (float64), the projection T = Q^T S Q as column-batched (s, s, groups),
