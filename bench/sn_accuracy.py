@@ -1,6 +1,7 @@
 """How close to 1 the spectral norms hold during a real search (issue 18, item 1).
 
-    python bench/sn_accuracy.py [--preset quick] [--epochs 2] [--every 1] [--lr LR]
+    python bench/sn_accuracy.py [--preset quick] [--epochs 2] [--every 1] [--lr LR] [--batch-size B]
+        [--sn-refresh-every N] [--sn-refresh-depthwise-every M]
 
 Runs a real MSR-DARTS search (the preset's optimiser, data and refresh schedule; nothing mocked)
 and, after every ``--every``-th training forward, reads every spectrally normalised conv's weight as
@@ -62,12 +63,14 @@ class Probe(SearchRun):
     def build(self, data):
         net, wrapped = super().build(data)
         pairs = normalised_convs(net)
-        counter = {"forward": 0, "refreshed": None, "refreshes": 0}
+        counter = {"forward": 0, "refreshed": None, "refreshes": 0, "pointwise_refreshed": None}
         refresh = net.refresh_spectral_norms
 
-        def counted_refresh() -> None:   # the loop's refreshes (periodic and on drift), counted
-            refresh()
-            counter["refreshed"], counter["refreshes"] = counter["forward"], counter["refreshes"] + 1
+        def counted_refresh(**kw) -> None:   # the loop's refreshes (periodic and on drift), counted
+            refresh(**kw)
+            counter["pointwise_refreshed"] = counter["forward"]
+            if kw.get("depthwise", True):      # all convs' refresh; else the 1x1 convs' only
+                counter["refreshed"], counter["refreshes"] = counter["forward"], counter["refreshes"] + 1
 
         net.refresh_spectral_norms = counted_refresh
 
@@ -84,8 +87,9 @@ class Probe(SearchRun):
             depthwise = [d for d, (_, sn) in zip(dev, pairs) if not sn.matrix]
             pointwise = [d for d, (_, sn) in zip(dev, pairs) if sn.matrix]
             since = None if counter["refreshed"] is None else step - counter["refreshed"]
+            since_pw = None if counter["pointwise_refreshed"] is None else step - counter["pointwise_refreshed"]
             row = {"forward": step, "epoch": step // len(self.train_loader) + 1, "steps_since_refresh": since,
-                   "refreshes": counter["refreshes"],
+                   "steps_since_pointwise_refresh": since_pw, "refreshes": counter["refreshes"],
                    "worst": max(map(abs, dev)), "median": statistics.median(map(abs, dev)),
                    "worst_depthwise": max(map(abs, depthwise)), "worst_pointwise": max(map(abs, pointwise)),
                    "drift": net.spectral_drift(), "convs": len(dev)}
@@ -103,17 +107,27 @@ def main() -> None:
     p.add_argument("--every", type=int, default=1, help="check every N-th training forward")
     p.add_argument("--lr", type=float, default=None, help="the weight learning rate (default: the preset's)")
     p.add_argument("--sn-iterations", type=int, default=None, help="power iterations per forward (default: the preset's)")
-    p.add_argument("--sn-refresh-every", type=int, default=None, help="steps between refreshes (default: the preset's)")
+    p.add_argument("--sn-refresh-every", type=int, default=None,
+                   help="steps between the 1x1 convs' refreshes (default: the preset's)")
+    p.add_argument("--sn-refresh-depthwise-every", type=int, default=None,
+                   help="steps between all convs' refreshes (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the preset's; smaller: more steps per epoch, so longer stretches between the "
+                        "refreshes at each epoch's first step")
     p.add_argument("--sn-refresh-drift", type=float, default=None, help="refresh on this weight drift (default: the preset's)")
     args = p.parse_args()
     cfg = replace(get_preset(args.preset), epochs=args.epochs, progress="off", plots=False, tensorboard=False,
                   device="cpu")
     cfg = replace(cfg, **{k: v for k, v in (("lr", args.lr), ("sn_iterations", args.sn_iterations),
                                             ("sn_refresh_every", args.sn_refresh_every),
+                                            ("sn_refresh_depthwise_every", args.sn_refresh_depthwise_every),
+                                            ("batch_size", args.batch_size),
                                             ("sn_refresh_drift", args.sn_refresh_drift)) if v is not None})
     print(json.dumps({"preset": args.preset, "epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
                       "weight_decay": cfg.weight_decay, "sn_iterations": cfg.sn_iterations,
-                      "sn_refresh_every": cfg.sn_refresh_every, "sn_refresh_drift": cfg.sn_refresh_drift, "layers": cfg.layers, "channels": cfg.channels,
+                      "sn_refresh_every": cfg.sn_refresh_every,
+                      "sn_refresh_depthwise_every": cfg.sn_refresh_depthwise_every,
+                      "sn_refresh_drift": cfg.sn_refresh_drift, "layers": cfg.layers, "channels": cfg.channels,
                       "batch_size": cfg.batch_size, "dataset": cfg.dataset}), flush=True)
     Probe.every = args.every
     with tempfile.TemporaryDirectory() as out:

@@ -111,9 +111,12 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
                 "sn_overhead_fused", "gflop_s_fused", "gb_s_fused", "copy_gb_s", "matmul_gflop_s",
                 "stable_rank_table_and_derivation_ms", "sn_refresh_ms", "sn_overhead_fused_with_refresh"):
         assert out[key] > 0, key
+    # 10 and 50: every 10th step the 1x1 convs' refresh, every 50th the full one, amortised
+    assert (out["sn_refresh_every"], out["sn_refresh_depthwise_every"]) == (10, 50)
+    assert out["sn_refresh_ms_per_step"] == pytest.approx(
+        out["sn_refresh_ms"] / 50 + out["sn_refresh_pointwise_ms"] * 4 / 50, rel=0.02, abs=0.01)
     assert out["sn_overhead_fused_with_refresh"] == pytest.approx(
-        (out["ms_per_step_fused"] + out["sn_refresh_ms"] / out["sn_refresh_every"]) / out["ms_per_step_fused_no_sn"],
-        rel=0.01)
+        (out["ms_per_step_fused"] + out["sn_refresh_ms_per_step"]) / out["ms_per_step_fused_no_sn"], rel=0.01)
     assert out["speedup_fused_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fused"],
                                                              rel=0.01)
 
@@ -132,12 +135,13 @@ def test_bench_method_step_is_the_searchs_step():
         assert all(not torch.equal(a, b) for a, b in zip(arch, net.arch_parameters())), method
         assert any(not torch.equal(a, b) for a, b in zip(weights, net.weight_parameters())), method
     net, opt, hook, x, y, cfg = _method_setup("msr", "msr", 3, 4, 4, 8, 1, "cpu", 0)
-    assert hook is None and cfg.spectral_norm and cfg.sn_refresh_every == 10
+    assert hook is None and cfg.spectral_norm and (cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every) == (10, 50)
     calls = []
-    net.refresh_spectral_norms = lambda *a: calls.append(1)
-    for i in range(20):
+    net.refresh_spectral_norms = lambda **kw: calls.append((i, kw.get("depthwise", True)))
+    for i in range(101):
         _method_step(net, opt, hook, x, y, cfg, i)
-    assert len(calls) == 2
+    assert calls == [(0, True), (10, False), (20, False), (30, False), (40, False), (50, True), (60, False),
+                     (70, False), (80, False), (90, False), (100, True)]
 
 
 def test_bench_method_rejects_unknown_method(capsys):

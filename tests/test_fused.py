@@ -258,6 +258,37 @@ def test_batched_refresh_and_each_convs_own_refresh_both_reach_the_dense_norm():
     assert n_matrix > 0
 
 
+def test_pointwise_refresh_makes_the_1x1_convs_exact_and_leaves_the_others_alone():
+    """refresh_spectral_norms(depthwise=False), the search's refresh every --sn-refresh-every steps:
+    each 1x1 conv's sigma becomes its matrix's largest singular value (SVD), and no other conv's
+    vectors move (nor the drift reference, which belongs to the depthwise refresh)."""
+    torch.manual_seed(5)
+    net = SuperNet(10, 3, 4, 8, in_channels=1).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    drift = net.spectral_drift()
+    convs = [c for c in net.modules() if isinstance(c, OpConv) and parametrize.is_parametrized(c, "weight")]
+    before = {id(c): [b.clone() for b in c.parametrizations.weight[0].buffers()] for c in convs}
+    stale = max(1 - float(c.parametrizations.weight[0].sigma(c.parametrizations.weight.original.detach()))
+                / float(torch.linalg.svdvals(c.parametrizations.weight.original.detach().flatten(1))[0])
+                for c in convs if c.kernel_size == (1, 1))
+    assert stale > 1e-3       # the weights moved: the 1x1 convs' vectors are no longer the top ones
+    net.refresh_spectral_norms(depthwise=False)
+    n_matrix = n_other = 0
+    for c in convs:
+        sn = c.parametrizations.weight[0]
+        w = c.parametrizations.weight.original.detach()
+        if c.kernel_size == (1, 1):
+            true = float(torch.linalg.svdvals(w.flatten(1))[0])
+            assert float(sn.sigma(w)) == pytest.approx(true, rel=1e-10)
+            n_matrix += 1
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(before[id(c)], sn.buffers()))
+            n_other += 1
+    assert n_matrix > 10 and n_other > 10 and net.spectral_drift() == drift > 0
+
+
 def test_fused_path_follows_buffers_that_to_replaced():
     """.to() gives the modules new buffer tensors: the fused path must update those, not stale ones."""
     ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=8, stem="cifar", mixing="sum")

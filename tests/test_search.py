@@ -304,10 +304,12 @@ def test_second_order_darts_on_the_darts_space_never_picks_none(tmp_path):
         get_method("darts").validate(replace(cfg, spectral_norm=True))
 
 
-@pytest.mark.parametrize("drift, expected", [(0.0, "one per epoch"), (1e-9, "one per step")])
-def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, drift, expected):
-    """--sn-refresh-every 1000 refreshes at each epoch's first step only; a drift trigger below any
-    real step's weight change refreshes after every step as well."""
+@pytest.mark.parametrize("every, depthwise_every, drift", [(1000, 1000, 0.0), (1000, 1000, 1e-9), (2, 3, 0.0)])
+def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, every, depthwise_every, drift):
+    """Refreshes after weight step s (from 0 within each epoch): all convs' where s is a multiple of
+    --sn-refresh-depthwise-every, else the 1x1 convs' only where s is a multiple of
+    --sn-refresh-every; a drift trigger below any real step's weight change refreshes all convs
+    after every step."""
     from msrdarts.runs.search import SearchRun
 
     calls, steps = [], []
@@ -316,14 +318,20 @@ def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, 
         def build(self, data):
             net, wrapped = super().build(data)
             refresh = net.refresh_spectral_norms
-            net.refresh_spectral_norms = lambda: (calls.append(len(steps)), refresh())
+            net.refresh_spectral_norms = lambda **kw: (calls.append((len(steps), kw.get("depthwise", True))),
+                                                       refresh(**kw))
             net.register_forward_hook(lambda m, a, o: steps.append(1) if m.training else None)
             return net, wrapped
 
-    cfg = replace(TINY, sn_refresh_every=1000, sn_refresh_drift=drift)
+    cfg = replace(TINY, sn_refresh_every=every, sn_refresh_depthwise_every=depthwise_every, sn_refresh_drift=drift)
     Counting.start(cfg, tmp_path / "run", log=quiet)
     assert len(read_history(tmp_path / "run")) == cfg.epochs and len(steps) > 2 * cfg.epochs
-    if expected == "one per epoch":      # after the first step of each epoch
-        assert calls == [1, len(steps) // cfg.epochs + 1]
-    else:                                # after every step
-        assert calls == list(range(1, len(steps) + 1))
+    per_epoch = len(steps) // cfg.epochs
+    if drift:                      # after every step, all convs
+        expected = [(n, True) for n in range(1, len(steps) + 1)]
+    else:                          # forward n (from 1) is step n - 1 of its epoch, counted in the epoch
+        expected = [(n, (n - 1) % per_epoch % depthwise_every == 0) for n in range(1, len(steps) + 1)
+                    if (n - 1) % per_epoch % depthwise_every == 0 or (n - 1) % per_epoch % every == 0]
+    assert calls == expected
+    if (every, depthwise_every) == (2, 3):   # steps 0 all, 1 none, 2 pointwise, 3 all, (next epoch) 0 all
+        assert per_epoch == 4 and calls[:4] == [(1, True), (3, False), (4, True), (5, True)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ from .device import Accel, resolve_device
 from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
+from .runs.search import refresh_spectral_norms_due
 
 VARIANTS = ("reference", "fused", "fused_no_sn", "fused_checkpoint_cells")
 
@@ -144,16 +146,22 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
             times[v] += time_search_step(models[v], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 1,
                                          opt=opts[v], forward=forwards[v], accel=accel)
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
-    # The spectral-norm refresh the search loop runs every sn_refresh_every steps, on the weights the
-    # timed steps moved; amortised into the overhead below.
-    refresh_every = SearchConfig().sn_refresh_every
-    refresh_times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        models["fused"].refresh_spectral_norms()
-        _sync(dev)
-        refresh_times.append(time.perf_counter() - t0)
-    refresh_ms = 1000 * statistics.median(refresh_times)
+    # The spectral-norm refreshes of the search loop (refresh_spectral_norms_due), on the weights the
+    # timed steps moved, amortised into the overhead below: the 1x1 convs' every sn_refresh_every
+    # steps, all convs' every sn_refresh_depthwise_every steps, the latter timed at its full length
+    # (every Krylov step, tol 0: an upper bound).
+    cfg = SearchConfig()
+    refresh_ms = {}
+    for kind, kwargs in (("pointwise", {"depthwise": False}), ("all", {"tol": 0.0})):
+        t = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            models["fused"].refresh_spectral_norms(**kwargs)
+            _sync(dev)
+            t.append(time.perf_counter() - t0)
+        refresh_ms[kind] = 1000 * statistics.median(t)
+    pw, dw = cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every
+    refresh_per_step = (refresh_ms["all"] / dw + refresh_ms["pointwise"] * (1 / pw - 1 / math.lcm(pw, dw)))
 
     # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some),
     # depthwise weight gradients counted correctly (torch's counter has them C times too high).
@@ -179,8 +187,9 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "ms_per_step_fused_checkpoint_cells": round(ms["fused_checkpoint_cells"], 1),
         "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
-        "sn_refresh_ms": round(refresh_ms, 1), "sn_refresh_every": refresh_every,
-        "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_ms / refresh_every) / ms["fused_no_sn"], 3),
+        "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
+        "sn_refresh_every": pw, "sn_refresh_depthwise_every": dw, "sn_refresh_ms_per_step": round(refresh_per_step, 2),
+        "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_per_step) / ms["fused_no_sn"], 3),
         "images_per_s_fused": round(batch_size / (ms["fused"] / 1000), 1),
         "gflop_per_step": round(flops / 1e9, 2),
         "gflop_s_reference": round(flops / ms["reference"] / 1e6, 2),
@@ -305,12 +314,11 @@ def _method_setup(method: str, space: str, layers: int, channels: int, batch_siz
 
 def _method_step(net: Any, opt: Any, hook: Any, x: torch.Tensor, y: torch.Tensor, cfg: Any, i: int) -> None:
     """One search step as the loop runs it: the method's step first, then the weights', then the
-    spectral-norm refresh every ``sn_refresh_every`` steps (its cost amortised in the timing)."""
+    spectral-norm refreshes on the search's schedule (their cost amortised in the timing)."""
     if hook is not None:
         hook(i, x, y)
     _step(net, opt, x, y, net.weight_parameters())
-    if cfg.spectral_norm and (i + 1) % cfg.sn_refresh_every == 0:
-        net.refresh_spectral_norms()
+    refresh_spectral_norms_due(net, cfg, i)
 
 
 def bench_methods(methods: list[str], space: str = "msr", layers: int = 8, channels: int = 16, batch_size: int = 64,
@@ -344,7 +352,8 @@ def bench_methods(methods: list[str], space: str = "msr", layers: int = 8, chann
     for m in methods:
         ms = 1000 * statistics.median(times[m])
         row = {"ms_per_step": round(ms, 1), "images_per_s": round(batch_size / ms * 1000, 1),
-               "sn_refresh_every": setups[m][5].sn_refresh_every if setups[m][5].spectral_norm else None}
+               "sn_refresh_every": setups[m][5].sn_refresh_every if setups[m][5].spectral_norm else None,
+               "sn_refresh_depthwise_every": setups[m][5].sn_refresh_depthwise_every if setups[m][5].spectral_norm else None}
         if memory:
             args = json.dumps([m, space, layers, channels, batch_size, input_size, in_channels, device, seed])
             code = f"import json, msrdarts.bench as b; print(json.dumps(b._method_peak_child(*json.loads({args!r}))))"

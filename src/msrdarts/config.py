@@ -137,9 +137,13 @@ class SearchConfig(_DataConfig):
                            "the same function either way")
     spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
-    sn_refresh_every: int = _f(10, "steps between refreshes of the power iterations: pointwise convs reset to their "
-                                   "exact top singular vectors, depthwise convs checked against a fresh "
-                                   "circular-boundary start (catches singular values that overtake)")
+    sn_refresh_every: int = _f(10, "steps between resets of the pointwise (1x1) convs' power iterations to their exact "
+                                   "top singular vectors (one batched eigh per shape; counted within the epoch, "
+                                   "from its first step)")
+    sn_refresh_depthwise_every: int = _f(50, "steps between block Krylov refreshes of the other (depthwise) convs' "
+                                             "tracked top-3 singular subspaces, which catch a singular value "
+                                             "outside the block that overtakes (counted as --sn-refresh-every; "
+                                             "the block power iteration holds them in between: BENCHMARKS.md)")
     sn_refresh_drift: float = _f(0.0, "also refresh as soon as some conv's weight has moved by more than this fraction "
                                       "(relative Frobenius norm) since the last refresh; 0: off. Costs more refreshes "
                                       "(BENCHMARKS.md, spectral norms during a search)")
@@ -198,7 +202,7 @@ class SearchConfig(_DataConfig):
         """Raise ConfigError naming the first invalid field; return self. The chosen method checks
         its own settings on top (``Method.validate``)."""
         check_positive(**{n: getattr(self, n) for n in ("batch_size", "epochs", "sn_iterations", "sn_refresh_every",
-                                                       "partial_channels")})
+                                                       "sn_refresh_depthwise_every", "partial_channels")})
         if not isinstance(self.arch_start, int) or isinstance(self.arch_start, bool) or self.arch_start < 0:
             raise ConfigError(f"--arch-start={self.arch_start!r}: must be an integer >= 0 (epochs of warm-up)")
         check_network(self.layers, self.channels)

@@ -207,6 +207,34 @@ def _cols_complement(x: torch.Tensor) -> torch.Tensor:
     return eye - (2 / ww) * w[1:, None] * w[None, :]
 
 
+def block_grams(Z: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gram matrices Z Z^T and Y Y^T of the blocks (groups, b, m) and (groups, b, n), column-batched
+    (b, b, groups): the input of :func:`block_coefficients`, which many operators' grams
+    concatenated along the last axis share."""
+    return (Z @ Z.mT).permute(1, 2, 0), (Y @ Y.mT).permute(1, 2, 0)
+
+
+def block_coefficients(gz: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """The b x b part of :func:`block_step`, from :func:`block_grams` (b, b, groups): per group the
+    rows c^T (groups, b, b) that make the new u (row 0) and basis (rows 1..) of Y, identity where
+    the Cholesky of Z Z^T fails."""
+    b, tiny = gz.shape[0], torch.finfo(gz.dtype).tiny
+    jitter = (64 * torch.finfo(gz.dtype).eps / b) * sum(gz[i, i] for i in range(b)).clamp_min(tiny)
+    gz = gz + torch.eye(b, dtype=gz.dtype, device=gz.device).unsqueeze(-1) * jitter
+    Li = _cols_lower_inverse(_cols_cholesky(gz))
+    x = _cols_top_eigenvector(_cols_mm(_cols_mm(Li, gy.contiguous()), Li.transpose(0, 1).contiguous()))   # (b, groups)
+    C = _cols_mm(torch.cat([x.unsqueeze(0), _cols_complement(x)]), Li).permute(2, 0, 1)  # rows c^T
+    ok = torch.isfinite(C.sum((1, 2)))[:, None, None]                              # (groups, 1, 1)
+    return torch.where(ok, C, torch.eye(b, dtype=C.dtype, device=C.device))      # else: each row alone
+
+
+def block_update(C: torch.Tensor, Z: torch.Tensor, Y: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u, v, basis) of :func:`block_step` from its coefficients C (:func:`block_coefficients`)."""
+    new = F.normalize(C @ Y, dim=-1, eps=eps)                                  # u, then the basis
+    return new[:, 0], F.normalize((C[:, :1] @ Z)[:, 0], dim=-1, eps=eps), new[:, 1:]
+
+
 @torch.no_grad()
 def block_step(Z: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of block power iteration, per group, from the images Z = A X (groups, b, m) and
@@ -220,18 +248,10 @@ def block_step(Z: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[torch.Tens
     rest of the Rayleigh-Ritz subspace, so the block follows the top-b singular subspace and a
     singular value that overtakes the tracked one is in the block when it does. A group whose
     Cholesky fails (a zero or degenerate block) takes the plain power iteration of each row instead.
+    The b x b problems of several operators can be solved together: :func:`block_grams`,
+    :func:`block_coefficients` on the concatenation, :func:`block_update` per operator.
     """
-    b, tiny = Z.shape[1], torch.finfo(Z.dtype).tiny
-    gz, gy = (Z @ Z.mT).permute(1, 2, 0), (Y @ Y.mT).permute(1, 2, 0).contiguous()   # (b, b, groups)
-    jitter = (64 * torch.finfo(Z.dtype).eps / b) * sum(gz[i, i] for i in range(b)).clamp_min(tiny)
-    gz = gz + torch.eye(b, dtype=gz.dtype, device=gz.device).unsqueeze(-1) * jitter
-    Li = _cols_lower_inverse(_cols_cholesky(gz))
-    x = _cols_top_eigenvector(_cols_mm(_cols_mm(Li, gy), Li.transpose(0, 1).contiguous()))   # (b, groups)
-    C = _cols_mm(torch.cat([x.unsqueeze(0), _cols_complement(x)]), Li).permute(2, 0, 1)  # rows c^T
-    ok = torch.isfinite(C.sum((1, 2)))[:, None]                                 # (groups, 1)
-    C = torch.where(ok[..., None], C, torch.eye(b, dtype=C.dtype, device=C.device))  # else: each row alone
-    new = F.normalize(C @ Y, dim=-1, eps=eps)                                  # u, then the basis
-    return new[:, 0], F.normalize((C[:, :1] @ Z)[:, 0], dim=-1, eps=eps), new[:, 1:]
+    return block_update(block_coefficients(*block_grams(Z, Y)), Z, Y, eps)
 
 
 def depthwise_dense(w: torch.Tensor, geo: _Geometry, input_hw: tuple[int, int], taps: DenseTaps) -> torch.Tensor:

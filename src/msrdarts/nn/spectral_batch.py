@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,10 @@ from torch.nn.utils import parametrize
 
 from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
-from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, ConvOperator, ConvSpectralNorm, RefreshInput, block_refresh,
-                       block_step, circular_probe, converge_sigmas, dense_refresh, depthwise_dense, matrix_power_iteration, matrix_top_vectors,
-                       stack_block, unfold_dsigma)
+from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, ConvOperator, ConvSpectralNorm,
+                       RefreshInput, block_coefficients, block_grams, block_refresh, block_step, block_update,
+                       circular_probe, converge_sigmas, dense_refresh, depthwise_dense, matrix_power_iteration,
+                       matrix_top_vectors, stack_block, unfold_dsigma)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
@@ -175,11 +176,14 @@ class SpectralBatch:
         normalised, grads = [], []
         with torch.autocast(out[0].device.type, enabled=False):                   # norms always in fp32+
             wide = {g: _wide(out[g]) for bundle in self.bundles() for g in bundle}
+            work = []                                           # (parts, vectors, iterations left to run)
             for bundle in self.bundles():
                 parts = [_Part(g, norms[g][0], wide[g].detach()) for g in bundle]
-                iterations = parts[0].sn.n_power_iterations if training else 0
-                grads += self._sigma_grads(parts, self._vectors(bundle), iterations)
+                work.append((parts, self._vectors(bundle), parts[0].sn.n_power_iterations if training else 0))
                 normalised += bundle
+            self._iterate_blocks([job for job in work if job[2] and self._tracks_block(job[0], job[1])])
+            for parts, vectors, iterations in work:
+                grads += self._sigma_grads(parts, vectors, 0 if self._tracks_block(parts, vectors) else iterations)
             if normalised:
                 scaled = _Normalize.apply(grads, [self._targets(g, wide[g]) for g in normalised],
                                           *[wide[g] for g in normalised])
@@ -251,19 +255,23 @@ class SpectralBatch:
             converge_sigmas(sigmas, len(sns), tol, max_iterations)
 
     @torch.no_grad()
-    def refresh(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL) -> None:
+    def refresh(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL, depthwise: bool = True) -> None:
         """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
-        in one batched ``eigh`` per group; the other convs run one :func:`block_refresh` (up to
-        ``iterations`` Krylov steps, converged to ``tol``) per block size, each bundle's convs as one
-        grouped conv (their channels are independent operators, so the N convs of C channels of a
-        group are one depthwise conv of N*C channels) and the Ritz problems of all of them solved
-        together: a few hundred small operations per refresh, not per conv."""
+        in one batched ``eigh`` per group; the other convs (only where ``depthwise``) run one
+        :func:`block_refresh` (up to ``iterations`` Krylov steps, converged to ``tol``) per block
+        size, each bundle's convs as one grouped conv (their channels are independent operators,
+        so the N convs of C channels of a group are one depthwise conv of N*C channels) and the
+        Ritz problems of all of them solved together: a few hundred small operations per refresh,
+        not per conv. The search refreshes the 1x1 convs more often than the others (their one
+        power-iteration vector lags most, and their refresh costs least)."""
         jobs: dict[int, list[tuple[RefreshInput, _Vectors, ConvSpectralNorm, ConvOperator]]] = {}
         for bundle in self.bundles():
             sn = self._norms()[bundle[0]][0]
             if sn.matrix:
                 for g in bundle:
                     self._exact_matrix_vectors(g)
+                continue
+            if not depthwise:
                 continue
             parts = [_Part(g, self._norms()[g][0], _wide(torch.stack(self._raws(g)).detach())) for g in bundle]
             for g in bundle:     # what drift() compares against (it leaves the 1x1 convs out)
@@ -318,6 +326,63 @@ class SpectralBatch:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
         w = torch.stack(self._raws(g)).detach()
         self._group_vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
+
+    def _tracks_block(self, parts: list["_Part"], vectors: "_Vectors") -> bool:
+        """Whether a bundle runs block power iteration (:func:`block_step`): its convs are not 1x1
+        and keep a basis."""
+        return not parts[0].sn.matrix and vectors.basis() is not None
+
+    def _block_rows(self, parts: list["_Part"]) -> tuple[Callable, Callable, int]:
+        """A and A^T of a block-iterating bundle on blocks of rows per group, (groups, b, n) ->
+        (groups, b, m) and back, and its group count: dense per-channel operators on small maps
+        (A x = x M), else the bundle as one grouped conv (:class:`ConvOperator`)."""
+        sn = parts[0].sn
+        if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
+            taps = [self.taps(p.sn.kernel_size, p.sn.stride, p.sn.padding, p.sn.dilation, p.sn.input_hw, p.w.dtype,
+                              p.w.device) for p in parts]
+            hw, L = taps[0].shape[1:]
+            channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
+            M = parts[0].w.new_empty(sum(channels), hw * L)
+            for p, T, rows in zip(parts, taps, M.split(channels)):
+                torch.mm(p.w.reshape(rows.shape[0], -1), T.view(T.shape[0], hw * L), out=rows)
+            M = M.view(-1, hw, L)
+            return (lambda X: torch.bmm(X, M)), (lambda Z: torch.bmm(Z, M.mT)), M.shape[0]
+        geo, wd = _union_kernel(parts)
+        groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
+        op = ConvOperator(wd, geo, sn.input_hw, groups)
+        return op.A_rows, op.At_rows, groups
+
+    @torch.no_grad()
+    def _iterate_blocks(self, jobs: list[tuple[list["_Part"], "_Vectors", int]]) -> None:
+        """The power iterations of the block-iterating bundles ``jobs`` (parts, vectors, iterations),
+        as :func:`block_step` would run them one bundle at a time, with the b x b problems of all
+        bundles (of one block size and dtype) solved together (:func:`block_coefficients`): a
+        block step's cost is mostly those few hundred small operations, the same for 500 channels
+        as for 5,000."""
+        by_kind: dict[tuple, list] = {}
+        for parts, vectors, iterations in jobs:
+            A, At, groups = self._block_rows(parts)
+            u = vectors.u().view(groups, -1)
+            basis = vectors.basis().view(groups, parts[0].sn.block - 1, -1)
+            by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
+                {"A": A, "At": At, "u": u, "basis": basis, "v": None, "left": iterations, "vectors": vectors,
+                 "eps": parts[0].sn.eps})
+        for items in by_kind.values():
+            while True:
+                active = [it for it in items if it["left"] > 0]
+                if not active:
+                    break
+                images = []
+                for it in active:
+                    Z = it["A"](stack_block(it["u"], it["basis"]))
+                    images.append((Z, it["At"](Z)))
+                grams = [block_grams(Z, Y) for Z, Y in images]
+                C = block_coefficients(torch.cat([g[0] for g in grams], -1), torch.cat([g[1] for g in grams], -1))
+                for it, (Z, Y), C_it in zip(active, images, C.split([Z.shape[0] for Z, _ in images])):
+                    it["u"], it["v"], it["basis"] = block_update(C_it, Z, Y, it["eps"])
+                    it["left"] -= 1
+            for it in items:
+                it["vectors"].write(it["u"], it["v"], it["basis"])
 
     @torch.no_grad()
     def _sigma_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:

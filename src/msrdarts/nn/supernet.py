@@ -23,7 +23,7 @@ from ..primitives import MSR_PRIMITIVES, can_fuse, fusable_ops, get_primitive
 from .fused import FusedSuperNet, fused_conv_order
 from .spectral_batch import SpectralBatch
 from .ops import OpConv, Stem, cell_preprocess, get_op, record_input_sizes, reduction_layers
-from .spectral import REFRESH_STEPS, apply_spectral_norm
+from .spectral import REFRESH_STEPS, REFRESH_TOL, apply_spectral_norm
 
 #: mixer(net, cell) -> the (edges, ops) mixing weights of the cell, or None for plain sums.
 Mixer = Callable[[nn.Module, nn.Module], "torch.Tensor | None"]
@@ -226,10 +226,13 @@ class SuperNet(nn.Module):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
 
-    def refresh_spectral_norms(self, iterations: int = REFRESH_STEPS) -> None:
-        """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, the 1x1
-        convs batched per shape (the search loop calls it every ``sn_refresh_every`` steps)."""
-        self._spectral.refresh(iterations)
+    def refresh_spectral_norms(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL,
+                               depthwise: bool = True) -> None:
+        """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, batched
+        (:meth:`msrdarts.nn.spectral_batch.SpectralBatch.refresh`); with ``depthwise=False`` the 1x1
+        convs only. The search loop refreshes the 1x1 convs every ``sn_refresh_every`` steps and
+        all every ``sn_refresh_depthwise_every`` steps."""
+        self._spectral.refresh(iterations, tol, depthwise)
 
     def spectral_drift(self) -> float:
         """How far the normalised convs' weights moved since the last refresh (relative, worst conv:

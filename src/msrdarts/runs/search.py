@@ -145,6 +145,19 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
     return SearchResult(genotype, final["epoch"], final["valid_acc"], history, out)
 
 
+def refresh_spectral_norms_due(net: SuperNet, cfg: SearchConfig, step: int) -> None:
+    """The search's spectral-norm refresh schedule, after weight step ``step`` (from 0 within the
+    epoch): every ``sn_refresh_every`` steps the 1x1 convs', every ``sn_refresh_depthwise_every``
+    steps (or when some depthwise conv's weight has drifted by ``sn_refresh_drift``) all convs'."""
+    if not cfg.spectral_norm:
+        return
+    if step % cfg.sn_refresh_depthwise_every == 0 or (cfg.sn_refresh_drift and
+                                                      net.spectral_drift() > cfg.sn_refresh_drift):
+        net.refresh_spectral_norms()
+    elif step % cfg.sn_refresh_every == 0:
+        net.refresh_spectral_norms(depthwise=False)
+
+
 class SearchRun(EpochRun):
     kind = "search"
     checkpoint_format = CHECKPOINT_FORMAT
@@ -213,12 +226,8 @@ class SearchRun(EpochRun):
     def train_hooks(self, state: Any) -> dict[str, Any]:
         cfg, net = self.cfg, self.net
 
-        def refresh_sn(step: int) -> None:
-            if cfg.spectral_norm and (step % cfg.sn_refresh_every == 0 or
-                                      (cfg.sn_refresh_drift and net.spectral_drift() > cfg.sn_refresh_drift)):
-                net.refresh_spectral_norms()
-
-        return {"after_step": refresh_sn, "before_step": self.method.step_hook(state.epoch_seed, state.step)}
+        return {"after_step": lambda step: refresh_spectral_norms_due(net, cfg, step),
+                "before_step": self.method.step_hook(state.epoch_seed, state.step)}
 
     def evaluate(self, tag: str) -> dict[str, float]:
         dist, net = self.dist, self.net
