@@ -112,8 +112,7 @@ def main() -> None:
     p.add_argument("--sn-refresh-depthwise-every", type=int, default=None,
                    help="steps between all convs' refreshes (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="default: the preset's; smaller: more steps per epoch, so longer stretches between the "
-                        "refreshes at each epoch's first step")
+                   help="images per step (default: the preset's); smaller: more, noisier steps per epoch")
     p.add_argument("--sn-refresh-drift", type=float, default=None, help="refresh on this weight drift (default: the preset's)")
     args = p.parse_args()
     cfg = replace(get_preset(args.preset), epochs=args.epochs, progress="off", plots=False, tensorboard=False,

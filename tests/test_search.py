@@ -306,8 +306,8 @@ def test_second_order_darts_on_the_darts_space_never_picks_none(tmp_path):
 
 @pytest.mark.parametrize("every, depthwise_every, drift", [(1000, 1000, 0.0), (1000, 1000, 1e-9), (2, 3, 0.0)])
 def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, every, depthwise_every, drift):
-    """Refreshes after weight step s (from 0 within each epoch): all convs' where s is a multiple of
-    --sn-refresh-depthwise-every, else the 1x1 convs' only where s is a multiple of
+    """Refreshes after weight step s (counted from 0 over the whole run): all convs' where s is a
+    multiple of --sn-refresh-depthwise-every, else the 1x1 convs' only where s is a multiple of
     --sn-refresh-every; a drift trigger below any real step's weight change refreshes all convs
     after every step."""
     from msrdarts.runs.search import SearchRun
@@ -326,12 +326,11 @@ def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, 
     cfg = replace(TINY, sn_refresh_every=every, sn_refresh_depthwise_every=depthwise_every, sn_refresh_drift=drift)
     Counting.start(cfg, tmp_path / "run", log=quiet)
     assert len(read_history(tmp_path / "run")) == cfg.epochs and len(steps) > 2 * cfg.epochs
-    per_epoch = len(steps) // cfg.epochs
     if drift:                      # after every step, all convs
         expected = [(n, True) for n in range(1, len(steps) + 1)]
-    else:                          # forward n (from 1) is step n - 1 of its epoch, counted in the epoch
-        expected = [(n, (n - 1) % per_epoch % depthwise_every == 0) for n in range(1, len(steps) + 1)
-                    if (n - 1) % per_epoch % depthwise_every == 0 or (n - 1) % per_epoch % every == 0]
+    else:                          # forward n (from 1) is step n - 1 of the run
+        expected = [(n, (n - 1) % depthwise_every == 0) for n in range(1, len(steps) + 1)
+                    if (n - 1) % depthwise_every == 0 or (n - 1) % every == 0]
     assert calls == expected
-    if (every, depthwise_every) == (2, 3):   # steps 0 all, 1 none, 2 pointwise, 3 all, (next epoch) 0 all
-        assert per_epoch == 4 and calls[:4] == [(1, True), (3, False), (4, True), (5, True)]
+    if (every, depthwise_every) == (2, 3):   # steps 0 all, 1 none, 2 pointwise, 3 all, 4 pointwise (epoch 2)
+        assert len(steps) // cfg.epochs == 4 and calls[:4] == [(1, True), (3, False), (4, True), (5, False)]

@@ -31,7 +31,7 @@ from .device import Accel, resolve_device
 from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
-from .runs.search import refresh_spectral_norms_due
+from .runs.search import refresh_spectral_norms_due, sn_refresh_due
 
 VARIANTS = ("reference", "fused", "fused_no_sn", "fused_checkpoint_cells")
 
@@ -152,7 +152,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     # (every Krylov step, tol 0: an upper bound).
     cfg = SearchConfig()
     refresh_ms = {}
-    for kind, kwargs in (("pointwise", {"depthwise": False}), ("all", {"tol": 0.0})):
+    for kind, kwargs in (("pointwise", {"depthwise": False}), ("all", {"tol": 0.0})):   # as sn_refresh_due names them
         t = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -160,8 +160,8 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
             _sync(dev)
             t.append(time.perf_counter() - t0)
         refresh_ms[kind] = 1000 * statistics.median(t)
-    pw, dw = cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every
-    refresh_per_step = (refresh_ms["all"] / dw + refresh_ms["pointwise"] * (1 / pw - 1 / math.lcm(pw, dw)))
+    cycle = math.lcm(cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every)   # the schedule repeats
+    refresh_per_step = sum(refresh_ms[d] for d in map(lambda s: sn_refresh_due(cfg, s), range(cycle)) if d) / cycle
 
     # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some),
     # depthwise weight gradients counted correctly (torch's counter has them C times too high).
@@ -188,7 +188,8 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
         "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
-        "sn_refresh_every": pw, "sn_refresh_depthwise_every": dw, "sn_refresh_ms_per_step": round(refresh_per_step, 2),
+        "sn_refresh_every": cfg.sn_refresh_every, "sn_refresh_depthwise_every": cfg.sn_refresh_depthwise_every,
+        "sn_refresh_ms_per_step": round(refresh_per_step, 2),
         "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_per_step) / ms["fused_no_sn"], 3),
         "images_per_s_fused": round(batch_size / (ms["fused"] / 1000), 1),
         "gflop_per_step": round(flops / 1e9, 2),

@@ -145,16 +145,25 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
     return SearchResult(genotype, final["epoch"], final["valid_acc"], history, out)
 
 
-def refresh_spectral_norms_due(net: SuperNet, cfg: SearchConfig, step: int) -> None:
-    """The search's spectral-norm refresh schedule, after weight step ``step`` (from 0 within the
-    epoch): every ``sn_refresh_every`` steps the 1x1 convs', every ``sn_refresh_depthwise_every``
-    steps (or when some depthwise conv's weight has drifted by ``sn_refresh_drift``) all convs'."""
+def sn_refresh_due(cfg: SearchConfig, step: int) -> str | None:
+    """The search's spectral-norm refresh schedule: after weight step ``step`` (counted from 0 over
+    the run's epochs, so a resumed run keeps it) "all" convs' refresh every
+    ``sn_refresh_depthwise_every`` steps, else the "pointwise" (1x1) convs' every
+    ``sn_refresh_every`` steps, else None (the drift trigger aside)."""
     if not cfg.spectral_norm:
-        return
-    if step % cfg.sn_refresh_depthwise_every == 0 or (cfg.sn_refresh_drift and
-                                                      net.spectral_drift() > cfg.sn_refresh_drift):
+        return None
+    if step % cfg.sn_refresh_depthwise_every == 0:
+        return "all"
+    return "pointwise" if step % cfg.sn_refresh_every == 0 else None
+
+
+def refresh_spectral_norms_due(net: SuperNet, cfg: SearchConfig, step: int) -> None:
+    """Run the refresh :func:`sn_refresh_due` names, or all convs' where some depthwise conv's
+    weight has drifted by more than ``sn_refresh_drift`` since their last refresh."""
+    due = sn_refresh_due(cfg, step)
+    if due == "all" or (cfg.spectral_norm and cfg.sn_refresh_drift and net.spectral_drift() > cfg.sn_refresh_drift):
         net.refresh_spectral_norms()
-    elif step % cfg.sn_refresh_every == 0:
+    elif due == "pointwise":
         net.refresh_spectral_norms(depthwise=False)
 
 
@@ -222,11 +231,11 @@ class SearchRun(EpochRun):
 
     def begin_epoch(self, epoch: int, fresh: bool) -> None:
         self.method.new_epoch(epoch, fresh)
+        self.epoch = epoch
 
     def train_hooks(self, state: Any) -> dict[str, Any]:
-        cfg, net = self.cfg, self.net
-
-        return {"after_step": lambda step: refresh_spectral_norms_due(net, cfg, step),
+        cfg, net, first = self.cfg, self.net, self.epoch * len(self.train_loader)   # the run's steps so far
+        return {"after_step": lambda step: refresh_spectral_norms_due(net, cfg, first + step),
                 "before_step": self.method.step_hook(state.epoch_seed, state.step)}
 
     def evaluate(self, tag: str) -> dict[str, float]:
