@@ -4,7 +4,8 @@
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, methods,
-#                                     # torchrun-cpu, quick, sn-accuracy
+#                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
+#                                     # sn-accuracy-batch16-dw10
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
@@ -30,3 +31,8 @@ run quick /usr/bin/time -f "%e s wall, %M KB peak resident" msrdarts search --pr
   --no-progress --device cpu
 rm -rf runs/bench-quick
 run sn-accuracy bash bench/sn_accuracy.sh
+# The harsher regime: the quick preset at batch 16 (4x the steps, each noisier), default schedule and
+# the depthwise refresh every 10 steps instead of 50 (no timing figures from these two).
+run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16
+run sn-accuracy-batch16-dw10 python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16 \
+  --sn-refresh-depthwise-every 10

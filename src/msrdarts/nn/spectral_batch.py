@@ -8,14 +8,14 @@ gathered from and written back to the convs' own buffers:
 
 - pointwise C x C matrices (N of them): batched matrix-vector products, (N, C, C) x (N, C);
 - depthwise kernels with the same (C, k, dilation, stride, input size): block power iteration
-  (:func:`msrdarts.nn.spectral.block_step`, the u, v and basis buffers) on maps of at most 16
+  (:func:`msrdarts.nn.block_power.block_step`, the u, v and basis buffers) on maps of at most 16
   pixels (``SpectralBatch.DENSE_MAX_PIXELS``) by batched products with each channel's dense
   (H*W, H'*W') operator (:class:`msrdarts.nn.kernels.DenseTaps`), on larger maps by a single
   grouped conv and transposed conv over the N*C channels.
 
 A refresh (:meth:`SpectralBatch.refresh`) recomputes all of them: exact vectors for the pointwise
 convs, the dense refresh on small maps, and one restarted block Krylov refresh for all other
-bundles at once (:func:`msrdarts.nn.spectral.block_refresh`).
+bundles at once (:func:`msrdarts.nn.block_power.block_refresh`).
 
 Groups are ordered so that the weights one fused conv needs are a contiguous slice: no gather
 per use. On small maps several groups iterate as one bundle (:meth:`SpectralBatch.bundles`), and
@@ -40,10 +40,11 @@ from torch.nn.utils import parametrize
 
 from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
+from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_step, block_update,
+                          dense_refresh, stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, ConvOperator, ConvSpectralNorm,
-                       RefreshInput, block_coefficients, block_grams, block_refresh, block_step, block_update,
-                       circular_probe, converge_sigmas, dense_refresh, depthwise_dense, matrix_power_iteration,
-                       matrix_top_vectors, stack_block, unfold_dsigma)
+                       circular_probe, converge_sigmas, depthwise_dense, matrix_power_iteration, matrix_top_vectors,
+                       unfold_dsigma)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
