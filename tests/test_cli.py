@@ -111,10 +111,10 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
                 "sn_overhead_fused", "gflop_s_fused", "gb_s_fused", "copy_gb_s", "matmul_gflop_s",
                 "stable_rank_table_and_derivation_ms", "sn_refresh_ms", "sn_overhead_fused_with_refresh"):
         assert out[key] > 0, key
-    # 10 and 50: of every 50 steps, one refreshes all convs and 4 the 1x1 convs only
-    assert (out["sn_refresh_every"], out["sn_refresh_depthwise_every"]) == (10, 50)
+    # 5 and 10: of every 10 steps, one refreshes all convs and one the 1x1 convs only
+    assert (out["sn_refresh_every"], out["sn_refresh_depthwise_every"]) == (5, 10)
     assert out["sn_refresh_ms_per_step"] == pytest.approx(
-        (out["sn_refresh_ms"] + 4 * out["sn_refresh_pointwise_ms"]) / 50, rel=0.02, abs=0.01)
+        (out["sn_refresh_ms"] + out["sn_refresh_pointwise_ms"]) / 10, rel=0.02, abs=0.01)
     assert out["sn_overhead_fused_with_refresh"] == pytest.approx(
         (out["ms_per_step_fused"] + out["sn_refresh_ms_per_step"]) / out["ms_per_step_fused_no_sn"], rel=0.01)
     assert out["speedup_fused_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fused"],
@@ -135,13 +135,12 @@ def test_bench_method_step_is_the_searchs_step():
         assert all(not torch.equal(a, b) for a, b in zip(arch, net.arch_parameters())), method
         assert any(not torch.equal(a, b) for a, b in zip(weights, net.weight_parameters())), method
     net, opt, hook, x, y, cfg = _method_setup("msr", "msr", 3, 4, 4, 8, 1, "cpu", 0)
-    assert hook is None and cfg.spectral_norm and (cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every) == (10, 50)
+    assert hook is None and cfg.spectral_norm and (cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every) == (5, 10)
     calls = []
     net.refresh_spectral_norms = lambda **kw: calls.append((i, kw.get("depthwise", True)))
-    for i in range(101):
+    for i in range(21):
         _method_step(net, opt, hook, x, y, cfg, i)
-    assert calls == [(0, True), (10, False), (20, False), (30, False), (40, False), (50, True), (60, False),
-                     (70, False), (80, False), (90, False), (100, True)]
+    assert calls == [(0, True), (5, False), (10, True), (15, False), (20, True)]
 
 
 def test_bench_method_rejects_unknown_method(capsys):

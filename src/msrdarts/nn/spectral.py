@@ -239,6 +239,28 @@ class _Dsigma:
         return base + (self.G.reshape(base.shape[0], self.groups, -1) * coef[..., None]).view_as(base)
 
 
+def polyphase_geometry(kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                       dilation: tuple[int, int], input_hw: tuple[int, int]
+                       ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(padding, dilation, input_hw) of the smallest conv with the same singular values.
+
+    A stride-1 conv with dilation d (per axis), padding a multiple of d, on an input whose sides
+    are multiples of d maps each of the d0*d1 sub-lattices x[a::d0, b::d1] of its input to the
+    same sub-lattice of its output, by the undilated kernel with padding p/d on an (H/d, W/d)
+    map, the same for every sub-lattice: the operator is d0*d1 copies of that one, and each of
+    its singular values appears d0*d1 times. Power iteration on the full operator then tracks a
+    top singular value of multiplicity 4 (dilation 2) with a block of 3 vectors, and loses it
+    when the next cluster of 4 overtakes; on the small one it is single and the problem is 4x
+    smaller (a dil_conv on an 8x8 map becomes a 4x4 one, which the dense path takes). Other convs
+    keep their geometry."""
+    H, W = input_hw
+    if stride != (1, 1) or dilation == (1, 1) or any(
+            n % d or p % d for n, p, d in zip((H, W), padding, dilation)):
+        return tuple(padding), tuple(dilation), (H, W)
+    return ((padding[0] // dilation[0], padding[1] // dilation[1]), (1, 1),
+            (H // dilation[0], W // dilation[1]))
+
+
 class ConvSpectralNorm(nn.Module):
     """Parametrization ``weight -> target * weight / sigma(weight)`` for one conv.
 
@@ -266,7 +288,9 @@ class ConvSpectralNorm(nn.Module):
 
     Args:
         conv: the conv whose ``weight`` this will parametrize (its geometry is copied).
-        input_hw: spatial size of the conv's input.
+        input_hw: spatial size of the conv's input (a dilated stride-1 conv's ``u`` and ``v`` live on
+            the smaller map of :func:`polyphase_geometry`, as do ``input_hw``, ``padding`` and
+            ``dilation`` here).
         n_power_iterations: iterations per training forward.
         target: the operator norm to normalise to (C in the paper, 1 by default).
         block: vectors tracked per group for non-1x1 convs (3 by default; 1x1 convs track 1).
@@ -280,10 +304,11 @@ class ConvSpectralNorm(nn.Module):
             raise ValueError("n_power_iterations must be >= 1")
         if block < 1:
             raise ValueError("block must be >= 1")
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups, self.kernel_size = conv.groups, conv.kernel_size
+        # the geometry whose operator has this conv's singular values (polyphase_geometry)
+        self.stride, self.kernel_size, self.groups = conv.stride, conv.kernel_size, conv.groups
+        self.padding, self.dilation, self.input_hw = polyphase_geometry(conv.kernel_size, conv.stride, conv.padding,
+                                                                        conv.dilation, input_hw)
         self.n_power_iterations, self.target, self.eps = n_power_iterations, target, eps
-        self.input_hw = tuple(input_hw)
         self.matrix = conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
         self.block = 1   # 1x1 convs: one matrix power-iteration vector (their top values are apart)
         self.depthwise = conv.groups == conv.in_channels == conv.out_channels
@@ -430,6 +455,32 @@ def fill_missing_matrix_vectors(model: nn.Module, missing_keys: list[str]) -> li
             sn.v.copy_(v)
             filled += keys
     return filled
+
+
+@torch.no_grad()
+def drop_regridded_vectors(model: nn.Module, state: dict[str, torch.Tensor]
+                           ) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """``state`` without the power-iteration vectors whose shapes no longer match ``model``'s
+    (checkpoints written before :func:`polyphase_geometry`: a dilated conv's vectors on its full
+    map), and the names of those :class:`ConvSpectralNorm` modules, whose vectors
+    :func:`refresh_regridded` recomputes once the rest has loaded."""
+    own, drop = model.state_dict(), set()
+    for name, sn in model.named_modules():
+        if isinstance(sn, ConvSpectralNorm):
+            for b in ("u", "v", "basis"):
+                key = f"{name}.{b}"
+                if key in state and key in own and state[key].shape != own[key].shape:
+                    drop.add(name)
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in drop}, drop
+
+
+@torch.no_grad()
+def refresh_regridded(model: nn.Module, names: set[str]) -> None:
+    """Recompute the vectors of the :class:`ConvSpectralNorm` modules ``names`` (from
+    :func:`drop_regridded_vectors`) for their loaded weights."""
+    for name in sorted(names):
+        conv = model.get_submodule(name.rsplit(".parametrizations.", 1)[0])
+        model.get_submodule(name).refresh(conv.parametrizations.weight.original.detach())
 
 
 def refresh_spectral_norms(model: nn.Module, iterations: int = REFRESH_STEPS) -> None:

@@ -21,7 +21,7 @@ import torch
 from .._io import atomic_write_bytes
 from ..errors import CheckpointError, first_line
 from .folder import CHECKPOINT, CHECKPOINT_PREV
-from ..nn.spectral import fill_missing_matrix_vectors
+from ..nn.spectral import drop_regridded_vectors, fill_missing_matrix_vectors, refresh_regridded
 
 _LEGACY_MIX = re.compile(r"cells\.\d+\.mix")
 #: Settings that may differ on --resume without changing what a run computes.
@@ -146,8 +146,14 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
     the way to continue a run that diverged. ``rank`` picks that process's RNG states.
     """
     try:
-        loaded = model.load_state_dict(ckpt["model"], strict=False)
+        state, regridded = drop_regridded_vectors(model, ckpt["model"])
+        loaded = model.load_state_dict(state, strict=False)
         legacy = fill_missing_matrix_vectors(model, loaded.missing_keys)
+        if regridded:
+            refresh_regridded(model, regridded)
+            log(f"{path}: written before dilated convs' spectral norms ran on their smaller polyphase map; "
+                f"{len(regridded)} convs' power-iteration vectors were recomputed for the loaded weights")
+            legacy += [k for k in loaded.missing_keys if k.rsplit(".", 1)[0] in regridded]
         missing = [k for k in loaded.missing_keys if k not in legacy]
         # Before methods adapted the supernet, every search cell had an all-ones "mix" buffer.
         unexpected = [k for k in loaded.unexpected_keys if not _LEGACY_MIX.fullmatch(k)]
