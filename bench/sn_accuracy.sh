@@ -4,7 +4,7 @@
 # Raw output: bench/results/sn-accuracy.txt (bench/run_all.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python bench/sn_accuracy.py --epochs 2
+python bench/sn_accuracy.py --epochs 4 --every 2
 rm -rf runs/bench-sn-quick
 /usr/bin/time -f "quick search: %e s wall" msrdarts search --preset quick \
   --out runs/bench-sn-quick --no-progress --device cpu 2>&1 | tail -2
