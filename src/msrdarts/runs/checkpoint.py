@@ -148,13 +148,13 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
     try:
         state, regridded = drop_regridded_vectors(model, ckpt["model"])
         loaded = model.load_state_dict(state, strict=False)
-        legacy = fill_missing_matrix_vectors(model, loaded.missing_keys)
+        regrid_keys = {k for k in loaded.missing_keys if k.rsplit(".", 1)[0] in regridded}
+        legacy = fill_missing_matrix_vectors(model, [k for k in loaded.missing_keys if k not in regrid_keys])
         if regridded:
             refresh_regridded(model, regridded)
             log(f"{path}: written before dilated convs' spectral norms ran on their smaller polyphase map; "
                 f"{len(regridded)} convs' power-iteration vectors were recomputed for the loaded weights")
-            legacy += [k for k in loaded.missing_keys if k.rsplit(".", 1)[0] in regridded]
-        missing = [k for k in loaded.missing_keys if k not in legacy]
+        missing = [k for k in loaded.missing_keys if k not in legacy and k not in regrid_keys]
         # Before methods adapted the supernet, every search cell had an all-ones "mix" buffer.
         unexpected = [k for k in loaded.unexpected_keys if not _LEGACY_MIX.fullmatch(k)]
         if missing or unexpected:
