@@ -177,14 +177,16 @@ class SpectralBatch:
         normalised, grads = [], []
         with torch.autocast(out[0].device.type, enabled=False):                   # norms always in fp32+
             wide = {g: _wide(out[g]) for bundle in self.bundles() for g in bundle}
-            work = []                                           # (parts, vectors, iterations left to run)
+            work = []                      # (parts, vectors, iterations, whether it runs block steps)
             for bundle in self.bundles():
                 parts = [_Part(g, norms[g][0], wide[g].detach()) for g in bundle]
-                work.append((parts, self._vectors(bundle), parts[0].sn.n_power_iterations if training else 0))
+                vectors = self._vectors(bundle)
+                work.append((parts, vectors, parts[0].sn.n_power_iterations if training else 0,
+                             self._tracks_block(parts, vectors)))
                 normalised += bundle
-            self._iterate_blocks([job for job in work if job[2] and self._tracks_block(job[0], job[1])])
-            for parts, vectors, iterations in work:
-                grads += self._sigma_grads(parts, vectors, 0 if self._tracks_block(parts, vectors) else iterations)
+            self._iterate_blocks([(parts, vectors, n) for parts, vectors, n, blocked in work if n and blocked])
+            for parts, vectors, iterations, blocked in work:   # block bundles iterated above, all together
+                grads += self._sigma_grads(parts, vectors, 0 if blocked else iterations)
             if normalised:
                 scaled = _Normalize.apply(grads, [self._targets(g, wide[g]) for g in normalised],
                                           *[wide[g] for g in normalised])
