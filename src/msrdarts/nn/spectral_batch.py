@@ -40,10 +40,10 @@ from torch.nn.utils import parametrize
 
 from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
-from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_step, block_update,
-                          dense_refresh, stack_block)
+from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
+                          stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, ConvOperator, ConvSpectralNorm,
-                       circular_probe, converge_sigmas, depthwise_dense, matrix_power_iteration, matrix_top_vectors,
+                       circular_probe, converge_sigmas, matrix_power_iteration, matrix_top_vectors,
                        unfold_dsigma)
 
 
@@ -177,16 +177,14 @@ class SpectralBatch:
         normalised, grads = [], []
         with torch.autocast(out[0].device.type, enabled=False):                   # norms always in fp32+
             wide = {g: _wide(out[g]) for bundle in self.bundles() for g in bundle}
-            work = []                      # (parts, vectors, iterations, whether it runs block steps)
+            work = []                                   # (parts, vectors, power iterations to run)
             for bundle in self.bundles():
                 parts = [_Part(g, norms[g][0], wide[g].detach()) for g in bundle]
-                vectors = self._vectors(bundle)
-                work.append((parts, vectors, parts[0].sn.n_power_iterations if training else 0,
-                             self._tracks_block(parts, vectors)))
+                work.append((parts, self._vectors(bundle), parts[0].sn.n_power_iterations if training else 0))
                 normalised += bundle
-            self._iterate_blocks([(parts, vectors, n) for parts, vectors, n, blocked in work if n and blocked])
-            for parts, vectors, iterations, blocked in work:   # block bundles iterated above, all together
-                grads += self._sigma_grads(parts, vectors, 0 if blocked else iterations)
+            self._iterate([job for job in work if job[2] and not job[0][0].sn.matrix])   # all together
+            for parts, vectors, iterations in work:
+                grads += self._sigma_grads(parts, vectors, iterations if parts[0].sn.matrix else 0)
             if normalised:
                 scaled = _Normalize.apply(grads, [self._targets(g, wide[g]) for g in normalised],
                                           *[wide[g] for g in normalised])
@@ -251,9 +249,10 @@ class SpectralBatch:
             w = torch.stack(self._raws(g))
 
             def sigmas(convs: list[int], iterations: int) -> torch.Tensor:
-                part = _Part(g, sns[0], w[convs])
-                dsigma = self._sigma_grads([part], self._group_vectors(g, convs), iterations)[0]
-                return dsigma.sigmas(part.w).amax(1)
+                part, vectors = _Part(g, sns[0], w[convs]), self._group_vectors(g, convs)
+                if iterations:
+                    self._iterate([([part], vectors, iterations)])
+                return self._sigma_grads([part], vectors, 0)[0].sigmas(part.w).amax(1)
 
             converge_sigmas(sigmas, len(sns), tol, max_iterations)
 
@@ -267,7 +266,7 @@ class SpectralBatch:
         Ritz problems of all of them solved together: a few hundred small operations per refresh,
         not per conv. The search refreshes the 1x1 convs more often than the others (their one
         power-iteration vector lags most, and their refresh costs least)."""
-        jobs: dict[int, list[tuple[RefreshInput, _Vectors, ConvSpectralNorm, ConvOperator]]] = {}
+        jobs: dict[tuple, list[tuple[RefreshInput, _Vectors]]] = {}
         for bundle in self.bundles():
             sn = self._norms()[bundle[0]][0]
             if sn.matrix:
@@ -279,22 +278,22 @@ class SpectralBatch:
             parts = [_Part(g, self._norms()[g][0], _wide(torch.stack(self._raws(g)).detach())) for g in bundle]
             for g in bundle:     # what drift() compares against (it leaves the 1x1 convs out)
                 self._refreshed[g] = torch.stack(self._raws(g)).detach().clone()
-            if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
-                self._refresh_dense(parts, self._vectors(bundle))
-                continue
-            geo, wd = _union_kernel(parts)
-            groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
-            op = ConvOperator(wd, geo, sn.input_hw, groups)
             vectors = self._vectors(bundle)
-            rows = [vectors.u().view(groups, 1, -1)]
+            A, At, groups = self._rows_operator(parts)
+            rows = [vectors.u().view(groups, 1, -1)]          # the tracked block, then the circular probe
             if vectors.basis() is not None:
                 rows.append(vectors.basis().view(groups, sn.block - 1, -1))
-            rows.append(circular_probe(wd, sn.input_hw, geo.dilation, groups, sn.eps).view(groups, 1, -1))
-            jobs.setdefault(sn.block, []).append((RefreshInput(op.A_rows, op.At_rows, torch.cat(rows, 1).to(wd.dtype)),
-                                                  vectors, sn, op))
-        for block, items in jobs.items():
-            results = block_refresh([item[0] for item in items], block, iterations, tol, items[0][2].eps)
-            for (_, vectors, sn, op), (u, v, basis) in zip(items, results):
+            rows.append(torch.cat([circular_probe(p.w.flatten(0, 1), sn.input_hw, p.sn.dilation,
+                                                  p.w.shape[0] * p.sn.groups, sn.eps) for p in parts], 1).view(groups, 1, -1))
+            start = torch.cat(rows, 1).to(parts[0].w.dtype)
+            if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
+                u, v, basis = dense_refresh(self._dense_operators(parts), start, sn.block, sn.eps)
+                vectors.write(u, v, basis if sn.block > 1 else None)
+            else:
+                jobs.setdefault((sn.block, sn.eps), []).append((RefreshInput(A, At, start), vectors))
+        for (block, eps), items in jobs.items():
+            results = block_refresh([item[0] for item in items], block, iterations, tol, eps)
+            for (_, vectors), (u, v, basis) in zip(items, results):
                 vectors.write(u, v, basis if block > 1 else None)
 
     @torch.no_grad()
@@ -312,64 +311,60 @@ class SpectralBatch:
             worst.append(((w - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
         return float(torch.stack(worst).max()) if worst else 0.0
 
-    def _refresh_dense(self, parts: list["_Part"], vectors: "_Vectors") -> None:
-        """:func:`dense_refresh` of a bundle of depthwise convs on small maps, all channels at once."""
-        sn = parts[0].sn
-        M = torch.cat([depthwise_dense(p.w.flatten(0, 1), _Geometry.of(p.sn), sn.input_hw, self.taps) for p in parts])
-        C, hw = M.shape[:2]
-        rows = [vectors.u().view(C, 1, hw)]
-        if vectors.basis() is not None:
-            rows.append(vectors.basis().view(C, sn.block - 1, hw))
-        rows.append(torch.cat([circular_probe(p.w.flatten(0, 1), sn.input_hw, p.sn.dilation, p.w.shape[0] * p.w.shape[1],
-                                              sn.eps) for p in parts], 1).view(C, 1, hw))
-        u, v, basis = dense_refresh(M, torch.cat(rows, 1).to(M.dtype), sn.block, sn.eps)
-        vectors.write(u, v, basis if sn.block > 1 else None)
-
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
         w = torch.stack(self._raws(g)).detach()
         self._group_vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
 
-    def _tracks_block(self, parts: list["_Part"], vectors: "_Vectors") -> bool:
-        """Whether a bundle runs block power iteration (:func:`block_step`): its convs are not 1x1
-        and keep a basis."""
-        return not parts[0].sn.matrix and vectors.basis() is not None
-
-    def _block_rows(self, parts: list["_Part"]) -> tuple[Callable, Callable, int]:
-        """A and A^T of a block-iterating bundle on blocks of rows per group, (groups, b, n) ->
+    def _rows_operator(self, parts: list["_Part"]) -> tuple[Callable, Callable, int]:
+        """A and A^T of a bundle of non-1x1 convs on blocks of rows per group, (groups, b, n) ->
         (groups, b, m) and back, and its group count: dense per-channel operators on small maps
-        (A x = x M), else the bundle as one grouped conv (:class:`ConvOperator`)."""
+        (A x = x M, :func:`_dense_operators`), else the bundle as one grouped conv (:class:`ConvOperator`)."""
         sn = parts[0].sn
         if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
-            taps = [self.taps(p.sn.kernel_size, p.sn.stride, p.sn.padding, p.sn.dilation, p.sn.input_hw, p.w.dtype,
-                              p.w.device) for p in parts]
-            hw, L = taps[0].shape[1:]
-            channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
-            M = parts[0].w.new_empty(sum(channels), hw * L)
-            for p, T, rows in zip(parts, taps, M.split(channels)):
-                torch.mm(p.w.reshape(rows.shape[0], -1), T.view(T.shape[0], hw * L), out=rows)
-            M = M.view(-1, hw, L)
+            M = self._dense_operators(parts)
             return (lambda X: torch.bmm(X, M)), (lambda Z: torch.bmm(Z, M.mT)), M.shape[0]
         geo, wd = _union_kernel(parts)
         groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
         op = ConvOperator(wd, geo, sn.input_hw, groups)
         return op.A_rows, op.At_rows, groups
 
+    def _taps(self, parts: list["_Part"]) -> list[torch.Tensor]:
+        """Per part, the (k*k, H*W, H'*W') taps of its dense operators (:class:`DenseTaps`)."""
+        return [self.taps(*_Geometry.of(p.sn), p.sn.input_hw, p.w.dtype, p.w.device) for p in parts]
+
+    def _dense_operators(self, parts: list["_Part"]) -> torch.Tensor:
+        """The dense operators M (sum N*C, H*W, H'*W') of all parts' channels, A x = x M
+        (:func:`depthwise_dense`), built in place."""
+        taps = self._taps(parts)
+        channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
+        M = parts[0].w.new_empty(sum(channels), *taps[0].shape[1:])
+        for p, T, rows in zip(parts, taps, M.split(channels)):
+            torch.mm(p.w.reshape(rows.shape[0], -1), T.flatten(1), out=rows.flatten(1))
+        return M
+
     @torch.no_grad()
-    def _iterate_blocks(self, jobs: list[tuple[list["_Part"], "_Vectors", int]]) -> None:
-        """The power iterations of the block-iterating bundles ``jobs`` (parts, vectors, iterations),
-        as :func:`block_step` would run them one bundle at a time, with the b x b problems of all
-        bundles (of one block size and dtype) solved together (:func:`block_coefficients`): a
-        block step's cost is mostly those few hundred small operations, the same for 500 channels
-        as for 5,000."""
+    def _iterate(self, jobs: list[tuple[list["_Part"], "_Vectors", int]]) -> None:
+        """The power iterations of the bundles of non-1x1 convs ``jobs`` (parts, vectors,
+        iterations), read from and stored back in their vectors. Bundles that track a block run
+        :func:`block_step` as each would alone, with the b x b problems of all of them (of one
+        block size and dtype) solved together (:func:`block_coefficients`): a block step's cost is
+        mostly those few hundred small operations, the same for 500 channels as for 5,000. Bundles
+        that track one vector (``block=1``) run plain power iteration."""
         by_kind: dict[tuple, list] = {}
         for parts, vectors, iterations in jobs:
-            A, At, groups = self._block_rows(parts)
-            u = vectors.u().view(groups, -1)
-            basis = vectors.basis().view(groups, parts[0].sn.block - 1, -1)
+            A, At, groups = self._rows_operator(parts)
+            u, basis, eps = vectors.u().view(groups, 1, -1), vectors.basis(), parts[0].sn.eps
+            if basis is None:
+                v = None
+                for _ in range(iterations):
+                    v = F.normalize(A(u), dim=-1, eps=eps)
+                    u = F.normalize(At(v), dim=-1, eps=eps)
+                vectors.write(u, v)
+                continue
             by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
-                {"A": A, "At": At, "u": u, "basis": basis, "v": None, "left": iterations, "vectors": vectors,
-                 "eps": parts[0].sn.eps})
+                {"A": A, "At": At, "u": u[:, 0], "basis": basis.view(groups, parts[0].sn.block - 1, -1), "v": None,
+                 "left": iterations, "vectors": vectors, "eps": eps})
         for items in by_kind.values():
             while True:
                 active = [it for it in items if it["left"] > 0]
@@ -388,16 +383,15 @@ class SpectralBatch:
                 it["vectors"].write(it["u"], it["v"], it["basis"])
 
     @torch.no_grad()
-    def _sigma_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
-        """Per part, d(v^T A u)/dW of its N convs (see :class:`_Dsigma`), after ``iterations``
-        power iterations run together for all parts (one bundle, see :meth:`bundles`) on
-        ``vectors``, which are read and stored back."""
+    def _sigma_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int = 0) -> list["_Dsigma"]:
+        """Per part, d(v^T A u)/dW of its N convs (see :class:`_Dsigma`) from ``vectors``; for 1x1
+        convs after ``iterations`` power iterations (others iterate in :meth:`_iterate`)."""
         sn = parts[0].sn
         if sn.matrix:
             return self._matrix_grads(parts, vectors, iterations)
         if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
-            return self._dense_grads(parts, vectors, iterations)
-        return self._conv_grads(parts, vectors, iterations)
+            return self._dense_grads(parts, vectors)
+        return self._conv_grads(parts, vectors)
 
     def _matrix_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
         """1x1 convs: per part, u (N, C_in) and v (N, C_out), batched matrix-vector products."""
@@ -418,51 +412,21 @@ class SpectralBatch:
             vectors.write(u, v)
         return out
 
-    def _dense_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
+    def _dense_grads(self, parts: list["_Part"], vectors: "_Vectors") -> list["_Dsigma"]:
         """Depthwise convs on small maps: per channel c, A_c = M_c^T with M_c (HW, L) its dense
-        operator (see DenseTaps), so A u = u M and A^T v = M v, batched over all channels of all
-        parts (same input and output sizes, any kernel)."""
-        taps = [self.taps(p.sn.kernel_size, p.sn.stride, p.sn.padding, p.sn.dilation, p.sn.input_hw, p.w.dtype,
-                          p.w.device) for p in parts]
-        hw, L = taps[0].shape[1:]
-        taps = [T.view(T.shape[0], hw * L) for T in taps]                            # (k*k, HW*L) each
+        operator (see DenseTaps), so G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]."""
+        taps = [T.flatten(1) for T in self._taps(parts)]                           # (k*k, HW*L) each
         channels = [p.w.shape[0] * p.w.shape[1] for p in parts]
-        u, v = vectors.u().view(-1, hw), vectors.v().view(-1, L)                   # (sum N*C, HW), (sum N*C, L)
-        eps = parts[0].sn.eps
-        if iterations:
-            M = u.new_empty(sum(channels), hw * L)
-            for p, T, rows in zip(parts, taps, M.split(channels)):
-                torch.mm(p.w.reshape(rows.shape[0], -1), T, out=rows)
-            M = M.view(-1, hw, L)
-            basis = vectors.basis()
-            if basis is None:
-                for _ in range(iterations):
-                    v = F.normalize(torch.bmm(u.unsqueeze(1), M).squeeze(1), dim=1, eps=eps)
-                    u = F.normalize(torch.bmm(M, v.unsqueeze(2)).squeeze(2), dim=1, eps=eps)
-            else:                                                       # (sum N*C, b-1, HW): block steps
-                basis = basis.view(u.shape[0], -1, hw)
-                for _ in range(iterations):
-                    Z = torch.bmm(stack_block(u, basis), M)
-                    u, v, basis = block_step(Z, torch.bmm(Z, M.mT), eps)
-            vectors.write(u, v, basis)
-        # G[c, t] = sum_{i,l} u[c, i] T[t, i, l] v[c, l] = d(v^T A u)/dw[c, t]
-        outer = (u.unsqueeze(2) * v.unsqueeze(1)).view(-1, hw * L).split(channels)
+        u, v = vectors.u().view(sum(channels), -1), vectors.v().view(sum(channels), -1)   # (sum N*C, HW), (.., L)
+        outer = (u.unsqueeze(2) * v.unsqueeze(1)).view(u.shape[0], -1).split(channels)
         return [_Dsigma((o @ T.mT).view_as(p.w), p.sn.groups) for o, T, p in zip(outer, taps, parts)]
 
-    def _conv_grads(self, parts: list["_Part"], vectors: "_Vectors", iterations: int) -> list["_Dsigma"]:
-        """Other convs: u (1, sum N*C_in, H, W) and v (1, sum N*C_out, H', W'); their union is one
-        grouped conv with N times the groups (for depthwise convs of different kernels, each
-        kernel embedded in the smallest kernel that spans all, see :func:`_union_geometry`)."""
+    def _conv_grads(self, parts: list["_Part"], vectors: "_Vectors") -> list["_Dsigma"]:
+        """Other convs: u (1, sum N*C_in, H, W) and v (1, sum N*C_out, H', W') of their union as one
+        grouped conv with N times the groups."""
         sn = parts[0].sn
-        groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
         u = vectors.u().view(1, -1, *sn.input_hw)
         v = vectors.v().view(1, -1, *_Geometry.of(sn).out_size(sn.input_hw))
-        if iterations:
-            geo, wd = _union_kernel(parts)                                          # (sum N*Co, Ci/g, K, K)
-            basis = vectors.basis()
-            basis = None if basis is None else basis.view(groups, sn.block - 1, -1)
-            u, v, basis = ConvOperator(wd, geo, sn.input_hw, groups).power_iterate(u, iterations, sn.eps, basis)
-            vectors.write(u, v, basis)
         if all(p.sn.depthwise for p in parts):
             # One conv of u with v for all parts, far cheaper than unfolding u. ConvSpectralNorm.dsigma
             # (the reference forward, every step) keeps the unfold form: the conv sums in another
