@@ -175,14 +175,22 @@ def _tiny(tmp_path, name, **kw):
                   progress="off", plots=False, tensorboard=False, log=lambda *_: None, **kw)
 
 
-@pytest.mark.slow   # three real stages, twice
-def test_resume_at_a_stage_boundary_gives_the_same_run(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real three-stage run (folder, result), shared by the slow tests that compare with it."""
+    folder = tmp_path_factory.mktemp("pdarts")
+    return folder, _tiny(folder, "a")
+
+
+@pytest.mark.slow   # three real stages, and a resumed copy of them
+def test_resume_at_a_stage_boundary_gives_the_same_run(tiny_run, tmp_path):
     import shutil
 
     from msrdarts.genotype import read_genotype_file
     from msrdarts.runs import folder as F
 
-    full = _tiny(tmp_path, "a")
+    root, full = tiny_run
+    shutil.copytree(root / "a", tmp_path / "a")
     assert [r["stage"] for r in full.history] == [1, 1, 2, 2, 3, 3]
     assert [r["epoch"] for r in full.history] == list(range(1, 7))
     kept = full.history[1]["kept_ops"]["normal"]
@@ -224,7 +232,7 @@ def full_config(folder):
 
 
 @pytest.mark.slow   # real processes: a kill -9 inside stage 2, then msrdarts search --resume
-def test_killed_inside_a_stage_resumes_from_the_command_line_to_the_same_run(tmp_path):
+def test_killed_inside_a_stage_resumes_from_the_command_line_to_the_same_run(tiny_run, tmp_path):
     import os
     import signal
     import subprocess
@@ -233,7 +241,7 @@ def test_killed_inside_a_stage_resumes_from_the_command_line_to_the_same_run(tmp
 
     from msrdarts.runs import folder as F
 
-    full = _tiny(tmp_path, "a")
+    full = tiny_run[1]
     args = [sys.executable, "-m", "msrdarts", "search", "--preset", "p-darts-quick", "--stage-layers", "3,3,4",
             "--epochs", "2", "--layers", "3", "--channels", "4", "--no-progress", "--no-plots", "--no-tensorboard",
             "--out", str(tmp_path / "c")]
