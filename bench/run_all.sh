@@ -5,7 +5,7 @@
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
-#                                     # sn-accuracy-depthwise50
+#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
@@ -35,3 +35,4 @@ run sn-accuracy bash bench/sn_accuracy.sh
 # refresh every 50 steps instead of 10 (no timing figures from these two).
 run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16
 run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 50
+run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20

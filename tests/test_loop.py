@@ -9,6 +9,7 @@ of an uninterrupted run with the same seed.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,13 +279,12 @@ def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_resumes(tm
     args = ["search", "--dataset", "digits", "--layers", "3", "--channels", "4", "--batch-size", "64", "--epochs", "2",
             "--device", "cpu", "--no-progress", "--no-plots", "--no-tensorboard"]
     out = tmp_path / "run"
-    first = _cli(args, tmp_path / "ref")
-    assert first.returncode == 0, first.stderr
-    size = (tmp_path / "ref" / "checkpoint.pt").stat().st_size
+    ok = _cli(args, out)
+    assert ok.returncode == 0, ok.stderr
+    shutil.copytree(out, tmp_path / "ref")          # the uninterrupted run, to compare the resumed one with
+    size = (out / "checkpoint.pt").stat().st_size
     code = ("import resource, sys; from msrdarts.cli import main; "
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2})); sys.exit(main(sys.argv[1:]))")
-    ok = _cli(args, out)
-    assert ok.returncode == 0
     ckpt = out / "checkpoint.pt"
     prev = load_checkpoint(previous_path(ckpt))
     assert prev["epoch"] == 1
