@@ -5,7 +5,7 @@
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
-#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20
+#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
@@ -36,3 +36,4 @@ run sn-accuracy bash bench/sn_accuracy.sh
 run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16
 run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 50
 run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20
+run fits-80gb python bench/fits_80gb.py
