@@ -18,8 +18,6 @@ guarantee. One JSON line per preset and variant.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import subprocess
@@ -50,9 +48,6 @@ def child(preset: str, batch: int, checkpoint_cells: bool, device: str) -> dict:
     x = torch.randn(batch, spec.in_channels, size, size, device=dev)
     y = torch.randint(0, spec.num_classes, (batch,), device=dev)
     params = sum(p.numel() for p in model.parameters())
-    if dev.type == "cpu":   # hand the memory freed while building back to the OS, so that the step's
-        with contextlib.suppress(OSError, AttributeError):   # own allocations show in the high-water mark
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
     return {"input_size": size, "layers": cfg.layers, "channels": cfg.channels, "params": params,
             "step_mb": b._peak_mb(lambda: b._step(model, opt, x, y, None, None, accel), dev)}
 

@@ -15,6 +15,7 @@ and heap.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -260,13 +261,17 @@ def _peak_child(variant: str, layers: int, channels: int, batch_size: int, input
 
 def _peak_mb(step: Any, dev: torch.device) -> float | None:
     """Peak memory (MB) ``step()`` adds: on an accelerator its peak allocated memory; on the CPU
-    the resident high-water mark (reset first, Linux only) over the resident size before it."""
+    the resident high-water mark (reset first, Linux only) over the resident size before it, after
+    glibc's ``malloc_trim`` has handed back the memory freed so far (else the step reuses it unseen,
+    and the figure reads low: BENCHMARKS.md, "What fits in 80 GB")."""
     if dev.type != "cpu":
         mod = getattr(torch, dev.type)
         mod.reset_peak_memory_stats(dev)
         before = mod.memory_allocated(dev)
         step()
         return round((mod.max_memory_allocated(dev) - before) / 2 ** 20, 1)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")   # reset the high-water mark

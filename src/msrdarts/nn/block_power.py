@@ -59,27 +59,32 @@ def _cols_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)
 
 
-def _cols_cholesky(g: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of each (b, b) slice of ``g`` (b, b, G); NaN where one is not SPD."""
+def _cols_lower_inverse_cholesky(g: torch.Tensor) -> torch.Tensor:
+    """L^-1 for the lower Cholesky factor L of each (b, b) slice of ``g`` (b, b, G); NaN where one
+    is not positive definite. The entries are (G,) vectors held in Python lists and stacked once:
+    about 30 vector operations for b = 3 (writing each entry into a tensor costs 3 more each)."""
     b = g.shape[0]
-    L = torch.zeros_like(g)
+    L = [[g[i, j] for j in range(i + 1)] for i in range(b)]          # the lower triangle, then L
     for j in range(b):
-        d = g[j, j] - (L[j, :j] * L[j, :j]).sum(0)
-        L[j, j] = d.sqrt()                                       # NaN if not positive definite
+        d = L[j][j]
+        for k in range(j):
+            d = d - L[j][k] * L[j][k]
+        L[j][j] = d.sqrt()                                             # NaN if not positive definite
         for i in range(j + 1, b):
-            L[i, j] = (g[i, j] - (L[i, :j] * L[j, :j]).sum(0)) / L[j, j]
-    return L
-
-
-def _cols_lower_inverse(L: torch.Tensor) -> torch.Tensor:
-    b = L.shape[0]
-    inv = torch.zeros_like(L)
-    d = 1 / torch.stack([L[i, i] for i in range(b)])            # (b, G)
+            s = L[i][j]
+            for k in range(j):
+                s = s - L[i][k] * L[j][k]
+            L[i][j] = s / L[j][j]
+    inv = [[None] * (i + 1) for i in range(b)]
     for i in range(b):
-        inv[i, i] = d[i]
-        for j in range(i):
-            inv[i, j] = -(L[i, j:i] * inv[j:i, j]).sum(0) * d[i]
-    return inv
+        inv[i][i] = L[i][i].reciprocal()
+        for j in range(i):                  # -(sum over k = j..i-1 of L[i][k] inv[k][j]) / L[i][i]
+            s = L[i][j] * inv[j][j]
+            for k in range(j + 1, i):
+                s = s + L[i][k] * inv[k][j]
+            inv[i][j] = -s * inv[i][i]
+    zero = torch.zeros_like(inv[0][0])
+    return torch.stack([inv[i][j] if j <= i else zero for i in range(b) for j in range(b)]).view(b, b, -1)
 
 
 def _cols_top_eigenvector(S: torch.Tensor, squarings: int = 8) -> torch.Tensor:
@@ -89,9 +94,10 @@ def _cols_top_eigenvector(S: torch.Tensor, squarings: int = 8) -> torch.Tensor:
     of the top eigenspace where the top eigenvalue repeats, which serves as well). Reductions over a
     tiny axis, as ``argmax`` or ``normalize`` would run, cost 20x more on the CPU than these loops."""
     P, b = S, S.shape[0]
-    for _ in range(squarings):
-        trace = sum(P[i, i] for i in range(b))                       # (G,)
-        P = _cols_mm(P, P / trace.abs().clamp_min(torch.finfo(P.dtype).tiny).square())
+    for k in range(squarings):
+        if k % 2 == 0:   # trace 1: the top eigenvalue in [1/b, 1], and two squarings keep it above 1/b^4
+            P = P / P.reshape(b * b, -1)[::b + 1].sum(0).clamp_min(torch.finfo(P.dtype).tiny)
+        P = _cols_mm(P, P)
     best, x = P[0, 0], P[:, 0]
     for i in range(1, b):                                            # the column of the largest diagonal
         larger = P[i, i] > best
@@ -123,7 +129,7 @@ def block_coefficients(gz: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     b, tiny = gz.shape[0], torch.finfo(gz.dtype).tiny
     jitter = (64 * torch.finfo(gz.dtype).eps / b) * sum(gz[i, i] for i in range(b)).clamp_min(tiny)
     gz = gz + torch.eye(b, dtype=gz.dtype, device=gz.device).unsqueeze(-1) * jitter
-    Li = _cols_lower_inverse(_cols_cholesky(gz))
+    Li = _cols_lower_inverse_cholesky(gz)
     x = _cols_top_eigenvector(_cols_mm(_cols_mm(Li, gy.contiguous()), Li.transpose(0, 1).contiguous()))   # (b, groups)
     C = _cols_mm(torch.cat([x.unsqueeze(0), _cols_complement(x)]), Li).permute(2, 0, 1)  # rows c^T
     ok = torch.isfinite(C.sum((1, 2)))[:, None, None]                              # (groups, 1, 1)
