@@ -279,15 +279,20 @@ class SpectralBatch:
             for g in bundle:     # what drift() compares against (it leaves the 1x1 convs out)
                 self._refreshed[g] = torch.stack(self._raws(g)).detach().clone()
             vectors = self._vectors(bundle)
-            A, At, groups = self._rows_operator(parts)
+            dense = sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS
+            if dense:
+                M = self._dense_operators(parts)
+                groups = M.shape[0]
+            else:
+                A, At, groups = self._rows_operator(parts)
             rows = [vectors.u().view(groups, 1, -1)]          # the tracked block, then the circular probe
             if vectors.basis() is not None:
                 rows.append(vectors.basis().view(groups, sn.block - 1, -1))
             rows.append(torch.cat([circular_probe(p.w.flatten(0, 1), sn.input_hw, p.sn.dilation,
                                                   p.w.shape[0] * p.sn.groups, sn.eps) for p in parts], 1).view(groups, 1, -1))
             start = torch.cat(rows, 1).to(parts[0].w.dtype)
-            if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
-                u, v, basis = dense_refresh(self._dense_operators(parts), start, sn.block, sn.eps)
+            if dense:
+                u, v, basis = dense_refresh(M, start, sn.block, sn.eps)
                 vectors.write(u, v, basis if sn.block > 1 else None)
             else:
                 jobs.setdefault((sn.block, sn.eps), []).append((RefreshInput(A, At, start), vectors))
