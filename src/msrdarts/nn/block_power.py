@@ -216,8 +216,9 @@ def dense_refresh(M: torch.Tensor, start: torch.Tensor, block: int, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The refresh of operators small enough to hold densely: per group A x = x M with M
     (groups, n, m), and ``start`` (groups, block+1, n) as for :func:`block_refresh`. The top
-    ``block`` eigenvectors of A^T A = M M^T (n x n, float64) by :func:`_ritz_space` and :func:`_eigh` from the start rows
-    (and a random one where n allows), so no Krylov basis. Returns (u, v, basis) as it does."""
+    ``block`` eigenvectors of A^T A = M M^T (n x n, float64) by :func:`_ritz_space` and
+    :func:`_eigh` from the start rows (and a random one where n allows), so no Krylov basis.
+    Returns (u, v, basis) as it does."""
     x0 = _with_random(start, eps)[:, :max(block, min(block + 2, M.shape[1]))]   # no more than n where n allows
     wide = torch.float64
     Q, T, ok = _ritz_space((M @ M.mT).to(wide), x0.to(wide).mT)
