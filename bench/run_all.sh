@@ -5,7 +5,8 @@
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
-#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb
+#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb,
+#                                     # sn-accuracy-cifar10 (needs ../shared/data/cifar10-mini.npz)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
@@ -37,3 +38,5 @@ run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch
 run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 50
 run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20
 run fits-80gb python bench/fits_80gb.py
+run sn-accuracy-cifar10 python bench/sn_accuracy.py --preset cifar10 --dataset npz --data ../shared/data/cifar10-mini.npz \
+  --epochs 1 --every 3 --sample 40
