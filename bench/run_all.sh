@@ -6,7 +6,8 @@
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
 #                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb,
-#                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3 (need
+#                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
+#                                     # sn-accuracy-cifar10-lr05-drift (need
 #                                     # ../shared/data/cifar10-mini.npz)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,3 +46,5 @@ run sn-accuracy-cifar10-lr05 python bench/sn_accuracy.py --preset cifar10 --data
   --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5
 run sn-accuracy-cifar10-lr05-it3 python bench/sn_accuracy.py --preset cifar10 --dataset npz \
   --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5 --sn-iterations 3
+run sn-accuracy-cifar10-lr05-drift python bench/sn_accuracy.py --preset cifar10 --dataset npz \
+  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5 --sn-refresh-drift 0.1
