@@ -381,7 +381,7 @@ def test_normalize_function_matches_autograd_including_ties():
     """_Normalize (one autograd node for all groups) against autograd through W * (t / max_j <W_j, G_j>),
     for depthwise groups, 1x1 groups (G = v u^T) and a conv whose two groups tie for the max."""
     from msrdarts.nn.spectral import _Dsigma
-    from msrdarts.nn.spectral_batch import _Normalize, _OuterDsigma
+    from msrdarts.nn.spectral import _Normalize, _OuterDsigma
 
     torch.manual_seed(7)
     w_dw = torch.randn(3, 4, 1, 3, 3, dtype=torch.float64)

@@ -22,7 +22,7 @@ per use. On small maps several groups iterate as one bundle (:meth:`SpectralBatc
 each bundle's vectors are views of one tensor (:meth:`SpectralBatch.link`). Then each group's
 G = d(v^T A u)/dW (v u^T for the 1x1 convs, one conv of u with v for the depthwise ones,
 :func:`_depthwise_grads`) gives sigma = <W, G>, and every group's ``W * target / sigma`` runs as
-one autograd node (:class:`_Normalize`).
+one autograd node (:class:`msrdarts.nn.spectral._Normalize`).
 
 The per-conv mechanism it batches (power iteration, probes, convergence, sigma = <W, G>) is
 :mod:`msrdarts.nn.spectral`.
@@ -42,8 +42,8 @@ from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
 from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
                           stack_block)
-from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, ConvOperator, ConvSpectralNorm,
-                       circular_probe, converge_sigmas, matrix_power_iteration, matrix_top_vectors,
+from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
+                       ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration, matrix_top_vectors,
                        unfold_dsigma)
 
 
@@ -504,60 +504,6 @@ class _Vectors:
                 torch._foreach_copy_(buffers, self.unpack(new.reshape(-1), buffers))
             elif new is not self.flat[which]:
                 self.flat[which].copy_(new.reshape(-1))
-
-
-class _OuterDsigma(_Dsigma):
-    """1x1 convs: G = v u^T for v (N, C_out) and u (N, C_in), never formed in the forward."""
-
-    def __init__(self, v: torch.Tensor, u: torch.Tensor):
-        self.v, self.u, self.groups = v, u, 1
-
-    def sigmas(self, w: torch.Tensor) -> torch.Tensor:
-        wu = torch.bmm(w.reshape(w.shape[0], *w.shape[1:3]), self.u.unsqueeze(2))    # (N, Co, 1)
-        return torch.bmm(self.v.unsqueeze(1), wu).view(-1, 1)
-
-    def add_grad(self, base: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        n, co, ci = base.shape[:3]
-        return torch.baddbmm(base.reshape(n, co, ci), (coef * self.v).unsqueeze(2), self.u.unsqueeze(1)
-                             ).view_as(base)
-
-
-class _Normalize(torch.autograd.Function):
-    """``W -> target * W / sigma`` for many groups of convs at once: for each group, its weights
-    W (N, ...) and a :class:`_Dsigma` giving each conv's sigma (the max over its groups of
-    <W_j, G_j>).
-
-    The values and gradients are those of autograd through ``W * (target / sigma(W))``, but as one
-    node: its backward is the handful of products and sums that autograd would run per group,
-    without autograd's per-operation bookkeeping (about 8 nodes per group before).
-    """
-
-    @staticmethod
-    def forward(ctx, dsigmas: list[_Dsigma], targets: list, *ws: torch.Tensor):
-        outs, stats = [], []
-        for w, dsigma, target in zip(ws, dsigmas, targets):
-            per_group = dsigma.sigmas(w)                                               # (N, groups)
-            sigma = per_group.amax(1)
-            scale = target / sigma
-            outs.append(w * scale.view(-1, *[1] * (w.dim() - 1)))
-            stats.append((per_group, sigma, scale))
-        ctx.dsigmas, ctx.stats = dsigmas, stats
-        ctx.save_for_backward(*ws)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *d_outs: torch.Tensor):
-        d_ws = []
-        for i, (w, dsigma, (per_group, sigma, scale), d_out) in enumerate(
-                zip(ctx.saved_tensors, ctx.dsigmas, ctx.stats, d_outs)):
-            if not ctx.needs_input_grad[2 + i]:
-                d_ws.append(None)
-                continue
-            d_sigma = -(scale / sigma) * (d_out * w).reshape(w.shape[0], -1).sum(1)    # dL/dsigma, (N,)
-            ties = (per_group == sigma[:, None]).to(w.dtype)                          # amax's rule: ties share
-            share = ties / ties.sum(1, keepdim=True) * d_sigma[:, None]               # (N, groups)
-            d_ws.append(dsigma.add_grad(d_out * scale.view(-1, *[1] * (w.dim() - 1)), share))
-        return (None, None, *d_ws)
 
 
 def _wide(w: torch.Tensor) -> torch.Tensor:
