@@ -79,3 +79,25 @@ def test_cpu_channels_last_default_is_per_network():
     assert Accel.resolve(cpu, cpu_channels_last=True).channels_last is True     # the fast evaluation network
     assert Accel.resolve(cpu, channels_last="off", cpu_channels_last=True).channels_last is False
 
+
+
+def test_sgd_is_fused_on_the_cpu_and_updates_as_written_by_hand():
+    from msrdarts.device import sgd
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    opt = sgd(params, 0.1, 0.9, 1e-2)
+    assert opt.defaults["fused"] is True
+    start = [p.detach().clone() for p in params]
+    buf = [torch.zeros_like(p) for p in params]
+    for step in range(3):   # SGD with momentum and L2 weight decay (PyTorch's convention, DARTS's optimiser)
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for k, (w, g) in enumerate(zip(start, grads)):
+            d = g + 1e-2 * w
+            buf[k] = d if step == 0 else 0.9 * buf[k] + d
+            start[k] = w - 0.1 * buf[k]
+        for p, w in zip(params, start):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-6)

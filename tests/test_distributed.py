@@ -226,3 +226,53 @@ def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert "all 2 processes derived this genotype" in outs[0][0]
     assert "2 processes, 16 images each per step, " in outs[0][0] and "CPU threads each" in outs[0][0]
+
+
+GRADIENTS = textwrap.dedent("""
+    import os, sys, torch
+    from msrdarts.distributed import Dist
+    torch.manual_seed(int(os.environ["RANK"]))          # different starting weights on each rank
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    d, _ = Dist.start(torch.device("cpu"))
+    model = d.wrap(net)
+    data = torch.load(sys.argv[1])
+    lo, hi = (0, 6) if d.rank == 0 else (6, 10)          # unequal shards of the global batch of 10
+    for step in range(2):                                # a second backward averages again
+        net.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(data["x"][lo:hi]), data["y"][lo:hi], reduction="sum") * 2 / 10
+        loss.backward()
+    torch.save({"weights": {k: v for k, v in net.state_dict().items()},
+                "grads": [p.grad for p in net.parameters()]}, sys.argv[2])
+""")
+
+
+@pytest.mark.slow   # end to end: real processes
+def test_cpu_ranks_average_the_gradients_of_the_whole_batch(tmp_path):
+    """AveragedGradients (the CPU's DDP): rank 0's weights everywhere, and each rank's gradient is
+    the mean over ranks of its shard's, i.e. the single-process gradient of the whole batch."""
+    torch.manual_seed(5)
+    x, y = torch.randn(10, 3, 6, 6), torch.randint(0, 5, (10,))
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    (tmp_path / "driver.py").write_text(GRADIENTS)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "data.pt"),
+                               str(tmp_path / f"rank{r}.pt")],
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), errs
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    torch.manual_seed(0)                                   # rank 0's start, in this process
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    for k, v in net.state_dict().items():
+        assert torch.equal(r0["weights"][k], v) and torch.equal(r1["weights"][k], v)
+    # each rank's loss is its shard's sum x world / global batch: the average over ranks is the mean loss
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    for g0, g1, p in zip(r0["grads"], r1["grads"], net.parameters()):
+        assert torch.equal(g0, g1)
+        torch.testing.assert_close(g0, p.grad, rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from .config import SearchConfig
-from .device import Accel, resolve_device
+from .device import Accel, resolve_device, sgd
 from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
@@ -56,7 +56,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    return sgd(model.parameters(), 0.025, 0.9, 3e-4)
 
 
 def time_search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
@@ -301,7 +301,7 @@ def _method_setup(method: str, space: str, layers: int, channels: int, batch_siz
                    spectral_norm=cfg.spectral_norm, impl=cfg.impl, **cls.supernet_options(cfg)).to(dev)
     m = cls(cfg)
     m.adapt(net)
-    opt = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = sgd(net.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     g = torch.Generator(device=dev).manual_seed(seed + 1)
 
     def valid_batches(_seed: int, _start: int):
@@ -404,7 +404,7 @@ def _train_setup(variant: str, genotype: str, layers: int, channels: int, batch_
                   input_size=input_size, auxiliary=True, impl="fast" if fast else "reference")
     net.set_drop_path(drop_path)
     net = accel.prepare_model(net).train()
-    opt = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    opt = sgd(net.parameters(), 0.025, 0.9, 3e-4)
     g = torch.Generator(device=dev).manual_seed(seed)
     x = accel.input(torch.randn(batch_size, 3, input_size, input_size, device=dev, generator=g))
     y = torch.randint(0, num_classes, (batch_size,), device=dev, generator=g)

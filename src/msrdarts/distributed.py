@@ -134,30 +134,25 @@ class Dist:
             raise RuntimeError(f"ranks disagree on the {what}: " + "; ".join(
                 f"rank {r}: {v}" for r, v in enumerate(values)))
 
-    @torch.no_grad()
     def sync_buffers(self, model: nn.Module) -> None:
         """Copy rank 0's buffers (BN statistics, power-iteration vectors, mixing weights) to all."""
-        if not self.active:
-            return
-        buffers = [b for b in model.buffers() if b.numel()]
-        for dtype in sorted({b.dtype for b in buffers}, key=str):   # the same order on every rank
-            group = [b for b in buffers if b.dtype == dtype]
-            flat = torch.cat([b.reshape(-1) for b in group]).to(self.device)
-            dist.broadcast(flat, 0)
-            torch._foreach_copy_(group, [f.view_as(b) for f, b in
-                                         zip(flat.to(group[0].device).split([b.numel() for b in group]), group)])
+        if self.active:
+            broadcast_from_main(list(model.buffers()), self.device)
 
     def wrap(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
-        """DistributedDataParallel around ``model`` (a no-op for one process); ``sync_bn`` first
-        converts its BatchNorms to SyncBatchNorm (statistics over the global batch)."""
+        """``model`` with its gradients averaged over the processes (a no-op for one process):
+        DistributedDataParallel on accelerators (its bucketed all-reduces overlap the backward),
+        :class:`AveragedGradients` on the CPU. ``sync_bn`` first converts the BatchNorms to
+        SyncBatchNorm (statistics over the global batch; accelerators only)."""
         if not self.active:
             return model
         if sync_bn:
             if self.device is None or self.device.type == "cpu":
                 raise ConfigError("--sync-bn: SyncBatchNorm runs on accelerators only (GPU/XPU), not on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ids = [self.device.index] if self.device is not None and self.device.type != "cpu" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.device is None or self.device.type == "cpu":
+            return AveragedGradients(model, self.device)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index])
 
     def per_rank_batch(self, batch_size: int, flag: str = "--batch-size") -> int:
         """The per-rank share of a global batch; it must divide evenly."""
@@ -165,3 +160,65 @@ class Dist:
             raise ConfigError(f"{flag}={batch_size} is the global batch; it must be divisible by the world size "
                               f"{self.world} (each rank takes {flag} / world samples)")
         return batch_size // self.world
+
+
+@torch.no_grad()
+def broadcast_from_main(tensors: list[torch.Tensor], device: torch.device | None) -> None:
+    """Copy rank 0's values of ``tensors`` into every rank's, one broadcast per dtype."""
+    tensors = [t for t in tensors if t.numel()]
+    for dtype in sorted({t.dtype for t in tensors}, key=str):   # the same order on every rank
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in group]).to(device)
+        dist.broadcast(flat, 0)
+        torch._foreach_copy_([t.detach() for t in group],
+                             [f.view_as(t) for f, t in zip(flat.to(group[0].device).split([t.numel() for t in group]),
+                                                           group)])
+
+
+class AveragedGradients(nn.Module):
+    """Data parallelism for CPU processes: ``module`` (its parameters and buffers first copied
+    from rank 0), whose parameters' gradients are averaged over the processes by one all-reduce of
+    all of them, flattened, when each backward through its output ends.
+
+    What DistributedDataParallel does on the CPU, without its per-parameter bookkeeping: a
+    supernet has ~1,000 parameter tensors, and at the quick preset DDP's hooks, buckets and buffer
+    broadcasts added 50-75 % to a 1-thread rank's step (bench/torchrun_cpu.sh, BENCHMARKS.md). On
+    the CPU there is no device to overlap the reduction with, so nothing is lost by reducing once at
+    the end. Buffers are not broadcast at each forward (DDP's default): the runs copy rank 0's
+    before they read them (:meth:`Dist.sync_buffers`). ``.module`` is the wrapped network, as DDP's.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | None = None):
+        super().__init__()
+        self.module = module
+        # Listed once: walking a supernet's ~5,000 modules costs 10 ms, a twentieth of its step.
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        broadcast_from_main([*module.parameters(), *module.buffers()], device)   # one start, as DDP's
+        self._queued = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*args, **kwargs)
+        if torch.is_grad_enabled():
+            self._queued = False
+            for t in out if isinstance(out, (tuple, list)) else [out]:   # logits, or (logits, auxiliary)
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._queue)
+        return out
+
+    def _queue(self, grad: torch.Tensor) -> torch.Tensor:
+        """At the first output gradient of a backward: average the gradients when it ends."""
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._average)
+        return grad
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        self._queued = False
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import SearchConfig
 from ..data import StreamData, derived_seed, search_split, subset_split
+from ..device import sgd
 from ..errors import CheckpointError
 from ..genotype import CellGenotypes, Genotype, edge_index, genotype_from_dict
 from ..methods import Method, SearchContext, get_method
@@ -205,8 +206,7 @@ class SearchRun(EpochRun):
                                         **self.shard)
         # Fixed, unaugmented search-train batches for BN recalibration (touches no RNG), the same on every rank.
         self.bn_loader = data.loader("train", cfg.batch_size, device, indices=train_idx, workers=workers)
-        self.optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = sgd(net.weight_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
         arch_loader = None
 

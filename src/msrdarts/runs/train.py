@@ -20,7 +20,7 @@ from torch import nn
 from .._io import write_json
 from ..config import TrainConfig
 from ..data import resolve_workers
-from ..device import resolve_device
+from ..device import resolve_device, sgd
 from ..errors import CheckpointError, ConfigError, first_line
 from ..genotype import genotype_from_dict
 from ..nn.metrics import count_mult_adds, count_parameters
@@ -124,8 +124,7 @@ class TrainRun(EpochRun):
                                         drop_last=len(data.train_labels) > cfg.batch_size, generator=loader_gen,
                                         workers=workers, **self.shard)
         self.test_loader = data.loader("test", cfg.batch_size, device, workers=workers, **self.shard)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = sgd(self.model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
         self.criterion = auxiliary_criterion(cfg.auxiliary_weight, cfg.label_smoothing)
 
