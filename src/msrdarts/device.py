@@ -43,8 +43,7 @@ def resolve_device(name: str) -> torch.device:
 def sgd(params: Any, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """The runs' weight optimiser: SGD with momentum, as one fused kernel where torch has one for
     the parameters' device (the CPU and CUDA). The same update as the per-parameter loop torch
-    defaults to on the CPU, a few times faster: 1.4 against 8.5 ms per step for the quick preset's
-    supernet's 857 tensors (bench.py's search step, BENCHMARKS.md)."""
+    defaults to on the CPU, and several times faster for a supernet's hundreds of small tensors."""
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None   # None: torch's default
     return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay, fused=fused)

@@ -181,8 +181,9 @@ class AveragedGradients(nn.Module):
     all of them, flattened, when each backward through its output ends.
 
     What DistributedDataParallel does on the CPU, without its per-parameter bookkeeping: a
-    supernet has ~1,000 parameter tensors, and at the quick preset DDP's hooks, buckets and buffer
-    broadcasts added 50-75 % to a 1-thread rank's step (bench/torchrun_cpu.sh, BENCHMARKS.md). On
+    supernet has hundreds of parameter tensors and thousands of buffers, and at the quick preset DDP's
+    hooks, buckets and buffer broadcasts made a 2-process run slower per image than one process
+    (bench/torchrun_cpu.sh, BENCHMARKS.md). On
     the CPU there is no device to overlap the reduction with, so nothing is lost by reducing once at
     the end. Buffers are not broadcast at each forward (DDP's default): the runs copy rank 0's
     before they read them (:meth:`Dist.sync_buffers`). ``.module`` is the wrapped network, as DDP's.
@@ -191,7 +192,7 @@ class AveragedGradients(nn.Module):
     def __init__(self, module: nn.Module, device: torch.device | None = None):
         super().__init__()
         self.module = module
-        # Listed once: walking a supernet's ~5,000 modules costs 10 ms, a twentieth of its step.
+        # Listed once: walking a supernet's ~5,000 modules costs about as much as the all-reduce.
         self._params = [p for p in module.parameters() if p.requires_grad]
         broadcast_from_main([*module.parameters(), *module.buffers()], device)   # one start, as DDP's
         self._queued = False
