@@ -138,7 +138,7 @@ class SearchConfig(_DataConfig):
     spectral_norm: bool = _f(True, "spectrally normalise every conv inside every op to operator norm 1")
     sn_iterations: int = _f(1, "power iterations per training forward of each normalised conv")
     sn_refresh_every: int = _f(5, "steps between resets of the pointwise (1x1) convs' power iterations to their exact "
-                                   "top singular vectors (one batched eigh per shape; steps counted over the "
+                                   "top singular vectors (batched squarings of their Gram matrices; steps counted over the "
                                    "whole search, from its first)")
     sn_refresh_depthwise_every: int = _f(10, "steps between block Krylov refreshes of the other (depthwise) convs' "
                                              "tracked top-3 singular subspaces, which catch a singular value "

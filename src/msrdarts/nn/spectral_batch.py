@@ -259,7 +259,7 @@ class SpectralBatch:
     @torch.no_grad()
     def refresh(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL, depthwise: bool = True) -> None:
         """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
-        in one batched ``eigh`` per group; the other convs (only where ``depthwise``) run one
+        by batched squarings of their Gram matrices (:func:`matrix_top_vectors`); the other convs (only where ``depthwise``) run one
         :func:`block_refresh` (up to ``iterations`` Krylov steps, converged to ``tol``) per block
         size, each bundle's convs as one grouped conv (their channels are independent operators,
         so the N convs of C channels of a group are one depthwise conv of N*C channels) and the
@@ -317,7 +317,7 @@ class SpectralBatch:
         return float(torch.stack(worst).max()) if worst else 0.0
 
     def _exact_matrix_vectors(self, g: int) -> None:
-        """Set group g's 1x1 convs' vectors to their exact top singular vectors (one batched eigh)."""
+        """Set group g's 1x1 convs' vectors to their exact top singular vectors (:func:`matrix_top_vectors`)."""
         w = torch.stack(self._raws(g)).detach()
         self._group_vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
 
