@@ -445,6 +445,8 @@ def test_matrix_top_vectors_with_a_repeated_or_nearly_repeated_top_singular_valu
         assert ((sigma - S[:, 0]).abs() / S[:, 0] <= torch.clamp(gap, max=1).clamp_min(tol) * 1.01).all(), sigma - S[:, 0]
         assert (sigma - S[:, 0]).abs()[[0, 2]].max() <= tol * 3                  # repeated, or well apart: exact
         torch.testing.assert_close(u.norm(dim=1).double(), torch.ones(3, dtype=torch.float64))
+    u, v = matrix_top_vectors(torch.zeros(2, 4, 3))                    # no top direction: still unit vectors
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(2))
 
 
 def test_matrix_top_vectors_and_power_iteration_against_the_svd():

@@ -89,8 +89,8 @@ def matrix_top_vectors(w: torch.Tensor, eps: float = 1e-12, squarings: int = 12)
     """Top singular vectors of each matrix of ``w`` (..., m, n): (u (..., n), v (..., m)).
 
     u is the top eigenvector of the n x n Gram matrix G = W^T W: G^(2^squarings) (in w's
-    precision, at least float32; trace-normalised before each squaring) is the projector onto it up to (l2/l1)^(2^squarings),
-    and its column with the largest diagonal is a multiple of it. Batched products of C x C
+    precision, at least float32; trace-normalised before each squaring) is the projector onto it
+    up to (l2/l1)^(2^squarings), and its column with the largest diagonal is a multiple of it. Batched products of C x C
     matrices: several times cheaper than a batched ``eigh`` of hundreds of small matrices, which
     LAPACK solves one by one. Where the top two eigenvalues are too close for 4,096 powers to
     separate, u is a mix of their eigenvectors and v^T W u is within (1 - l2/l1) of the top
@@ -103,6 +103,7 @@ def matrix_top_vectors(w: torch.Tensor, eps: float = 1e-12, squarings: int = 12)
         P = P @ P
     col = P.diagonal(dim1=-2, dim2=-1).argmax(-1, keepdim=True)                     # (..., 1)
     u = P.gather(-1, col.unsqueeze(-2).expand(*P.shape[:-1], 1))[..., 0]           # (..., n)
+    u = u + tiny * F.one_hot(col[..., 0], u.shape[-1]).to(u.dtype)                # a unit vector if W = 0
     u = F.normalize(u, dim=-1, eps=tiny).to(w.dtype)
     return u, F.normalize((w @ u[..., None])[..., 0], dim=-1, eps=eps)
 
