@@ -9,7 +9,7 @@ import torch
 from msrdarts.config import SearchConfig
 from msrdarts.errors import CheckpointError
 from msrdarts.runs.checkpoint import (config_mismatch, load_checkpoint, load_resume_checkpoint, previous_path,
-                                      rng_state, save_checkpoint, set_rng_state)
+                                      restore_state, rng_state, save_checkpoint, set_rng_state)
 
 
 def test_round_trip_of_plain_data_and_tensors(tmp_path):
@@ -81,3 +81,33 @@ def test_config_mismatch_ignores_only_the_resumable_settings():
     now = SearchConfig(data="/elsewhere", device="cpu", progress="off", workers=3, lr=0.01, epochs=9, seed=5)
     diff = config_mismatch(saved, now)
     assert [d.split(":")[0] for d in diff] == ["epochs", "seed"]
+
+
+def test_a_checkpoint_of_the_unfused_optimiser_resumes_on_the_fused_kernel_with_its_momentum(tmp_path):
+    """Checkpoints written before the fused SGD kernel hold fused=None; resuming keeps the optimiser
+    this code builds (the momentum buffers are the same state either way)."""
+    from msrdarts.device import sgd
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    old = torch.optim.SGD(net.parameters(), 0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(2):
+        net.zero_grad()
+        net(torch.randn(5, 4)).square().sum().backward()
+        old.step()
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(old, 10)
+    ckpt = {"format": "x", "model": net.state_dict(), "optimizer": old.state_dict(), "scheduler": sched.state_dict(),
+            "config": {"lr": 0.1}, "rng": rng_state(torch.device("cpu"), {})}
+    save_checkpoint(tmp_path / "c.pt", ckpt)
+    net2 = torch.nn.Linear(4, 3)
+    new = sgd(net2.parameters(), 0.1, 0.9, 1e-2)
+    restore_state(load_checkpoint(tmp_path / "c.pt"), tmp_path / "c.pt", torch.device("cpu"), net2, new,
+                  torch.optim.lr_scheduler.CosineAnnealingLR(new, 10), {}, log=lambda m: None)
+    assert new.param_groups[0]["fused"] is True
+    x = torch.randn(5, 4)
+    for n, o in ((net2, new), (net, old)):       # one more step of each: the same update
+        n.zero_grad()
+        n(x).square().sum().backward()
+        o.step()
+    for a, b in zip(net.parameters(), net2.parameters()):
+        torch.testing.assert_close(a, b)

@@ -167,7 +167,10 @@ def restore_state(ckpt: dict[str, Any], path: Path, device: torch.device, model:
         if len(matrix) < len(legacy):
             log(f"{path}: written before block power iteration; {len(legacy) - len(matrix)} convs start their "
                 f"tracked subspace afresh (the next refresh sets it)")
+        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, flags in zip(optimizer.param_groups, kernels):   # how to step is this code's choice,
+            group.update(flags)                                      # not the checkpoint's (same state)
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} does not match this network ({first_line(e)})") from None
