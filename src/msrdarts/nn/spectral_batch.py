@@ -275,9 +275,9 @@ class SpectralBatch:
                 continue
             if not depthwise:
                 continue
-            parts = [_Part(g, self._norms()[g][0], _wide(torch.stack(self._raws(g)).detach())) for g in bundle]
-            for g in bundle:     # what drift() compares against (it leaves the 1x1 convs out)
-                self._refreshed[g] = torch.stack(self._raws(g)).detach().clone()
+            raw = {g: torch.stack(self._raws(g)).detach() for g in bundle}   # a copy of the weights:
+            self._refreshed.update(raw)     # what drift() compares against (it leaves the 1x1 convs out)
+            parts = [_Part(g, self._norms()[g][0], _wide(raw[g])) for g in bundle]
             vectors = self._vectors(bundle)
             dense = sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS
             if dense:
