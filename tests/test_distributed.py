@@ -230,7 +230,7 @@ def test_sigterm_stops_both_ranks_at_one_step_and_they_resume(tmp_path):
 
 GRADIENTS = textwrap.dedent("""
     import os, sys, torch
-    from msrdarts.distributed import Dist
+    from msrdarts.distributed import Dist, shutdown
     torch.manual_seed(int(os.environ["RANK"]))          # different starting weights on each rank
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 5))
     d, _ = Dist.start(torch.device("cpu"))
@@ -243,6 +243,7 @@ GRADIENTS = textwrap.dedent("""
         loss.backward()
     torch.save({"weights": {k: v for k, v in net.state_dict().items()},
                 "grads": [p.grad for p in net.parameters()]}, sys.argv[2])
+    shutdown()                                           # as the CLI does on exit
 """)
 
 
