@@ -23,14 +23,14 @@ from _reference import dense_of, op_norm
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
-def _pair(mixing="sum", **kw):
+def _pair(mixing="sum", recompute_depthwise=False, **kw):
     torch.manual_seed(kw.pop("seed", 0))
     adapt = use_srsoftmax if mixing == "srsoftmax" else (lambda net: net)
     ref = adapt(SuperNet(impl="reference", **kw)).double()
     with torch.no_grad():   # move the weights off the converged vectors, so the power iterations have work
         for p in ref.parameters():
             p.mul_(1 + 0.3 * torch.randn_like(p))
-    fused = adapt(SuperNet(impl="fused", **kw)).double()
+    fused = adapt(SuperNet(impl="fused", recompute_depthwise=recompute_depthwise, **kw)).double()
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -51,10 +51,12 @@ def _span(basis: torch.Tensor) -> torch.Tensor:
     return q @ q.mT
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute_depthwise"])
 @pytest.mark.parametrize("stem, size", [("cifar", 16), ("imagenet", 64)])
 @pytest.mark.parametrize("mixing", ["sum", "srsoftmax"])
-def test_fused_matches_reference_forward_backward_and_state(stem, size, mixing):
-    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=size, stem=stem, mixing=mixing)
+def test_fused_matches_reference_forward_backward_and_state(stem, size, mixing, recompute):
+    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=size, stem=stem, mixing=mixing,
+                       recompute_depthwise=recompute)
     assert ref.cells[1].reduction and not ref.cells[0].reduction   # normal and reduction cells both covered
     torch.manual_seed(1)
     x = torch.randn(3, 3, size, size, dtype=torch.float64)
@@ -86,10 +88,13 @@ def test_fused_matches_reference_forward_backward_and_state(stem, size, mixing):
     assert msr_genotype(fused) == msr_genotype(ref)
 
 
-def test_two_forwards_then_one_backward_use_each_forwards_own_vectors():
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute_depthwise"])
+def test_two_forwards_then_one_backward_use_each_forwards_own_vectors(recompute):
     """Gradient accumulation: the second training forward advances the power iterations before
-    the first forward's backward runs; that backward must still see the first forward's G."""
-    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=8, stem="cifar", mixing="sum")
+    the first forward's backward runs; that backward must still see the first forward's G (and,
+    recomputing the depthwise convs, the first forward's weights and inputs)."""
+    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=8, stem="cifar", mixing="sum",
+                       recompute_depthwise=recompute)
     torch.manual_seed(8)
     x1, x2 = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
     grads = []
@@ -100,10 +105,11 @@ def test_two_forwards_then_one_backward_use_each_forwards_own_vectors():
         torch.testing.assert_close(gf, gr, **TOL, msg=name)
 
 
-def test_fused_with_a_subset_of_ops_in_another_order():
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute_depthwise"])
+def test_fused_with_a_subset_of_ops_in_another_order(recompute):
     """Sep and dil ops interleaved: the sep ops' second blocks are not a contiguous slice."""
     ref, fused = _pair(num_classes=3, layers=3, channels=4, input_size=8, in_channels=1,
-                       primitives=("dil_conv_5x5", "sep_conv_3x3", "dil_conv_3x3"))
+                       primitives=("dil_conv_5x5", "sep_conv_3x3", "dil_conv_3x3"), recompute_depthwise=recompute)
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     out_r, out_f = ref(x), fused(x)
     torch.testing.assert_close(out_f, out_r, **TOL)
@@ -455,5 +461,81 @@ def test_checkpoint_cells_computes_the_same_step_and_state_and_runs_each_cell_tw
 def test_checkpoint_cells_needs_the_fused_forward():
     with pytest.raises(ConfigError, match="--checkpoint-cells: needs the fused"):
         SuperNet(5, 3, 4, 16, impl="reference", checkpoint_cells=True)
+    with pytest.raises(ConfigError, match="--recompute-depthwise: needs the fused"):
+        SuperNet(5, 3, 4, 16, impl="reference", recompute_depthwise=True)
     with pytest.raises(ConfigError, match="--checkpoint-cells"):
         SuperNet(5, 3, 4, 16, primitives=DARTS_PRIMITIVES, checkpoint_cells=True)
+
+
+def _saved_bytes(net, x) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of one training forward
+    (storages counted once, however many nodes save them), read by a saved-tensors hook."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    del out
+    return sum(storages.values())
+
+
+def test_recompute_depthwise_keeps_less_than_half_the_activations_and_the_same_channels_last_step():
+    """--recompute-depthwise: per source node, a sep conv keeps 2 activations of m*C channels and a
+    dil conv 1 where autograd keeps 5 and 2 (plus the spread input): what autograd keeps for a
+    backward falls below half. In channels_last the step is still the plain one's (float64)."""
+    torch.manual_seed(0)
+    plain = SuperNet(5, 4, 8, 16, impl="fused").double()
+    lean = SuperNet(5, 4, 8, 16, impl="fused", recompute_depthwise=True).double()
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    kept_plain, kept_lean = _saved_bytes(plain, x), _saved_bytes(lean, x)
+    assert kept_lean < 0.5 * kept_plain, (kept_lean, kept_plain)
+    lean.load_state_dict(plain.state_dict())     # the forwards above advanced both alike; start again equal
+    plain, lean = (n.to(memory_format=torch.channels_last) for n in (plain, lean))
+    xc = x.to(memory_format=torch.channels_last)
+    out_p, out_l = plain(xc), lean(xc)
+    torch.testing.assert_close(out_l, out_p, **TOL)
+    g = torch.randn_like(out_p)
+    for (name, _), gp, gl in zip(plain.named_parameters(), torch.autograd.grad(out_p, list(plain.parameters()), g),
+                                 torch.autograd.grad(out_l, list(lean.parameters()), g)):
+        torch.testing.assert_close(gl, gp, **TOL, msg=name)
+
+
+def test_recompute_depthwise_under_bf16_autocast_matches_the_plain_step():
+    """The recomputation in the backward runs under the forward's autocast: the same bf16 step as
+    the plain fused path's (gradients within bf16 rounding of each other)."""
+    torch.manual_seed(0)
+    plain = SuperNet(10, 3, 4, 8, in_channels=1, impl="fused")
+    lean = SuperNet(10, 3, 4, 8, in_channels=1, impl="fused", recompute_depthwise=True)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    grads = []
+    for net in (plain, lean):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = net(x)
+        assert out.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(out.float().square().sum(), list(net.parameters())))
+    for (name, _), gp, gl in zip(plain.named_parameters(), *grads):
+        assert gl.dtype == gp.dtype and torch.isfinite(gl).all(), name
+        torch.testing.assert_close(gl, gp, rtol=0.05, atol=0.05 * gp.abs().max().item() + 1e-6, msg=name)
+
+
+def test_checkpoint_cells_with_recompute_depthwise_is_the_plain_step():
+    ref, fused = _pair(num_classes=5, layers=3, channels=4, input_size=16)
+    torch.manual_seed(0)
+    both = SuperNet(5, 3, 4, 16, impl="fused", checkpoint_cells=True, recompute_depthwise=True).double()
+    both.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    out_f, out_b = fused(x), both(x)
+    torch.testing.assert_close(out_b, out_f, **TOL)
+    g = torch.randn_like(out_f)
+    for (name, _), gf, gb in zip(fused.named_parameters(), torch.autograd.grad(out_f, list(fused.parameters()), g),
+                                 torch.autograd.grad(out_b, list(both.parameters()), g)):
+        torch.testing.assert_close(gb, gf, **TOL, msg=name)
+    sf, sb = _state(fused), _state(both)
+    for k in sf:
+        torch.testing.assert_close(sb[k], sf[k], **TOL, msg=k)

@@ -34,7 +34,7 @@ from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
 from .runs.search import refresh_spectral_norms_due, sn_refresh_due
 
-VARIANTS = ("reference", "fused", "fused_no_sn", "fused_checkpoint_cells")
+VARIANTS = ("reference", "fused", "fused_no_sn", "fused_checkpoint_cells", "fused_recompute_depthwise")
 
 
 def _sync(device: torch.device) -> None:
@@ -118,7 +118,8 @@ def _build(variant: str, layers: int, channels: int, input_size: int, in_channel
     torch.manual_seed(seed)
     return SuperNet(10, layers, channels, input_size, in_channels=in_channels,
                     impl="reference" if variant == "reference" else "fused",
-                    spectral_norm=variant != "fused_no_sn", checkpoint_cells=variant == "fused_checkpoint_cells")
+                    spectral_norm=variant != "fused_no_sn", checkpoint_cells=variant == "fused_checkpoint_cells",
+                    recompute_depthwise=variant == "fused_recompute_depthwise")
 
 
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
@@ -186,6 +187,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "ms_per_step_reference": round(ms["reference"], 1), "ms_per_step_fused": round(ms["fused"], 1),
         "ms_per_step_fused_no_sn": round(ms["fused_no_sn"], 1),
         "ms_per_step_fused_checkpoint_cells": round(ms["fused_checkpoint_cells"], 1),
+        "ms_per_step_fused_recompute_depthwise": round(ms["fused_recompute_depthwise"], 1),
         "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
         "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
@@ -204,7 +206,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "stable_rank_table_and_derivation_ms": round(derive_ms, 1),
     }
     if memory:
-        for v in ("reference", "fused", "fused_checkpoint_cells"):
+        for v in ("reference", "fused", "fused_checkpoint_cells", "fused_recompute_depthwise"):
             result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
                                                                      in_channels, device, seed, accel)
     if profile:

@@ -150,6 +150,10 @@ class SearchConfig(_DataConfig):
     checkpoint_cells: bool = _f(False, "keep only each cell's inputs for the backward and run the cell again there "
                                        "(activation checkpointing; fused forward only): less memory, more compute "
                                        "(BENCHMARKS.md, search step)")
+    recompute_depthwise: bool = _f(False, "keep only each ReLU-depthwise-pointwise-BN block's input and output for the "
+                                          "backward and compute its depthwise conv again there (fused forward only): "
+                                          "about 0.6x the plain fused step's memory for about 1.15x its time "
+                                          "(BENCHMARKS.md, search step)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "

@@ -61,20 +61,33 @@ class _FusedBN:
 
     def __init__(self, bns: list[nn.BatchNorm2d]):
         self.bns = bns
+        self.eps = bns[0].eps
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        bn0 = self.bns[0]
+    @property
+    def training(self) -> bool:
+        return self.bns[0].training
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The running means and variances, concatenated, and this batch's update factor (for a
+        training batch, whose count it adds); :meth:`write_back` stores what the BN made of them."""
         means = torch.cat([b.running_mean for b in self.bns])
         variances = torch.cat([b.running_var for b in self.bns])
-        if not bn0.training:
-            return F.batch_norm(x, means, variances, None, None, False, 0.0, bn0.eps)
+        if not self.training:
+            return means, variances, 0.0
         torch._foreach_add_([b.num_batches_tracked for b in self.bns], 1)
-        # as nn.BatchNorm2d: momentum None means a cumulative average over the batches seen
-        factor = bn0.momentum if bn0.momentum is not None else 1.0 / float(bn0.num_batches_tracked)
-        out = F.batch_norm(x, means, variances, None, None, True, factor, bn0.eps)
-        with torch.no_grad():
-            torch._foreach_copy_([b.running_mean for b in self.bns], list(means.chunk(len(self.bns))))
-            torch._foreach_copy_([b.running_var for b in self.bns], list(variances.chunk(len(self.bns))))
+        bn0 = self.bns[0]   # as nn.BatchNorm2d: momentum None means a cumulative average over the batches seen
+        return means, variances, bn0.momentum if bn0.momentum is not None else 1.0 / float(bn0.num_batches_tracked)
+
+    @torch.no_grad()
+    def write_back(self, means: torch.Tensor, variances: torch.Tensor) -> None:
+        torch._foreach_copy_([b.running_mean for b in self.bns], list(means.chunk(len(self.bns))))
+        torch._foreach_copy_([b.running_var for b in self.bns], list(variances.chunk(len(self.bns))))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        means, variances, factor = self.statistics()
+        out = F.batch_norm(x, means, variances, None, None, self.training, factor, self.eps)
+        if self.training:
+            self.write_back(means, variances)
         return out
 
 
@@ -87,13 +100,113 @@ class _Block:
     pointwise: _Slice
     bn: _FusedBN
     runner: DepthwiseRunner
+    recompute: bool         # training with gradients: a _LeanBlock
 
-    def __call__(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-        """x: (B, m*C, H, W) ordered (edge, channel), already through the ReLU."""
+    def __call__(self, x: torch.Tensor, weights: list[torch.Tensor], copies: int,
+                 shared: "_SharedSpread | None" = None) -> torch.Tensor:
+        """The block on ``_spread(x, copies)`` (B, m*C, H, W), ordered (edge, channel): ``x`` is the
+        source node (``copies`` = m) or the previous block's output (1). ``shared``: that input,
+        computed once for the source's op kinds."""
         dw, pw = self.depthwise, self.pointwise
-        y = self.runner(x, weights[dw.group][dw.start:dw.start + dw.count].flatten(0, 1), self.geometry)
-        w = weights[pw.group][pw.start:pw.start + pw.count].flatten(2)            # (m, C_out, C_in)
-        return self.bn(_pointwise(y, w))
+        w_dw = weights[dw.group][dw.start:dw.start + dw.count].flatten(0, 1)
+        w_pw = weights[pw.group][pw.start:pw.start + pw.count].flatten(2)          # (m, C_out, C_in)
+        if self.recompute and self.bn.training and torch.is_grad_enabled():
+            means, variances, factor = self.bn.statistics()
+            y = _LeanBlock.apply(x, w_dw, w_pw, means, variances, (copies, shared, self.runner, self.geometry,
+                                                                   factor, self.bn.eps))
+            self.bn.write_back(means, variances)
+            return y
+        y = self.runner(_spread(x, copies) if shared is None else shared.value, w_dw, self.geometry)
+        return self.bn(_pointwise(y, w_pw))
+
+
+class _LeanBlock(torch.autograd.Function):
+    """A training block (ReLU, spread over the m edges for the first block of an op; depthwise;
+    pointwise; BN without affine) that keeps two activations for the backward, its input before the
+    ReLU and its output, where autograd keeps four of m*C channels (the spread ReLU output, the
+    depthwise output, the pointwise output, the BN input).
+
+    * The BN's input gradient comes from its output y and 1/std (y is x_hat for an affine-free BN):
+      ``native_batch_norm_backward`` with y as the input, mean 0, inverse std 1 and 1/std as the
+      scale is ``(dy - mean(dy) - y mean(dy y)) / std``, one kernel.
+    * The pointwise gradients are two matmuls with the depthwise output, which the backward
+      computes again from the input (ReLU, repeat and one depthwise conv, the block's cheapest
+      part); the input and depthwise gradients are autograd's through that recomputation.
+
+    A first block's input is the source node (C channels, not the m*C of its spread ReLU), a
+    second block's is the first block's output, which that block keeps anyway: per source node, a
+    sep conv keeps 2 activations of m*C channels and a dil conv 1, where autograd kept 5 and 2 plus
+    the shared spread input (BENCHMARKS.md, search-step peak memory). Under autocast the backward
+    runs under the forward's autocast state. First derivatives only (the fused path's users need
+    no more).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, means: torch.Tensor,
+                variances: torch.Tensor, how: tuple) -> torch.Tensor:
+        copies, shared, runner, geometry, factor, eps = how
+        d = runner(_spread(x, copies) if shared is None else shared.value, w_dw, geometry)
+        c = _pointwise(d, w_pw)
+        del d
+        y, _, invstd = torch.native_batch_norm(c, None, None, means, variances, True, factor, eps)
+        ctx.save_for_backward(x, w_dw, w_pw, y, invstd)
+        ctx.how = how
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, w_dw, w_pw, y, invstd = ctx.saved_tensors
+        copies, shared, runner, geometry, _, eps = ctx.how
+        dc = torch.ops.aten.native_batch_norm_backward(
+            dy, y, invstd, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True, eps,
+            [True, False, False])[0]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype, enabled=enabled):
+            xs = shared.get(x) if shared is not None else F.relu(x.detach()).requires_grad_(ctx.needs_input_grad[0])
+            wd = w_dw.detach().requires_grad_(ctx.needs_input_grad[1])
+            d = runner(xs, wd, geometry)
+        dd, dw_pw = _pointwise_backward(d.detach(), w_pw, dc)
+        wrt = [t for t in (xs, wd) if t.requires_grad]
+        grads = iter(torch.autograd.grad(d, wrt, dd) if wrt else ())
+        dx = next(grads) if ctx.needs_input_grad[0] else None
+        if dx is not None:      # through the spread: the sum over its copies, where the ReLU passed
+            if copies > 1:
+                dx = dx.reshape(x.shape[0], copies, *x.shape[1:]).sum(1)
+            dx = torch.ops.aten.threshold_backward(dx.to(x.dtype), x, 0)
+        dw_dw = next(grads) if ctx.needs_input_grad[1] else None
+        return dx, dw_dw, dw_pw if ctx.needs_input_grad[2] else None, None, None, None
+
+
+class _SharedSpread:
+    """The spread input of a source's first blocks, computed once for all its op kinds: in the
+    forward (:meth:`release` drops it after the last kind) and, for :class:`_LeanBlock`, once
+    again in the backward (as a leaf; each block maps its gradient back to the source node)."""
+
+    def __init__(self, h: torch.Tensor, copies: int, users: int):
+        self.copies, self.users = copies, users
+        self.value: torch.Tensor | None = _spread(h, copies)
+
+    def release(self) -> None:
+        self.value = None
+
+    def get(self, h: torch.Tensor) -> torch.Tensor:
+        """In the backward: the spread of the source node ``h``, dropped once its last user has it."""
+        if self.value is None:
+            self.value = _spread(h.detach(), self.copies).requires_grad_()
+        value = self.value
+        self.users -= 1
+        if self.users == 0:
+            self.value = None
+        return value
+
+
+def _spread(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """A block's input: ReLU(x), repeated ``copies`` times along the channels (the m edges of a source)."""
+    x = F.relu(x)
+    return x.repeat(1, copies, 1, 1) if copies > 1 else x
 
 
 def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -108,42 +221,62 @@ def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bpmc,mdc->bpmd", xl, w).reshape(B, H, W, m * c_out).permute(0, 3, 1, 2)
 
 
+def _pointwise_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`_pointwise` (x, w) -> y with respect to x and w, given dy (in dy's
+    dtype for x, and w's for w, as autograd through an autocast matmul gives them)."""
+    B, _, H, W = x.shape
+    m, c_out, c_in = w.shape
+    wt = w.to(dy.dtype)
+    if not is_channels_last(x):   # one copy of dy and x each to the matmuls' (m, channel, B*H*W) order
+        dyp = dy.reshape(B, m, c_out, H * W).permute(1, 2, 0, 3).reshape(m, c_out, B * H * W)
+        xp = x.reshape(B, m, c_in, H * W).permute(1, 2, 0, 3).reshape(m, c_in, B * H * W).to(dy.dtype)
+        dx = torch.bmm(wt.mT, dyp).view(m, c_in, B, H * W).permute(2, 0, 1, 3).reshape(B, m * c_in, H, W)
+        return dx, torch.bmm(dyp, xp.mT).to(w.dtype)
+    xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in).to(dy.dtype)
+    dyl = dy.permute(0, 2, 3, 1).reshape(B, H * W, m, c_out)
+    dx = torch.einsum("bpmd,mdc->bpmc", dyl, wt).reshape(B, H, W, m * c_in).permute(0, 3, 1, 2)
+    return dx, torch.einsum("bpmd,bpmc->mdc", dyl, xl).to(w.dtype)
+
+
 class _SourcePlan:
     """The fused computation of all edges leaving one node of one cell."""
 
     def __init__(self, edges: list[int], targets: list[int], ops: list[list[nn.Module]], batch: SpectralBatch,
-                 runner: DepthwiseRunner):
+                 runner: DepthwiseRunner, recompute: bool):
         self.edges, self.targets, self.m = edges, targets, len(edges)
+        self.recompute = recompute
         self.kinds: list[list[_Block]] = []        # per op kind, its 1 (dil) or 2 (sep) blocks
         for p in range(len(ops[0])):
             per_edge = [_blocks(ops[e][p]) for e in range(self.m)]
             self.kinds.append([
                 _Block(batch.slice_of([b[level][1] for b in per_edge]), _Geometry.of(per_edge[0][level][1]),
                        batch.slice_of([b[level][2] for b in per_edge]), _FusedBN([b[level][3] for b in per_edge]),
-                       runner)
+                       runner, recompute)
                 for level in range(len(per_edge[0]))])
 
     def __call__(self, h: torch.Tensor, weights: list[torch.Tensor], mix: torch.Tensor | None) -> torch.Tensor:
         """(B, m, C, H', W'): the outputs of the m edges, ops summed (weighted by ``mix`` (m, P))."""
         B, C = h.shape[:2]
         m = self.m
-        x = F.relu(h).repeat(1, m, 1, 1)                                            # (B, m*C, H, W)
+        lean = self.recompute and torch.is_grad_enabled() and self.kinds[0][0].bn.training   # _LeanBlocks keep h
+        shared = _SharedSpread(h.detach() if lean else h, m, len(self.kinds))      # (B, m*C, H, W)
         total = None
         for p, blocks in enumerate(self.kinds):
-            y = blocks[0](x, weights)
+            y = blocks[0](h, weights, m, shared)
             for block in blocks[1:]:
-                y = block(F.relu(y), weights)
+                y = block(y, weights, 1)
             y = y.view(B, m, C, *y.shape[-2:])
             if mix is not None:
                 y = y * mix[:, p].view(1, m, 1, 1, 1).to(y.dtype)
             total = y if total is None else total + y
+        shared.release()
         return total
 
 
 class FusedCell:
     """Plans the fused forward of one :class:`msrdarts.nn.supernet.SearchCell` (see the module docstring)."""
 
-    def __init__(self, cell: nn.Module, batch: SpectralBatch, runner: DepthwiseRunner):
+    def __init__(self, cell: nn.Module, batch: SpectralBatch, runner: DepthwiseRunner, recompute: bool = False):
         self.cell = cell
         self.batch_norms = [m for m in cell.modules() if isinstance(m, _BatchNorm)]
         pairs = edge_index(cell.steps)
@@ -155,7 +288,7 @@ class FusedCell:
                 self.sources.append(None)
                 continue
             ops = [[cell.edges[e].ops[p] for p in range(n_ops)] for e in edges]
-            self.sources.append(_SourcePlan(edges, [pairs[e][1] for e in edges], ops, batch, runner))
+            self.sources.append(_SourcePlan(edges, [pairs[e][1] for e in edges], ops, batch, runner, recompute))
 
     @staticmethod
     def conv_order(cell: nn.Module) -> list[OpConv]:
@@ -198,10 +331,10 @@ class FusedSuperNet:
     """
 
     def __init__(self, net: nn.Module, batch: SpectralBatch, compile_kernels: bool = True,
-                 checkpoint_cells: bool = False):
+                 checkpoint_cells: bool = False, recompute_depthwise: bool = False):
         self.batch = batch
         self.runner = DepthwiseRunner(batch.taps, CompiledTaps() if compile_kernels else None)
-        self.cells = [FusedCell(cell, self.batch, self.runner) for cell in net.cells]
+        self.cells = [FusedCell(cell, self.batch, self.runner, recompute_depthwise) for cell in net.cells]
         self.checkpoint_cells = checkpoint_cells
 
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -122,6 +122,9 @@ class SuperNet(nn.Module):
             their order); None: every edge has all of ``primitives``.
         checkpoint_cells: keep only each cell's inputs for the backward and run the cell again
             there (activation checkpointing; fused forward only): less memory, more compute.
+        recompute_depthwise: keep only each ReLU-depthwise-pointwise-BN block's input and output
+            for the backward and compute its depthwise conv again there (fused forward only): about
+            40 % less memory than the plain fused step, for about 15 % more time (BENCHMARKS.md).
 
     Every edge sums its ops, and every node its edges, until a search method sets :attr:`mixer`
     (op weights per edge) or :attr:`edge_mixer` (a weight per edge).
@@ -132,7 +135,7 @@ class SuperNet(nn.Module):
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, spectral_norm: bool = True,
                  sn_iterations: int = 1, impl: str = "auto", compile_kernels: bool = True,
                  edge: EdgeFactory = MixedOp, edge_ops: Sequence[Sequence[Sequence[str]]] | None = None,
-                 checkpoint_cells: bool = False):
+                 checkpoint_cells: bool = False, recompute_depthwise: bool = False):
         super().__init__()
         check_positive(num_classes=num_classes, input_size=input_size, in_channels=in_channels, steps=steps,
                        sn_iterations=sn_iterations)
@@ -147,9 +150,10 @@ class SuperNet(nn.Module):
             raise ConfigError("--impl=fused: this search method's mixed edges have no fused forward; "
                               "use --impl reference (or auto)")
         self.impl = impl if impl != "auto" else ("fused" if fusable else "reference")
-        if checkpoint_cells and self.impl != "fused":
-            raise ConfigError("--checkpoint-cells: needs the fused supernet forward (the ops "
-                              f"{', '.join(fusable_ops())}, mixed edges of MSR-DARTS or DARTS, --impl fused or auto)")
+        for flag, on in (("--checkpoint-cells", checkpoint_cells), ("--recompute-depthwise", recompute_depthwise)):
+            if on and self.impl != "fused":
+                raise ConfigError(f"{flag}: needs the fused supernet forward (the ops {', '.join(fusable_ops())}, "
+                                  "mixed edges of MSR-DARTS or DARTS, --impl fused or auto)")
         self.primitives = tuple(primitives)
         self.steps, self.multiplier, self.layers = steps, multiplier, layers
         self.stem = Stem(stem, in_channels, channels, stem_multiplier)
@@ -184,7 +188,7 @@ class SuperNet(nn.Module):
         self._spectral = batch    # for batched refreshes; references this network's own modules
         batch.link()
         if self.impl == "fused":   # the plan holds references to this network's own modules, no state
-            self._fused = FusedSuperNet(self, batch, compile_kernels, checkpoint_cells)
+            self._fused = FusedSuperNet(self, batch, compile_kernels, checkpoint_cells, recompute_depthwise)
 
     def _apply(self, fn, *args, **kwargs):
         """``.to()``, ``.double()`` and the like replace the power-iteration buffers: link the new

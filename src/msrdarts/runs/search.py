@@ -47,7 +47,7 @@ def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
     return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
                     primitives=cfg.ops, in_channels=data.in_channels, spectral_norm=cfg.spectral_norm,
                     sn_iterations=cfg.sn_iterations, impl=cfg.impl, compile_kernels=cfg.compile != "off",
-                    checkpoint_cells=cfg.checkpoint_cells,
+                    checkpoint_cells=cfg.checkpoint_cells, recompute_depthwise=cfg.recompute_depthwise,
                     **get_method(cfg.method).supernet_options(cfg))
 
 
