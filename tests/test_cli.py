@@ -109,8 +109,15 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
     assert out["amp"] == ("off" if amp == "auto" else "bf16") and out["compile"] is False   # auto: off on the CPU
     for key in ("ms_per_step_reference", "ms_per_step_fused", "ms_per_step_fused_no_sn", "speedup_fused_vs_reference",
                 "sn_overhead_fused", "gflop_s_fused", "gb_s_fused", "copy_gb_s", "matmul_gflop_s",
-                "stable_rank_table_and_derivation_ms", "sn_refresh_ms", "sn_overhead_fused_with_refresh"):
+                "stable_rank_table_and_derivation_ms", "sn_refresh_ms", "sn_overhead_fused_with_refresh",
+                "ms_per_step_fused_recompute_depthwise", "sn_refresh_full_length_ms",
+                "sn_overhead_fused_with_full_length_refresh"):
         assert out[key] > 0, key
+    # the refresh as the search runs it stops at convergence: never longer than at its full length
+    # (a little timing noise allowed)
+    assert out["sn_refresh_ms"] <= 1.5 * out["sn_refresh_full_length_ms"]
+    # what autograd keeps: --recompute-depthwise keeps less than the plain fused forward
+    assert 0 < out["saved_for_backward_mb_fused_recompute_depthwise"] < out["saved_for_backward_mb_fused"]
     # 5 and 10: of every 10 steps, one refreshes all convs and one the 1x1 convs only
     assert (out["sn_refresh_every"], out["sn_refresh_depthwise_every"]) == (5, 10)
     assert out["sn_refresh_ms_per_step"] == pytest.approx(

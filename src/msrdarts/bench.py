@@ -148,22 +148,29 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
             times[v] += time_search_step(models[v], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 1,
                                          opt=opts[v], forward=forwards[v], accel=accel)
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
-    # The spectral-norm refreshes of the search loop (refresh_spectral_norms_due), on the weights the
-    # timed steps moved, amortised into the overhead below: the 1x1 convs' every sn_refresh_every
-    # steps, all convs' every sn_refresh_depthwise_every steps, the latter timed at its full length
-    # (every Krylov step, tol 0: an upper bound).
+    # The spectral-norm refreshes of the search loop (refresh_spectral_norms_due), amortised into the
+    # overhead below: the 1x1 convs' every sn_refresh_every steps, all convs' every
+    # sn_refresh_depthwise_every steps. Each is timed as the search runs it, on the weights the
+    # warm-up and timed steps moved since the build converged the norms (at least as many steps as
+    # between two refreshes of a search), three times from that same state (the state is put back
+    # after each); the full refresh also at its full length (every Krylov step, tol 0: the bound).
     cfg = SearchConfig()
     refresh_ms = {}
-    for kind, kwargs in (("pointwise", {"depthwise": False}), ("all", {"tol": 0.0})):   # as sn_refresh_due names them
+    fused = models["fused"]
+    moved = {k: v.clone() for k, v in fused.state_dict().items()}
+    for kind, kwargs in (("pointwise", {"depthwise": False}), ("all", {}), ("all_full", {"tol": 0.0})):
         t = []
         for _ in range(3):
             t0 = time.perf_counter()
-            models["fused"].refresh_spectral_norms(**kwargs)
+            fused.refresh_spectral_norms(**kwargs)
             _sync(dev)
             t.append(time.perf_counter() - t0)
+            fused.load_state_dict(moved)
         refresh_ms[kind] = 1000 * statistics.median(t)
     cycle = math.lcm(cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every)   # the schedule repeats
-    refresh_per_step = sum(refresh_ms[d] for d in map(lambda s: sn_refresh_due(cfg, s), range(cycle)) if d) / cycle
+    due = [sn_refresh_due(cfg, s) for s in range(cycle)]                      # "pointwise", "all" or None
+    refresh_per_step = sum(refresh_ms[d] for d in due if d) / cycle
+    refresh_full_per_step = sum(refresh_ms["all_full" if d == "all" else d] for d in due if d) / cycle
 
     # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some),
     # depthwise weight gradients counted correctly (torch's counter has them C times too high).
@@ -190,10 +197,12 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "ms_per_step_fused_recompute_depthwise": round(ms["fused_recompute_depthwise"], 1),
         "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
-        "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
+        "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_full_length_ms": round(refresh_ms["all_full"], 1),
+        "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
         "sn_refresh_every": cfg.sn_refresh_every, "sn_refresh_depthwise_every": cfg.sn_refresh_depthwise_every,
         "sn_refresh_ms_per_step": round(refresh_per_step, 2),
         "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_per_step) / ms["fused_no_sn"], 3),
+        "sn_overhead_fused_with_full_length_refresh": round((ms["fused"] + refresh_full_per_step) / ms["fused_no_sn"], 3),
         "images_per_s_fused": round(batch_size / (ms["fused"] / 1000), 1),
         "gflop_per_step": round(flops / 1e9, 2),
         "gflop_s_reference": round(flops / ms["reference"] / 1e6, 2),
@@ -205,6 +214,8 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         **ceilings,
         "stable_rank_table_and_derivation_ms": round(derive_ms, 1),
     }
+    for v in ("fused", "fused_recompute_depthwise"):
+        result[f"saved_for_backward_mb_{v}"] = saved_for_backward_mb(models[v], forwards[v], x, accel)
     if memory:
         for v in ("reference", "fused", "fused_checkpoint_cells", "fused_recompute_depthwise"):
             result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
@@ -217,6 +228,25 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         result["profile_fused"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
                                                             max_name_column_width=40)
     return result
+
+
+def saved_for_backward_mb(model: torch.nn.Module, forward: Any, x: torch.Tensor, accel: Accel) -> float:
+    """MB of the distinct tensors autograd keeps from one training forward for its backward (each
+    storage once), read by a saved-tensors hook: the activation memory a step must hold, whatever
+    the allocator keeps besides (on the CPU glibc holds freed blocks it cannot return, so the
+    resident peak is higher; on a GPU the caching allocator's peak is close to this plus the
+    largest transients)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), accel.autocast():
+        out = forward(x)
+    del out
+    return round(sum(storages.values()) / 2 ** 20, 1)
 
 
 def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: int, input_size: int,

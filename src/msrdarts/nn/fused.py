@@ -169,14 +169,15 @@ class _LeanBlock(torch.autograd.Function):
             wd = w_dw.detach().requires_grad_(ctx.needs_input_grad[1])
             d = runner(xs, wd, geometry)
         dd, dw_pw = _pointwise_backward(d.detach(), w_pw, dc)
-        wrt = [t for t in (xs, wd) if t.requires_grad]
-        grads = iter(torch.autograd.grad(d, wrt, dd) if wrt else ())
-        dx = next(grads) if ctx.needs_input_grad[0] else None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        wrt = [xs] * need_x + [wd] * need_w
+        grads = list(torch.autograd.grad(d, wrt, dd)) if wrt else []
+        dx = grads.pop(0) if need_x else None
         if dx is not None:      # through the spread: the sum over its copies, where the ReLU passed
             if copies > 1:
                 dx = dx.reshape(x.shape[0], copies, *x.shape[1:]).sum(1)
             dx = torch.ops.aten.threshold_backward(dx.to(x.dtype), x, 0)
-        dw_dw = next(grads) if ctx.needs_input_grad[1] else None
+        dw_dw = grads.pop(0) if need_w else None
         return dx, dw_dw, dw_pw if ctx.needs_input_grad[2] else None, None, None, None
 
 
