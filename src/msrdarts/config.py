@@ -152,7 +152,7 @@ class SearchConfig(_DataConfig):
                                        "(BENCHMARKS.md, search step)")
     recompute_depthwise: bool = _f(False, "keep only each ReLU-depthwise-pointwise-BN block's input and output for the "
                                           "backward and compute its depthwise conv again there (fused forward only): "
-                                          "about 0.6x the plain fused step's memory for about 1.15x its time "
+                                          "about 0.65x the plain fused step's peak memory (under half of what autograd keeps) for about 1.2x its time "
                                           "(BENCHMARKS.md, search step)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "

@@ -123,8 +123,8 @@ class SuperNet(nn.Module):
         checkpoint_cells: keep only each cell's inputs for the backward and run the cell again
             there (activation checkpointing; fused forward only): less memory, more compute.
         recompute_depthwise: keep only each ReLU-depthwise-pointwise-BN block's input and output
-            for the backward and compute its depthwise conv again there (fused forward only): about
-            40 % less memory than the plain fused step, for about 15 % more time (BENCHMARKS.md).
+            for the backward and compute its depthwise conv again there (fused forward only): under
+            half the activations of the plain fused step, for about 1.2x its time (BENCHMARKS.md).
 
     Every edge sums its ops, and every node its edges, until a search method sets :attr:`mixer`
     (op weights per edge) or :attr:`edge_mixer` (a weight per edge).
