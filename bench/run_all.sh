@@ -3,9 +3,9 @@
 # bench/results/<name>.txt behind a header (date, commit, machine, command), so every figure there has
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
-#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, methods,
+#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, pointwise, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
-#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb,
+#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb, memory-timeline,
 #                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
 #                                     # sn-accuracy-cifar10-lr05-drift (need
 #                                     # ../shared/data/cifar10-mini.npz)
@@ -27,6 +27,7 @@ ONLY=${1:-}
 run search-step bash bench/search_step.sh
 run train-step msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 --batch-size 96 --steps 8 --json
 run depthwise-32px python bench/depthwise.py 32
+run pointwise python bench/pointwise.py
 run methods bash bench/methods.sh
 run torchrun-cpu bash bench/torchrun_cpu.sh runs/bench-torchrun
 rm -rf runs/bench-quick
@@ -40,6 +41,7 @@ run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch
 run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 50
 run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20
 run fits-80gb python bench/fits_80gb.py
+run memory-timeline python bench/memory_timeline.py
 run sn-accuracy-cifar10 python bench/sn_accuracy.py --preset cifar10 --dataset npz --data ../shared/data/cifar10-mini.npz \
   --epochs 1 --every 3 --sample 40
 run sn-accuracy-cifar10-lr05 python bench/sn_accuracy.py --preset cifar10 --dataset npz \

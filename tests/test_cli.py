@@ -113,9 +113,6 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
                 "ms_per_step_fused_recompute_depthwise", "sn_refresh_full_length_ms",
                 "sn_overhead_fused_with_full_length_refresh"):
         assert out[key] > 0, key
-    # the refresh as the search runs it stops at convergence: never longer than at its full length
-    # (a little timing noise allowed)
-    assert out["sn_refresh_ms"] <= 1.5 * out["sn_refresh_full_length_ms"]
     # what autograd keeps: --recompute-depthwise keeps less than the plain fused forward
     assert 0 < out["saved_for_backward_mb_fused_recompute_depthwise"] < out["saved_for_backward_mb_fused"]
     # 5 and 10: of every 10 steps, one refreshes all convs and one the 1x1 convs only
