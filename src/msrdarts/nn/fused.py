@@ -215,13 +215,34 @@ def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     batched matmul (faster than a grouped conv on CPU); keeps channels_last inputs channels_last.
     In NCHW it is a broadcast matmul, (m, C_out, C_in) x (B, m, C_in, H*W), whose output is
     already NCHW (an einsum batched over m gives the (m, C_out, B, H*W) order, and its copy back
-    cost more than the products: bench/results/pointwise.txt)."""
+    cost more than the products: bench/results/pointwise.txt), with its own backward
+    (:class:`_Pointwise`)."""
     B, _, H, W = x.shape
     m, c_out, c_in = w.shape
     if not is_channels_last(x):
-        return torch.matmul(w, x.reshape(B, m, c_in, H * W)).view(B, m * c_out, H, W)
+        return _Pointwise.apply(x, w)
     xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in)                        # a view for NHWC
     return torch.einsum("bpmc,mdc->bpmd", xl, w).reshape(B, H, W, m * c_out).permute(0, 3, 1, 2)
+
+
+class _Pointwise(torch.autograd.Function):
+    """:func:`_pointwise` in NCHW, keeping x and w for the backward (:func:`_pointwise_backward`).
+    Autograd through the broadcast matmul would keep w expanded over the batch, (B, m, C_out, C_in)
+    per block: about 7 % of what the CIFAR-10 search step keeps (bench/results/memory-timeline.txt)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        m, c_out, c_in = w.shape
+        ctx.save_for_backward(x, w)
+        return torch.matmul(w, x.reshape(B, m, c_in, H * W)).view(B, m * c_out, H, W)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx, dw = _pointwise_backward(x, w, dy)
+        return dx.to(x.dtype), dw
 
 
 def _pointwise_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
