@@ -204,6 +204,9 @@ class _SharedSpread:
         return value
 
 
+_MATMUL_MIN_PIXELS = 64   # NCHW pointwise convs on maps this large and up: broadcast matmuls (see _pointwise)
+
+
 def _spread(x: torch.Tensor, copies: int) -> torch.Tensor:
     """A block's input: ReLU(x), repeated ``copies`` times along the channels (the m edges of a source)."""
     x = F.relu(x)
@@ -213,14 +216,18 @@ def _spread(x: torch.Tensor, copies: int) -> torch.Tensor:
 def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """m 1x1 convs (w: (m, C_out, C_in)) on the m channel blocks of x (B, m*C_in, H, W), as one
     batched matmul (faster than a grouped conv on CPU); keeps channels_last inputs channels_last.
-    In NCHW it is a broadcast matmul, (m, C_out, C_in) x (B, m, C_in, H*W), whose output is
-    already NCHW (an einsum batched over m gives the (m, C_out, B, H*W) order, and its copy back
-    cost more than the products: bench/results/pointwise.txt), with its own backward
-    (:class:`_Pointwise`)."""
+    In NCHW, on maps of at least 64 pixels, it is a broadcast matmul, (m, C_out, C_in) x
+    (B, m, C_in, H*W), whose output is already NCHW, with its own backward (:class:`_Pointwise`):
+    an einsum batched over m gives the (m, C_out, B, H*W) order, and its copy back cost more than
+    the products (bench/results/pointwise.txt). On smaller maps the B*m products of a few columns
+    each are slower than the copy (the quick preset's 4x4 and 2x2 cells), so the einsum stays."""
     B, _, H, W = x.shape
     m, c_out, c_in = w.shape
     if not is_channels_last(x):
-        return _Pointwise.apply(x, w)
+        if H * W >= _MATMUL_MIN_PIXELS:
+            return _Pointwise.apply(x, w)
+        y = torch.einsum("mdc,bmcl->bmdl", w, x.reshape(B, m, c_in, H * W))     # a (m, d, b, l)-ordered view
+        return y.contiguous().view(B, m * c_out, H, W)   # BN, ReLU and convs are slow on that order
     xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in)                        # a view for NHWC
     return torch.einsum("bpmc,mdc->bpmd", xl, w).reshape(B, H, W, m * c_out).permute(0, 3, 1, 2)
 
@@ -251,10 +258,15 @@ def _pointwise_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> t
     B, _, H, W = x.shape
     m, c_out, c_in = w.shape
     wt = w.to(dy.dtype)
-    if not is_channels_last(x):   # broadcast matmuls, as the forward: no copies to another order
+    if not is_channels_last(x) and H * W >= _MATMUL_MIN_PIXELS:   # broadcast matmuls, as the forward
         dy4, x4 = dy.reshape(B, m, c_out, H * W), x.reshape(B, m, c_in, H * W).to(dy.dtype)
         dx = torch.matmul(wt.mT, dy4).view(B, m * c_in, H, W)
         return dx, torch.matmul(dy4, x4.mT).sum(0).to(w.dtype)
+    if not is_channels_last(x):   # small maps: one copy of dy and x each to the (m, channel, B*H*W) order
+        dyp = dy.reshape(B, m, c_out, H * W).permute(1, 2, 0, 3).reshape(m, c_out, B * H * W)
+        xp = x.reshape(B, m, c_in, H * W).permute(1, 2, 0, 3).reshape(m, c_in, B * H * W).to(dy.dtype)
+        dx = torch.bmm(wt.mT, dyp).view(m, c_in, B, H * W).permute(2, 0, 1, 3).reshape(B, m * c_in, H, W)
+        return dx, torch.bmm(dyp, xp.mT).to(w.dtype)
     xl = x.permute(0, 2, 3, 1).reshape(B, H * W, m, c_in).to(dy.dtype)
     dyl = dy.permute(0, 2, 3, 1).reshape(B, H * W, m, c_out)
     dx = torch.einsum("bpmd,mdc->bpmc", dyl, wt).reshape(B, H, W, m * c_in).permute(0, 3, 1, 2)
