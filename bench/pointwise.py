@@ -1,6 +1,8 @@
 """The fused forward's m pointwise (1x1) convs in NCHW: an einsum batched over m (its output in
 (m, C_out, B, H*W) order, copied back to NCHW) against a broadcast matmul (output already NCHW),
-forward and backward, at the shapes of the CIFAR-10 search (batch 64) and the quick preset.
+forward and backward, at the shapes of the CIFAR-10 search (batch 64) and the quick preset (whose
+reduction stages have 4x4 and 2x2 maps). The fused forward takes the matmul on maps of 64 pixels
+and up (``msrdarts.nn.fused._pointwise``).
 
     python bench/pointwise.py
 
@@ -29,7 +31,7 @@ def main() -> None:
     torch.manual_seed(0)
     ways = {"einsum_then_copy": einsum_then_copy, "broadcast_matmul": broadcast_matmul}
     for B, m, C, L in [(64, 4, 16, 1024), (64, 3, 16, 1024), (64, 4, 32, 256), (64, 4, 64, 64), (64, 2, 16, 1024),
-                       (64, 4, 8, 64), (64, 4, 16, 16)]:
+                       (64, 4, 8, 64), (64, 4, 16, 16), (64, 2, 16, 16), (64, 4, 32, 4), (64, 2, 32, 4)]:
         w = torch.randn(m, C, C, requires_grad=True)
         x = torch.randn(B, m, C, L, requires_grad=True)
         g = torch.randn(B, m, C, L)
