@@ -7,7 +7,9 @@ and up (``msrdarts.nn.fused._pointwise``).
     python bench/pointwise.py
 
 The two are timed in alternating rounds in one process; median ms of forward + backward. One
-JSON line per shape (B, m, C, H*W).
+JSON line per shape (B, m, C, H*W). Then the quick preset's whole fused search step (L = 5, C = 8,
+batch 64, 8x8 grey) with the pointwise convs as shipped (matmul from 64 pixels), as the matmul on
+every map, and as the einsum on every map, in alternating rounds: one JSON line, median ms.
 """
 
 from __future__ import annotations
@@ -49,5 +51,38 @@ def main() -> None:
                           "ratio": round(ms["einsum_then_copy"] / ms["broadcast_matmul"], 2)}), flush=True)
 
 
+def quick_step() -> None:
+    import msrdarts.bench as b
+    import msrdarts.nn.fused as fused
+
+    shipped = fused._pointwise
+
+    def everywhere(use_matmul: bool):
+        def pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            B, _, H, W = x.shape
+            m, c_out, c_in = w.shape
+            if use_matmul:
+                return fused._Pointwise.apply(x, w)
+            return torch.einsum("mdc,bmcl->bmdl", w, x.reshape(B, m, c_in, H * W)).contiguous().view(B, m * c_out, H, W)
+        return pointwise
+
+    torch.manual_seed(0)
+    model = b._build("fused", 5, 8, 8, 1, 0)
+    opt = b._optimizer(model)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    ways = {"shipped": shipped, "matmul_everywhere": everywhere(True), "einsum_everywhere": everywhere(False)}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for r in range(25):
+        for name, f in ways.items():
+            fused._pointwise = f
+            t0 = time.perf_counter()
+            b._step(model, opt, x, y)
+            if r >= 3:    # warm-up rounds
+                times[name].append(time.perf_counter() - t0)
+    fused._pointwise = shipped
+    print(json.dumps({"quick_step_ms_" + k: round(1000 * statistics.median(v), 1) for k, v in times.items()}), flush=True)
+
+
 if __name__ == "__main__":
     main()
+    quick_step()
