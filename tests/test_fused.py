@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from msrdarts.bench import saved_for_backward_mb
 from msrdarts.device import Accel
 from msrdarts.errors import ConfigError
 from msrdarts.nn.kernels import DepthwiseRunner, _Geometry
@@ -467,22 +468,6 @@ def test_checkpoint_cells_needs_the_fused_forward():
         SuperNet(5, 3, 4, 16, primitives=DARTS_PRIMITIVES, checkpoint_cells=True)
 
 
-def _saved_bytes(net, x) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward of one training forward
-    (storages counted once, however many nodes save them), read by a saved-tensors hook."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x)
-    del out
-    return sum(storages.values())
-
-
 def test_recompute_depthwise_keeps_less_than_half_the_activations_and_the_same_channels_last_step():
     """--recompute-depthwise: per source node, a sep conv keeps 2 activations of m*C channels and a
     dil conv 1 where autograd keeps 5 and 2 (plus the spread input): what autograd keeps for a
@@ -492,7 +477,7 @@ def test_recompute_depthwise_keeps_less_than_half_the_activations_and_the_same_c
     lean = SuperNet(5, 4, 8, 16, impl="fused", recompute_depthwise=True).double()
     lean.load_state_dict(plain.state_dict())
     x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
-    kept_plain, kept_lean = _saved_bytes(plain, x), _saved_bytes(lean, x)
+    kept_plain, kept_lean = saved_for_backward_mb(plain, x), saved_for_backward_mb(lean, x)
     assert kept_lean < 0.5 * kept_plain, (kept_lean, kept_plain)
     lean.load_state_dict(plain.state_dict())     # the forwards above advanced both alike; start again equal
     plain, lean = (n.to(memory_format=torch.channels_last) for n in (plain, lean))

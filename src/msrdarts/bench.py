@@ -215,7 +215,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "stable_rank_table_and_derivation_ms": round(derive_ms, 1),
     }
     for v in ("fused", "fused_recompute_depthwise"):
-        result[f"saved_for_backward_mb_{v}"] = saved_for_backward_mb(models[v], forwards[v], x, accel)
+        result[f"saved_for_backward_mb_{v}"] = saved_for_backward_mb(models[v], x, accel)
     if memory:
         for v in ("reference", "fused", "fused_checkpoint_cells", "fused_recompute_depthwise"):
             result[f"peak_step_memory_mb_{v}"] = peak_step_memory_mb(v, layers, channels, batch_size, input_size,
@@ -230,9 +230,10 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     return result
 
 
-def saved_for_backward_mb(model: torch.nn.Module, forward: Any, x: torch.Tensor, accel: Accel) -> float:
-    """MB of the distinct tensors autograd keeps from one training forward for its backward (each
-    storage once), read by a saved-tensors hook: the activation memory a step must hold, whatever
+def saved_for_backward_mb(model: torch.nn.Module, x: torch.Tensor, accel: Accel | None = None) -> float:
+    """MB of the distinct tensors autograd keeps from one eager training forward of ``model`` for
+    its backward (each storage once; under ``accel``'s autocast), read by a saved-tensors hook
+    (which compiled graphs do not support): the activation memory a step must hold, whatever
     the allocator keeps besides (on the CPU glibc holds freed blocks it cannot return, so the
     resident peak is higher; on a GPU the caching allocator's peak is close to this plus the
     largest transients)."""
@@ -243,8 +244,9 @@ def saved_for_backward_mb(model: torch.nn.Module, forward: Any, x: torch.Tensor,
         storages[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), accel.autocast():
-        out = forward(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            accel.autocast() if accel is not None else contextlib.nullcontext():
+        out = model(x)
     del out
     return round(sum(storages.values()) / 2 ** 20, 1)
 
