@@ -245,8 +245,7 @@ class _Pointwise(torch.autograd.Function):
         return torch.matmul(w, x.reshape(B, m, c_in, H * W)).view(B, m * c_out, H, W)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dy: torch.Tensor):   # differentiable ops: DARTS's exact hypergradient differentiates it again
         x, w = ctx.saved_tensors
         dx, dw = _pointwise_backward(x, w, dy)
         return dx.to(x.dtype), dw
