@@ -11,8 +11,9 @@ own spectral-norm computation. Here, per cell:
   - the m depthwise convs are one depthwise conv over m*C channels, with weights (m*C, 1, k, k).
     On the CPU, maps of at most 64 pixels use the conv's dense operator instead (a batched
     matmul, see :class:`msrdarts.nn.kernels.DepthwiseRunner`);
-  - the m pointwise convs are one batched matmul, (m, C, C) x (B, m, C, H*W), its output made
-    contiguous (B, m*C, H, W): BN and convs on the matmul's (m, C, B, H*W) order are slow;
+  - the m pointwise convs are one broadcast matmul, (m, C, C) x (B, m, C, H*W), whose output is
+    NCHW (B, m*C, H, W) as it comes (maps of 64 pixels and up; on smaller ones an einsum batched
+    over m, its (m, C, B, H*W)-ordered output copied to NCHW: BN and convs on that order are slow);
   - the m affine-free BNs are one ``batch_norm`` over the m*C channels, with the modules'
     running statistics gathered and written back.
   A sep conv runs its second block on the first block's output. The op outputs, viewed as
