@@ -468,6 +468,16 @@ def test_checkpoint_cells_needs_the_fused_forward():
         SuperNet(5, 3, 4, 16, primitives=DARTS_PRIMITIVES, checkpoint_cells=True)
 
 
+def _assert_same_step(a, b, x):
+    """One training forward of ``a`` and ``b`` on ``x``: the same output and parameter gradients (float64)."""
+    out_a, out_b = a(x), b(x)
+    torch.testing.assert_close(out_b, out_a, **TOL)
+    g = torch.randn_like(out_a)
+    for (name, _), ga, gb in zip(a.named_parameters(), torch.autograd.grad(out_a, list(a.parameters()), g),
+                                 torch.autograd.grad(out_b, list(b.parameters()), g)):
+        torch.testing.assert_close(gb, ga, **TOL, msg=name)
+
+
 def test_recompute_depthwise_keeps_less_than_half_the_activations_and_the_same_channels_last_step():
     """--recompute-depthwise: per source node, a sep conv keeps 2 activations of m*C channels and a
     dil conv 1 where autograd keeps 5 and 2 (plus the spread input): what autograd keeps for a
@@ -482,12 +492,7 @@ def test_recompute_depthwise_keeps_less_than_half_the_activations_and_the_same_c
     lean.load_state_dict(plain.state_dict())     # the forwards above advanced both alike; start again equal
     plain, lean = (n.to(memory_format=torch.channels_last) for n in (plain, lean))
     xc = x.to(memory_format=torch.channels_last)
-    out_p, out_l = plain(xc), lean(xc)
-    torch.testing.assert_close(out_l, out_p, **TOL)
-    g = torch.randn_like(out_p)
-    for (name, _), gp, gl in zip(plain.named_parameters(), torch.autograd.grad(out_p, list(plain.parameters()), g),
-                                 torch.autograd.grad(out_l, list(lean.parameters()), g)):
-        torch.testing.assert_close(gl, gp, **TOL, msg=name)
+    _assert_same_step(plain, lean, xc)
 
 
 def test_recompute_depthwise_under_bf16_autocast_matches_the_plain_step():
@@ -514,13 +519,7 @@ def test_checkpoint_cells_with_recompute_depthwise_is_the_plain_step():
     torch.manual_seed(0)
     both = SuperNet(5, 3, 4, 16, impl="fused", checkpoint_cells=True, recompute_depthwise=True).double()
     both.load_state_dict(fused.state_dict())
-    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    out_f, out_b = fused(x), both(x)
-    torch.testing.assert_close(out_b, out_f, **TOL)
-    g = torch.randn_like(out_f)
-    for (name, _), gf, gb in zip(fused.named_parameters(), torch.autograd.grad(out_f, list(fused.parameters()), g),
-                                 torch.autograd.grad(out_b, list(both.parameters()), g)):
-        torch.testing.assert_close(gb, gf, **TOL, msg=name)
+    _assert_same_step(fused, both, torch.randn(3, 3, 16, 16, dtype=torch.float64))
     sf, sb = _state(fused), _state(both)
     for k in sf:
         torch.testing.assert_close(sb[k], sf[k], **TOL, msg=k)

@@ -236,7 +236,7 @@ def _pointwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class _Pointwise(torch.autograd.Function):
     """:func:`_pointwise` in NCHW, keeping x and w for the backward (:func:`_pointwise_backward`).
     Autograd through the broadcast matmul would keep w expanded over the batch, (B, m, C_out, C_in)
-    per block: about 7 % of what the CIFAR-10 search step keeps (bench/results/memory-timeline.txt)."""
+    per block."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
