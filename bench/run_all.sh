@@ -3,7 +3,7 @@
 # bench/results/<name>.txt behind a header (date, commit, machine, command), so every figure there has
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
-#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, depthwise-32px, pointwise, methods,
+#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, train-profile, batchnorm, depthwise-32px, pointwise, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
 #                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb, memory-timeline,
 #                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
@@ -26,6 +26,8 @@ run() {   # name command...
 ONLY=${1:-}
 run search-step bash bench/search_step.sh
 run train-step msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 --batch-size 96 --steps 8 --json
+run train-profile python bench/train_profile.py
+run batchnorm python bench/batchnorm.py
 run depthwise-32px python bench/depthwise.py 32
 run pointwise python bench/pointwise.py
 run methods bash bench/methods.sh
