@@ -7,7 +7,7 @@ plain and with ``--recompute-depthwise``, each in a fresh process, and for each 
 steps prints, in MB over the resident size before the step (after glibc's ``malloc_trim``): the
 resident high-water mark of the forward, the resident size right after it, the same after a
 ``malloc_trim`` (what glibc can hand back: freed transients it held between live activations),
-the bytes autograd keeps for the backward (a saved-tensors hook), and the high-water mark of the
+the bytes autograd keeps for the backward (``msrdarts.bench.saved_tensor_storages``), and the high-water mark of the
 backward. One JSON line per build and step.
 """
 
@@ -24,7 +24,7 @@ import sys
 def child(recompute: bool, steps: int) -> None:
     import torch
 
-    from msrdarts.bench import _optimizer, _rss_kb
+    from msrdarts.bench import _optimizer, _rss_kb, saved_tensor_storages
     from msrdarts.nn.supernet import SuperNet
 
     def trimmed() -> int:
@@ -38,14 +38,8 @@ def child(recompute: bool, steps: int) -> None:
     opt = _optimizer(net)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     for step in range(steps):
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         base = trimmed()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensor_storages() as storages:
             loss = torch.nn.functional.cross_entropy(net(x), y)
         forward_peak, after_forward = _rss_kb("VmHWM") - base, _rss_kb("VmRSS") - base
         after_trim = trimmed() - base

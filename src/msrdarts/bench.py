@@ -230,13 +230,10 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     return result
 
 
-def saved_for_backward_mb(model: torch.nn.Module, x: torch.Tensor, accel: Accel | None = None) -> float:
-    """MB of the distinct tensors autograd keeps from one eager training forward of ``model`` for
-    its backward (each storage once; under ``accel``'s autocast), read by a saved-tensors hook
-    (which compiled graphs do not support): the activation memory a step must hold, whatever
-    the allocator keeps besides (on the CPU glibc holds freed blocks it cannot return, so the
-    resident peak is higher; on a GPU the caching allocator's peak is close to this plus the
-    largest transients)."""
+@contextlib.contextmanager
+def saved_tensor_storages() -> Any:
+    """Within the block, record the storage of every tensor autograd saves for a backward: yields
+    a dict (storage address -> bytes), each storage once however many nodes save it."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -244,8 +241,18 @@ def saved_for_backward_mb(model: torch.nn.Module, x: torch.Tensor, accel: Accel 
         storages[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            accel.autocast() if accel is not None else contextlib.nullcontext():
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+
+
+def saved_for_backward_mb(model: torch.nn.Module, x: torch.Tensor, accel: Accel | None = None) -> float:
+    """MB of the distinct tensors autograd keeps from one eager training forward of ``model`` for
+    its backward (each storage once; under ``accel``'s autocast), read by a saved-tensors hook
+    (:func:`saved_tensor_storages`, which compiled graphs do not support): the activation memory a
+    step must hold, whatever the allocator keeps besides (on the CPU glibc holds freed blocks it
+    cannot return, so the resident peak is higher; on a GPU the caching allocator's peak is close
+    to this plus the largest transients)."""
+    with saved_tensor_storages() as storages, accel.autocast() if accel is not None else contextlib.nullcontext():
         out = model(x)
     del out
     return round(sum(storages.values()) / 2 ** 20, 1)
