@@ -1,11 +1,14 @@
-"""PyTorch's CPU batch norm (training: forward + backward) in NCHW against channels_last, at the
-evaluation network's three stage shapes (DARTS_V2, L = 20, C = 36, batch 96: 36 channels at 32x32,
-72 at 16x16, 144 at 8x8).
+"""CPU batch norm in training (forward + backward): PyTorch's kernel in NCHW and in channels_last,
+and msrdarts's channels_last path (:func:`msrdarts.nn.batchnorm.batch_norm_channels_last`), at the
+evaluation network's stage shapes (DARTS_V2, L = 20, C = 36, batch 96: 36 channels at 32x32, 72 at
+16x16, 144 at 8x8; the CIFAR stem's 108 at 32x32) and a few around them, to place the fast path's
+threshold (:func:`msrdarts.nn.batchnorm.use_fast_batch_norm`).
 
     python bench/batchnorm.py
 
-Median ms of 7 forward + backward calls after 2 warm-ups, the two layouts one after the other in
-one process, 2 threads. One JSON line per shape.
+Median ms of 7 forward + backward calls after 2 warm-ups, the three one after the other in one
+process, 2 threads. One JSON line per shape; ``fast_vs_channels_last`` below 1 means the fast path
+wins there.
 """
 
 from __future__ import annotations
@@ -17,19 +20,25 @@ import time
 import torch
 import torch.nn.functional as F
 
+from msrdarts.nn.batchnorm import batch_norm_channels_last
 
-def step(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+
+def step(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fast: bool) -> None:
     x = x.detach().requires_grad_()
-    F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5).backward(g)
+    rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    if fast:
+        batch_norm_channels_last(x, w, b, rm, rv, 0.1, 1e-5).backward(g)
+    else:
+        F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5).backward(g)
 
 
-def median_ms(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
+def median_ms(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fast: bool = False) -> float:
     for _ in range(2):
-        step(x, g, w, b)
+        step(x, g, w, b, fast)
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
-        step(x, g, w, b)
+        step(x, g, w, b, fast)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
@@ -37,14 +46,18 @@ def median_ms(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor
 def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    for C, H in [(36, 32), (72, 16), (144, 8)]:
+    for C, H in [(16, 32), (36, 32), (48, 32), (72, 32), (108, 32), (36, 16), (48, 16), (72, 16), (144, 16),
+                 (36, 8), (144, 8)]:
         w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
         x, g = torch.randn(96, C, H, H), torch.randn(96, C, H, H)
         nchw = median_ms(x, g, w, b)
-        cl = median_ms(x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last),
-                       w, b)
+        x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+        cl = median_ms(x, g, w, b)
+        fast = median_ms(x, g, w, b, fast=True)
         print(json.dumps({"batch": 96, "channels": C, "hw": H, "ms_nchw": round(nchw, 2), "ms_channels_last": round(cl, 2),
-                          "channels_last_vs_nchw": round(cl / nchw, 3)}), flush=True)
+                          "ms_fast": round(fast, 2), "channels_last_vs_nchw": round(cl / nchw, 3),
+                          "fast_vs_channels_last": round(fast / cl, 3), "fast_vs_nchw": round(fast / nchw, 3)}),
+              flush=True)
 
 
 if __name__ == "__main__":

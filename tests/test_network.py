@@ -211,6 +211,26 @@ def test_fast_network_equals_the_plain_pytorch_reference_in_float64(channels_las
     assert (ref["logits"] != 0).all() and ref["stem.stem0.0.weight"].abs().sum() > 0
 
 
+def test_fast_network_runs_few_channel_batch_norms_on_the_channels_last_path(monkeypatch):
+    """The fast build in channels_last runs the ops' BNs of 6 and 12 channels (not multiples of 8)
+    through msrdarts.nn.batchnorm's path; the reference build and NCHW inputs never do, and the
+    stem's BN (18 channels) is PyTorch's."""
+    import msrdarts.nn.batchnorm as bnmod
+
+    calls = []
+    real = bnmod.batch_norm_channels_last
+    monkeypatch.setattr(bnmod, "batch_norm_channels_last", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    x = torch.randn(2, 3, 16, 16)
+    for impl, cl in (("fast", True), ("fast", False), ("reference", True)):
+        calls.clear()
+        net = Network(EVERY_OP, 10, 5, 6, input_size=16, impl=impl)
+        xx = x
+        if cl:
+            net, xx = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        net(xx)
+        assert (set(calls) == {6, 12}) if (impl, cl) == ("fast", True) else not calls, (impl, cl, calls)
+
+
 def test_fast_network_runs_depthwise_convs_in_the_mode_that_wins(monkeypatch):
     """The fast path's depthwise convs: the custom backward for large NCHW maps, PyTorch's own conv
     for channels_last inputs (faster there) and for every input of the reference network."""

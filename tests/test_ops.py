@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from msrdarts import primitives
 from msrdarts.errors import ConfigError
 from msrdarts.nn import kernels, ops
+from msrdarts.nn.batchnorm import BatchNorm2d
 from msrdarts.nn.kernels import depthwise_conv2d
 from msrdarts.primitives import DARTS_PRIMITIVES, MSR_PRIMITIVES
 from msrdarts.nn.ops import (DilConv, FactorizedReduce, OpConv, SepConv, Zero,
@@ -141,13 +142,13 @@ def test_conv_op_structure(name, stride, affine):
                  dilation=(1, 1))
     if kind == "sep":
         assert isinstance(op, SepConv)
-        assert _leaf_types(op) == [nn.ReLU, OpConv, OpConv, nn.BatchNorm2d] * 2
+        assert _leaf_types(op) == [nn.ReLU, OpConv, OpConv, BatchNorm2d] * 2
         assert len(convs) == 4
         expect = [dict(dw_kw, stride=(stride, stride), padding=(k // 2,) * 2, dilation=(1, 1)), pw_kw,
                   dict(dw_kw, stride=(1, 1), padding=(k // 2,) * 2, dilation=(1, 1)), pw_kw]
     else:
         assert isinstance(op, DilConv)
-        assert _leaf_types(op) == [nn.ReLU, OpConv, OpConv, nn.BatchNorm2d]
+        assert _leaf_types(op) == [nn.ReLU, OpConv, OpConv, BatchNorm2d]
         assert len(convs) == 2
         expect = [dict(dw_kw, stride=(stride, stride), padding=(2 * (k // 2),) * 2, dilation=(2, 2)), pw_kw]
     for conv, exp in zip(convs, expect):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..primitives import Primitive, list_primitives, register_primitive
+from .batchnorm import BatchNorm2d
 from .kernels import depthwise_conv2d, shifted_view, use_fast_depthwise
 
 OpFactory = Callable[[int, int, bool], nn.Module]
@@ -107,7 +108,7 @@ class ReLUConvBN(nn.Sequential):
         super().__init__(
             nn.ReLU(inplace=False),
             nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,7 @@ class DilConv(nn.Sequential):
             OpConv(C_in, C_in, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=C_in,
                    bias=False),
             OpConv(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
 
     @property
@@ -175,7 +176,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.conv_2 = nn.Conv2d(C_in, C_out - C_out // 2, 1, stride=2, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.bn = BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reduce(self.relu(x))

@@ -1,0 +1,141 @@
+"""CPU fast path for training-mode batch norm on channels_last maps of few channels.
+
+PyTorch's CPU batch norm in channels_last is slow where the evaluation network spends its BN
+time: at 36 channels (not a multiple of its SIMD width) on 96 x 32 x 32 maps its forward +
+backward takes 2-3x the NCHW kernel's time (bench/batchnorm.py, BENCHMARKS.md). A channels_last tensor is an (N*H*W, C) matrix
+in memory, so here the per-channel sums (of x and x^2 forward, of g and g*x backward) are
+matrix-vector products with a vector of ones, and the output and the input gradient are one
+elementwise pass each (``x * a + b`` with per-channel a, b).
+
+:class:`BatchNorm2d` is ``nn.BatchNorm2d`` (same parameters, buffers and state dict) that takes
+this path when its ``fast`` flag is set and :func:`use_fast_batch_norm` says it wins; the
+evaluation network's fast build sets the flag. Statistics follow ``nn.BatchNorm2d`` exactly: the
+output uses the biased batch variance, the running variance the unbiased one, and ``momentum=None``
+is a cumulative average. First derivatives only (the evaluation network needs no more).
+
+This module imports no other module of the package.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+#: Where mean^2 exceeds this multiple of the variance, E[x^2] - E[x]^2 loses too many digits in
+#: float32 (relative error about this ratio times 1e-7): the statistics are then taken again of
+#: the input less that mean (two extra passes), which is near zero mean.
+CANCELLATION_RATIO = 100.0
+
+
+def use_fast_batch_norm(x: torch.Tensor) -> bool:
+    """Whether :func:`batch_norm_channels_last` beats PyTorch's own CPU batch norm for ``x``.
+
+    Measured on a 2-core AVX-512 CPU (bench/batchnorm.py, BENCHMARKS.md): PyTorch's channels_last
+    kernel is slow (2-4x its NCHW kernel) when the channel count is not a multiple of 8, the SIMD
+    width it vectorises over, and this path is 2-3x faster than it there on maps of 8 x 8 and
+    more; at 64 channels and more, or at multiples of 8, PyTorch's kernel is as fast or faster.
+    So: channels_last float CPU maps of fewer than 64 channels, a count that is not a multiple of
+    8, and at least 64 pixels. Never under a dispatch mode (a FLOP or traffic counter counts
+    PyTorch's op) or while torch.compile traces.
+    """
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.shape[1] < 64 and x.shape[1] % 8 and x.shape[2] * x.shape[3] >= 64
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) tensor as the (N*H*W, C) matrix it is in memory (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _unrows(m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    n, c, h, w = shape
+    return m.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _moments(rows: torch.Tensor, ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and biased variance of ``rows``, as E[x^2] - E[x]^2 from two GEMVs."""
+    m = rows.shape[0]
+    mean = torch.mv(rows.t(), ones).div_(m)
+    return mean, torch.mv(rows.square().t(), ones).div_(m).sub_(mean * mean)
+
+
+class _ChannelsLastBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        rows = _rows(x)
+        m = rows.shape[0]
+        ones = rows.new_ones(m)
+        mean, var = _moments(rows, ones)
+        shift_of = mean
+        if bool((mean * mean > CANCELLATION_RATIO * var).any()):   # a CPU sync: free here
+            rows = rows - mean   # exact where x is near its mean; the moments of the rest are accurate
+            shift_of, var = _moments(rows, ones)
+            mean = mean + shift_of
+        var.clamp_(min=0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -shift_of * scale if bias is None else bias - shift_of * scale
+        out = torch.empty_like(x, memory_format=torch.channels_last)   # not a view: ReLU(inplace) may follow
+        torch.addcmul(shift, rows, scale, out=_rows(out))
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var * (m / max(m - 1, 1)), alpha=momentum)
+        ctx.save_for_backward(rows, shift_of, invstd, scale)
+        ctx.has_weight, ctx.shape = weight is not None, x.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        rows, mu, invstd, scale = ctx.saved_tensors
+        g = _rows(grad_out.contiguous(memory_format=torch.channels_last))
+        m = g.shape[0]
+        ones = g.new_ones(m)
+        sum_g = torch.mv(g.t(), ones)
+        sum_gc = torch.mv((g * rows).t(), ones).sub_(mu * sum_g)   # sum of g * (x - mean)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # dx = scale * (g - sum_g / m - (x - mean) * invstd^2 * sum_gc / m) = g * A + x * B + D
+            b_coef = -scale * invstd * invstd * sum_gc / m
+            d_coef = -scale * sum_g / m - mu * b_coef
+            grad_x = _unrows(torch.addcmul(d_coef, rows, b_coef).addcmul_(g, scale), ctx.shape)
+        if ctx.has_weight and ctx.needs_input_grad[1]:
+            grad_w = sum_gc * invstd
+        if ctx.needs_input_grad[2]:
+            grad_b = sum_g
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def batch_norm_channels_last(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                             running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                             momentum: float, eps: float) -> torch.Tensor:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training=True, momentum, eps)``
+    for a channels_last CPU ``x`` (the output is channels_last too)."""
+    return _ChannelsLastBatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with the channels_last fast path of :func:`batch_norm_channels_last`.
+
+    The path runs in training mode when ``fast`` is set (the evaluation network's fast build sets
+    it; off by default) and :func:`use_fast_batch_norm` holds; otherwise this is
+    ``nn.BatchNorm2d``, whose state dict it shares.
+    """
+
+    fast: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.fast and self.training and use_fast_batch_norm(x)):
+            return super().forward(x)
+        momentum = self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return batch_norm_channels_last(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                        0.0 if momentum is None else momentum, self.eps)

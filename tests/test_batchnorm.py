@@ -1,0 +1,101 @@
+"""The channels_last batch norm fast path against nn.BatchNorm2d (an independent reference: PyTorch's
+own kernel on the NCHW copy of the same input)."""
+
+import pytest
+import torch
+from torch import nn
+
+from msrdarts.nn.batchnorm import BatchNorm2d, use_fast_batch_norm
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _step(bn, x, g):
+    """Output, input gradient, parameter gradients and buffers after one training forward/backward."""
+    x = x.clone().requires_grad_()
+    y = bn(x)
+    y.backward(g)
+    out = {"y": y, "dx": x.grad} | {f"grad_{n}": p.grad for n, p in bn.named_parameters()}
+    return out | {n: b.clone() for n, b in bn.named_buffers()}
+
+
+@pytest.mark.parametrize("affine, momentum, track", [(True, 0.1, True), (False, 0.1, True), (True, None, True),
+                                                     (True, 0.1, False)])
+def test_fast_batch_norm_equals_pytorch_in_float64(affine, momentum, track):
+    """Two training steps (so the running averages move twice): same outputs, gradients and buffers
+    as nn.BatchNorm2d, and the output and input gradient stay channels_last."""
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(20, affine=affine, momentum=momentum, track_running_stats=track).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 2), ref.bias.normal_()
+    fast = BatchNorm2d(20, affine=affine, momentum=momentum, track_running_stats=track).double()
+    fast.load_state_dict(ref.state_dict())
+    fast.fast = True
+    for step in range(2):
+        x = _cl(torch.randn(6, 20, 9, 8, dtype=torch.float64) * 3 + 1.5)
+        g = _cl(torch.randn(6, 20, 9, 8, dtype=torch.float64))
+        assert use_fast_batch_norm(x)
+        a, b = _step(fast, x, g), _step(ref, x.contiguous(), g.contiguous())
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=f"step {step}: {k}")
+        assert a["y"].is_contiguous(memory_format=torch.channels_last)
+        assert a["dx"].is_contiguous(memory_format=torch.channels_last)
+        for p in list(ref.parameters()) + list(fast.parameters()):
+            p.grad = None
+    if track:
+        assert int(fast.num_batches_tracked) == 2 and not torch.equal(fast.running_var, torch.ones(20))
+
+
+@pytest.mark.parametrize("offset", [0.0, 400.0])
+def test_fast_batch_norm_in_float32_matches_a_float64_reference(offset):
+    """float32 accuracy, including inputs whose mean is far above their spread (where E[x^2] - E[x]^2
+    would cancel; the path centres the input first): within 1e-5 of the float64 result."""
+    torch.manual_seed(1)
+    x64 = (torch.randn(8, 12, 16, 16, dtype=torch.float64) * 0.5 + offset).float().double()   # exact in float32
+    g64 = torch.randn_like(x64).float().double()
+    ref = nn.BatchNorm2d(12).double()
+    fast = BatchNorm2d(12)
+    fast.fast = True
+    b = _step(ref, x64, g64)
+    a = _step(fast, _cl(x64.float()), _cl(g64.float()))
+    for k in ("y", "dx", "grad_weight", "grad_bias", "running_mean", "running_var"):
+        err = float((a[k].detach().double() - b[k].detach()).abs().max() / b[k].detach().abs().max())
+        assert err < 1e-5, (k, err)
+
+
+def test_fast_batch_norm_takes_pytorch_s_kernel_where_that_wins(monkeypatch):
+    """The path runs only for training-mode channels_last CPU maps of < 64 channels, a count that is
+    not a multiple of 8, >= 64 pixels, with the flag set; everywhere else the module is nn.BatchNorm2d."""
+    import msrdarts.nn.batchnorm as bnmod
+
+    calls = []
+    real = bnmod.batch_norm_channels_last
+    monkeypatch.setattr(bnmod, "batch_norm_channels_last", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+
+    def fires(C, hw, cl=True, fast=True, training=True):
+        calls.clear()
+        bn = BatchNorm2d(C).train(training)
+        bn.fast = fast
+        x = torch.randn(2, C, hw, hw)
+        bn(_cl(x) if cl else x)
+        return bool(calls)
+
+    assert fires(36, 32) and fires(20, 8) and fires(63, 8)
+    assert not fires(36, 32, cl=False)           # NCHW: PyTorch's NCHW kernel
+    assert not fires(36, 32, fast=False)         # flag off (the default, and the reference network)
+    assert not fires(36, 32, training=False)     # evaluation: running statistics, PyTorch's kernel
+    assert not fires(32, 32) and not fires(72, 16) and not fires(68, 16)   # multiple of 8, or >= 64 channels
+    assert not fires(36, 7)                      # under 64 pixels
+    assert BatchNorm2d.fast is False
+
+
+def test_batch_norm_shares_nn_batchnorm2d_s_state_dict():
+    """Checkpoints load either way: same keys, shapes and values."""
+    ref, ours = nn.BatchNorm2d(36), BatchNorm2d(36)
+    ours.load_state_dict(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
