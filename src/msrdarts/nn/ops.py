@@ -232,10 +232,17 @@ def _dil5(C: int, stride: int, affine: bool) -> nn.Module:
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Zero whole samples of a branch with probability ``drop_prob`` and rescale the rest."""
+    mask = drop_path_mask(x, drop_prob, training)
+    return x if mask is None else x * mask   # one pass over x, each way
+
+
+def drop_path_mask(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor | None:
+    """The (N, 1, 1, 1) factor :func:`drop_path` multiplies ``x`` by (0 or 1 / keep per sample;
+    one draw from the global generator), or None where it leaves ``x`` as it is."""
     if not training or drop_prob <= 0.0:
-        return x
+        return None
     keep = 1.0 - drop_prob
-    return x * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)   # one pass over x, each way
+    return x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
 
 
 class Stem(nn.Module):
