@@ -46,8 +46,8 @@ def median_ms(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor
 def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    for C, H in [(16, 32), (36, 32), (48, 32), (72, 32), (108, 32), (36, 16), (48, 16), (72, 16), (144, 16),
-                 (36, 8), (144, 8)]:
+    for C, H in [(16, 32), (20, 32), (24, 32), (32, 32), (36, 32), (40, 32), (44, 32), (48, 32), (72, 32), (108, 32),
+                 (36, 16), (48, 16), (72, 16), (144, 16), (36, 8), (144, 8)]:
         w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
         x, g = torch.randn(96, C, H, H), torch.randn(96, C, H, H)
         nchw = median_ms(x, g, w, b)

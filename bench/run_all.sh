@@ -5,7 +5,7 @@
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, train-profile, batchnorm, depthwise-32px, pointwise, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
-#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, fits-80gb, memory-timeline,
+#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, sn-accuracy-depthwise20-e8, fits-80gb, memory-timeline,
 #                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
 #                                     # sn-accuracy-cifar10-lr05-drift (need
 #                                     # ../shared/data/cifar10-mini.npz)
@@ -42,6 +42,7 @@ run sn-accuracy bash bench/sn_accuracy.sh
 run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16
 run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 50
 run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20
+run sn-accuracy-depthwise20-e8 python bench/sn_accuracy.py --epochs 8 --every 2 --sn-refresh-depthwise-every 20
 run fits-80gb python bench/fits_80gb.py
 run memory-timeline python bench/memory_timeline.py
 run sn-accuracy-cifar10 python bench/sn_accuracy.py --preset cifar10 --dataset npz --data ../shared/data/cifar10-mini.npz \
