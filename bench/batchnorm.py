@@ -14,12 +14,11 @@ wins there.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from msrdarts.bench import median_ms
 from msrdarts.nn.batchnorm import batch_norm_channels_last
 
 
@@ -32,15 +31,8 @@ def step(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fas
         F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5).backward(g)
 
 
-def median_ms(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fast: bool = False) -> float:
-    for _ in range(2):
-        step(x, g, w, b, fast)
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        step(x, g, w, b, fast)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def timed(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fast: bool = False) -> float:
+    return median_ms(lambda: step(x, g, w, b, fast))
 
 
 def main() -> None:
@@ -50,10 +42,10 @@ def main() -> None:
                  (36, 16), (48, 16), (72, 16), (144, 16), (36, 8), (144, 8)]:
         w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
         x, g = torch.randn(96, C, H, H), torch.randn(96, C, H, H)
-        nchw = median_ms(x, g, w, b)
+        nchw = timed(x, g, w, b)
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
-        cl = median_ms(x, g, w, b)
-        fast = median_ms(x, g, w, b, fast=True)
+        cl = timed(x, g, w, b)
+        fast = timed(x, g, w, b, fast=True)
         print(json.dumps({"batch": 96, "channels": C, "hw": H, "ms_nchw": round(nchw, 2), "ms_channels_last": round(cl, 2),
                           "ms_fast": round(fast, 2), "channels_last_vs_nchw": round(cl / nchw, 3),
                           "fast_vs_channels_last": round(fast / cl, 3), "fast_vs_nchw": round(fast / nchw, 3)}),

@@ -9,26 +9,18 @@ layout of the evaluation network's fast path on the CPU), ``taps`` (msrdarts.nn.
 msrdarts.nn.kernels.use_fast_depthwise and msrdarts.nn.kernels.DepthwiseRunner; see BENCHMARKS.md.
 """
 
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from msrdarts.bench import median_ms
 from msrdarts.nn.kernels import DepthwiseRunner, _Geometry, depthwise_conv2d
 from msrdarts.nn.ops import OpConv
 
 
 def timed(fn, x, w, repeats=5):
-    for _ in range(2):
-        fn(x, w).square().sum().backward()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x, w).square().sum().backward()
-        times.append(time.perf_counter() - t0)
-    return round(1000 * statistics.median(times), 2)
+    return round(median_ms(lambda: fn(x, w).square().sum().backward(), repeats), 2)
 
 
 def main():

@@ -174,3 +174,20 @@ def test_bench_train_step_flags_get_one_line_errors(capsys):
     assert "genotype 'NOPE'" in capsys.readouterr().err
     assert main(["bench", "train-step", "--channels-last", "maybe", "--no-memory"]) == 2
     assert "--channels-last='maybe': unknown; allowed: auto, on, off" in capsys.readouterr().err
+
+
+def test_bench_median_ms_times_each_timed_call_after_the_warm_ups():
+    """bench/'s shared timer: warm-up calls untimed, then the median of the timed ones (a call that
+    sleeps 5 ms times in at no less than 5 ms; a slow warm-up call does not count)."""
+    import time
+
+    from msrdarts.bench import median_ms
+
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        time.sleep(0.2 if len(calls) == 1 else 0.005)
+
+    ms = median_ms(fn, repeats=3, warmup=1)
+    assert len(calls) == 4 and 5.0 <= ms < 200.0

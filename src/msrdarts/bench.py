@@ -59,6 +59,19 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return sgd(model.parameters(), 0.025, 0.9, 3e-4)
 
 
+def median_ms(fn: Any, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time in ms of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones (the
+    micro-benchmarks in bench/ share it)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 def time_search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
                      opt: torch.optim.Optimizer | None = None, forward: Any = None,
                      accel: Accel | None = None) -> list[float]:
