@@ -1,11 +1,11 @@
 """CPU fast path for training-mode batch norm on channels_last maps of few channels.
 
 PyTorch's CPU batch norm in channels_last is slow where the evaluation network spends its BN
-time: at 36 channels (not a multiple of its SIMD width) on 96 x 32 x 32 maps its forward +
-backward takes 2-3x the NCHW kernel's time (bench/batchnorm.py, BENCHMARKS.md). A channels_last tensor is an (N*H*W, C) matrix
-in memory, so here the per-channel sums (of x and x^2 forward, of g and g*x backward) are
-matrix-vector products with a vector of ones, and the output and the input gradient are one
-elementwise pass each (``x * a + b`` with per-channel a, b).
+time: at 36 channels (not a multiple of 8) on 96 x 32 x 32 maps its forward + backward takes
+2.2x the NCHW kernel's time (bench/batchnorm.py, BENCHMARKS.md). A channels_last tensor is an
+(N*H*W, C) matrix in memory, so here the per-channel sums (of x and x^2 forward, of g and g*x
+backward) are matrix-vector products with a vector of ones, and the output and the input
+gradient are one elementwise pass each (``x * a + b`` with per-channel a, b).
 
 :class:`BatchNorm2d` is ``nn.BatchNorm2d`` (same parameters, buffers and state dict) that takes
 this path when its ``fast`` flag is set and :func:`use_fast_batch_norm` says it wins; the
@@ -33,9 +33,9 @@ def use_fast_batch_norm(x: torch.Tensor) -> bool:
     """Whether :func:`batch_norm_channels_last` beats PyTorch's own CPU batch norm for ``x``.
 
     Measured on a 2-core AVX-512 CPU (bench/batchnorm.py, BENCHMARKS.md): PyTorch's channels_last
-    kernel is slow (2-4x its NCHW kernel) when the channel count is not a multiple of 8, the SIMD
-    width it vectorises over, and this path is 2-3x faster than it there on maps of 8 x 8 and
-    more; at 64 channels and more, or at multiples of 8, PyTorch's kernel is as fast or faster.
+    kernel is slow (2.2-3.3x its NCHW kernel) at 20, 36 and 44 channels, and this path takes
+    0.39-0.69x its time there on maps of 8 x 8 and more; at 16, 32, 40, 48 and 72 channels and
+    up, PyTorch's kernel is faster (24 channels would gain too: left to PyTorch by this rule).
     So: channels_last float CPU maps of fewer than 64 channels, a count that is not a multiple of
     8, and at least 64 pixels. Never under a dispatch mode (a FLOP or traffic counter counts
     PyTorch's op) or while torch.compile traces.

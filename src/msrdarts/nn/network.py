@@ -16,7 +16,8 @@ from ..errors import ConfigError
 from ..genotype import CellGenotypes, Genotype, Pairs
 from .batchnorm import BatchNorm2d
 from .kernels import channels_cat
-from .ops import FactorizedReduce, OpConv, SepConv, Stem, cell_preprocess, drop_path, drop_path_mask, get_op, list_ops, reduction_layers
+from .ops import (FactorizedReduce, OpConv, SepConv, Stem, cell_preprocess, drop_path, drop_path_mask, get_op,
+                  list_ops, reduction_layers)
 
 
 class EvalCell(nn.Module):
