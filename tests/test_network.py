@@ -315,3 +315,32 @@ def test_factorized_reduce_shift_keeps_the_gradient_format_on_the_fast_path(fast
     shifted = torch.nn.functional.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
     m.bn(torch.cat([m.conv_1(r), m.conv_2(shifted)], dim=1)).backward(g)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
+
+
+def _count_nodes(t: torch.Tensor, name: str) -> int:
+    seen, stack, n = set(), [t.grad_fn], 0
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        n += type(f).__name__ == name
+        stack += [g for g, _ in f.next_functions]
+    return n
+
+
+def test_fast_cell_runs_one_relu_per_state_for_the_ops_that_begin_with_one():
+    """Eight sep convs all reading input 0: the reference cell's graph has 2 ReLUs per sep conv
+    (8 * 2 = 16; the preprocessors' ReLUs act on inputs that need no gradient, so they have no
+    node); the fast cell shares input 0's ReLU among the eight (1 + 8 inner = 9), same output."""
+    from msrdarts.nn.network import EvalCell
+
+    pairs = (("sep_conv_3x3", 0),) * 8
+    x0, x1 = torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    outs = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        cell = EvalCell(pairs, (2, 3, 4, 5), 8, 8, 4, False, False, fast=fast).double()
+        outs[fast] = cell(x0, x1)
+        assert _count_nodes(outs[fast], "ReluBackward0") == (9 if fast else 16)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-12, atol=1e-12)

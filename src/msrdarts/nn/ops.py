@@ -129,6 +129,10 @@ class DilConv(nn.Sequential):
             BatchNorm2d(C_out, affine=affine),
         )
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The block after its ReLU (for a caller that has the activated input already)."""
+        return self[3](self[2](self[1](x)))
+
     @property
     def last_conv(self) -> OpConv:
         return self[2]
@@ -142,6 +146,10 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine),
             DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine),
         )
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The op after its first ReLU (for a caller that has the activated input already)."""
+        return self[1](self[0].reduce(x))
 
     @property
     def last_conv(self) -> OpConv:
@@ -188,6 +196,12 @@ class FactorizedReduce(nn.Module):
         else:   # even: the stride-2 conv never reads the padding (DARTS's own code has no pad)
             shifted = shifted_view(x) if self.fast else x[:, :, 1:, 1:]
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+def begins_with_relu(op: nn.Module) -> bool:
+    """Whether ``op(x)`` is ``op.reduce(relu(x))``: the ops whose first step is a ReLU of their input
+    (sep and dil convs, FactorizedReduce, ReLUConvBN), so that ops reading one tensor can share it."""
+    return isinstance(op, (SepConv, DilConv, FactorizedReduce, ReLUConvBN))
 
 
 @register_op("none")
