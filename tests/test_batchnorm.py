@@ -21,11 +21,13 @@ def _step(bn, x, g):
     return out | {n: b.clone() for n, b in bn.named_buffers()}
 
 
-@pytest.mark.parametrize("affine, momentum, track", [(True, 0.1, True), (False, 0.1, True), (True, None, True),
-                                                     (True, 0.1, False)])
-def test_fast_batch_norm_equals_pytorch_in_float64(affine, momentum, track):
+@pytest.mark.parametrize("affine, momentum, track, offset", [(True, 0.1, True, 1.5), (False, 0.1, True, 1.5),
+                                                             (True, None, True, 1.5), (True, 0.1, False, 1.5),
+                                                             (True, 0.1, True, 400.0)])
+def test_fast_batch_norm_equals_pytorch_in_float64(affine, momentum, track, offset):
     """Two training steps (so the running averages move twice): same outputs, gradients and buffers
-    as nn.BatchNorm2d, and the output and input gradient stay channels_last."""
+    as nn.BatchNorm2d, and the output and input gradient stay channels_last. ``offset`` 400 (a mean
+    over 100x the spread) takes the centred statistics."""
     torch.manual_seed(0)
     ref = nn.BatchNorm2d(20, affine=affine, momentum=momentum, track_running_stats=track).double()
     if affine:
@@ -35,7 +37,7 @@ def test_fast_batch_norm_equals_pytorch_in_float64(affine, momentum, track):
     fast.load_state_dict(ref.state_dict())
     fast.fast = True
     for step in range(2):
-        x = _cl(torch.randn(6, 20, 9, 8, dtype=torch.float64) * 3 + 1.5)
+        x = _cl(torch.randn(6, 20, 9, 8, dtype=torch.float64) * 3 + offset)
         g = _cl(torch.randn(6, 20, 9, 8, dtype=torch.float64))
         assert use_fast_batch_norm(x)
         a, b = _step(fast, x, g), _step(ref, x.contiguous(), g.contiguous())
