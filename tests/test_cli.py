@@ -176,18 +176,16 @@ def test_bench_train_step_flags_get_one_line_errors(capsys):
     assert "--channels-last='maybe': unknown; allowed: auto, on, off" in capsys.readouterr().err
 
 
-def test_bench_median_ms_times_each_timed_call_after_the_warm_ups():
-    """bench/'s shared timer: warm-up calls untimed, then the median of the timed ones (a call that
-    sleeps 5 ms times in at no less than 5 ms; a slow warm-up call does not count)."""
-    import time
+def test_bench_median_ms_times_each_timed_call_after_the_warm_ups(monkeypatch):
+    """bench/'s shared timer, on a fake clock: the warm-up calls are not timed, the result is the
+    median of the timed calls' durations in ms."""
+    import msrdarts.bench as bench
 
-    from msrdarts.bench import median_ms
-
-    calls = []
+    now = [0.0]
+    durations = iter([5.0, 0.010, 0.030, 0.020])   # s: one slow warm-up, then three timed calls
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
 
     def fn():
-        calls.append(len(calls))
-        time.sleep(0.2 if len(calls) == 1 else 0.005)
+        now[0] += next(durations)
 
-    ms = median_ms(fn, repeats=3, warmup=1)
-    assert len(calls) == 4 and 5.0 <= ms < 200.0
+    assert bench.median_ms(fn, repeats=3, warmup=1) == pytest.approx(20.0)

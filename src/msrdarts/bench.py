@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,9 +59,9 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return sgd(model.parameters(), 0.025, 0.9, 3e-4)
 
 
-def median_ms(fn: Any, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time in ms of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones (the
-    micro-benchmarks in bench/ share it)."""
+def median_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time in ms of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones
+    (bench/batchnorm.py and bench/depthwise.py time with it)."""
     for _ in range(warmup):
         fn()
     times = []

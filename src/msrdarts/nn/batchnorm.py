@@ -3,15 +3,18 @@
 PyTorch's CPU batch norm in channels_last is slow where the evaluation network spends its BN
 time: at 36 channels (not a multiple of 8) on 96 x 32 x 32 maps its forward + backward takes
 2.2x the NCHW kernel's time (bench/batchnorm.py, BENCHMARKS.md). A channels_last tensor is an
-(N*H*W, C) matrix in memory, so here the per-channel sums (of x and x^2 forward, of g and g*x
-backward) are matrix-vector products with a vector of ones, and the output and the input
-gradient are one elementwise pass each (``x * a + b`` with per-channel a, b).
+(N*H*W, C) matrix in memory, so here the per-channel sums (of x, then of (x - mean)^2 forward;
+of g and g * (x - mean) backward) are matrix-vector products with a vector of ones, and the
+output and the input gradient are one elementwise pass each (``d * a + b`` with per-channel a, b,
+d = x - mean). The statistics are two-pass (the input is centred before its squares are summed,
+and the centred sum corrects the mean), so their float32 error stays a few 1e-6 (relative) whatever
+the mean; PyTorch's kernels, which accumulate more precisely, are nearer 1e-7.
 
 :class:`BatchNorm2d` is ``nn.BatchNorm2d`` (same parameters, buffers and state dict) that takes
 this path when its ``fast`` flag is set and :func:`use_fast_batch_norm` says it wins; the
-evaluation network's fast build sets the flag. Statistics follow ``nn.BatchNorm2d`` exactly: the
-output uses the biased batch variance, the running variance the unbiased one, and ``momentum=None``
-is a cumulative average. First derivatives only (the evaluation network needs no more).
+evaluation network's fast build sets the flag. Statistics follow ``nn.BatchNorm2d``: the output
+uses the biased batch variance, the running variance the unbiased one, and ``momentum=None`` is a
+cumulative average. First derivatives only (the evaluation network needs no more).
 
 This module imports no other module of the package.
 """
@@ -23,27 +26,23 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-#: Where mean^2 exceeds this multiple of the variance, E[x^2] - E[x]^2 loses too many digits in
-#: float32 (relative error about this ratio times 1e-7): the statistics are then taken again of
-#: the input less that mean (two extra passes), which is near zero mean.
-CANCELLATION_RATIO = 100.0
-
 
 def use_fast_batch_norm(x: torch.Tensor) -> bool:
     """Whether :func:`batch_norm_channels_last` beats PyTorch's own CPU batch norm for ``x``.
 
-    Measured on a 2-core AVX-512 CPU (bench/batchnorm.py, BENCHMARKS.md): PyTorch's channels_last
-    kernel is slow (2.2-3.3x its NCHW kernel) at 20, 36 and 44 channels, and this path takes
+    Measured on a 2-core Intel Xeon with AVX-512 (bench/batchnorm.py, BENCHMARKS.md): PyTorch's
+    channels_last kernel is slow (2.2-3.3x its NCHW kernel) at 20, 36 and 44 channels, and this path takes
     0.39-0.69x its time there on maps of 8 x 8 and more; at 16, 32, 40, 48 and 72 channels and
     up, PyTorch's kernel is faster (24 channels would gain too: left to PyTorch by this rule).
     So: channels_last float CPU maps of fewer than 64 channels, a count that is not a multiple of
     8, and at least 64 pixels. Never under a dispatch mode (a FLOP or traffic counter counts
     PyTorch's op) or while torch.compile traces.
     """
-    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.shape[1] < 64 and x.shape[1] % 8 and x.shape[2] * x.shape[3] >= 64
+    return (not torch.compiler.is_compiling() and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and x.shape[1] < 64 and x.shape[1] % 8 != 0
+            and x.shape[2] * x.shape[3] >= 64
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
+            and _get_current_dispatch_mode() is None)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -56,54 +55,45 @@ def _unrows(m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return m.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def _moments(rows: torch.Tensor, ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and biased variance of ``rows``, as E[x^2] - E[x]^2 from two GEMVs."""
-    m = rows.shape[0]
-    mean = torch.mv(rows.t(), ones).div_(m)
-    return mean, torch.mv(rows.square().t(), ones).div_(m).sub_(mean * mean)
-
-
 class _ChannelsLastBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
         rows = _rows(x)
         m = rows.shape[0]
         ones = rows.new_ones(m)
-        mean, var = _moments(rows, ones)
-        shift_of = mean
-        if bool((mean * mean > CANCELLATION_RATIO * var).any()):   # a CPU sync: free here
-            rows = rows - mean   # exact where x is near its mean; the moments of the rest are accurate
-            shift_of, var = _moments(rows, ones)
-            mean = mean + shift_of
-        var.clamp_(min=0)
+        mean = torch.mv(rows.t(), ones).div_(m)
+        centred = rows - mean                   # kept for the backward (x itself is not)
+        residual = torch.mv(centred.t(), ones).div_(m)   # the float32 sum's error: tiny against the spread
+        mean += residual
+        var = torch.mv(centred.square().t(), ones).div_(m).sub_(residual * residual)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
-        shift = -shift_of * scale if bias is None else bias - shift_of * scale
+        shift = -residual * scale if bias is None else bias - residual * scale
         out = torch.empty_like(x, memory_format=torch.channels_last)   # not a view: ReLU(inplace) may follow
-        torch.addcmul(shift, rows, scale, out=_rows(out))
+        torch.addcmul(shift, centred, scale, out=_rows(out))
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
                 running_var.mul_(1 - momentum).add_(var * (m / max(m - 1, 1)), alpha=momentum)
-        ctx.save_for_backward(rows, shift_of, invstd, scale)
+        ctx.save_for_backward(centred, residual, invstd, scale)
         ctx.has_weight, ctx.shape = weight is not None, x.shape
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        rows, mu, invstd, scale = ctx.saved_tensors
+        centred, residual, invstd, scale = ctx.saved_tensors     # x - mean = centred - residual
         g = _rows(grad_out.contiguous(memory_format=torch.channels_last))
         m = g.shape[0]
         ones = g.new_ones(m)
         sum_g = torch.mv(g.t(), ones)
-        sum_gc = torch.mv((g * rows).t(), ones).sub_(mu * sum_g)   # sum of g * (x - mean)
+        sum_gc = torch.mv((g * centred).t(), ones).sub_(residual * sum_g)   # sum of g * (x - mean)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # dx = scale * (g - sum_g / m - (x - mean) * invstd^2 * sum_gc / m) = g * A + x * B + D
+            # dx = scale * (g - sum_g / m - (x - mean) * invstd^2 * sum_gc / m) = g * A + centred * B + D
             b_coef = -scale * invstd * invstd * sum_gc / m
-            d_coef = -scale * sum_g / m - mu * b_coef
-            grad_x = _unrows(torch.addcmul(d_coef, rows, b_coef).addcmul_(g, scale), ctx.shape)
+            d_coef = -scale * sum_g / m - residual * b_coef
+            grad_x = _unrows(torch.addcmul(d_coef, centred, b_coef).addcmul_(g, scale), ctx.shape)
         if ctx.has_weight and ctx.needs_input_grad[1]:
             grad_w = sum_gc * invstd
         if ctx.needs_input_grad[2]:

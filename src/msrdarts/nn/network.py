@@ -41,25 +41,25 @@ class EvalCell(nn.Module):
             states = [self.pre0.reduce(s0), self.pre1.reduce(s1)]
         else:
             states = [self.pre0(s0), self.pre1(s1)]
-        activated: dict[int, torch.Tensor] = {}   # fast: ReLU(state i), once for all the ops that begin with it
+        relu_of: dict[int, torch.Tensor] = {}   # fast: ReLU(state i), once for all the ops that begin with it
         for j in range(self.steps):
             if self.fast:
-                states.append(self._node(j, states, activated, drop_prob))
+                states.append(self._node(j, states, relu_of, drop_prob))
                 continue
             a, b = (self._edge(k, states, drop_prob) for k in (2 * j, 2 * j + 1))
             states.append(a + b)
         out = [states[i] for i in self.concat]   # (channels_cat: see Network)
         return channels_cat(out) if self.fast else torch.cat(out, dim=1)
 
-    def _node(self, j: int, states: list[torch.Tensor], activated: dict[int, torch.Tensor],
+    def _node(self, j: int, states: list[torch.Tensor], relu_of: dict[int, torch.Tensor],
               drop_prob: float) -> torch.Tensor:
         """Node j as :meth:`_edge` twice and a sum, faster: the ops that begin with a ReLU of a
-        state share one (``activated``: state index -> its ReLU, filled as needed), and the
+        state share one (``relu_of``: state index -> its ReLU, filled as needed), and the
         drop-path products are folded into the sum (``a * ma + b * mb`` as one ``addcmul`` after
         one product: a pass over the map fewer). The masks are drawn in the same order, so the
         random stream is the same."""
         k = 2 * j
-        a, b = (self._run_op(i, states, activated) for i in (k, k + 1))
+        a, b = (self._run_op(i, states, relu_of) for i in (k, k + 1))
         ma, mb = (None if isinstance(self.ops[i], nn.Identity) else drop_path_mask(h, drop_prob, self.training)
                   for i, h in ((k, a), (k + 1, b)))
         if ma is None and mb is None:
@@ -68,13 +68,13 @@ class EvalCell(nn.Module):
             a, ma, b, mb = b, mb, a, ma
         return torch.addcmul(a if ma is None else a * ma, b, mb)
 
-    def _run_op(self, k: int, states: list[torch.Tensor], activated: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _run_op(self, k: int, states: list[torch.Tensor], relu_of: dict[int, torch.Tensor]) -> torch.Tensor:
         op, i = self.ops[k], self.inputs[k]
         if not begins_with_relu(op):
             return op(states[i])
-        if i not in activated:
-            activated[i] = F.relu(states[i])
-        return op.reduce(activated[i])
+        if i not in relu_of:
+            relu_of[i] = F.relu(states[i])
+        return op.reduce(relu_of[i])
 
     def _edge(self, k: int, states: list[torch.Tensor], drop_prob: float) -> torch.Tensor:
         h = self.ops[k](states[self.inputs[k]])
@@ -125,9 +125,9 @@ class Network(nn.Module):
     cells reading a state both begin with runs once, so does the ReLU that the ops of a cell reading
     one state begin with, each node's drop-path products fold into its sum, the inner ReLU of each
     separable conv works in place, the depthwise convs of NCHW inputs use the fast backward
-    of :func:`msrdarts.nn.kernels.depthwise_conv2d` where it wins, and the ops' batch norms take
-    :mod:`msrdarts.nn.batchnorm`'s channels_last path where PyTorch's kernel is slow (36
-    channels). Same parameters and state dict either way.
+    of :func:`msrdarts.nn.kernels.depthwise_conv2d` where it wins, and the cells' batch norms take
+    :mod:`msrdarts.nn.batchnorm`'s channels_last path where PyTorch's kernel is slow (the cells'
+    BNs of 36 channels). Same parameters and state dict either way.
     """
 
     def __init__(self, genotype: Genotype | CellGenotypes, num_classes: int, layers: int, channels: int, stem: str = "cifar",

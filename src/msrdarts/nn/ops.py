@@ -200,8 +200,10 @@ class FactorizedReduce(nn.Module):
 
 def begins_with_relu(op: nn.Module) -> bool:
     """Whether ``op(x)`` is ``op.reduce(relu(x))``: the ops whose first step is a ReLU of their input
-    (sep and dil convs, FactorizedReduce, ReLUConvBN), so that ops reading one tensor can share it."""
-    return isinstance(op, (SepConv, DilConv, FactorizedReduce, ReLUConvBN))
+    (sep and dil convs, FactorizedReduce, ReLUConvBN), so that ops reading one tensor can share it.
+    Exact types only (a subclass may change its forward). A caller that uses ``reduce`` skips the
+    op module's own call, so forward hooks on the op itself do not run (its submodules' do)."""
+    return type(op) in (SepConv, DilConv, FactorizedReduce, ReLUConvBN)
 
 
 @register_op("none")
