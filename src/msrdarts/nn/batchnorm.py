@@ -31,9 +31,9 @@ def use_fast_batch_norm(x: torch.Tensor) -> bool:
     """Whether :func:`batch_norm_channels_last` beats PyTorch's own CPU batch norm for ``x``.
 
     Measured on a 2-core Intel Xeon with AVX-512 (bench/batchnorm.py, BENCHMARKS.md): PyTorch's
-    channels_last kernel is slow (2.2-3.3x its NCHW kernel) at 20, 36 and 44 channels, and this path takes
-    0.39-0.69x its time there on maps of 8 x 8 and more; at 16, 32, 40, 48 and 72 channels and
-    up, PyTorch's kernel is faster (24 channels would gain too: left to PyTorch by this rule).
+    channels_last kernel is slow (1.8-3.6x its NCHW kernel) at 20, 36 and 44 channels, and this
+    path takes 0.42-0.75x its time there on maps of 8 x 8 and more; at 16, 24, 32, 40, 48, 72 and
+    144 channels it is as fast as PyTorch's kernel or slower.
     So: channels_last float CPU maps of fewer than 64 channels, a count that is not a multiple of
     8, and at least 64 pixels. Never under a dispatch mode (a FLOP or traffic counter counts
     PyTorch's op) or while torch.compile traces.
@@ -65,12 +65,13 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
         centred = rows - mean                   # kept for the backward (x itself is not)
         residual = torch.mv(centred.t(), ones).div_(m)   # the float32 sum's error: tiny against the spread
         mean += residual
-        var = torch.mv(centred.square().t(), ones).div_(m).sub_(residual * residual)
+        out = torch.empty_like(x, memory_format=torch.channels_last)   # not a view: ReLU(inplace) may follow
+        out_rows = _rows(out)                 # first the squares (one large allocation fewer), then the output
+        var = torch.mv(torch.mul(centred, centred, out=out_rows).t(), ones).div_(m).sub_(residual * residual)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -residual * scale if bias is None else bias - residual * scale
-        out = torch.empty_like(x, memory_format=torch.channels_last)   # not a view: ReLU(inplace) may follow
-        torch.addcmul(shift, centred, scale, out=_rows(out))
+        torch.addcmul(shift, centred, scale, out=out_rows)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
@@ -87,13 +88,14 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
         m = g.shape[0]
         ones = g.new_ones(m)
         sum_g = torch.mv(g.t(), ones)
-        sum_gc = torch.mv((g * centred).t(), ones).sub_(residual * sum_g)   # sum of g * (x - mean)
+        buffer = torch.empty_like(g)          # first g * centred, then the input gradient
+        sum_gc = torch.mv(torch.mul(g, centred, out=buffer).t(), ones).sub_(residual * sum_g)   # sum of g * (x - mean)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # dx = scale * (g - sum_g / m - (x - mean) * invstd^2 * sum_gc / m) = g * A + centred * B + D
             b_coef = -scale * invstd * invstd * sum_gc / m
             d_coef = -scale * sum_g / m - residual * b_coef
-            grad_x = _unrows(torch.addcmul(d_coef, centred, b_coef).addcmul_(g, scale), ctx.shape)
+            grad_x = _unrows(torch.addcmul(d_coef, centred, b_coef, out=buffer).addcmul_(g, scale), ctx.shape)
         if ctx.has_weight and ctx.needs_input_grad[1]:
             grad_w = sum_gc * invstd
         if ctx.needs_input_grad[2]:
