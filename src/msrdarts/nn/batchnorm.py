@@ -31,9 +31,10 @@ def use_fast_batch_norm(x: torch.Tensor) -> bool:
     """Whether :func:`batch_norm_channels_last` beats PyTorch's own CPU batch norm for ``x``.
 
     Measured on a 2-core Intel Xeon with AVX-512 (bench/batchnorm.py, BENCHMARKS.md): PyTorch's
-    channels_last kernel is slow (1.8-3.6x its NCHW kernel) at 20, 36 and 44 channels, and this
-    path takes 0.42-0.75x its time there on maps of 8 x 8 and more; at 16, 24, 32, 40, 48, 72 and
-    144 channels it is as fast as PyTorch's kernel or slower.
+    channels_last kernel is slow (1.8-3.3x its NCHW kernel) at 20, 36 and 44 channels, and this
+    path takes 0.46-0.67x its time there on maps of 8 x 8 and more; at 16, 32, 48, 72 and 144
+    channels it is slower than PyTorch's kernel, and at 24 and 40 the two trade places from run
+    to run.
     So: channels_last float CPU maps of fewer than 64 channels, a count that is not a multiple of
     8, and at least 64 pixels. Never under a dispatch mode (a FLOP or traffic counter counts
     PyTorch's op) or while torch.compile traces.
