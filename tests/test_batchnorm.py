@@ -117,3 +117,17 @@ def test_batch_norm_shares_nn_batchnorm2d_s_state_dict():
     back = nn.BatchNorm2d(36)
     back.load_state_dict(ours.state_dict())
     torch.testing.assert_close(back.eval()(x), ref(x), rtol=0, atol=0)
+
+
+def test_fast_batch_norm_of_a_constant_channel_stays_finite():
+    """A channel with zero variance (a dead ReLU's output): finite output and gradient, as PyTorch's
+    (which gives the bias; float32 rounding leaves ours within 1e-4 of it)."""
+    x = torch.randn(4, 12, 8, 8)
+    x[:, 3] = 3.7
+    fast = BatchNorm2d(12)
+    fast.fast = True
+    g = torch.randn_like(x)
+    a, b = _step(fast, _cl(x), _cl(g)), _step(nn.BatchNorm2d(12), x, g)
+    for k in a:
+        assert torch.isfinite(a[k]).all(), k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=k)

@@ -69,6 +69,7 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
         out = torch.empty_like(x, memory_format=torch.channels_last)   # not a view: ReLU(inplace) may follow
         out_rows = _rows(out)                 # first the squares (one large allocation fewer), then the output
         var = torch.mv(torch.mul(centred, centred, out=out_rows).t(), ones).div_(m).sub_(residual * residual)
+        var.clamp_(min=0)                     # a constant channel: rounding may leave -0.0-ish
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -residual * scale if bias is None else bias - residual * scale
