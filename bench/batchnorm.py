@@ -46,8 +46,8 @@ def main() -> None:
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
         cl = timed(x, g, w, b)
         fast = timed(x, g, w, b, fast=True)
-        print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch": 96, "channels": C, "hw": H, "ms_nchw": round(nchw, 2), "ms_channels_last": round(cl, 2),
-                          "ms_fast": round(fast, 2), "channels_last_vs_nchw": round(cl / nchw, 3),
+        print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch": 96, "channels": C,
+                          "hw": H, "ms_nchw": round(nchw, 2), "ms_channels_last": round(cl, 2), "ms_fast": round(fast, 2), "channels_last_vs_nchw": round(cl / nchw, 3),
                           "fast_vs_channels_last": round(fast / cl, 3), "fast_vs_nchw": round(fast / nchw, 3)}),
               flush=True)
 

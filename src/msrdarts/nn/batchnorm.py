@@ -113,6 +113,13 @@ def batch_norm_channels_last(x: torch.Tensor, weight: torch.Tensor | None, bias:
     return _ChannelsLastBatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps)
 
 
+def update_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """The weight of a training batch in ``bn``'s running statistics, as ``nn.BatchNorm2d`` takes it
+    once the batch is counted in ``num_batches_tracked``: ``momentum``, or 1 / batches seen where
+    ``momentum`` is None (a cumulative average). Shared with the fused supernet's BNs."""
+    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with the channels_last fast path of :func:`batch_norm_channels_last`.
 
@@ -126,10 +133,9 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.fast and self.training and use_fast_batch_norm(x)):
             return super().forward(x)
-        momentum = self.momentum
+        factor = 0.0   # no running statistics: unused
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return batch_norm_channels_last(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                        0.0 if momentum is None else momentum, self.eps)
+            factor = update_factor(self)
+        return batch_norm_channels_last(x, self.weight, self.bias, self.running_mean, self.running_var, factor,
+                                        self.eps)

@@ -43,6 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from ..genotype import edge_index
+from .batchnorm import update_factor
 from .kernels import CompiledTaps, DepthwiseRunner, _Geometry, is_channels_last
 from .ops import DilConv, OpConv, SepConv
 from .spectral_batch import SpectralBatch, _Slice
@@ -76,8 +77,7 @@ class _FusedBN:
         if not self.training:
             return means, variances, 0.0
         torch._foreach_add_([b.num_batches_tracked for b in self.bns], 1)
-        bn0 = self.bns[0]   # as nn.BatchNorm2d: momentum None means a cumulative average over the batches seen
-        return means, variances, bn0.momentum if bn0.momentum is not None else 1.0 / float(bn0.num_batches_tracked)
+        return means, variances, update_factor(self.bns[0])
 
     @torch.no_grad()
     def write_back(self, means: torch.Tensor, variances: torch.Tensor) -> None:

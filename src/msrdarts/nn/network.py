@@ -60,7 +60,7 @@ class EvalCell(nn.Module):
         random stream is the same."""
         k = 2 * j
         a, b = (self._run_op(i, states, relu_of) for i in (k, k + 1))
-        ma, mb = (None if isinstance(self.ops[i], nn.Identity) else drop_path_mask(h, drop_prob, self.training)
+        ma, mb = (drop_path_mask(h, drop_prob, self.training) if self._droppable(i) else None
                   for i, h in ((k, a), (k + 1, b)))
         if ma is None and mb is None:
             return a + b
@@ -76,11 +76,12 @@ class EvalCell(nn.Module):
             relu_of[i] = F.relu(states[i])
         return op.reduce(relu_of[i])
 
+    def _droppable(self, k: int) -> bool:
+        return not isinstance(self.ops[k], nn.Identity)   # DARTS: identity edges are never dropped
+
     def _edge(self, k: int, states: list[torch.Tensor], drop_prob: float) -> torch.Tensor:
         h = self.ops[k](states[self.inputs[k]])
-        if isinstance(self.ops[k], nn.Identity):   # DARTS: identity edges are never dropped
-            return h
-        return drop_path(h, drop_prob, self.training)
+        return drop_path(h, drop_prob, self.training) if self._droppable(k) else h
 
 
 class AuxiliaryHead(nn.Module):
