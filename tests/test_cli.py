@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,7 +104,8 @@ def test_info_prints_params_and_mult_adds(capsys):
 @pytest.mark.parametrize("amp", ["auto", "bf16"])
 def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
     rc = main(["bench", "search-step", "--layers", "3", "--channels", "2", "--batch-size", "2", "--input-size", "8",
-               "--in-channels", "1", "--steps", "2", "--warmup", "0", "--json", "--no-memory", "--amp", amp])
+               "--in-channels", "1", "--steps", "2", "--warmup", "0", "--json", "--no-memory", "--amp", amp,
+               "--sn-refresh-interval", "12.5"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["amp"] == ("off" if amp == "auto" else "bf16") and out["compile"] is False   # auto: off on the CPU
@@ -115,10 +117,10 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
         assert out[key] > 0, key
     # what autograd keeps: --recompute-depthwise keeps less than the plain fused forward
     assert 0 < out["saved_for_backward_mb_fused_recompute_depthwise"] < out["saved_for_backward_mb_fused"]
-    # 5 and 10: of every 10 steps, one refreshes all convs and one the 1x1 convs only
-    assert (out["sn_refresh_every"], out["sn_refresh_depthwise_every"]) == (5, 10)
+    # a full refresh every 12.5 steps (as given), the 1x1 convs' every 5, the drift check every step
+    assert (out["sn_refresh_every"], out["sn_refresh_interval"]) == (5, 12.5) and out["sn_drift_check_ms"] > 0
     assert out["sn_refresh_ms_per_step"] == pytest.approx(
-        (out["sn_refresh_ms"] + out["sn_refresh_pointwise_ms"]) / 10, rel=0.02, abs=0.01)
+        out["sn_refresh_ms"] / 12.5 + out["sn_refresh_pointwise_ms"] / 5 + out["sn_drift_check_ms"], rel=0.02, abs=0.01)
     assert out["sn_overhead_fused_with_refresh"] == pytest.approx(
         (out["ms_per_step_fused"] + out["sn_refresh_ms_per_step"]) / out["ms_per_step_fused_no_sn"], rel=0.01)
     assert out["speedup_fused_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fused"],
@@ -139,8 +141,9 @@ def test_bench_method_step_is_the_searchs_step():
         assert all(not torch.equal(a, b) for a, b in zip(arch, net.arch_parameters())), method
         assert any(not torch.equal(a, b) for a, b in zip(weights, net.weight_parameters())), method
     net, opt, hook, x, y, cfg = _method_setup("msr", "msr", 3, 4, 4, 8, 1, "cpu", 0)
-    assert hook is None and cfg.spectral_norm and (cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every) == (5, 10)
-    calls = []
+    assert hook is None and cfg.spectral_norm and (cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every) == (5, 100)
+    cfg = replace(cfg, sn_refresh_depthwise_every=10, sn_refresh_drift=0.0)   # the fixed schedule alone (the
+    calls = []                                                                  # drift trigger: test_search)
     net.refresh_spectral_norms = lambda **kw: calls.append((i, kw.get("depthwise", True)))
     for i in range(21):
         _method_step(net, opt, hook, x, y, cfg, i)

@@ -334,3 +334,39 @@ def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, 
     assert calls == expected
     if (every, depthwise_every) == (2, 3):   # steps 0 all, 1 none, 2 pointwise, 3 all, 4 pointwise (epoch 2)
         assert len(steps) // cfg.epochs == 4 and calls[:4] == [(1, True), (3, False), (4, True), (5, False)]
+
+
+def test_a_resumed_search_refreshes_on_the_drift_of_the_uninterrupted_one(tmp_path):
+    """The drift trigger compares the weights with those of the last full refresh: the checkpoint
+    keeps them (and the epoch's refresh count), so a search resumed after epoch 1 refreshes on the
+    same steps as one that ran through: the same history (sn_refreshes per epoch included) and the
+    same final weights. A checkpoint whose reference does not fit the network is one line."""
+    cfg = replace(TINY, sn_refresh_drift=0.05, sn_refresh_depthwise_every=1000, bn_recalibration=1)
+    full = run_search(cfg, tmp_path / "full", log=quiet)
+    counts = [r["sn_refreshes"] for r in full.history]
+    # epoch 2's refreshes are the drift trigger's alone (the schedule's first after step 0 is step 1000)
+    assert counts[1] >= 1 and all(r["train_steps"] > c for r, c in zip(full.history, counts)), counts
+
+    def stop_after_first(epoch, record):
+        if epoch == 1:
+            raise Stop
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(Stop):
+        run_search(cfg, out, on_epoch_end=stop_after_first, log=quiet)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert set(ckpt["spectral_norm"]) == {"drift_reference", "refreshes_this_epoch"}
+    run_search(cfg, out, resume=True, log=quiet)
+    assert _strip(read_history(out)) == _strip(full.history)
+    a, b = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+    bad = tmp_path / "bad"
+    with pytest.raises(Stop):
+        run_search(cfg, bad, on_epoch_end=stop_after_first, log=quiet)
+    ckpt = load_checkpoint(bad / "checkpoint.pt")
+    ckpt["spectral_norm"]["drift_reference"]["0"] = torch.zeros(1)
+    torch.save(ckpt, bad / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: its spectral-norm state does not match this network"):
+        run_search(cfg, bad, resume=True, log=quiet)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ from .device import Accel, resolve_device, sgd
 from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
-from .runs.search import refresh_spectral_norms_due, sn_refresh_due
+from .runs.search import refresh_spectral_norms_due
 
 VARIANTS = ("reference", "fused", "fused_no_sn", "fused_checkpoint_cells", "fused_recompute_depthwise")
 
@@ -138,12 +137,20 @@ def _build(variant: str, layers: int, channels: int, input_size: int, in_channel
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
                       in_channels: int = 3, steps: int = 10, warmup: int = 2, device: str = "cpu",
                       threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False,
-                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto") -> dict[str, Any]:
+                      amp: str = "auto", channels_last: str = "auto", compile: str = "auto",
+                      refresh_interval: float = 10.0) -> dict[str, Any]:
     """Median step times of the VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory.
 
     ``amp``, ``channels_last`` and ``compile`` are the search's settings (:class:`msrdarts.device.Accel`;
     ``auto``: all on for an accelerator, all off on the CPU). Compiling happens in the warm-up steps.
+    ``refresh_interval``: the mean number of weight steps between full spectral-norm refreshes to
+    amortise. The search refreshes when the weights have drifted (``sn_refresh_drift``), so the
+    interval is a property of a real search, not of this bench's random data: pass the steps of a
+    real search divided by the full refreshes its history records (``sn_refreshes``). The default,
+    10, is the fixed schedule the search had before the drift trigger.
     """
+    if not refresh_interval > 0:
+        raise ValueError(f"refresh_interval={refresh_interval}: must be > 0")
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -162,11 +169,12 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
                                          opt=opts[v], forward=forwards[v], accel=accel)
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
     # The spectral-norm refreshes of the search loop (refresh_spectral_norms_due), amortised into the
-    # overhead below: the 1x1 convs' every sn_refresh_every steps, all convs' every
-    # sn_refresh_depthwise_every steps. Each is timed as the search runs it, on the weights the
-    # warm-up and timed steps moved since the build converged the norms (at least as many steps as
-    # between two refreshes of a search), three times from that same state (the state is put back
-    # after each); the full refresh also at its full length (every Krylov step, tol 0: the bound).
+    # overhead below: the 1x1 convs' every sn_refresh_every steps (counting the slots a full refresh
+    # takes too: an upper bound), all convs' every refresh_interval steps on average, and the drift
+    # check the search runs after every step. Each refresh is timed as the search runs it, on the
+    # weights the warm-up and timed steps moved since the build converged the norms, three times from
+    # that same state (the state is put back after each); the full refresh also at its full length
+    # (every Krylov step, tol 0: the bound).
     cfg = SearchConfig()
     refresh_ms = {}
     fused = models["fused"]
@@ -180,10 +188,15 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
             t.append(time.perf_counter() - t0)
             fused.load_state_dict(moved)
         refresh_ms[kind] = 1000 * statistics.median(t)
-    cycle = math.lcm(cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every)   # the schedule repeats
-    due = [sn_refresh_due(cfg, s) for s in range(cycle)]                      # "pointwise", "all" or None
-    refresh_per_step = sum(refresh_ms[d] for d in due if d) / cycle
-    refresh_full_per_step = sum(refresh_ms["all_full" if d == "all" else d] for d in due if d) / cycle
+    t = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        fused.spectral_drift()
+        t.append(time.perf_counter() - t0)
+    drift_ms = 1000 * statistics.median(t) if cfg.sn_refresh_drift else 0.0
+    shared = refresh_ms["pointwise"] / cfg.sn_refresh_every + drift_ms
+    refresh_per_step = refresh_ms["all"] / refresh_interval + shared
+    refresh_full_per_step = refresh_ms["all_full"] / refresh_interval + shared
 
     # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some),
     # depthwise weight gradients counted correctly (torch's counter has them C times too high).
@@ -212,7 +225,8 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
         "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_full_length_ms": round(refresh_ms["all_full"], 1),
         "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
-        "sn_refresh_every": cfg.sn_refresh_every, "sn_refresh_depthwise_every": cfg.sn_refresh_depthwise_every,
+        "sn_refresh_every": cfg.sn_refresh_every, "sn_refresh_interval": refresh_interval,
+        "sn_drift_check_ms": round(drift_ms, 2),
         "sn_refresh_ms_per_step": round(refresh_per_step, 2),
         "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_per_step) / ms["fused_no_sn"], 3),
         "sn_overhead_fused_with_full_length_refresh": round((ms["fused"] + refresh_full_per_step) / ms["fused_no_sn"], 3),
@@ -413,7 +427,8 @@ def bench_methods(methods: list[str], space: str = "msr", layers: int = 8, chann
         ms = 1000 * statistics.median(times[m])
         row = {"ms_per_step": round(ms, 1), "images_per_s": round(batch_size / ms * 1000, 1),
                "sn_refresh_every": setups[m][5].sn_refresh_every if setups[m][5].spectral_norm else None,
-               "sn_refresh_depthwise_every": setups[m][5].sn_refresh_depthwise_every if setups[m][5].spectral_norm else None}
+               "sn_refresh_depthwise_every": setups[m][5].sn_refresh_depthwise_every if setups[m][5].spectral_norm else None,
+               "sn_refresh_drift": setups[m][5].sn_refresh_drift if setups[m][5].spectral_norm else None}
         if memory:
             args = json.dumps([m, space, layers, channels, batch_size, input_size, in_channels, device, seed])
             code = f"import json, msrdarts.bench as b; print(json.dumps(b._method_peak_child(*json.loads({args!r}))))"

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "without spectral norm, against the machine's copy and matmul ceilings")
     _bench_arguments(st, layers=8, channels=16, batch_size=64, steps=10)
     st.add_argument("--profile", action="store_true", help="also print the fused step's top operators by self time")
+    st.add_argument("--sn-refresh-interval", type=float, default=10.0, metavar="STEPS",
+                    help="mean weight steps between full spectral-norm refreshes to amortise in the overhead: a "
+                         "real search's steps over the refreshes its history records (sum of sn_refreshes over "
+                         "sum of train_steps); default 10")
     st.add_argument("--method", default=None, metavar="A,B,...",
                     help="instead of the variants: time one whole search step (architecture step, weight step, "
                          "amortised spectral-norm refresh) of each of these methods (msr, darts, pc-darts, p-darts) "
@@ -337,6 +341,8 @@ def _bench(args: argparse.Namespace) -> int:
             raise MsrdartsError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be a positive integer")
     if args.warmup < 0:
         raise MsrdartsError(f"--warmup={args.warmup}: must be >= 0")
+    if not getattr(args, "sn_refresh_interval", 1.0) > 0:
+        raise MsrdartsError(f"--sn-refresh-interval={args.sn_refresh_interval}: must be > 0")
     for name, allowed in (("amp", AMP_MODES), ("channels_last", SWITCHES), ("compile", SWITCHES)):
         check_choice(name, getattr(args, name), allowed)
     if args.bench == "train-step":
@@ -381,7 +387,7 @@ def _bench(args: argparse.Namespace) -> int:
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
                                warmup=args.warmup, device=args.device, threads=args.threads, memory=args.memory,
                                profile=args.profile, amp=args.amp, channels_last=args.channels_last,
-                               compile=args.compile)
+                               compile=args.compile, refresh_interval=args.sn_refresh_interval)
     table = result.pop("profile_fused", None)
     if args.json:
         print(json.dumps(result))

@@ -140,13 +140,14 @@ class SearchConfig(_DataConfig):
     sn_refresh_every: int = _f(5, "steps between resets of the pointwise (1x1) convs' power iterations to their exact "
                                    "top singular vectors (batched squarings of their Gram matrices; steps counted over the "
                                    "whole search, from its first)")
-    sn_refresh_depthwise_every: int = _f(10, "steps between block Krylov refreshes of the other (depthwise) convs' "
-                                             "tracked top-3 singular subspaces, which catch a singular value "
-                                             "outside the block that overtakes (counted as --sn-refresh-every; "
-                                             "the block power iteration holds them in between: BENCHMARKS.md)")
-    sn_refresh_drift: float = _f(0.0, "also refresh as soon as some conv's weight has moved by more than this fraction "
-                                      "(relative Frobenius norm) since the last refresh; 0: off. Costs more refreshes "
-                                      "(BENCHMARKS.md, spectral norms during a search)")
+    sn_refresh_depthwise_every: int = _f(100, "also refresh all convs after every this-many steps, whatever "
+                                              "--sn-refresh-drift says (counted as --sn-refresh-every; a bound: "
+                                              "the drift trigger decides when the depthwise convs need it)")
+    sn_refresh_drift: float = _f(0.15, "refresh all convs (block Krylov refreshes of the depthwise convs' tracked "
+                                       "top-3 singular subspaces, which catch a singular value outside the block that "
+                                       "overtakes) as soon as some depthwise conv's weight has moved by more than this "
+                                       "fraction (relative Frobenius norm) since their last refresh; 0: only on "
+                                       "--sn-refresh-depthwise-every (BENCHMARKS.md, spectral norms during a search)")
     checkpoint_cells: bool = _f(False, "keep only each cell's inputs for the backward and run the cell again there "
                                        "(activation checkpointing; fused forward only): less memory, more compute "
                                        "(BENCHMARKS.md, search step)")

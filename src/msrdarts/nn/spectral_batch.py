@@ -269,9 +269,10 @@ class SpectralBatch:
         jobs: dict[tuple, list[tuple[RefreshInput, _Vectors]]] = {}
         for bundle in self.bundles():
             sn = self._norms()[bundle[0]][0]
-            if sn.matrix:
-                for g in bundle:
-                    self._exact_matrix_vectors(g)
+            if sn.matrix:     # each group's exact vectors, written to the bundle's buffers at once
+                exact = [matrix_top_vectors(torch.stack(self._raws(g)).detach().flatten(2), sn.eps) for g in bundle]
+                self._vectors(bundle).write(torch.cat([u.reshape(-1) for u, _ in exact]),
+                                            torch.cat([v.reshape(-1) for _, v in exact]))
                 continue
             if not depthwise:
                 continue
@@ -315,6 +316,24 @@ class SpectralBatch:
                 return float("inf")
             worst.append(((w - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
         return float(torch.stack(worst).max()) if worst else 0.0
+
+    def drift_reference(self) -> dict[str, torch.Tensor]:
+        """What :meth:`drift` compares against (each normalised non-1x1 group's weights at its last
+        refresh), keyed by group index: a checkpoint keeps it, so that a resumed search refreshes
+        on the same steps as an uninterrupted one."""
+        return {str(g): w.clone() for g, w in self._refreshed.items()}
+
+    @torch.no_grad()
+    def load_drift_reference(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`drift_reference`; entries for groups this network lacks, or of another
+        shape, are refused (ValueError) before anything changes."""
+        new = {}
+        for key, w in state.items():
+            ref = self._refreshed.get(int(key)) if key.isdigit() else None
+            if ref is None or ref.shape != w.shape:
+                raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
+            new[int(key)] = w.to(ref.device, ref.dtype)
+        self._refreshed.update(new)
 
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (:func:`matrix_top_vectors`)."""

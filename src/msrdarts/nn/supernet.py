@@ -235,7 +235,8 @@ class SuperNet(nn.Module):
         """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, batched
         (:meth:`msrdarts.nn.spectral_batch.SpectralBatch.refresh`); with ``depthwise=False`` the 1x1
         convs only. The search loop refreshes the 1x1 convs every ``sn_refresh_every`` steps and
-        all every ``sn_refresh_depthwise_every`` steps."""
+        all when :meth:`spectral_drift` exceeds ``sn_refresh_drift`` (and every
+        ``sn_refresh_depthwise_every`` steps)."""
         self._spectral.refresh(iterations, tol, depthwise)
 
     def spectral_drift(self) -> float:
@@ -243,3 +244,10 @@ class SuperNet(nn.Module):
         :meth:`msrdarts.nn.spectral_batch.SpectralBatch.drift`); the search loop refreshes early when
         it exceeds ``sn_refresh_drift``."""
         return self._spectral.drift()
+
+    def drift_reference(self) -> dict[str, torch.Tensor]:
+        """The weights :meth:`spectral_drift` compares against, for a checkpoint."""
+        return self._spectral.drift_reference()
+
+    def load_drift_reference(self, state: dict[str, torch.Tensor]) -> None:
+        self._spectral.load_drift_reference(state)

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import SearchConfig
 from ..data import StreamData, derived_seed, search_split, subset_split
 from ..device import sgd
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..genotype import CellGenotypes, Genotype, edge_index, genotype_from_dict
 from ..methods import Method, SearchContext, get_method
 from ..nn.supernet import SuperNet
@@ -147,10 +147,10 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
 
 
 def sn_refresh_due(cfg: SearchConfig, step: int) -> str | None:
-    """The search's spectral-norm refresh schedule: after weight step ``step`` (counted from 0 over
-    the run's epochs, so a resumed run keeps it) "all" convs' refresh every
+    """The search's fixed spectral-norm refresh schedule: after weight step ``step`` (counted from 0
+    over the run's epochs, so a resumed run keeps it) "all" convs' refresh every
     ``sn_refresh_depthwise_every`` steps, else the "pointwise" (1x1) convs' every
-    ``sn_refresh_every`` steps, else None (the drift trigger aside)."""
+    ``sn_refresh_every`` steps, else None (the drift trigger aside: :func:`refresh_spectral_norms_due`)."""
     if not cfg.spectral_norm:
         return None
     if step % cfg.sn_refresh_depthwise_every == 0:
@@ -158,14 +158,17 @@ def sn_refresh_due(cfg: SearchConfig, step: int) -> str | None:
     return "pointwise" if step % cfg.sn_refresh_every == 0 else None
 
 
-def refresh_spectral_norms_due(net: SuperNet, cfg: SearchConfig, step: int) -> None:
+def refresh_spectral_norms_due(net: SuperNet, cfg: SearchConfig, step: int) -> str | None:
     """Run the refresh :func:`sn_refresh_due` names, or all convs' where some depthwise conv's
-    weight has drifted by more than ``sn_refresh_drift`` since their last refresh."""
+    weight has drifted by more than ``sn_refresh_drift`` since their last refresh (the default
+    trigger of the depthwise refreshes); returns the refresh run ("all", "pointwise" or None)."""
     due = sn_refresh_due(cfg, step)
     if due == "all" or (cfg.spectral_norm and cfg.sn_refresh_drift and net.spectral_drift() > cfg.sn_refresh_drift):
         net.refresh_spectral_norms()
-    elif due == "pointwise":
+        return "all"
+    if due == "pointwise":
         net.refresh_spectral_norms(depthwise=False)
+    return due
 
 
 class SearchRun(EpochRun):
@@ -226,17 +229,34 @@ class SearchRun(EpochRun):
         self.edges = [list(e) for e in edge_index(net.steps)]
 
     def restored(self, ckpt: dict[str, Any] | None) -> None:
+        self.sn_refreshes = 0      # the epoch's full spectral-norm refreshes so far (its record's sn_refreshes)
         if ckpt is not None:
             self.method.load_state_dict(ckpt.get("arch_optimizer"))
+            sn = ckpt.get("spectral_norm")
+            if sn is not None and self.cfg.spectral_norm:
+                try:
+                    self.net.load_drift_reference(sn["drift_reference"])
+                except (KeyError, ValueError, TypeError, AttributeError) as e:
+                    raise CheckpointError(f"{self.out / F.CHECKPOINT}: its spectral-norm state does not match this "
+                                          f"network ({first_line(e)})") from None
+                self.sn_refreshes = int(sn.get("refreshes_this_epoch", 0))
+            # (a checkpoint written before the drift trigger holds no reference: the first step's
+            # drift is measured from the network's build and refreshes at once, which only costs time)
 
     def begin_epoch(self, epoch: int, fresh: bool) -> None:
         self.method.new_epoch(epoch, fresh)
         self.epoch = epoch
+        if fresh:
+            self.sn_refreshes = 0
 
     def train_hooks(self, state: Any) -> dict[str, Any]:
         cfg, net, first = self.cfg, self.net, self.epoch * len(self.train_loader)   # the run's steps so far
-        return {"after_step": lambda step: refresh_spectral_norms_due(net, cfg, first + step),
-                "before_step": self.method.step_hook(state.epoch_seed, state.step)}
+
+        def after_step(step: int) -> None:
+            if refresh_spectral_norms_due(net, cfg, first + step) == "all":
+                self.sn_refreshes += 1
+
+        return {"after_step": after_step, "before_step": self.method.step_hook(state.epoch_seed, state.step)}
 
     def evaluate(self, tag: str) -> dict[str, float]:
         dist, net = self.dist, self.net
@@ -261,6 +281,9 @@ class SearchRun(EpochRun):
             "train_images_per_s": tr["images_per_s"], "epoch_time_s": time.perf_counter() - t0,
             "genotype": d.genotype.to_dict(), "score_key": self.method.score_key, self.method.score_key: scores,
         }
+        if self.cfg.spectral_norm:
+            record["sn_refreshes"] = self.sn_refreshes   # full refreshes in the epoch (drift-triggered or scheduled)
+            record["train_steps"] = len(self.train_loader)
         if d.cells is not None:   # every cell's own table and genotype (SPEC section 4a)
             scores["cells"] = d.cell_scores.tolist()
             scores["cell_types"] = [c.type for c in d.cells.cells]
@@ -279,7 +302,11 @@ class SearchRun(EpochRun):
         return {k: record[k] for k in ("genotype", "genotype_cells", "ablations") if k in record}
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"arch_optimizer": self.method.state_dict()}
+        extra: dict[str, Any] = {"arch_optimizer": self.method.state_dict()}
+        if self.cfg.spectral_norm:   # what the drift trigger compares against, so a resumed run refreshes alike
+            extra["spectral_norm"] = {"drift_reference": self.net.drift_reference(),
+                                      "refreshes_this_epoch": self.sn_refreshes}
+        return extra
 
     def write_files(self) -> None:
         if self.best is not None:
