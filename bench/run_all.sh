@@ -4,9 +4,9 @@
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, train-step, train-profile, batchnorm, depthwise-32px, pointwise, methods,
-#                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-batch16,
+#                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-fixed10, sn-accuracy-drift15-cap50, sn-accuracy-batch16,
 #                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, sn-accuracy-depthwise20-e8, fits-80gb, memory-timeline,
-#                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
+#                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-default, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
 #                                     # sn-accuracy-cifar10-lr05-drift (need
 #                                     # ../shared/data/cifar10-mini.npz)
 set -euo pipefail
@@ -37,19 +37,32 @@ run quick /usr/bin/time -f "%e s wall, %M KB peak resident" msrdarts search --pr
   --no-progress --device cpu
 rm -rf runs/bench-quick
 run sn-accuracy bash bench/sn_accuracy.sh
+# The runs below pin the refresh settings they were recorded with: before the drift trigger became
+# the default (--sn-refresh-drift 0.15, and all convs every 100 steps) the depthwise convs refreshed
+# every 10 steps and on no drift (--sn-refresh-drift 0).
+run sn-accuracy-fixed10 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 10 --sn-refresh-drift 0
+run sn-accuracy-drift15-cap50 python bench/sn_accuracy.py --epochs 8 --every 2 --sn-refresh-depthwise-every 50 \
+  --sn-refresh-drift 0.15
 # The harsher regime: the quick preset at batch 16 (4x the steps, each noisier); and the depthwise
-# refresh every 50 steps instead of 10 (no timing figures from these two).
-run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16
-run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 50
-run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20
-run sn-accuracy-depthwise20-e8 python bench/sn_accuracy.py --epochs 8 --every 2 --sn-refresh-depthwise-every 20
+# refresh every 50 or 20 steps instead of 10 (no timing figures from these).
+run sn-accuracy-batch16 python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16 --sn-refresh-depthwise-every 10 \
+  --sn-refresh-drift 0
+run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 50 --sn-refresh-drift 0
+run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20 --sn-refresh-drift 0
+run sn-accuracy-depthwise20-e8 python bench/sn_accuracy.py --epochs 8 --every 2 --sn-refresh-depthwise-every 20 \
+  --sn-refresh-drift 0
 run fits-80gb python bench/fits_80gb.py
 run memory-timeline python bench/memory_timeline.py
 run sn-accuracy-cifar10 python bench/sn_accuracy.py --preset cifar10 --dataset npz --data ../shared/data/cifar10-mini.npz \
-  --epochs 1 --every 3 --sample 40
+  --epochs 1 --every 3 --sample 40 --sn-refresh-depthwise-every 10 --sn-refresh-drift 0
+run sn-accuracy-cifar10-default python bench/sn_accuracy.py --preset cifar10 --dataset npz \
+  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40
 run sn-accuracy-cifar10-lr05 python bench/sn_accuracy.py --preset cifar10 --dataset npz \
-  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5
+  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5 \
+  --sn-refresh-depthwise-every 10 --sn-refresh-drift 0
 run sn-accuracy-cifar10-lr05-it3 python bench/sn_accuracy.py --preset cifar10 --dataset npz \
-  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5 --sn-iterations 3
+  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5 --sn-iterations 3 \
+  --sn-refresh-depthwise-every 10 --sn-refresh-drift 0
 run sn-accuracy-cifar10-lr05-drift python bench/sn_accuracy.py --preset cifar10 --dataset npz \
-  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5 --sn-refresh-drift 0.1
+  --data ../shared/data/cifar10-mini.npz --epochs 1 --every 3 --sample 40 --lr 0.5 --sn-refresh-drift 0.1 \
+  --sn-refresh-depthwise-every 10
