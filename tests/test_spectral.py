@@ -473,6 +473,23 @@ def test_matrix_top_vectors_and_power_iteration_against_the_svd():
     torch.testing.assert_close((v1[:, None, :] @ w @ u1[:, :, None]).flatten(), S[:, 0], rtol=1e-10, atol=0)
 
 
+def test_matrix_top_vectors_of_several_shapes_padded_into_one_batch_against_the_svd():
+    """Batches of 8x8, 16x16, 32x16 and 5x3 matrices, padded with zeros into one batch: each gets
+    the top singular pair of its own SVD, of its own shape; an all-zero matrix gets unit vectors."""
+    from msrdarts.nn.spectral import PAD_MAX_MACS, matrix_top_vectors_of
+
+    torch.manual_seed(5)
+    ws = [torch.randn(n, m, k, dtype=torch.float64) for n, m, k in ((30, 8, 8), (20, 16, 16), (10, 32, 16), (4, 5, 3))]
+    ws[3][1] = 0
+    assert sum(w.shape[0] for w in ws) * 16 ** 3 <= PAD_MAX_MACS   # the padded path
+    out = matrix_top_vectors_of(ws)
+    for w, (u, v) in zip(ws, out):
+        assert u.shape == (w.shape[0], w.shape[2]) and v.shape == (w.shape[0], w.shape[1])
+        S = torch.linalg.svdvals(w)[:, 0]
+        torch.testing.assert_close((v[:, None, :] @ w @ u[:, :, None]).flatten(), S, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(u.norm(dim=1), torch.ones(w.shape[0], dtype=torch.float64))
+
+
 def _dense_channels(conv: OpConv, weight: torch.Tensor) -> list[torch.Tensor]:
     """Each channel of a depthwise conv as its own dense operator (brute force, float64)."""
     return [dense_conv(weight[c:c + 1].double(), conv.input_hw, conv.stride, conv.padding, conv.dilation, 1)

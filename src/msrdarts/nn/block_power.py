@@ -217,13 +217,20 @@ def dense_refresh(M: torch.Tensor, start: torch.Tensor, block: int, eps: float
     """The refresh of operators small enough to hold densely: per group A x = x M with M
     (groups, n, m), and ``start`` (groups, block+1, n) as for :func:`block_refresh`. The top
     ``block`` eigenvectors of A^T A = M M^T (n x n, float64) by :func:`_ritz_space` and
-    :func:`_eigh` from the start rows (and a random one where n allows), so no Krylov basis.
-    Returns (u, v, basis) as it does."""
+    :func:`_eigh` from the start rows (and a random one where n allows), so no Krylov basis; where
+    those rows would span the whole space (n no larger than their count), by :func:`_eigh` of
+    M M^T itself. Returns (u, v, basis) as it does."""
     x0 = _with_random(start, eps)[:, :max(block, min(block + 2, M.shape[1]))]   # no more than n where n allows
     wide = torch.float64
-    Q, T, ok = _ritz_space((M @ M.mT).to(wide), x0.to(wide).mT)
-    _, V, ok = _eigh(T, ok)
-    c = Q @ V[..., :block]
+    n = M.shape[1]
+    if block <= n <= x0.shape[1]:     # the start rows span the whole space: its eigenvectors directly
+        ok = torch.ones(M.shape[0], dtype=torch.bool, device=M.device)
+        _, V, ok = _eigh((M @ M.mT).to(wide), ok)
+        c = V[..., :block]
+    else:
+        Q, T, ok = _ritz_space((M @ M.mT).to(wide), x0.to(wide).mT)
+        _, V, ok = _eigh(T, ok)
+        c = Q @ V[..., :block]
     ok = ok & torch.isfinite(c.sum((1, 2)))          # fewer dimensions than vectors: some rows fail
     c = torch.where(ok[:, None, None], c, torch.zeros_like(c))
     new = F.normalize(c.mT.to(M.dtype), dim=-1, eps=eps)                            # (groups, block, n)

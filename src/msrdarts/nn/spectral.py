@@ -108,6 +108,29 @@ def matrix_top_vectors(w: torch.Tensor, eps: float = 1e-12, squarings: int = 12)
     return u, F.normalize((w @ u[..., None])[..., 0], dim=-1, eps=eps)
 
 
+#: :func:`matrix_top_vectors_of` pads matrices of several shapes into one batch while the padded
+#: batch's Gram squarings cost at most this many multiply-adds each (a few hundred microseconds).
+PAD_MAX_MACS = 1 << 25
+
+
+def matrix_top_vectors_of(ws: list[torch.Tensor], eps: float = 1e-12) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`matrix_top_vectors` of several batches of matrices ``ws`` (each (N_i, m_i, n_i)): as one
+    batch, zero-padded to the largest m and n, where that is cheap (:data:`PAD_MAX_MACS`): on small
+    matrices a squaring costs its kernel calls, not its arithmetic. Zero rows and columns change
+    neither the top singular value nor the vectors (their padded entries are exactly zero, and an
+    all-zero matrix still gets a unit u on its first coordinate)."""
+    m, n = max(w.shape[1] for w in ws), max(w.shape[2] for w in ws)
+    if len(ws) == 1 or sum(w.shape[0] for w in ws) * n ** 3 > PAD_MAX_MACS or len({w.dtype for w in ws}) > 1:
+        return [matrix_top_vectors(w, eps) for w in ws]
+    padded = torch.cat([F.pad(w, (0, n - w.shape[2], 0, m - w.shape[1])) for w in ws])
+    u, _ = matrix_top_vectors(padded, eps)
+    out = []
+    for w, u_w in zip(ws, u.split([w.shape[0] for w in ws])):
+        u_w = F.normalize(u_w[:, :w.shape[2]], dim=-1, eps=torch.finfo(u_w.dtype).tiny)
+        out.append((u_w, F.normalize((w @ u_w[..., None])[..., 0], dim=-1, eps=eps)))
+    return out
+
+
 @torch.no_grad()
 def matrix_power_iteration(w: torch.Tensor, u: torch.Tensor, iterations: int, eps: float = 1e-12
                            ) -> tuple[torch.Tensor, torch.Tensor]:

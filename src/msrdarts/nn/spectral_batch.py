@@ -44,7 +44,7 @@ from .block_power import (RefreshInput, block_coefficients, block_grams, block_r
                           stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
                        ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration, matrix_top_vectors,
-                       unfold_dsigma)
+                       matrix_top_vectors_of, unfold_dsigma)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
@@ -270,7 +270,7 @@ class SpectralBatch:
         for bundle in self.bundles():
             sn = self._norms()[bundle[0]][0]
             if sn.matrix:     # each group's exact vectors, written to the bundle's buffers at once
-                exact = [matrix_top_vectors(torch.stack(self._raws(g)).detach().flatten(2), sn.eps) for g in bundle]
+                exact = matrix_top_vectors_of([torch.stack(self._raws(g)).detach().flatten(2) for g in bundle], sn.eps)
                 self._vectors(bundle).write(torch.cat([u.reshape(-1) for u, _ in exact]),
                                             torch.cat([v.reshape(-1) for _, v in exact]))
                 continue
