@@ -90,6 +90,9 @@ def test_plot_rejects_unknown_op_and_bench_rejects_bad_counts(tmp_path, capsys):
     assert "--steps=0: must be a positive integer" in capsys.readouterr().err
     assert main(["bench", "search-step", "--amp", "fp16", "--no-memory"]) == 2
     assert "--amp='fp16': unknown; allowed: auto, bf16, off" in capsys.readouterr().err
+    for bad in ("0", "nan", "-3"):
+        assert main(["bench", "search-step", "--sn-refresh-interval", bad, "--no-memory"]) == 2
+        assert f"--sn-refresh-interval={float(bad)}: must be > 0" in capsys.readouterr().err
 
 
 def test_info_prints_params_and_mult_adds(capsys):

@@ -475,7 +475,7 @@ def test_matrix_top_vectors_and_power_iteration_against_the_svd():
 
 def test_matrix_top_vectors_of_several_shapes_padded_into_one_batch_against_the_svd():
     """Batches of 8x8, 16x16, 32x16 and 5x3 matrices, padded with zeros into one batch: each gets
-    the top singular pair of its own SVD, of its own shape; an all-zero matrix gets unit vectors."""
+    the top singular pair of its own SVD, of its own shape; an all-zero matrix gets a unit u."""
     from msrdarts.nn.spectral import PAD_MAX_MACS, matrix_top_vectors_of
 
     torch.manual_seed(5)
@@ -561,6 +561,33 @@ def test_spectral_drift_is_the_relative_weight_change_since_the_refresh():
     moved = max(float((c.parametrizations.weight.original.detach() - before[id(c)]).norm() / before[id(c)].norm())
                 for c, sn in pairs if not sn.matrix)
     assert moved > 0 and net.spectral_drift() == pytest.approx(moved, rel=1e-5)
+
+
+def test_the_drift_reference_follows_the_network_to_another_dtype_and_loads_into_a_fresh_one():
+    """The drift is measured from the weights of the last refresh: after ``.double()`` it is still
+    the same finite drift (not a "moved or reloaded" infinity), and a checkpoint's reference loaded
+    into a freshly built network (float64 while the reference is float32, as on another device)
+    gives that network the drift of the first. A reference of another shape is refused."""
+    net, opt, pairs, x, y = _trained_supernet()
+    conv = next(c for c, sn in pairs if not sn.matrix)
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(1.1)            # a drift of exactly 10 % on this conv
+    drift, saved = net.spectral_drift(), net.drift_reference()
+    assert drift == pytest.approx(0.1, rel=1e-5)
+    net.double()
+    assert net.spectral_drift() == pytest.approx(drift, rel=1e-5)
+    from msrdarts.nn.supernet import SuperNet
+    torch.manual_seed(3)                          # built as _trained_supernet builds, not trained
+    fresh = SuperNet(10, 3, 4, 8, in_channels=1, primitives=["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
+                                                            "dil_conv_5x5"], spectral_norm=True).double()
+    fresh.load_state_dict(net.state_dict())
+    assert fresh.spectral_drift() > 2 * drift     # measured from its build: the training steps too
+    fresh.load_drift_reference(saved)             # float32 tensors, as a checkpoint of the float32 net holds
+    assert fresh.spectral_drift() == pytest.approx(drift, rel=1e-5)
+    bad = dict(saved)
+    bad[next(iter(bad))] = torch.zeros(1)
+    with pytest.raises(ValueError, match="does not match this network's spectral-norm groups"):
+        fresh.load_drift_reference(bad)
 
 
 def test_a_dilated_stride_1_conv_is_four_copies_of_its_undilated_kernel_on_the_quarter_map():

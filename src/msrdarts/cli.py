@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--profile", action="store_true", help="also print the fused step's top operators by self time")
     st.add_argument("--sn-refresh-interval", type=float, default=10.0, metavar="STEPS",
                     help="mean weight steps between full spectral-norm refreshes to amortise in the overhead: a "
-                         "real search's steps over the refreshes its history records (sum of sn_refreshes over "
-                         "sum of train_steps); default 10")
+                         "real search's steps over the refreshes its history records (sum of train_steps over "
+                         "sum of sn_refreshes); default 10. Not used with --method, whose steps run the "
+                         "search's own refreshes")
     st.add_argument("--method", default=None, metavar="A,B,...",
                     help="instead of the variants: time one whole search step (architecture step, weight step, "
                          "amortised spectral-norm refresh) of each of these methods (msr, darts, pc-darts, p-darts) "

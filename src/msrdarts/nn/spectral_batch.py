@@ -325,15 +325,25 @@ class SpectralBatch:
 
     @torch.no_grad()
     def load_drift_reference(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`drift_reference`; entries for groups this network lacks, or of another
-        shape, are refused (ValueError) before anything changes."""
+        """Restore :meth:`drift_reference`, on the device and in the dtype of the weights it is
+        compared with; entries for groups this network lacks, or of another shape, are refused
+        (ValueError) before anything changes."""
         new = {}
         for key, w in state.items():
-            ref = self._refreshed.get(int(key)) if key.isdigit() else None
-            if ref is None or ref.shape != w.shape:
+            g = int(key) if key.isdigit() else -1
+            if g not in self._refreshed:
                 raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
-            new[int(key)] = w.to(ref.device, ref.dtype)
+            raws = self._raws(g)
+            if w.shape != (len(raws), *raws[0].shape):
+                raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
+            new[g] = w.to(raws[0].device, raws[0].dtype)
         self._refreshed.update(new)
+
+    @torch.no_grad()
+    def apply_to_drift_reference(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` (what ``.to()``, ``.double()`` and the like apply to the network's tensors)
+        to the drift reference, so that it stays comparable with the weights."""
+        self._refreshed = {g: fn(w) for g, w in self._refreshed.items()}
 
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (:func:`matrix_top_vectors`)."""

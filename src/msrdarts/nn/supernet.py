@@ -192,10 +192,12 @@ class SuperNet(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """``.to()``, ``.double()`` and the like replace the power-iteration buffers: link the new
-        ones into one tensor per bundle again (see :meth:`SpectralBatch.link`)."""
+        ones into one tensor per bundle again (see :meth:`SpectralBatch.link`), and convert the
+        drift reference alike."""
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "_spectral", None) is not None:
             self._spectral.link()
+            self._spectral.apply_to_drift_reference(fn)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,4 +252,6 @@ class SuperNet(nn.Module):
         return self._spectral.drift_reference()
 
     def load_drift_reference(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`drift_reference` returned (a checkpoint's), on this network's
+        device and dtype; ValueError where it does not fit this network."""
         self._spectral.load_drift_reference(state)
