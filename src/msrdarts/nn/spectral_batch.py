@@ -342,8 +342,10 @@ class SpectralBatch:
     @torch.no_grad()
     def apply_to_drift_reference(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (what ``.to()``, ``.double()`` and the like apply to the network's tensors)
-        to the drift reference, so that it stays comparable with the weights."""
-        self._refreshed = {g: fn(w) for g, w in self._refreshed.items()}
+        to the drift reference, so that it stays comparable with the weights: per group (N, C_out,
+        C_in/groups, k, k), seen as the 4-D weights ``fn`` is written for (a memory-format change
+        refuses 5-D tensors)."""
+        self._refreshed = {g: fn(w.flatten(0, 1)).reshape(w.shape) for g, w in self._refreshed.items()}
 
     def _exact_matrix_vectors(self, g: int) -> None:
         """Set group g's 1x1 convs' vectors to their exact top singular vectors (:func:`matrix_top_vectors`)."""
