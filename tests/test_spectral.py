@@ -576,6 +576,8 @@ def test_the_drift_reference_follows_the_network_to_another_dtype_and_loads_into
     assert drift == pytest.approx(0.1, rel=1e-5)
     net.double()
     assert net.spectral_drift() == pytest.approx(drift, rel=1e-5)
+    net.to(memory_format=torch.channels_last)     # as an accelerator's search moves it (4-D weights only)
+    assert net.spectral_drift() == pytest.approx(drift, rel=1e-5)
     from msrdarts.nn.supernet import SuperNet
     torch.manual_seed(3)                          # built as _trained_supernet builds, not trained
     fresh = SuperNet(10, 3, 4, 8, in_channels=1, primitives=["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
