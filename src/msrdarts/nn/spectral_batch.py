@@ -43,7 +43,7 @@ from .ops import OpConv
 from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
                           stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
-                       ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration, matrix_top_vectors,
+                       ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration,
                        matrix_top_vectors_of, unfold_dsigma)
 
 
@@ -239,12 +239,9 @@ class SpectralBatch:
         for the others a refresh (:meth:`refresh`, which starts their tracked subspaces near the
         answer in a few Krylov steps), then block power iteration until each sigma changes by at
         most ``tol`` (relative) over 10 iterations."""
-        self.refresh(REFRESH_STEPS, tol)
+        self.refresh(REFRESH_STEPS, tol)                 # the 1x1 convs' vectors are exact from here
         for g, sns in enumerate(self._norms()):
-            if sns[0] is None:
-                continue
-            if sns[0].matrix:
-                self._exact_matrix_vectors(g)
+            if sns[0] is None or sns[0].matrix:
                 continue
             w = torch.stack(self._raws(g))
 
@@ -259,7 +256,8 @@ class SpectralBatch:
     @torch.no_grad()
     def refresh(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL, depthwise: bool = True) -> None:
         """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
-        by batched squarings of their Gram matrices (:func:`matrix_top_vectors`); the other convs (only where ``depthwise``) run one
+        by batched squarings of their Gram matrices, all shapes in one padded batch where cheap
+        (:func:`matrix_top_vectors_of`); the other convs (only where ``depthwise``) run one
         :func:`block_refresh` (up to ``iterations`` Krylov steps, converged to ``tol``) per block
         size, each bundle's convs as one grouped conv (their channels are independent operators,
         so the N convs of C channels of a group are one depthwise conv of N*C channels) and the
@@ -331,10 +329,8 @@ class SpectralBatch:
         new = {}
         for key, w in state.items():
             g = int(key) if key.isdigit() else -1
-            if g not in self._refreshed:
-                raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
-            raws = self._raws(g)
-            if w.shape != (len(raws), *raws[0].shape):
+            raws = self._raws(g) if g in self._refreshed else None
+            if raws is None or w.shape != (len(raws), *raws[0].shape):
                 raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
             new[g] = w.to(raws[0].device, raws[0].dtype)
         self._refreshed.update(new)
@@ -346,11 +342,6 @@ class SpectralBatch:
         C_in/groups, k, k), seen as the 4-D weights ``fn`` is written for (a memory-format change
         refuses 5-D tensors)."""
         self._refreshed = {g: fn(w.flatten(0, 1)).reshape(w.shape) for g, w in self._refreshed.items()}
-
-    def _exact_matrix_vectors(self, g: int) -> None:
-        """Set group g's 1x1 convs' vectors to their exact top singular vectors (:func:`matrix_top_vectors`)."""
-        w = torch.stack(self._raws(g)).detach()
-        self._group_vectors(g).write(*matrix_top_vectors(w.flatten(2), self._norms()[g][0].eps))
 
     def _rows_operator(self, parts: list["_Part"]) -> tuple[Callable, Callable, int]:
         """A and A^T of a bundle of non-1x1 convs on blocks of rows per group, (groups, b, n) ->
