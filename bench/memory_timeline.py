@@ -7,7 +7,7 @@ plain and with ``--recompute-depthwise``, each in a fresh process, and for each 
 steps prints, in MB over the resident size before the step (after glibc's ``malloc_trim``): the
 resident high-water mark of the forward, the resident size right after it, the same after a
 ``malloc_trim`` (what glibc can hand back: freed transients it held between live activations),
-the bytes autograd keeps for the backward (``msrdarts.bench.saved_tensor_storages``), and the high-water mark of the
+the bytes autograd keeps for the backward (``msrdarts.runs.memory.saved_tensor_storages``), and the high-water mark of the
 backward. One JSON line per build and step.
 """
 
@@ -24,7 +24,8 @@ import sys
 def child(recompute: bool, steps: int) -> None:
     import torch
 
-    from msrdarts.bench import _optimizer, _rss_kb, saved_tensor_storages
+    from msrdarts.bench import _optimizer, _rss_kb
+    from msrdarts.runs.memory import saved_tensor_storages
     from msrdarts.nn.supernet import SuperNet
 
     def trimmed() -> int:

@@ -561,6 +561,15 @@ def test_spectral_drift_is_the_relative_weight_change_since_the_refresh():
     moved = max(float((c.parametrizations.weight.original.detach() - before[id(c)]).norm() / before[id(c)].norm())
                 for c, sn in pairs if not sn.matrix)
     assert moved > 0 and net.spectral_drift() == pytest.approx(moved, rel=1e-5)
+    net.refresh_spectral_norms()               # the new reference: no drift, then the next step's alone
+    assert net.spectral_drift() == 0.0
+    before = {id(c): c.parametrizations.weight.original.detach().clone() for c, sn in pairs if not sn.matrix}
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    moved = max(float((c.parametrizations.weight.original.detach() - before[id(c)]).norm() / before[id(c)].norm())
+                for c, sn in pairs if not sn.matrix)
+    assert net.spectral_drift() == pytest.approx(moved, rel=1e-5)
 
 
 def test_the_drift_reference_follows_the_network_to_another_dtype_and_loads_into_a_fresh_one():

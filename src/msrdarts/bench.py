@@ -31,6 +31,7 @@ from .device import Accel, resolve_device, sgd
 from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
+from .runs.memory import saved_bytes
 from .runs.search import refresh_spectral_norms_due
 
 VARIANTS = ("reference", "fused", "fused_no_sn", "fused_checkpoint_cells", "fused_recompute_depthwise")
@@ -257,32 +258,14 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     return result
 
 
-@contextlib.contextmanager
-def saved_tensor_storages() -> Any:
-    """Within the block, record the storage of every tensor autograd saves for a backward: yields
-    a dict (storage address -> bytes), each storage once however many nodes save it."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield storages
-
-
 def saved_for_backward_mb(model: torch.nn.Module, x: torch.Tensor, accel: Accel | None = None) -> float:
     """MB of the distinct tensors autograd keeps from one eager training forward of ``model`` for
     its backward (each storage once; under ``accel``'s autocast), read by a saved-tensors hook
-    (:func:`saved_tensor_storages`, which compiled graphs do not support): the activation memory a
+    (:func:`msrdarts.runs.memory.saved_tensor_storages`, which compiled graphs do not support): the activation memory a
     step must hold, whatever the allocator keeps besides (on the CPU glibc holds freed blocks it
     cannot return, so the resident peak is higher; on a GPU the caching allocator's peak is close
     to this plus the largest transients)."""
-    with saved_tensor_storages() as storages, accel.autocast() if accel is not None else contextlib.nullcontext():
-        out = model(x)
-    del out
-    return round(sum(storages.values()) / 2 ** 20, 1)
+    return round(saved_bytes(model, x, accel.autocast() if accel is not None else None) / 2 ** 20, 1)
 
 
 def peak_step_memory_mb(variant: str, layers: int, channels: int, batch_size: int, input_size: int,

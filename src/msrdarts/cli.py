@@ -40,6 +40,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, presets: dict)
                                help=help_text)
             group.add_argument("--no-progress", dest="progress", action="store_const", const="off",
                                help="no progress bars (one line per epoch)")
+        elif f.name == "recompute_depthwise":   # a bare flag is 'on', as when it was a switch
+            group.add_argument(flag, nargs="?", const="on", default=None, metavar="auto|on|off", help=help_text)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="off",
+                               help="the same as " + flag + " off")
         elif isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, tuple):

@@ -151,10 +151,12 @@ class SearchConfig(_DataConfig):
     checkpoint_cells: bool = _f(False, "keep only each cell's inputs for the backward and run the cell again there "
                                        "(activation checkpointing; fused forward only): less memory, more compute "
                                        "(BENCHMARKS.md, search step)")
-    recompute_depthwise: bool = _f(False, "keep only each ReLU-depthwise-pointwise-BN block's input and output for the "
+    recompute_depthwise: str = _f("auto", "keep only each ReLU-depthwise-pointwise-BN block's input and output for the "
                                           "backward and compute its depthwise conv again there (fused forward only): "
-                                          "about 0.65x the plain fused step's peak memory (under half of what autograd keeps) for about 1.2x its time "
-                                          "(BENCHMARKS.md, search step)")
+                                          "under half of what autograd keeps, for about 1.15x the plain fused step's time. "
+                                          "'on', 'off', or 'auto' (on where the plain step's estimated peak at the batch "
+                                          "per process exceeds the device's free memory; the log says which); a bare "
+                                          "--recompute-depthwise is 'on' (BENCHMARKS.md, search step)")
     primitives: tuple[str, ...] = _f(MSR_PRIMITIVES, "candidate ops, comma-separated (or name a space with --space)")
     method: str = _f("msr", "search method: 'msr' (MSR-DARTS: no architecture parameters, stable-rank selection), "
                             "'darts' (the DARTS baseline: learned alphas, softmax mixing, alternating updates; brings "
@@ -202,6 +204,8 @@ class SearchConfig(_DataConfig):
                                   f"{'integers' if kind is int else 'numbers'}") from None
         if self.edge_ops:   # config.json stores lists
             object.__setattr__(self, "edge_ops", tuple(tuple(tuple(e) for e in t) for t in self.edge_ops))
+        if isinstance(self.recompute_depthwise, bool):   # written before it took auto/on/off
+            object.__setattr__(self, "recompute_depthwise", "on" if self.recompute_depthwise else "off")
 
     def validate(self) -> "SearchConfig":
         """Raise ConfigError naming the first invalid field; return self. The chosen method checks
@@ -228,6 +232,7 @@ class SearchConfig(_DataConfig):
                               "(per-pixel ranks have no resolution left to misstate)")
         check_choice("mixing", self.mixing, MSR_MIXING)
         check_choice("select", self.select, SELECT_MODES)
+        check_choice("recompute_depthwise", self.recompute_depthwise, SWITCHES)
         if self.space:
             check_choice("space", self.space, list(SPACES))
             if self.primitives != MSR_PRIMITIVES:

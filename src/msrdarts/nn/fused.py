@@ -371,6 +371,19 @@ class FusedSuperNet:
         self.runner = DepthwiseRunner(batch.taps, CompiledTaps() if compile_kernels else None)
         self.cells = [FusedCell(cell, self.batch, self.runner, recompute_depthwise) for cell in net.cells]
         self.checkpoint_cells = checkpoint_cells
+        self.recompute_depthwise = recompute_depthwise
+
+    def set_recompute_depthwise(self, on: bool) -> None:
+        """Switch every block between :class:`_LeanBlock` (``on``) and autograd's plain graph: the
+        same function and gradients, so a run may choose after building (``--recompute-depthwise auto``)."""
+        self.recompute_depthwise = on
+        for fused in self.cells:
+            for plan in fused.sources:
+                if plan is not None:
+                    plan.recompute = on
+                    for blocks in plan.kinds:
+                        for block in blocks:
+                            block.recompute = on
 
     def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         weights = self.batch.weights(net.training)   # normalised once per step, outside any checkpoint

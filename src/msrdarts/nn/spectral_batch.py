@@ -91,6 +91,7 @@ class SpectralBatch:
         self._bundles: list[list[int]] | None = None
         self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
         self._refreshed: dict[int, torch.Tensor] = {}  # per normalised group, its weights at the last refresh
+        self._drift_cache: tuple[list[torch.Tensor], torch.Tensor] | None = None   # drift's: per conv W_r, ||W_r||
         keys: dict[tuple, int] = {}
         self.where: dict[int, tuple[int, int]] = {}
         for conv in convs:
@@ -276,6 +277,7 @@ class SpectralBatch:
                 continue
             raw = {g: torch.stack(self._raws(g)).detach() for g in bundle}   # a copy of the weights:
             self._refreshed.update(raw)     # what drift() compares against (it leaves the 1x1 convs out)
+            self._drift_cache = None
             parts = [_Part(g, self._norms()[g][0], _wide(raw[g])) for g in bundle]
             vectors = self._vectors(bundle)
             dense = sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS
@@ -304,16 +306,24 @@ class SpectralBatch:
     def drift(self) -> float:
         """The largest relative change ||W - W_r|| / ||W_r|| (Frobenius, per conv) of any non-1x1
         normalised conv's weight W since its last refresh W_r: how far the power iterations'
-        vectors may be from the top singular pair. One number, one sync. The 1x1 convs are left
-        out: their matrix power iteration lags least, and the trigger was sized on the depthwise
-        convs (``bench/sn_accuracy.sh``). The first reference is the refresh at construction."""
-        worst = []
+        vectors may be from the top singular pair. One number, one sync, a few multi-tensor
+        (``_foreach``) operations for all convs however many there are (the search runs it after
+        every step). The 1x1 convs are left out: their matrix power iteration lags least, and the
+        trigger was sized on the depthwise convs (``bench/sn_accuracy.sh``). The first reference is
+        the refresh at construction."""
+        if not self._refreshed:
+            return 0.0
+        weights = []
         for g, ref in self._refreshed.items():
-            w = torch.stack(self._raws(g)).detach()
-            if w.shape != ref.shape or w.device != ref.device or w.dtype != ref.dtype:   # moved or reloaded
-                return float("inf")
-            worst.append(((w - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
-        return float(torch.stack(worst).max()) if worst else 0.0
+            raws = self._raws(g)
+            if (len(raws), *raws[0].shape) != ref.shape or raws[0].device != ref.device or raws[0].dtype != ref.dtype:
+                return float("inf")                                                # moved or reloaded
+            weights += raws
+        if self._drift_cache is None:
+            refs = [w for ref in self._refreshed.values() for w in ref.unbind()]
+            self._drift_cache = refs, torch.stack(torch._foreach_norm(refs)).clamp_min(1e-12)
+        refs, norms = self._drift_cache
+        return float((torch.stack(torch._foreach_norm(torch._foreach_sub(weights, refs))) / norms).max())
 
     def drift_reference(self) -> dict[str, torch.Tensor]:
         """What :meth:`drift` compares against (each normalised non-1x1 group's weights at its last
@@ -334,6 +344,7 @@ class SpectralBatch:
                 raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
             new[g] = w.to(raws[0].device, raws[0].dtype)
         self._refreshed.update(new)
+        self._drift_cache = None
 
     @torch.no_grad()
     def apply_to_drift_reference(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -342,6 +353,7 @@ class SpectralBatch:
         C_in/groups, k, k), seen as the 4-D weights ``fn`` is written for (a memory-format change
         refuses 5-D tensors)."""
         self._refreshed = {g: fn(w.flatten(0, 1)).reshape(w.shape) for g, w in self._refreshed.items()}
+        self._drift_cache = None
 
     def _rows_operator(self, parts: list["_Part"]) -> tuple[Callable, Callable, int]:
         """A and A^T of a bundle of non-1x1 convs on blocks of rows per group, (groups, b, n) ->

@@ -232,6 +232,20 @@ class SuperNet(nn.Module):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
 
+    @property
+    def recompute_depthwise(self) -> bool:
+        """Whether training steps recompute the depthwise convs in the backward (see ``__init__``)."""
+        return self._fused is not None and self._fused.recompute_depthwise
+
+    def set_recompute_depthwise(self, on: bool) -> None:
+        """Turn ``recompute_depthwise`` on or off after building (the same function and gradients
+        either way; ``--recompute-depthwise auto`` decides once it knows the batch and the device)."""
+        if on and self._fused is None:
+            raise ConfigError(f"--recompute-depthwise: needs the fused supernet forward (the ops "
+                              f"{', '.join(fusable_ops())}, mixed edges of MSR-DARTS or DARTS, --impl fused or auto)")
+        if self._fused is not None:
+            self._fused.set_recompute_depthwise(on)
+
     def refresh_spectral_norms(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL,
                                depthwise: bool = True) -> None:
         """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, batched

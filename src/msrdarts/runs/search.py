@@ -28,6 +28,7 @@ from ..nn.supernet import SuperNet
 from . import folder as F
 from .epoch import evaluate, recalibrate_bn
 from .loop import EpochRun
+from .memory import resolve_recompute_depthwise
 
 CHECKPOINT_FORMAT = "msrdarts-search-v1"
 
@@ -47,7 +48,7 @@ def build_supernet(cfg: SearchConfig, data: Any) -> SuperNet:
     return SuperNet(data.num_classes, cfg.layers, cfg.channels, data.input_size, stem=data.stem,
                     primitives=cfg.ops, in_channels=data.in_channels, spectral_norm=cfg.spectral_norm,
                     sn_iterations=cfg.sn_iterations, impl=cfg.impl, compile_kernels=cfg.compile != "off",
-                    checkpoint_cells=cfg.checkpoint_cells, recompute_depthwise=cfg.recompute_depthwise,
+                    checkpoint_cells=cfg.checkpoint_cells, recompute_depthwise=cfg.recompute_depthwise == "on",
                     **get_method(cfg.method).supernet_options(cfg))
 
 
@@ -197,6 +198,9 @@ class SearchRun(EpochRun):
         net = build_supernet(self.cfg, data)
         self.method.adapt(net)
         net = self.accel.prepare_model(net)
+        if self.cfg.recompute_depthwise == "auto" and not self.cfg.checkpoint_cells:  # checkpointed cells keep less
+            resolve_recompute_depthwise("auto", net, self.dist.per_rank_batch(self.cfg.batch_size),
+                                        (data.in_channels, data.input_size, data.input_size), self.accel, self.log)
         return net, self.dist.wrap(net)
 
     def setup(self, data: Any, loader_gen: torch.Generator, workers: int) -> None:
