@@ -91,7 +91,7 @@ class SpectralBatch:
         self._bundles: list[list[int]] | None = None
         self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
         self._refreshed: dict[int, torch.Tensor] = {}  # per normalised group, its weights at the last refresh
-        self._drift_cache: tuple[list[torch.Tensor], torch.Tensor] | None = None   # drift's: per conv W_r, ||W_r||
+        self._drift_cache: torch.Tensor | None = None   # drift's 1 / ||W_r||, per conv of _refreshed
         keys: dict[tuple, int] = {}
         self.where: dict[int, tuple[int, int]] = {}
         for conv in convs:
@@ -306,24 +306,22 @@ class SpectralBatch:
     def drift(self) -> float:
         """The largest relative change ||W - W_r|| / ||W_r|| (Frobenius, per conv) of any non-1x1
         normalised conv's weight W since its last refresh W_r: how far the power iterations'
-        vectors may be from the top singular pair. One number, one sync, a few multi-tensor
-        (``_foreach``) operations for all convs however many there are (the search runs it after
-        every step). The 1x1 convs are left out: their matrix power iteration lags least, and the
-        trigger was sized on the depthwise convs (``bench/sn_accuracy.sh``). The first reference is
-        the refresh at construction."""
+        vectors may be from the top singular pair. One number, one sync, three operations per
+        group (the reference norms are kept from the last refresh). The 1x1 convs are left out:
+        their matrix power iteration lags least, and the trigger was sized on the depthwise convs
+        (``bench/sn_accuracy.sh``). The first reference is the refresh at construction."""
         if not self._refreshed:
             return 0.0
-        weights = []
+        changes = []
         for g, ref in self._refreshed.items():
             raws = self._raws(g)
             if (len(raws), *raws[0].shape) != ref.shape or raws[0].device != ref.device or raws[0].dtype != ref.dtype:
                 return float("inf")                                                # moved or reloaded
-            weights += raws
-        if self._drift_cache is None:
-            refs = [w for ref in self._refreshed.values() for w in ref.unbind()]
-            self._drift_cache = refs, torch.stack(torch._foreach_norm(refs)).clamp_min(1e-12)
-        refs, norms = self._drift_cache
-        return float((torch.stack(torch._foreach_norm(torch._foreach_sub(weights, refs))) / norms).max())
+            changes.append(torch.linalg.vector_norm(torch.stack(raws).sub_(ref), dim=(1, 2, 3, 4)))
+        if self._drift_cache is None:     # 1 / ||W_r|| of every conv, in the same order
+            self._drift_cache = torch.cat([torch.linalg.vector_norm(ref, dim=(1, 2, 3, 4))
+                                           for ref in self._refreshed.values()]).clamp_min(1e-12).reciprocal()
+        return float((torch.cat(changes) * self._drift_cache).max())
 
     def drift_reference(self) -> dict[str, torch.Tensor]:
         """What :meth:`drift` compares against (each normalised non-1x1 group's weights at its last
