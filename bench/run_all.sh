@@ -6,7 +6,7 @@
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, since-filing, train-step, train-profile, batchnorm, depthwise-32px, pointwise, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-fixed10, sn-accuracy-drift15-cap50, sn-accuracy-batch16,
 #                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, sn-accuracy-depthwise20-e8, fits-80gb, recompute-auto,
-#                                     # memory-timeline,
+#                                     # recompute-auto-bf16, memory-timeline,
 #                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-default, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
 #                                     # sn-accuracy-cifar10-lr05-drift (need
 #                                     # ../shared/data/cifar10-mini.npz)
@@ -55,6 +55,7 @@ run sn-accuracy-depthwise20-e8 python bench/sn_accuracy.py --epochs 8 --every 2 
   --sn-refresh-drift 0
 run fits-80gb python bench/fits_80gb.py
 run recompute-auto python bench/recompute_auto.py
+run recompute-auto-bf16 python bench/recompute_auto.py --amp bf16
 run memory-timeline python bench/memory_timeline.py
 run sn-accuracy-cifar10 python bench/sn_accuracy.py --preset cifar10 --dataset npz --data ../shared/data/cifar10-mini.npz \
   --epochs 1 --every 3 --sample 40 --sn-refresh-depthwise-every 10 --sn-refresh-drift 0

@@ -25,10 +25,15 @@ def test_activation_bytes_from_two_small_batches_predict_a_large_batch():
     fit cannot see; PEAK_OVER_KEPT covers it); and it leaves every buffer (BN statistics,
     power-iteration vectors) as it was."""
     net = _net(impl="fused")
+    net.cells[0].eval()                                       # a mixed set of module modes
     before = {k: b.clone() for k, b in net.named_buffers()}
+    modes = [m.training for m in net.modules()]
+    rng = torch.get_rng_state()
     per_image, fixed = activation_bytes(net, (3, 16, 16), CPU)
     for k, b in net.named_buffers():
         assert torch.equal(b, before[k]), k
+    assert [m.training for m in net.modules()] == modes and not net.cells[0].training
+    assert torch.equal(torch.get_rng_state(), rng)
     torch.manual_seed(1)
     measured = saved_bytes(net.train(), torch.randn(64, 3, 16, 16))
     assert per_image > 0
@@ -85,13 +90,34 @@ def test_plain_step_bytes_formula():
     assert plain_step_bytes(1.0, -50.0, 2, 0, 4) == 0.0                # a fit's negative remainder is no memory
 
 
-@pytest.mark.parametrize("argv, expected", [([], "auto"), (["--recompute-depthwise"], "on"),
+@pytest.mark.parametrize("argv, expected", [([], None), (["--recompute-depthwise"], "on"),
                                             (["--recompute-depthwise", "off"], "off"),
                                             (["--no-recompute-depthwise"], "off"),
                                             (["--recompute-depthwise", "auto"], "auto")])
 def test_recompute_depthwise_flag(argv, expected):
-    args = build_parser().parse_args(["search", "--out", "x", *argv])
-    assert (args.recompute_depthwise or SearchConfig().recompute_depthwise) == expected
+    """A bare flag is on, a value is taken as given, no flag leaves the preset's (auto)."""
+    args = build_parser().parse_args(["search", "--out", "x", *argv, "--no-progress"])
+    assert args.recompute_depthwise == expected
+    assert SearchConfig().recompute_depthwise == "auto"
+
+
+def test_auto_measures_the_architecture_step_of_a_darts_supernet():
+    """With architecture parameters (DARTS's alphas), the measurement lets them take gradients, as
+    the architecture step does, which keeps every op's output for the mixing gradient: more than the
+    weight step with the alphas frozen. Their requires_grad is put back."""
+    from msrdarts.methods import get_method
+
+    cfg = SearchConfig(method="darts", space="msr", spectral_norm=False, layers=4, channels=4)
+    net = _net(impl="fused", spectral_norm=False)
+    get_method("darts")(cfg).adapt(net)
+    alphas = list(net.arch_parameters())
+    assert alphas
+    for a in alphas:
+        a.requires_grad_(False)
+    frozen = saved_bytes(net.train(), torch.randn(4, 3, 16, 16))
+    per_image, fixed = activation_bytes(net, (3, 16, 16), CPU)
+    assert fixed + 4 * per_image > 1.05 * frozen
+    assert not any(a.requires_grad for a in alphas)
 
 
 def test_recompute_depthwise_settings_of_old_runs_and_bad_values():

@@ -183,6 +183,40 @@ def test_checkpoint_from_before_pointwise_vectors_resumes_with_exact_ones(full_r
         run_search(TINY, old, resume=True, log=quiet)
 
 
+def test_a_run_from_before_recompute_auto_resumes_and_a_resumed_run_keeps_its_choice(full_run, tmp_path):
+    """A run written when --recompute-depthwise was a switch (false in its config, nothing in its
+    checkpoint) resumes under today's default, auto, which then measures and chooses; a checkpoint
+    that records the choice is resumed with that step, whatever the free memory says now."""
+    import json
+    import shutil
+
+    out, _ = full_run
+    for name, recorded in (("old", None), ("lean", True)):
+        run = tmp_path / name
+        shutil.copytree(out, run)
+        ckpt = load_checkpoint(run / "checkpoint.pt")
+        ckpt["epoch"], ckpt["history"] = 1, ckpt["history"][:1]
+        ckpt["config"]["recompute_depthwise"] = False
+        if recorded is None:
+            del ckpt["recompute_depthwise"]
+        else:
+            ckpt["recompute_depthwise"] = recorded
+        torch.save(ckpt, run / "checkpoint.pt")
+        (run / "checkpoint.prev.pt").unlink()
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "recompute_depthwise": False}))
+        logs = []
+        res = run_search(TINY, run, resume=True, log=logs.append)
+        assert len(res.history) == TINY.epochs
+        said = [m for m in logs if m.startswith("--recompute-depthwise auto")]
+        if recorded is None:
+            assert len(said) == 1 and said[0].startswith("--recompute-depthwise auto: off (the plain fused step")
+            assert load_checkpoint(run / "checkpoint.pt")["recompute_depthwise"] is False
+        else:
+            assert said == ["--recompute-depthwise auto: on, as the run was checkpointed with"]
+            assert load_checkpoint(run / "checkpoint.pt")["recompute_depthwise"] is True
+
+
 def test_corrupted_checkpoint_is_named(full_run, tmp_path):
     out, _ = full_run
     bad = tmp_path / "bad"

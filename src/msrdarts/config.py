@@ -153,7 +153,7 @@ class SearchConfig(_DataConfig):
                                        "(BENCHMARKS.md, search step)")
     recompute_depthwise: str = _f("auto", "keep only each ReLU-depthwise-pointwise-BN block's input and output for the "
                                           "backward and compute its depthwise conv again there (fused forward only): "
-                                          "under half of what autograd keeps, for about 1.15x the plain fused step's time. "
+                                          "under half of what autograd keeps, for 1.15-1.2x the plain fused step's time. "
                                           "'on', 'off', or 'auto' (on where the plain step's estimated peak at the batch "
                                           "per process exceeds the device's free memory; the log says which); a bare "
                                           "--recompute-depthwise is 'on' (BENCHMARKS.md, search step)")

@@ -24,9 +24,10 @@ from .folder import CHECKPOINT, CHECKPOINT_PREV
 from ..nn.spectral import drop_regridded_vectors, fill_missing_matrix_vectors, refresh_regridded
 
 _LEGACY_MIX = re.compile(r"cells\.\d+\.mix")
-#: Settings that may differ on --resume without changing what a run computes.
+#: Settings that may differ on --resume without changing what a run computes (``recompute_depthwise``
+#: and ``checkpoint_cells`` trade memory for time: the same function and gradients, to rounding).
 RESUMABLE_CHANGES = ("data", "download", "device", "progress", "workers", "checkpoint_every", "lr", "tensorboard",
-                     "plots")
+                     "plots", "recompute_depthwise", "checkpoint_cells")
 
 
 def previous_path(path: str | os.PathLike) -> Path:

@@ -13,6 +13,8 @@ would not fit: the ImageNet preset's batch of 1,024 on one 80 GB device, for one
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -21,8 +23,9 @@ from torch import nn
 from ..device import Accel
 
 #: The plain fused step's peak over what autograd keeps (parameters, gradients and momentum aside):
-#: transients and allocator slack. The CPU's resident peak was 1.27-1.46x the kept bytes at the
-#: CIFAR-10 configuration (BENCHMARKS.md, memory timeline); a GPU's caching allocator keeps less.
+#: transients and allocator slack, with a margin. The CPU's resident peak was 1.23-1.31x the kept
+#: bytes at the CIFAR-10 configuration (BENCHMARKS.md, memory timeline); a GPU's caching allocator
+#: has not been measured.
 PEAK_OVER_KEPT = 1.5
 #: Bytes per parameter besides the activations: the weight, its gradient, SGD's momentum and the
 #: normalised copy the step computes.
@@ -58,39 +61,67 @@ def activation_bytes(model: nn.Module, image_shape: tuple[int, int, int], accel:
     """(per image, fixed) bytes autograd keeps from one training forward of ``model``, fitted to
     :func:`saved_bytes` at two small ``batches`` of random images of ``image_shape`` (C, H, W), on
     ``accel``'s device, in its layout and under its autocast (eagerly: a compiled step keeps about
-    as much).
+    as much). Architecture parameters (a DARTS supernet's alphas) take gradients during the
+    measurement, as in the architecture step, which keeps more than the weight step.
 
     The forwards run in training mode, so they would move the BatchNorm statistics and the power
-    iterations: every buffer is put back as it was, and the random number generators too."""
-    was_training = model.training
-    buffers = [b for b in model.buffers()]
+    iterations: every buffer, every module's mode, the parameters' ``requires_grad`` and the random
+    number generators are put back as they were."""
+    device = accel.device
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = list(model.buffers())
     saved = [b.clone() for b in buffers]
+    arch = list(model.arch_parameters()) if hasattr(model, "arch_parameters") else []
+    wanted = [p.requires_grad for p in arch]
     kept = []
+    rng = {} if device.type == "cpu" else {"devices": [device], "device_type": device.type}
     try:
-        with torch.random.fork_rng(devices=[accel.device] if accel.device.type == "cuda" else []):
+        with torch.random.fork_rng(**rng):
             model.train()
+            for p in arch:
+                p.requires_grad_(True)
             for n in batches:
-                x = accel.input(torch.randn(n, *image_shape, device=accel.device))
+                x = accel.input(torch.randn(n, *image_shape, device=device))
                 kept.append(saved_bytes(model, x, accel.autocast()))
     finally:
         with torch.no_grad():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
+        for p, w in zip(arch, wanted):
+            p.requires_grad_(w)
     (n0, n1), (k0, k1) = batches, kept
     per_image = (k1 - k0) / (n1 - n0)
     return per_image, k0 - per_image * n0
 
 
-def available_bytes(device: torch.device) -> int | None:
-    """Memory free for a run on ``device``: the accelerator's free memory (``mem_get_info``), or on
-    the CPU the kernel's MemAvailable (Linux); None where neither can be read."""
+def _cgroup_free() -> int | None:
+    """What the process's cgroup (v2) still allows: memory.max minus memory.current (containers,
+    Kubernetes, Slurm's --mem); None where there is no limit or no cgroup v2."""
+    try:
+        root = Path("/sys/fs/cgroup")
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def available_bytes(device: torch.device, local_world: int = 1) -> int | None:
+    """Memory free for one process's run on ``device``: the accelerator's free memory
+    (``mem_get_info``); on the CPU the kernel's MemAvailable (Linux), or what the cgroup still allows
+    if that is less, shared by the ``local_world`` processes of this machine (torchrun's
+    LOCAL_WORLD_SIZE). None where neither can be read."""
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
         except (OSError, StopIteration, ValueError, IndexError):
             return None
+        cgroup = _cgroup_free()
+        return min(free, cgroup if cgroup is not None else free) // max(1, local_world)
     mod = getattr(torch, device.type, None)
     if mod is None or not hasattr(mod, "mem_get_info"):
         return None
@@ -108,20 +139,23 @@ def resolve_recompute_depthwise(setting: str, net: nn.Module, batch: int, image_
                                 accel: Accel, log: Callable[[str], None] = print) -> bool:
     """``--recompute-depthwise`` as on or off for this run, set on ``net`` (a SuperNet); ``auto``:
     on where the plain fused step's estimated peak (:func:`plain_step_bytes` at ``batch`` images
-    per process) exceeds the memory ``accel``'s device has free; off where the network has no fused forward
+    per process) exceeds the memory ``accel``'s device has free (on the CPU, shared by torchrun's local processes); off where the network has no fused forward
     or the free memory cannot be read. Says what it chose, and why, in one line."""
     if setting != "auto" or not getattr(net, "impl", None) == "fused":
         on = setting == "on"
     else:
         device = accel.device
+        net.set_recompute_depthwise(False)          # measure the plain step
         per_image, fixed = activation_bytes(net, image_shape, accel)
         params = list(net.parameters())
         need = plain_step_bytes(per_image, fixed, batch, sum(p.numel() for p in params),
                                 params[0].element_size() if params else 4)
-        free = available_bytes(device)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+        free = available_bytes(device, local)
         on = free is not None and need > free
-        free_text = "unknown" if free is None else f"{free / 2 ** 30:.1f} GB"
+        free_text = "unknown" if free is None else f"{free / 1e9:.1f} GB"
         log(f"--recompute-depthwise auto: {'on' if on else 'off'} (the plain fused step needs about "
-            f"{need / 2 ** 30:.1f} GB at {batch} images per process, {free_text} free on {device})")
+            f"{need / 1e9:.1f} GB at {batch} images per process, {free_text} free on {device}"
+            + (f" for each of {local} processes" if local > 1 else "") + ")")
     net.set_recompute_depthwise(on)
     return on

@@ -199,9 +199,21 @@ class SearchRun(EpochRun):
         self.method.adapt(net)
         net = self.accel.prepare_model(net)
         if self.cfg.recompute_depthwise == "auto" and not self.cfg.checkpoint_cells:  # checkpointed cells keep less
-            resolve_recompute_depthwise("auto", net, self.dist.per_rank_batch(self.cfg.batch_size),
-                                        (data.in_channels, data.input_size, data.input_size), self.accel, self.log)
+            resumed = getattr(self, "resumed_recompute", None)
+            if resumed is not None:    # a resumed run keeps the step it ran with
+                net.set_recompute_depthwise(resumed)
+                self.log(f"--recompute-depthwise auto: {'on' if resumed else 'off'}, as the run "
+                         f"was checkpointed with")
+            else:
+                on = resolve_recompute_depthwise("auto", net, self.dist.per_rank_batch(self.cfg.batch_size),
+                                                 (data.in_channels, data.input_size, data.input_size), self.accel,
+                                                 self.log)
+                net.set_recompute_depthwise(self.dist.any(on))     # every rank runs the same step
         return net, self.dist.wrap(net)
+
+    def opened(self, ckpt: dict[str, Any] | None) -> None:
+        # what --recompute-depthwise auto chose when the run was checkpointed (None: choose now)
+        self.resumed_recompute = None if ckpt is None else ckpt.get("recompute_depthwise")
 
     def setup(self, data: Any, loader_gen: torch.Generator, workers: int) -> None:
         cfg, device, net = self.cfg, self.device, self.net
@@ -306,7 +318,8 @@ class SearchRun(EpochRun):
         return {k: record[k] for k in ("genotype", "genotype_cells", "ablations") if k in record}
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"arch_optimizer": self.method.state_dict()}
+        extra: dict[str, Any] = {"arch_optimizer": self.method.state_dict(),
+                                 "recompute_depthwise": self.net.recompute_depthwise}
         if self.cfg.spectral_norm:   # what the drift trigger compares against, so a resumed run refreshes alike
             extra["spectral_norm"] = {"drift_reference": self.net.drift_reference(),
                                       "refreshes_this_epoch": self.sn_refreshes}
