@@ -7,7 +7,8 @@ network's state put back afterwards; :func:`resolve_recompute_depthwise` turns
 ``--recompute-depthwise auto`` into on or off from that figure, the run's batch per process and
 the memory the device has free. ``--recompute-depthwise`` halves what the fused step keeps for
 1.13-1.2x its time (BENCHMARKS.md, "Search step"), so ``auto`` takes it only where the plain step
-would not fit: the ImageNet preset's batch of 1,024 on one 80 GB device, for one.
+would not fit (in float32 the ImageNet preset's batch of 1,024 on one 80 GB device, for one;
+under bf16 autocast that batch is estimated to fit: BENCHMARKS.md).
 """
 
 from __future__ import annotations
