@@ -9,7 +9,7 @@ from msrdarts.device import Accel
 from msrdarts.errors import ConfigError
 from msrdarts.nn.supernet import SuperNet
 from msrdarts.runs.memory import (BYTES_PER_PARAMETER_FACTOR, PEAK_OVER_KEPT, activation_bytes, available_bytes,
-                                  plain_step_bytes, resolve_recompute_depthwise, saved_bytes)
+                                  plain_step_bytes, auto_recompute_depthwise, saved_bytes)
 
 CPU = Accel(torch.device("cpu"), False, False, False)
 
@@ -70,16 +70,17 @@ def test_auto_stays_off_where_the_step_fits_and_turns_on_where_it_does_not():
     free = available_bytes(torch.device("cpu"))
     assert free is not None and free > 2 ** 28          # Linux: MemAvailable
     said = []
-    net = _net(impl="fused")
-    assert resolve_recompute_depthwise("auto", net, 64, (3, 16, 16), CPU, said.append) is False
+    net = _net(impl="fused", recompute_depthwise=True)               # measured as the plain step, left plain
+    assert auto_recompute_depthwise(net, 64, (3, 16, 16), CPU, said.append) is False
     assert not net.recompute_depthwise
     assert said and said[-1].startswith("--recompute-depthwise auto: off") and "free on cpu" in said[-1]
-    assert resolve_recompute_depthwise("auto", net, 10 ** 9, (3, 16, 16), CPU, said.append) is True
-    assert net.recompute_depthwise and said[-1].startswith("--recompute-depthwise auto: on")
-    assert resolve_recompute_depthwise("off", net, 10 ** 9, (3, 16, 16), CPU, said.append) is False
-    assert not net.recompute_depthwise and len(said) == 2          # only auto measures and says so
-    reference = _net(impl="reference")                               # no fused forward: never on
-    assert resolve_recompute_depthwise("auto", reference, 10 ** 9, (3, 16, 16), CPU, said.append) is False
+    small = float(said[-1].split("needs about ")[1].split(" GB")[0])
+    assert auto_recompute_depthwise(net, 10 ** 9, (3, 16, 16), CPU, said.append) is True
+    assert said[-1].startswith("--recompute-depthwise auto: on") and len(said) == 2
+    assert float(said[-1].split("needs about ")[1].split(" GB")[0]) > 1e5 * max(small, 0.1)
+    reference = _net(impl="reference")                               # no fused forward: never on, nothing measured
+    assert auto_recompute_depthwise(reference, 10 ** 9, (3, 16, 16), CPU, said.append) is False
+    assert len(said) == 2
     with pytest.raises(ConfigError, match="--recompute-depthwise: needs the fused"):
         reference.set_recompute_depthwise(True)
 

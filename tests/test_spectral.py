@@ -553,22 +553,22 @@ def test_refresh_after_training_steps_matches_the_dense_norm_of_every_conv():
 
 def test_spectral_drift_is_the_relative_weight_change_since_the_refresh():
     net, opt, pairs, x, y = _trained_supernet()
+
+    def step_and_drift() -> float:
+        """One SGD step; the largest relative change of a non-1x1 conv's weight over it."""
+        before = {id(c): c.parametrizations.weight.original.detach().clone() for c, sn in pairs if not sn.matrix}
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        return max(float((c.parametrizations.weight.original.detach() - before[id(c)]).norm() / before[id(c)].norm())
+                   for c, sn in pairs if not sn.matrix)
+
     assert net.spectral_drift() == 0.0
-    before = {id(c): c.parametrizations.weight.original.detach().clone() for c, sn in pairs if not sn.matrix}
-    opt.zero_grad()
-    F.cross_entropy(net(x), y).backward()
-    opt.step()
-    moved = max(float((c.parametrizations.weight.original.detach() - before[id(c)]).norm() / before[id(c)].norm())
-                for c, sn in pairs if not sn.matrix)
+    moved = step_and_drift()
     assert moved > 0 and net.spectral_drift() == pytest.approx(moved, rel=1e-5)
     net.refresh_spectral_norms()               # the new reference: no drift, then the next step's alone
     assert net.spectral_drift() == 0.0
-    before = {id(c): c.parametrizations.weight.original.detach().clone() for c, sn in pairs if not sn.matrix}
-    opt.zero_grad()
-    F.cross_entropy(net(x), y).backward()
-    opt.step()
-    moved = max(float((c.parametrizations.weight.original.detach() - before[id(c)]).norm() / before[id(c)].norm())
-                for c, sn in pairs if not sn.matrix)
+    moved = step_and_drift()
     assert net.spectral_drift() == pytest.approx(moved, rel=1e-5)
 
 

@@ -3,7 +3,7 @@
 A training step's memory is mostly what autograd keeps from the forward for the backward, and that
 grows with the batch. :func:`activation_bytes` measures it on the run's own network, device and
 autocast from two small forwards (a saved-tensors hook, :func:`saved_tensor_storages`), with the
-network's state put back afterwards; :func:`resolve_recompute_depthwise` turns
+network's state put back afterwards; :func:`auto_recompute_depthwise` turns
 ``--recompute-depthwise auto`` into on or off from that figure, the run's batch per process and
 the memory the device has free. ``--recompute-depthwise`` halves what the fused step keeps for
 1.13-1.2x its time (BENCHMARKS.md, "Search step"), so ``auto`` takes it only where the plain step
@@ -136,27 +136,27 @@ def plain_step_bytes(per_image: float, fixed: float, batch: int, parameters: int
     return PEAK_OVER_KEPT * max(0.0, fixed + per_image * batch) + BYTES_PER_PARAMETER_FACTOR * parameters * parameter_bytes
 
 
-def resolve_recompute_depthwise(setting: str, net: nn.Module, batch: int, image_shape: tuple[int, int, int],
-                                accel: Accel, log: Callable[[str], None] = print) -> bool:
-    """``--recompute-depthwise`` as on or off for this run, set on ``net`` (a SuperNet); ``auto``:
-    on where the plain fused step's estimated peak (:func:`plain_step_bytes` at ``batch`` images
-    per process) exceeds the memory ``accel``'s device has free (on the CPU, shared by torchrun's local processes); off where the network has no fused forward
-    or the free memory cannot be read. Says what it chose, and why, in one line."""
-    if setting != "auto" or not getattr(net, "impl", None) == "fused":
-        on = setting == "on"
-    else:
-        device = accel.device
-        net.set_recompute_depthwise(False)          # measure the plain step
-        per_image, fixed = activation_bytes(net, image_shape, accel)
-        params = list(net.parameters())
-        need = plain_step_bytes(per_image, fixed, batch, sum(p.numel() for p in params),
-                                params[0].element_size() if params else 4)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-        free = available_bytes(device, local)
-        on = free is not None and need > free
-        free_text = "unknown" if free is None else f"{free / 1e9:.1f} GB"
-        log(f"--recompute-depthwise auto: {'on' if on else 'off'} (the plain fused step needs about "
-            f"{need / 1e9:.1f} GB at {batch} images per process, {free_text} free on {device}"
-            + (f" for each of {local} processes" if local > 1 else "") + ")")
-    net.set_recompute_depthwise(on)
+def auto_recompute_depthwise(net: nn.Module, batch: int, image_shape: tuple[int, int, int], accel: Accel,
+                             log: Callable[[str], None] = print) -> bool:
+    """What ``--recompute-depthwise auto`` means for this run: on where the plain fused step's
+    estimated peak (:func:`plain_step_bytes` at ``batch`` images per process) exceeds the memory
+    ``accel``'s device has free (on the CPU, shared by torchrun's local processes); off where the
+    network (a SuperNet) has no fused forward or the free memory cannot be read. Measures the plain
+    step (``net`` is left plain: the caller sets the answer) and says what it chose, and why, in one
+    line."""
+    if getattr(net, "impl", None) != "fused":
+        return False
+    device = accel.device
+    net.set_recompute_depthwise(False)
+    per_image, fixed = activation_bytes(net, image_shape, accel)
+    params = list(net.parameters())
+    need = plain_step_bytes(per_image, fixed, batch, sum(p.numel() for p in params),
+                            params[0].element_size() if params else 4)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    free = available_bytes(device, local)
+    on = free is not None and need > free
+    free_text = "unknown" if free is None else f"{free / 1e9:.1f} GB"
+    log(f"--recompute-depthwise auto: {'on' if on else 'off'} (the plain fused step needs about "
+        f"{need / 1e9:.1f} GB at {batch} images per process, {free_text} free on {device}"
+        + (f" for each of {local} processes" if local > 1 else "") + ")")
     return on

@@ -28,7 +28,7 @@ from ..nn.supernet import SuperNet
 from . import folder as F
 from .epoch import evaluate, recalibrate_bn
 from .loop import EpochRun
-from .memory import resolve_recompute_depthwise
+from .memory import auto_recompute_depthwise
 
 CHECKPOINT_FORMAT = "msrdarts-search-v1"
 
@@ -205,9 +205,8 @@ class SearchRun(EpochRun):
                 self.log(f"--recompute-depthwise auto: {'on' if resumed else 'off'}, as the run "
                          f"was checkpointed with")
             else:
-                on = resolve_recompute_depthwise("auto", net, self.dist.per_rank_batch(self.cfg.batch_size),
-                                                 (data.in_channels, data.input_size, data.input_size), self.accel,
-                                                 self.log)
+                on = auto_recompute_depthwise(net, self.dist.per_rank_batch(self.cfg.batch_size),
+                                              (data.in_channels, data.input_size, data.input_size), self.accel, self.log)
                 net.set_recompute_depthwise(self.dist.any(on))     # every rank runs the same step
         return net, self.dist.wrap(net)
 
