@@ -147,10 +147,11 @@ def test_bench_method_step_is_the_searchs_step():
     assert hook is None and cfg.spectral_norm and (cfg.sn_refresh_every, cfg.sn_refresh_depthwise_every) == (5, 100)
     cfg = replace(cfg, sn_refresh_depthwise_every=10, sn_refresh_drift=0.0)   # the fixed schedule alone (the
     calls = []                                                                  # drift trigger: test_search)
-    net.refresh_spectral_norms = lambda **kw: calls.append((i, kw.get("depthwise", True)))
+    net.refresh_spectral_norms = lambda **kw: calls.append((i, kw.get("bundles")))
+    pointwise = [net.spectral_bundle_names().index("1x1")]
     for i in range(21):
         _method_step(net, opt, hook, x, y, cfg, i)
-    assert calls == [(0, True), (5, False), (10, True), (15, False), (20, True)]
+    assert calls == [(4, pointwise), (9, None), (14, pointwise), (19, None)]   # None: all convs
 
 
 def test_bench_method_rejects_unknown_method(capsys):

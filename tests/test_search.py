@@ -340,34 +340,50 @@ def test_second_order_darts_on_the_darts_space_never_picks_none(tmp_path):
 
 @pytest.mark.parametrize("every, depthwise_every, drift", [(1000, 1000, 0.0), (1000, 1000, 1e-9), (2, 3, 0.0)])
 def test_spectral_refreshes_follow_the_schedule_and_the_drift_trigger(tmp_path, every, depthwise_every, drift):
-    """Refreshes after weight step s (counted from 0 over the whole run): all convs' where s is a
-    multiple of --sn-refresh-depthwise-every, else the 1x1 convs' only where s is a multiple of
-    --sn-refresh-every; a drift trigger below any real step's weight change refreshes all convs
-    after every step."""
+    """Refreshes after weight step s (counted from 0 over the whole run): all convs' after every
+    --sn-refresh-depthwise-every steps (s + 1 a multiple of it), else the 1x1 convs' only after every
+    --sn-refresh-every steps; none after step 0 (the build converged the vectors). A drift trigger
+    below any real step's weight change refreshes every bundle of depthwise convs after every step
+    (and the 1x1 convs only on their schedule); the history counts those steps and each bundle's refreshes."""
     from msrdarts.runs.search import SearchRun
 
-    calls, steps = [], []
+    calls, steps, names = [], [], []
 
     class Counting(SearchRun):
         def build(self, data):
             net, wrapped = super().build(data)
             refresh = net.refresh_spectral_norms
-            net.refresh_spectral_norms = lambda **kw: (calls.append((len(steps), kw.get("depthwise", True))),
-                                                       refresh(**kw))
+            names[:] = net.spectral_bundle_names()
+
+            def counted(**kw):
+                bundles = kw.get("bundles")
+                calls.append((len(steps), set(names) if bundles is None else {names[k] for k in bundles}))
+                refresh(**kw)
+
+            net.refresh_spectral_norms = counted
             net.register_forward_hook(lambda m, a, o: steps.append(1) if m.training else None)
             return net, wrapped
 
     cfg = replace(TINY, sn_refresh_every=every, sn_refresh_depthwise_every=depthwise_every, sn_refresh_drift=drift)
     Counting.start(cfg, tmp_path / "run", log=quiet)
-    assert len(read_history(tmp_path / "run")) == cfg.epochs and len(steps) > 2 * cfg.epochs
-    if drift:                      # after every step, all convs
-        expected = [(n, True) for n in range(1, len(steps) + 1)]
+    history = read_history(tmp_path / "run")
+    assert len(history) == cfg.epochs and len(steps) > 2 * cfg.epochs
+    depthwise = set(names) - {"1x1"}
+    assert "1x1" in names and len(depthwise) >= 2, names
+    if drift:                      # after every step, every bundle of depthwise convs
+        expected = [(n, depthwise) for n in range(1, len(steps) + 1)]
     else:                          # forward n (from 1) is step n - 1 of the run
-        expected = [(n, (n - 1) % depthwise_every == 0) for n in range(1, len(steps) + 1)
-                    if (n - 1) % depthwise_every == 0 or (n - 1) % every == 0]
+        expected = [(n, set(names) if n % depthwise_every == 0 else {"1x1"}) for n in range(1, len(steps) + 1)
+                    if n % depthwise_every == 0 or n % every == 0]
     assert calls == expected
-    if (every, depthwise_every) == (2, 3):   # steps 0 all, 1 none, 2 pointwise, 3 all, 4 pointwise (epoch 2)
-        assert len(steps) // cfg.epochs == 4 and calls[:4] == [(1, True), (3, False), (4, True), (5, False)]
+    per_epoch = len(steps) // cfg.epochs
+    if (every, depthwise_every) == (2, 3):   # steps 0 none, 1 pointwise, 2 all, 3 pointwise (epoch 2), 4 none, 5 all
+        assert per_epoch == 4 and calls[:4] == [(2, {"1x1"}), (3, set(names)), (4, {"1x1"}), (6, set(names))]
+    refreshing = [sum(1 for n, which in calls if (n - 1) // per_epoch == e and which & depthwise)
+                  for e in range(cfg.epochs)]
+    assert [r["sn_refreshes"] for r in history] == refreshing
+    assert [r["sn_refreshes_by_map"] for r in history] == [{name: k for name in sorted(depthwise)} if k else {}
+                                                          for k in refreshing]
 
 
 def test_a_resumed_search_refreshes_on_the_drift_of_the_uninterrupted_one(tmp_path):
@@ -389,7 +405,7 @@ def test_a_resumed_search_refreshes_on_the_drift_of_the_uninterrupted_one(tmp_pa
     with pytest.raises(Stop):
         run_search(cfg, out, on_epoch_end=stop_after_first, log=quiet)
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert set(ckpt["spectral_norm"]) == {"drift_reference", "refreshes_this_epoch"}
+    assert set(ckpt["spectral_norm"]) == {"drift_reference", "refreshes_this_epoch", "refreshes_by_map_this_epoch"}
     run_search(cfg, out, resume=True, log=quiet)
     assert _strip(read_history(out)) == _strip(full.history)
     a, b = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(tmp_path / "full" / "checkpoint.pt")

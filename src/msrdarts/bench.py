@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from .config import SearchConfig
 from .device import Accel, resolve_device, sgd
+from .errors import ConfigError, first_line
 from .methods.msr import msr_genotype
 from .nn.metrics import count_step_flops
 from .nn.supernet import SuperNet
@@ -135,11 +136,32 @@ def _build(variant: str, layers: int, channels: int, input_size: int, in_channel
                     recompute_depthwise=variant == "fused_recompute_depthwise")
 
 
+def refresh_rates_of(history: str) -> dict[str, float]:
+    """Refreshes per weight step of each bundle of depthwise convs in a search's ``history.jsonl``
+    (its records' ``sn_refreshes_by_map`` over their ``train_steps``), for :func:`bench_search_step`.
+    ValueError (one line, naming the file) where it is missing or holds no such records."""
+    try:
+        records = [json.loads(line) for line in open(history) if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{history}: cannot read a search history ({first_line(e)})") from None
+    if not records or not all(isinstance(r, dict) and "sn_refreshes_by_map" in r and "train_steps" in r
+                              for r in records):
+        raise ValueError(f"{history}: no spectral-norm refresh counts (sn_refreshes_by_map, train_steps) in its "
+                         f"records; a search of this version with spectral norms writes them")
+    steps = sum(r["train_steps"] for r in records)
+    counts: dict[str, int] = {}
+    for r in records:
+        for name, n in r["sn_refreshes_by_map"].items():
+            counts[name] = counts.get(name, 0) + n
+    return {name: n / steps for name, n in counts.items()}
+
+
 def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64, input_size: int = 32,
                       in_channels: int = 3, steps: int = 10, warmup: int = 2, device: str = "cpu",
                       threads: int | None = None, seed: int = 0, memory: bool = True, profile: bool = False,
                       amp: str = "auto", channels_last: str = "auto", compile: str = "auto",
-                      refresh_interval: float = 10.0) -> dict[str, Any]:
+                      refresh_interval: float = 10.0, refresh_rates: dict[str, float] | None = None
+                      ) -> dict[str, Any]:
     """Median step times of the VARIANTS, ratios, traffic, FLOPs, ceilings and peak memory.
 
     ``amp``, ``channels_last`` and ``compile`` are the search's settings (:class:`msrdarts.device.Accel`;
@@ -148,7 +170,10 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     amortise. The search refreshes when the weights have drifted (``sn_refresh_drift``), so the
     interval is a property of a real search, not of this bench's random data: pass the steps of a
     real search divided by the full refreshes its history records (``sn_refreshes``). The default,
-    10, is the fixed schedule the search had before the drift trigger.
+    10, is the fixed schedule the search had before the drift trigger. The search refreshes each
+    bundle of depthwise convs (one map size and stride) when its own weights drift, so
+    ``refresh_rates`` (refreshes per weight step by bundle name, :func:`refresh_rates_of` a real
+    search's history) replaces it: each bundle's refresh is then timed alone and amortised at its rate.
     """
     if not refresh_interval > 0:
         raise ValueError(f"refresh_interval={refresh_interval}: must be > 0")
@@ -170,17 +195,21 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
                                          opt=opts[v], forward=forwards[v], accel=accel)
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
     # The spectral-norm refreshes of the search loop (refresh_spectral_norms_due), amortised into the
-    # overhead below: the 1x1 convs' every sn_refresh_every steps (counting the slots a full refresh
-    # takes too: an upper bound), all convs' every refresh_interval steps on average, and the drift
-    # check the search runs after every step. Each refresh is timed as the search runs it, on the
-    # weights the warm-up and timed steps moved since the build converged the norms, three times from
-    # that same state (the state is put back after each); the full refresh also at its full length
-    # (every Krylov step, tol 0: the bound).
+    # overhead below: the 1x1 convs' every sn_refresh_every steps, the depthwise convs' either all
+    # every refresh_interval steps on average or each bundle at its rate in refresh_rates, and the
+    # drift check the search runs after every step. Each refresh is timed as the search runs it, on
+    # the weights the warm-up and timed steps moved since the build converged the norms, three times
+    # from that same state (the state is put back after each); the full refresh also at its full
+    # length (every Krylov step, tol 0: the bound).
     cfg = SearchConfig()
-    refresh_ms = {}
     fused = models["fused"]
+    names = fused.spectral_bundle_names()
+    if refresh_rates is not None and set(refresh_rates) - set(names):
+        raise ConfigError(f"refresh rates for {sorted(set(refresh_rates) - set(names))}: not bundles of this "
+                         f"network's spectral norms ({', '.join(names)}); bench the search's own layers and sizes")
     moved = {k: v.clone() for k, v in fused.state_dict().items()}
-    for kind, kwargs in (("pointwise", {"depthwise": False}), ("all", {}), ("all_full", {"tol": 0.0})):
+
+    def timed_refresh(**kwargs: Any) -> float:
         t = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -188,16 +217,24 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
             _sync(dev)
             t.append(time.perf_counter() - t0)
             fused.load_state_dict(moved)
-        refresh_ms[kind] = 1000 * statistics.median(t)
+        return 1000 * statistics.median(t)
+
+    refresh_ms = {"pointwise": timed_refresh(bundles=[names.index("1x1")]), "all": timed_refresh(),
+                  "all_full": timed_refresh(tol=0.0)}
+    by_map = {name: timed_refresh(bundles=[names.index(name)]) for name in (refresh_rates or {})}
     t = []
     for _ in range(9):
         t0 = time.perf_counter()
-        fused.spectral_drift()
+        fused.spectral_drifted(cfg.sn_refresh_drift)
         t.append(time.perf_counter() - t0)
     drift_ms = 1000 * statistics.median(t) if cfg.sn_refresh_drift else 0.0
     shared = refresh_ms["pointwise"] / cfg.sn_refresh_every + drift_ms
-    refresh_per_step = refresh_ms["all"] / refresh_interval + shared
-    refresh_full_per_step = refresh_ms["all_full"] / refresh_interval + shared
+    if refresh_rates is None:
+        refresh_per_step = refresh_ms["all"] / refresh_interval + shared
+        refresh_full_per_step = refresh_ms["all_full"] / refresh_interval + shared
+    else:    # (no full-length figure per bundle: the bound is the all-convs one's, below)
+        refresh_per_step = sum(rate * by_map[name] for name, rate in refresh_rates.items()) + shared
+        refresh_full_per_step = refresh_per_step * refresh_ms["all_full"] / refresh_ms["all"]
 
     # Useful arithmetic: the reference's FLOPs (the fused path's dense small-map convs add some),
     # depthwise weight gradients counted correctly (torch's counter has them C times too high).
@@ -226,7 +263,10 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
         "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_full_length_ms": round(refresh_ms["all_full"], 1),
         "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
-        "sn_refresh_every": cfg.sn_refresh_every, "sn_refresh_interval": refresh_interval,
+        "sn_refresh_every": cfg.sn_refresh_every,
+        **({"sn_refresh_interval": refresh_interval} if refresh_rates is None else
+           {"sn_refresh_rates": {k: round(v, 4) for k, v in refresh_rates.items()},
+            "sn_refresh_ms_by_map": {k: round(v, 1) for k, v in by_map.items()}}),
         "sn_drift_check_ms": round(drift_ms, 2),
         "sn_refresh_ms_per_step": round(refresh_per_step, 2),
         "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_per_step) / ms["fused_no_sn"], 3),

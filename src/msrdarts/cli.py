@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "real search's steps over the refreshes its history records (sum of train_steps over "
                          "sum of sn_refreshes); default 10. Not used with --method, whose steps run the "
                          "search's own refreshes")
+    st.add_argument("--sn-refresh-history", default=None, metavar="HISTORY",
+                    help="instead of --sn-refresh-interval: a real search's history.jsonl (same layers, channels "
+                         "and sizes); each bundle of depthwise convs is refreshed alone in the bench and amortised "
+                         "at the rate that search refreshed it (sn_refreshes_by_map over train_steps)")
     st.add_argument("--method", default=None, metavar="A,B,...",
                     help="instead of the variants: time one whole search step (architecture step, weight step, "
                          "amortised spectral-norm refresh) of each of these methods (msr, darts, pc-darts, p-darts) "
@@ -338,7 +342,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench_methods, bench_search_step, bench_train_step
+    from .bench import bench_methods, bench_search_step, bench_train_step, refresh_rates_of
     from .config import AMP_MODES, SWITCHES, check_choice
 
     for name in ("layers", "channels", "batch_size", "input_size", "in_channels", "steps"):
@@ -388,11 +392,16 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"  {m:10s} {row['ms_per_step']:9.1f} ms/step {row['images_per_s']:8.1f} img/s  "
                       f"peak {row.get('peak_step_memory_mb')} MB")
         return 0
+    try:
+        rates = None if args.sn_refresh_history is None else refresh_rates_of(args.sn_refresh_history)
+    except ValueError as e:
+        raise MsrdartsError(f"--sn-refresh-history {e}") from None
     result = bench_search_step(layers=args.layers, channels=args.channels, batch_size=args.batch_size,
                                input_size=args.input_size, in_channels=args.in_channels, steps=args.steps,
                                warmup=args.warmup, device=args.device, threads=args.threads, memory=args.memory,
                                profile=args.profile, amp=args.amp, channels_last=args.channels_last,
-                               compile=args.compile, refresh_interval=args.sn_refresh_interval)
+                               compile=args.compile, refresh_interval=args.sn_refresh_interval,
+                               refresh_rates=rates)
     table = result.pop("profile_fused", None)
     if args.json:
         print(json.dumps(result))

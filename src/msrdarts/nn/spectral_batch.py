@@ -89,6 +89,7 @@ class SpectralBatch:
         self._raw_cache: list[list[tuple[dict, str]]] | None = None
         self._vector_cache: dict[tuple, list[dict]] = {}
         self._bundles: list[list[int]] | None = None
+        self._names: list[str] | None = None
         self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
         self._refreshed: dict[int, torch.Tensor] = {}  # per normalised group, its weights at the last refresh
         self._drift_cache: torch.Tensor | None = None   # drift's 1 / ||W_r||, per conv of _refreshed
@@ -255,7 +256,8 @@ class SpectralBatch:
             converge_sigmas(sigmas, len(sns), tol, max_iterations)
 
     @torch.no_grad()
-    def refresh(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL, depthwise: bool = True) -> None:
+    def refresh(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL, depthwise: bool = True,
+                bundles: Sequence[int] | None = None) -> None:
         """:meth:`ConvSpectralNorm.refresh` for every conv: the 1x1 convs' vectors become exact
         by batched squarings of their Gram matrices, all shapes in one padded batch where cheap
         (:func:`matrix_top_vectors_of`); the other convs (only where ``depthwise``) run one
@@ -264,16 +266,20 @@ class SpectralBatch:
         so the N convs of C channels of a group are one depthwise conv of N*C channels) and the
         Ritz problems of all of them solved together: a few hundred small operations per refresh,
         not per conv. The search refreshes the 1x1 convs more often than the others (their one
-        power-iteration vector lags most, and their refresh costs least)."""
+        power-iteration vector lags most, and their refresh costs least). ``bundles`` (indices into
+        :meth:`bundles`, as :meth:`drifted` returns them) refreshes those bundles only, whatever
+        ``depthwise`` says."""
         jobs: dict[tuple, list[tuple[RefreshInput, _Vectors]]] = {}
-        for bundle in self.bundles():
+        for k, bundle in enumerate(self.bundles()):
+            if bundles is not None and k not in bundles:
+                continue
             sn = self._norms()[bundle[0]][0]
             if sn.matrix:     # each group's exact vectors, written to the bundle's buffers at once
                 exact = matrix_top_vectors_of([torch.stack(self._raws(g)).detach().flatten(2) for g in bundle], sn.eps)
                 self._vectors(bundle).write(torch.cat([u.reshape(-1) for u, _ in exact]),
                                             torch.cat([v.reshape(-1) for _, v in exact]))
                 continue
-            if not depthwise:
+            if not depthwise and bundles is None:
                 continue
             raw = {g: torch.stack(self._raws(g)).detach() for g in bundle}   # a copy of the weights:
             self._refreshed.update(raw)     # what drift() compares against (it leaves the 1x1 convs out)
@@ -306,22 +312,70 @@ class SpectralBatch:
     def drift(self) -> float:
         """The largest relative change ||W - W_r|| / ||W_r|| (Frobenius, per conv) of any non-1x1
         normalised conv's weight W since its last refresh W_r: how far the power iterations'
-        vectors may be from the top singular pair. One number, one sync, three operations per
-        group (the reference norms are kept from the last refresh). The 1x1 convs are left out:
-        their matrix power iteration lags least, and the trigger was sized on the depthwise convs
-        (``bench/sn_accuracy.sh``). The first reference is the refresh at construction."""
+        vectors may be from the top singular pair (the largest of :meth:`bundle_drifts`). The 1x1
+        convs are left out: their matrix power iteration lags least, and the trigger was sized on
+        the depthwise convs (``bench/sn_accuracy.sh``). The first reference is the refresh at construction."""
+        return max(self.bundle_drifts().values(), default=0.0)
+
+    @torch.no_grad()
+    def bundle_drifts(self) -> dict[int, float]:
+        """Per bundle of non-1x1 convs (index into :meth:`bundles`), the largest relative change of
+        one of its convs' weights since that bundle's last refresh (see :meth:`drift`); ``inf``
+        where the weights were moved or reloaded. One sync and three operations per group (the
+        reference norms are kept from the last refresh)."""
         if not self._refreshed:
-            return 0.0
-        changes = []
+            return {}
+        changes, lengths, groups = [], [], []
         for g, ref in self._refreshed.items():
             raws = self._raws(g)
             if (len(raws), *raws[0].shape) != ref.shape or raws[0].device != ref.device or raws[0].dtype != ref.dtype:
-                return float("inf")                                                # moved or reloaded
-            changes.append(torch.linalg.vector_norm(torch.stack(raws).sub_(ref), dim=(1, 2, 3, 4)))
+                changes.append(ref.new_full((ref.shape[0],), float("inf")))                  # moved or reloaded
+            else:
+                changes.append(torch.linalg.vector_norm(torch.stack(raws).sub_(ref), dim=(1, 2, 3, 4)))
+            lengths.append(ref.shape[0])
+            groups.append(g)
         if self._drift_cache is None:     # 1 / ||W_r|| of every conv, in the same order
-            self._drift_cache = torch.cat([torch.linalg.vector_norm(ref, dim=(1, 2, 3, 4))
+            self._drift_cache = torch.cat([torch.linalg.vector_norm(ref, dim=(1, 2, 3, 4)).to(changes[0].dtype)
                                            for ref in self._refreshed.values()]).clamp_min(1e-12).reciprocal()
-        return float((torch.cat(changes) * self._drift_cache).max())
+        relative = torch.cat([c.to(changes[0].dtype) for c in changes]) * self._drift_cache
+        per_group = torch.segment_reduce(relative, "max", lengths=torch.tensor(lengths, device=relative.device))
+        out: dict[int, float] = {}
+        bundle_of = self._bundle_of()
+        for g, d in zip(groups, per_group.tolist()):
+            k = bundle_of[g]
+            out[k] = max(out.get(k, 0.0), d)
+        return out
+
+    def drifted(self, threshold: float) -> list[int]:
+        """The bundles (indices into :meth:`bundles`) whose :meth:`bundle_drifts` exceed ``threshold``:
+        what the search refreshes (each conv's error grows with its own drift, so a bundle whose
+        weights barely moved keeps its vectors)."""
+        return sorted(k for k, d in self.bundle_drifts().items() if d > threshold)
+
+    def _bundle_of(self) -> dict[int, int]:
+        return {g: k for k, bundle in enumerate(self.bundles()) for g in bundle}
+
+    def bundle_names(self) -> list[str]:
+        """A readable name per bundle (the search's history counts refreshes under it): "1x1" for
+        the pointwise convs, else the input map and stride ("8x8/1"), with the kernel, dilation and
+        conv count for a group that iterates alone; unique within the network."""
+        if self._names is not None:
+            return self._names
+        names: list[str] = []
+        for bundle in self.bundles():
+            sn = self._norms()[bundle[0]][0]
+            if sn.matrix:
+                name = "1x1"
+            else:
+                name = f"{sn.input_hw[0]}x{sn.input_hw[1]}/{sn.stride[0]}"
+                if self._bundle_key(bundle[0], sn)[0] == "alone":
+                    name += f" k{sn.kernel_size[0]} d{sn.dilation[0]} x{len(self.groups[bundle[0]])}"
+            base, n = name, 2
+            while name in names:
+                name, n = f"{base} #{n}", n + 1
+            names.append(name)
+        self._names = names
+        return names
 
     def drift_reference(self) -> dict[str, torch.Tensor]:
         """What :meth:`drift` compares against (each normalised non-1x1 group's weights at its last

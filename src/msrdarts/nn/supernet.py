@@ -247,13 +247,26 @@ class SuperNet(nn.Module):
             self._fused.set_recompute_depthwise(on)
 
     def refresh_spectral_norms(self, iterations: int = REFRESH_STEPS, tol: float = REFRESH_TOL,
-                               depthwise: bool = True) -> None:
+                               depthwise: bool = True, bundles: Sequence[int] | None = None) -> None:
         """:meth:`msrdarts.nn.spectral.ConvSpectralNorm.refresh` for every normalised conv, batched
         (:meth:`msrdarts.nn.spectral_batch.SpectralBatch.refresh`); with ``depthwise=False`` the 1x1
         convs only. The search loop refreshes the 1x1 convs every ``sn_refresh_every`` steps and
         all when :meth:`spectral_drift` exceeds ``sn_refresh_drift`` (and every
-        ``sn_refresh_depthwise_every`` steps)."""
-        self._spectral.refresh(iterations, tol, depthwise)
+        ``sn_refresh_depthwise_every`` steps); ``bundles`` (as :meth:`spectral_drifted` returns
+        them) refreshes those bundles of convs only."""
+        self._spectral.refresh(iterations, tol, depthwise, bundles)
+
+    def spectral_drifted(self, threshold: float) -> list[int]:
+        """The bundles of normalised convs (of one map size and stride, batched together) some of whose
+        weights moved by more than ``threshold`` (relative) since the bundle's last refresh
+        (:meth:`msrdarts.nn.spectral_batch.SpectralBatch.drifted`): the search's drift trigger
+        refreshes those."""
+        return self._spectral.drifted(threshold)
+
+    def spectral_bundle_names(self) -> list[str]:
+        """A name per bundle of normalised convs, in :meth:`spectral_drifted`'s numbering ("1x1",
+        "8x8/1", ...): what the search's history counts refreshes under."""
+        return self._spectral.bundle_names()
 
     def spectral_drift(self) -> float:
         """How far the normalised convs' weights moved since the last refresh (relative, worst conv:

@@ -149,27 +149,34 @@ def run_stages(cfg: SearchConfig, out: str | Path, resume: bool = False,
 
 def sn_refresh_due(cfg: SearchConfig, step: int) -> str | None:
     """The search's fixed spectral-norm refresh schedule: after weight step ``step`` (counted from 0
-    over the run's epochs, so a resumed run keeps it) "all" convs' refresh every
-    ``sn_refresh_depthwise_every`` steps, else the "pointwise" (1x1) convs' every
-    ``sn_refresh_every`` steps, else None (the drift trigger aside: :func:`refresh_spectral_norms_due`)."""
+    over the run's epochs, so a resumed run keeps it) "all" convs' refresh after every
+    ``sn_refresh_depthwise_every`` steps, else the "pointwise" (1x1) convs' after every
+    ``sn_refresh_every`` steps, else None (the drift trigger aside: :func:`refresh_spectral_norms_due`).
+    Nothing after the first step: the network converged its vectors when it was built."""
     if not cfg.spectral_norm:
         return None
-    if step % cfg.sn_refresh_depthwise_every == 0:
+    if (step + 1) % cfg.sn_refresh_depthwise_every == 0:
         return "all"
-    return "pointwise" if step % cfg.sn_refresh_every == 0 else None
+    return "pointwise" if (step + 1) % cfg.sn_refresh_every == 0 else None
 
 
-def refresh_spectral_norms_due(net: SuperNet, cfg: SearchConfig, step: int) -> str | None:
-    """Run the refresh :func:`sn_refresh_due` names, or all convs' where some depthwise conv's
-    weight has drifted by more than ``sn_refresh_drift`` since their last refresh (the default
-    trigger of the depthwise refreshes); returns the refresh run ("all", "pointwise" or None)."""
+def refresh_spectral_norms_due(net: SuperNet, cfg: SearchConfig, step: int) -> list[str]:
+    """Run the refresh :func:`sn_refresh_due` names, and refresh each bundle of depthwise convs
+    (one map size and stride) some of whose weights have drifted by more than ``sn_refresh_drift``
+    since its last refresh (the default trigger of the depthwise refreshes: a bundle whose weights
+    barely moved keeps its vectors). Returns the names of the bundles refreshed
+    (:meth:`msrdarts.nn.supernet.SuperNet.spectral_bundle_names`: "1x1" for the pointwise convs)."""
     due = sn_refresh_due(cfg, step)
-    if due == "all" or (cfg.spectral_norm and cfg.sn_refresh_drift and net.spectral_drift() > cfg.sn_refresh_drift):
+    if due == "all":
         net.refresh_spectral_norms()
-        return "all"
+        return net.spectral_bundle_names()
+    names = net.spectral_bundle_names() if cfg.spectral_norm else []
+    drifted = net.spectral_drifted(cfg.sn_refresh_drift) if cfg.spectral_norm and cfg.sn_refresh_drift else []
     if due == "pointwise":
-        net.refresh_spectral_norms(depthwise=False)
-    return due
+        drifted = sorted(set(drifted) | {names.index("1x1")}) if "1x1" in names else drifted
+    if drifted:
+        net.refresh_spectral_norms(bundles=drifted)
+    return [names[k] for k in drifted]
 
 
 class SearchRun(EpochRun):
@@ -244,7 +251,8 @@ class SearchRun(EpochRun):
         self.edges = [list(e) for e in edge_index(net.steps)]
 
     def restored(self, ckpt: dict[str, Any] | None) -> None:
-        self.sn_refreshes = 0      # the epoch's full spectral-norm refreshes so far (its record's sn_refreshes)
+        self.sn_refreshes = 0      # the epoch's depthwise spectral-norm refreshes so far (its record's sn_refreshes)
+        self.sn_refreshes_by_map: dict[str, int] = {}   # and per bundle of convs (its record's sn_refreshes_by_map)
         if ckpt is not None:
             self.method.load_state_dict(ckpt.get("arch_optimizer"))
             sn = ckpt.get("spectral_norm")
@@ -255,6 +263,7 @@ class SearchRun(EpochRun):
                     raise CheckpointError(f"{self.out / F.CHECKPOINT}: its spectral-norm state does not match this "
                                           f"network ({first_line(e)})") from None
                 self.sn_refreshes = int(sn.get("refreshes_this_epoch", 0))
+                self.sn_refreshes_by_map = {str(k): int(v) for k, v in sn.get("refreshes_by_map_this_epoch", {}).items()}
             # (a checkpoint written before the drift trigger holds no reference: the first step's
             # drift is measured from the network's build and refreshes at once, which only costs time)
 
@@ -262,14 +271,17 @@ class SearchRun(EpochRun):
         self.method.new_epoch(epoch, fresh)
         self.epoch = epoch
         if fresh:
-            self.sn_refreshes = 0
+            self.sn_refreshes, self.sn_refreshes_by_map = 0, {}
 
     def train_hooks(self, state: Any) -> dict[str, Any]:
         cfg, net, first = self.cfg, self.net, self.epoch * len(self.train_loader)   # the run's steps so far
 
         def after_step(step: int) -> None:
-            if refresh_spectral_norms_due(net, cfg, first + step) == "all":
+            depthwise = [name for name in refresh_spectral_norms_due(net, cfg, first + step) if name != "1x1"]
+            if depthwise:
                 self.sn_refreshes += 1
+            for name in depthwise:
+                self.sn_refreshes_by_map[name] = self.sn_refreshes_by_map.get(name, 0) + 1
 
         return {"after_step": after_step, "before_step": self.method.step_hook(state.epoch_seed, state.step)}
 
@@ -297,7 +309,9 @@ class SearchRun(EpochRun):
             "genotype": d.genotype.to_dict(), "score_key": self.method.score_key, self.method.score_key: scores,
         }
         if self.cfg.spectral_norm:
-            record["sn_refreshes"] = self.sn_refreshes   # full refreshes in the epoch (drift-triggered or scheduled)
+            # steps that refreshed depthwise convs (drift-triggered or scheduled), and how often each bundle
+            record["sn_refreshes"] = self.sn_refreshes
+            record["sn_refreshes_by_map"] = dict(self.sn_refreshes_by_map)
             record["train_steps"] = len(self.train_loader)
         if d.cells is not None:   # every cell's own table and genotype (SPEC section 4a)
             scores["cells"] = d.cell_scores.tolist()
@@ -321,7 +335,8 @@ class SearchRun(EpochRun):
                                  "recompute_depthwise": self.net.recompute_depthwise}
         if self.cfg.spectral_norm:   # what the drift trigger compares against, so a resumed run refreshes alike
             extra["spectral_norm"] = {"drift_reference": self.net.drift_reference(),
-                                      "refreshes_this_epoch": self.sn_refreshes}
+                                      "refreshes_this_epoch": self.sn_refreshes,
+                                      "refreshes_by_map_this_epoch": dict(self.sn_refreshes_by_map)}
         return extra
 
     def write_files(self) -> None:
