@@ -88,10 +88,16 @@ class Probe(SearchRun):
         counter = {"forward": 0, "refreshed": None, "refreshes": 0, "pointwise_refreshed": None}
         refresh = net.refresh_spectral_norms
 
+        names = net.spectral_bundle_names()
+
         def counted_refresh(**kw) -> None:   # the loop's refreshes (periodic and on drift), counted
             refresh(**kw)
-            counter["pointwise_refreshed"] = counter["forward"]
-            if kw.get("depthwise", True):      # all convs' refresh; else the 1x1 convs' only
+            bundles = kw.get("bundles")
+            which = ({names[k] for k in bundles} if bundles is not None else
+                     set(names) if kw.get("depthwise", True) else {"1x1"})
+            if "1x1" in which:
+                counter["pointwise_refreshed"] = counter["forward"]
+            if which - {"1x1"}:                # some depthwise convs' (all, or the bundles that drifted)
                 counter["refreshed"], counter["refreshes"] = counter["forward"], counter["refreshes"] + 1
 
         net.refresh_spectral_norms = counted_refresh

@@ -34,6 +34,9 @@ GEOMS = {
     "pw_4to4_8x8": (4, 4, 1, 1, 0, 1, 1, (8, 8)),
     "pw_3to5_5x7": (3, 5, 1, 1, 0, 1, 1, (5, 7)),
     "dense3_s2_7x7": (2, 3, 3, 2, 1, 1, 1, (7, 7)),  # non-matrix, non-depthwise
+    "dw3_s2_4x4": (5, 5, 3, 2, 1, 1, 5, (4, 4)),      # exact: a 2x2 output
+    "dw5_s1_2x2": (5, 5, 5, 1, 2, 1, 5, (2, 2)),      # exact: a 2x2 input, the kernel wider than the map
+    "dw3_d2_s1_2x2": (4, 4, 3, 1, 2, 2, 4, (2, 2)),   # exact: polyphase to a 1x1 map
 }
 MATRIX = {n for n, g in GEOMS.items() if g[2] == 1}
 
@@ -476,8 +479,9 @@ def test_matrix_top_vectors_and_power_iteration_against_the_svd():
 
 
 def test_matrix_top_vectors_of_several_shapes_padded_into_one_batch_against_the_svd():
-    """Batches of 8x8, 16x16, 32x16 and 5x3 matrices, padded with zeros into one batch: each gets
-    the top singular pair of its own SVD, of its own shape; an all-zero matrix gets a unit u."""
+    """Batches of 8x8, 16x16, 32x16 and 5x3 matrices, padded with zeros into as few batches as cheap
+    (here the 16-column ones together, the 8- and 3-column ones together): each gets the top
+    singular pair of its own SVD, of its own shape; an all-zero matrix gets a unit u."""
     from msrdarts.nn.spectral import PAD_MAX_MACS, matrix_top_vectors_of
 
     torch.manual_seed(5)
@@ -490,6 +494,45 @@ def test_matrix_top_vectors_of_several_shapes_padded_into_one_batch_against_the_
         S = torch.linalg.svdvals(w)[:, 0]
         torch.testing.assert_close((v[:, None, :] @ w @ u[:, :, None]).flatten(), S, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(u.norm(dim=1), torch.ones(w.shape[0], dtype=torch.float64))
+
+
+def test_small_top_vectors_against_the_svd():
+    """The exact top singular pair of operators with a side of at most 4 (A x = x M, M (G, n, m)):
+    n < m, n > m, n = m, a 1-dim side, a top singular value repeated to 1e-6, and a zero operator;
+    v^T A u is each one's largest singular value (from its SVD), u and v unit, v = A u / ||A u||."""
+    from msrdarts.nn.block_power import small_top_vectors
+
+    torch.manual_seed(7)
+    Ms = [torch.randn(6, n, m, dtype=torch.float64) for n, m in ((4, 16), (16, 4), (3, 3), (1, 1), (1, 9))]
+    Q = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    Ms[0][0] = Q @ torch.diag(torch.tensor([2.0, 2.0 - 2e-6, 1.0, 0.5], dtype=torch.float64)) @ torch.eye(4, 16,
+                                                                                                   dtype=torch.float64)
+    Ms[1][1] = 0
+    for M, (u, v) in zip(Ms, small_top_vectors(Ms, 1e-12)):
+        assert u.shape == M.shape[:2] and v.shape == (M.shape[0], M.shape[2])
+        S = torch.linalg.svdvals(M)[:, 0]
+        torch.testing.assert_close((u.unsqueeze(1) @ M @ v.unsqueeze(2)).flatten(), S, rtol=2e-4, atol=1e-12)
+        small, other = (u, v) if M.shape[1] <= M.shape[2] else (v, u)   # the other is A u (or A^T v): 0 if A is
+        torch.testing.assert_close(small.norm(dim=1), torch.ones(M.shape[0], dtype=torch.float64))
+        torch.testing.assert_close(other.norm(dim=1)[S > 0], torch.ones(int((S > 0).sum()), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["dw3_s2_4x4", "dw5_s1_2x2", "dw3_d2_s1_2x2"])
+def test_a_conv_with_a_side_of_at_most_4_pixels_is_normalised_exactly_at_every_forward(name):
+    """Depthwise convs whose input or output has at most 4 pixels (EXACT_MAX_SIDE) get their exact
+    top singular vectors at every training forward: right after a weight change of half the
+    weight's norm, with no refresh, the normalised weight has operator norm 1 (dense brute force)."""
+    conv = make_conv(name, seed=11)
+    sn = register(conv)
+    assert sn.exact and not ConvSpectralNorm(make_conv("dw3_s1_8x8"), (8, 8)).exact   # (an 8x8 map iterates)
+    for seed in range(3):
+        with torch.no_grad():
+            w = conv.parametrizations.weight.original
+            step = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+            w.add_(step * (0.5 * w.norm() / step.norm()))
+        conv.train()
+        weight = conv.weight                                   # one training forward: the exact vectors
+        assert true_norm(conv, weight.detach().double()) == pytest.approx(1.0, abs=1e-4)
 
 
 def _dense_channels(conv: OpConv, weight: torch.Tensor) -> list[torch.Tensor]:
@@ -624,6 +667,12 @@ def test_the_drift_reference_follows_the_network_to_another_dtype_and_loads_into
     fresh.load_state_dict(net.state_dict())
     assert fresh.spectral_drift() > 2 * drift     # measured from its build: the training steps too
     fresh.load_drift_reference(saved)             # float32 tensors, as a checkpoint of the float32 net holds
+    assert fresh.spectral_drift() == pytest.approx(drift, rel=1e-5)
+    # a reference kept by the version that still refreshed the exact convs (a side of at most 4 pixels)
+    batch = fresh._spectral
+    exact = [g for g, sns in enumerate(batch._norms()) if sns[0] is not None and sns[0].exact]
+    assert exact and not set(map(str, exact)) & set(saved)
+    fresh.load_drift_reference({**saved, **{str(g): torch.stack(batch._raws(g)).detach().float() for g in exact}})
     assert fresh.spectral_drift() == pytest.approx(drift, rel=1e-5)
     bad = dict(saved)
     bad[next(iter(bad))] = torch.zeros(1)

@@ -36,7 +36,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .block_power import RefreshInput, block_refresh, block_step, dense_refresh, stack_block
+from .block_power import RefreshInput, block_refresh, block_step, dense_refresh, small_top_vectors, stack_block
 from .kernels import DenseTaps, _Geometry, conv_adjoint
 from .ops import OpConv
 from .spectrum import kernel_spectrum
@@ -48,6 +48,10 @@ REFRESH_STEPS, REFRESH_TOL = 6, 1e-5
 #: (:func:`depthwise_dense`) for power iteration and refresh: on such maps a conv call costs more
 #: than the (H*W, H'*W') products.
 DENSE_MAX_PIXELS = 16
+#: Depthwise convs on such maps whose input or output has at most this many pixels are normalised
+#: exactly at every training forward (:func:`small_top_vectors`): a few operations on s x s Gram
+#: matrices, cheaper than a block step and never in need of a refresh.
+EXACT_MAX_SIDE = 4
 
 
 def _normalize(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
@@ -109,25 +113,43 @@ def matrix_top_vectors(w: torch.Tensor, eps: float = 1e-12, squarings: int = 12)
 
 
 #: :func:`matrix_top_vectors_of` pads matrices of several shapes into one batch while the padded
-#: batch's Gram squarings cost at most this many multiply-adds each (a few hundred microseconds).
-PAD_MAX_MACS = 1 << 25
+#: batch's Gram squarings cost at most this many multiply-adds each (a few hundred microseconds),
+#: and at most PAD_MAX_WASTE times those of the unpadded matrices.
+PAD_MAX_MACS, PAD_MAX_WASTE = 1 << 25, 1.5
 
 
 def matrix_top_vectors_of(ws: list[torch.Tensor], eps: float = 1e-12) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`matrix_top_vectors` of several batches of matrices ``ws`` (each (N_i, m_i, n_i)): as one
-    batch, zero-padded to the largest m and n, where that is cheap (:data:`PAD_MAX_MACS`): on small
-    matrices a squaring costs its kernel calls, not its arithmetic. Zero rows and columns change
-    neither the top singular value nor the vectors (their padded entries are exactly zero, and an
-    all-zero matrix still gets a unit u on its first coordinate)."""
-    m, n = max(w.shape[1] for w in ws), max(w.shape[2] for w in ws)
-    if len(ws) == 1 or sum(w.shape[0] for w in ws) * n ** 3 > PAD_MAX_MACS or len({w.dtype for w in ws}) > 1:
-        return [matrix_top_vectors(w, eps) for w in ws]
-    padded = torch.cat([F.pad(w, (0, n - w.shape[2], 0, m - w.shape[1])) for w in ws])
-    u, _ = matrix_top_vectors(padded, eps)
-    out = []
-    for w, u_w in zip(ws, u.split([w.shape[0] for w in ws])):
-        u_w = F.normalize(u_w[:, :w.shape[2]], dim=-1, eps=torch.finfo(u_w.dtype).tiny)
-        out.append((u_w, F.normalize((w @ u_w[..., None])[..., 0], dim=-1, eps=eps)))
+    """:func:`matrix_top_vectors` of several batches of matrices ``ws`` (each (N_i, m_i, n_i)), in as
+    few batches as cheap: largest first, each batch zero-padded to its largest m and n while that
+    costs at most :data:`PAD_MAX_MACS` per squaring and at most :data:`PAD_MAX_WASTE` times the
+    unpadded arithmetic (on small matrices a squaring costs its kernel calls, not its arithmetic;
+    on 32 x 32 ones the arithmetic counts). Zero rows and columns change neither the top singular
+    value nor the vectors (their padded entries are exactly zero, and an all-zero matrix still
+    gets a unit u on its first coordinate)."""
+    order = sorted(range(len(ws)), key=lambda i: -ws[i].shape[2])
+    batches: list[list[int]] = []
+    for i in order:
+        b = batches[-1] if batches else None
+        if b is not None and ws[i].dtype == ws[b[0]].dtype:
+            n = ws[b[0]].shape[2]
+            count = sum(ws[j].shape[0] for j in b + [i])
+            if count * n ** 3 <= PAD_MAX_MACS and count * n ** 3 <= PAD_MAX_WASTE * sum(
+                    ws[j].shape[0] * ws[j].shape[2] ** 3 for j in b + [i]):
+                b.append(i)
+                continue
+        batches.append([i])
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(ws)
+    for b in batches:
+        if len(b) == 1:
+            out[b[0]] = matrix_top_vectors(ws[b[0]], eps)
+            continue
+        m, n = max(ws[i].shape[1] for i in b), max(ws[i].shape[2] for i in b)
+        padded = torch.cat([F.pad(ws[i], (0, n - ws[i].shape[2], 0, m - ws[i].shape[1])) for i in b])
+        u, _ = matrix_top_vectors(padded, eps)
+        for i, u_w in zip(b, u.split([ws[i].shape[0] for i in b])):
+            w = ws[i]
+            u_w = F.normalize(u_w[:, :w.shape[2]], dim=-1, eps=torch.finfo(u_w.dtype).tiny)
+            out[i] = (u_w, F.normalize((w @ u_w[..., None])[..., 0], dim=-1, eps=eps))
     return out
 
 
@@ -402,6 +424,9 @@ class ConvSpectralNorm(nn.Module):
         self.matrix = conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
         self.block = 1   # 1x1 convs: one matrix power-iteration vector (their top values are apart)
         self.depthwise = conv.groups == conv.in_channels == conv.out_channels
+        n, m = self.input_hw[0] * self.input_hw[1], math.prod(_Geometry.of(self).out_size(self.input_hw))
+        #: exact top singular vectors at every training forward (see EXACT_MAX_SIDE), no block steps
+        self.exact = self.depthwise and n <= DENSE_MAX_PIXELS and min(n, m) <= EXACT_MAX_SIDE
         weight = conv.weight.detach()
         if self.matrix:   # exact at once (or batched by the caller: converge=False starts anywhere)
             if converge:
@@ -451,7 +476,16 @@ class ConvSpectralNorm(nn.Module):
             self.u.copy_(u)
             self.v.copy_(v)
             return
+        if self.exact:
+            self._store_exact(weight)
+            return
         self._store(*self.conv_operator(weight).power_iterate(self.u, n, self.eps, self._basis()))
+
+    def _store_exact(self, weight: torch.Tensor) -> None:
+        """The exact top singular vectors of each channel's dense operator (:func:`small_top_vectors`)."""
+        [(u, v)] = small_top_vectors([depthwise_dense(weight, _Geometry.of(self), self.input_hw, DenseTaps())],
+                                     self.eps)
+        self._store(u, v, None)
 
     def _basis(self) -> torch.Tensor | None:
         return self.basis if self.block > 1 else None
@@ -471,6 +505,9 @@ class ConvSpectralNorm(nn.Module):
             u, v = matrix_top_vectors(weight.flatten(1), self.eps)
             self.u.copy_(u)
             self.v.copy_(v)
+            return
+        if self.exact:
+            self._store_exact(weight)
             return
         probe = self._circular_u(weight)
         if self.depthwise and self.input_hw[0] * self.input_hw[1] <= DENSE_MAX_PIXELS:

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
 from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
-                          stack_block)
+                          small_top_vectors, stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
                        ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration,
                        matrix_top_vectors_of, unfold_dsigma)
@@ -184,7 +184,9 @@ class SpectralBatch:
                 parts = [_Part(g, norms[g][0], wide[g].detach()) for g in bundle]
                 work.append((parts, self._vectors(bundle), parts[0].sn.n_power_iterations if training else 0))
                 normalised += bundle
-            self._iterate([job for job in work if job[2] and not job[0][0].sn.matrix])   # all together
+            self._iterate([job for job in work if job[2] and not job[0][0].sn.matrix   # all together
+                           and not job[0][0].sn.exact])
+            self._exact([job[:2] for job in work if job[2] and job[0][0].sn.exact])
             for parts, vectors, iterations in work:
                 grads += self._sigma_grads(parts, vectors, iterations if parts[0].sn.matrix else 0)
             if normalised:
@@ -243,7 +245,7 @@ class SpectralBatch:
         most ``tol`` (relative) over 10 iterations."""
         self.refresh(REFRESH_STEPS, tol)                 # the 1x1 convs' vectors are exact from here
         for g, sns in enumerate(self._norms()):
-            if sns[0] is None or sns[0].matrix:
+            if sns[0] is None or sns[0].matrix or sns[0].exact:
                 continue
             w = torch.stack(self._raws(g))
 
@@ -280,6 +282,10 @@ class SpectralBatch:
                                             torch.cat([v.reshape(-1) for _, v in exact]))
                 continue
             if not depthwise and bundles is None:
+                continue
+            if sn.exact:      # exact at every training forward: no drift to track; exact now too
+                parts = [_Part(g, self._norms()[g][0], _wide(torch.stack(self._raws(g)).detach())) for g in bundle]
+                self._exact([(parts, self._vectors(bundle))])
                 continue
             raw = {g: torch.stack(self._raws(g)).detach() for g in bundle}   # a copy of the weights:
             self._refreshed.update(raw)     # what drift() compares against (it leaves the 1x1 convs out)
@@ -391,6 +397,8 @@ class SpectralBatch:
         new = {}
         for key, w in state.items():
             g = int(key) if key.isdigit() else -1
+            if 0 <= g < len(self.groups) and self._norms()[g][0] is not None and self._norms()[g][0].exact:
+                continue       # kept by a version that refreshed these convs: exact at every step now
             raws = self._raws(g) if g in self._refreshed else None
             if raws is None or w.shape != (len(raws), *raws[0].shape):
                 raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
@@ -433,6 +441,17 @@ class SpectralBatch:
         for p, T, rows in zip(parts, taps, M.split(channels)):
             torch.mm(p.w.reshape(rows.shape[0], -1), T.flatten(1), out=rows.flatten(1))
         return M
+
+    @torch.no_grad()
+    def _exact(self, jobs: list[tuple[list["_Part"], "_Vectors"]]) -> None:
+        """The exact top singular vectors of every channel of the bundles of depthwise convs with a
+        side of at most :data:`msrdarts.nn.spectral.EXACT_MAX_SIDE` pixels (``jobs``: parts, vectors),
+        all in one :func:`small_top_vectors`, stored in their vectors."""
+        if not jobs:
+            return
+        pairs = small_top_vectors([self._dense_operators(parts) for parts, _ in jobs], jobs[0][0][0].sn.eps)
+        for (_, vectors), (u, v) in zip(jobs, pairs):
+            vectors.write(u, v)
 
     @torch.no_grad()
     def _iterate(self, jobs: list[tuple[list["_Part"], "_Vectors", int]]) -> None:
