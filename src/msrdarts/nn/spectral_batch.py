@@ -90,6 +90,7 @@ class SpectralBatch:
         self._vector_cache: dict[tuple, list[dict]] = {}
         self._bundles: list[list[int]] | None = None
         self._names: list[str] | None = None
+        self._classes: list[list[int]] | None = None
         self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
         self._refreshed: dict[int, torch.Tensor] = {}  # per normalised group, its weights at the last refresh
         self._drift_cache: torch.Tensor | None = None   # drift's 1 / ||W_r||, per conv of _refreshed
@@ -170,37 +171,67 @@ class SpectralBatch:
     def weights(self, training: bool) -> list[torch.Tensor]:
         """Per group, the stacked normalised weights (N, C_out, C_in/groups, k, k).
 
-        In training mode the bundles (see :meth:`bundles`) first advance their power iterations
-        (and store the vectors back in each conv's buffers), as each conv's parametrization
-        would. Then every group is scaled by target / sigma in one autograd node (:class:`_Normalize`).
+        The groups whose convs have one weight shape (and one kind of spectral norm) are stacked as
+        one tensor and normalised as one (:meth:`classes`), each group a slice of it. In training
+        mode the bundles (see :meth:`bundles`) first advance their power iterations (and store the
+        vectors back in each conv's buffers), as each conv's parametrization would. Then every
+        class is scaled by target / sigma in one autograd node (:class:`_Normalize`).
         """
-        out = [torch.stack(self._raws(g)) for g in range(len(self.groups))]    # (N, Co, Ci/g, k, k)
-        norms = self._norms()
-        normalised, grads = [], []
-        with torch.autocast(out[0].device.type, enabled=False):                   # norms always in fp32+
-            wide = {g: _wide(out[g]) for bundle in self.bundles() for g in bundle}
+        classes, norms = self.classes(), self._norms()
+        stacks = [torch.stack([r for g in cls for r in self._raws(g)]) for cls in classes]   # (N, Co, Ci/g, k, k)
+        out: list[torch.Tensor] = [None] * len(self.groups)   # type: ignore[list-item]
+        for cls, w in zip(classes, stacks):
+            for g, part in zip(cls, w.split([len(self.groups[g]) for g in cls]) if len(cls) > 1 else [w]):
+                out[g] = part
+        if not self.bundles():
+            return out
+        with torch.autocast(stacks[0].device.type, enabled=False):                  # norms always in fp32+
+            wide_stacks = {k: _wide(w) for k, (cls, w) in enumerate(zip(classes, stacks))
+                           if norms[cls[0]][0] is not None}
+            wide = {}
+            for k, w in wide_stacks.items():
+                cls = classes[k]
+                wide.update(zip(cls, w.detach().split([len(self.groups[g]) for g in cls])))
             work = []                                   # (parts, vectors, power iterations to run)
             for bundle in self.bundles():
-                parts = [_Part(g, norms[g][0], wide[g].detach()) for g in bundle]
+                parts = [_Part(g, norms[g][0], wide[g]) for g in bundle]
                 work.append((parts, self._vectors(bundle), parts[0].sn.n_power_iterations if training else 0))
-                normalised += bundle
             self._iterate([job for job in work if job[2] and not job[0][0].sn.matrix   # all together
                            and not job[0][0].sn.exact])
             self._exact([job[:2] for job in work if job[2] and job[0][0].sn.exact])
+            grads: dict[int, _Dsigma] = {}
             for parts, vectors, iterations in work:
-                grads += self._sigma_grads(parts, vectors, iterations if parts[0].sn.matrix else 0)
-            if normalised:
-                scaled = _Normalize.apply(grads, [self._targets(g, wide[g]) for g in normalised],
-                                          *[wide[g] for g in normalised])
-                for g, w in zip(normalised, scaled):
-                    out[g] = w
+                grads.update(zip((p.group for p in parts),
+                                 self._sigma_grads(parts, vectors, iterations if parts[0].sn.matrix else 0)))
+            ks = list(wide_stacks)
+            scaled = _Normalize.apply([_joined([grads[g] for g in classes[k]]) for k in ks],
+                                      [self._targets(classes[k]) for k in ks], *[wide_stacks[k] for k in ks])
+            for k, w in zip(ks, scaled):
+                cls = classes[k]
+                for g, part in zip(cls, w.split([len(self.groups[g]) for g in cls]) if len(cls) > 1 else [w]):
+                    out[g] = part
         return out
 
-    def _targets(self, g: int, w: torch.Tensor) -> float | torch.Tensor:
-        targets = list(map(operator.attrgetter("target"), self._norms()[g]))
+    def classes(self) -> list[list[int]]:
+        """The groups, in classes whose convs' weights stack into one tensor (one weight shape,
+        dtype and kind of spectral norm: none, 1x1, or per group of channels), in group order:
+        stacking and normalising a class costs what one group did (about half as many at the
+        quick preset: a weight shape recurs across dilations, strides and map sizes)."""
+        if self._classes is None:
+            keys: dict[tuple, list[int]] = {}
+            for g, (convs, sns) in enumerate(zip(self.groups, self._norms())):
+                raw = self._raws(g)[0]
+                sn = sns[0]
+                kind = None if sn is None else (sn.matrix, sn.groups)
+                keys.setdefault((tuple(raw.shape), raw.dtype, kind), []).append(g)
+            self._classes = list(keys.values())
+        return self._classes
+
+    def _targets(self, cls: list[int]) -> float | torch.Tensor:
+        targets = [sn.target for g in cls for sn in self._norms()[g]]
         if targets.count(targets[0]) == len(targets):
             return targets[0]
-        return w.new_tensor(targets)
+        return self._raws(cls[0])[0].new_tensor(targets, dtype=_wide(self._raws(cls[0])[0]).dtype)
 
     def bundles(self) -> list[list[int]]:
         """The normalised groups, in bundles whose vectors are one tensor (see :meth:`link`).
@@ -609,6 +640,15 @@ class _Vectors:
                 torch._foreach_copy_(buffers, self.unpack(new.reshape(-1), buffers))
             elif new is not self.flat[which]:
                 self.flat[which].copy_(new.reshape(-1))
+
+
+def _joined(dsigmas: list[_Dsigma]) -> _Dsigma:
+    """The :class:`_Dsigma` of the convs of several groups stacked in one tensor (one class)."""
+    if len(dsigmas) == 1:
+        return dsigmas[0]
+    if isinstance(dsigmas[0], _OuterDsigma):
+        return _OuterDsigma(torch.cat([d.v for d in dsigmas]), torch.cat([d.u for d in dsigmas]))
+    return _Dsigma(torch.cat([d.G for d in dsigmas]), dsigmas[0].groups)
 
 
 def _wide(w: torch.Tensor) -> torch.Tensor:
