@@ -67,6 +67,15 @@ def true_norms(convs: list[OpConv]) -> list[float]:
     return out
 
 
+def where(conv: OpConv, sn: ConvSpectralNorm) -> str:
+    """A conv's geometry as normalised: "1x1 16x8" (C_out x C_in) or "8x8/1 k3 d1" (the input map,
+    stride, kernel and dilation), with "exact" where it is normalised exactly at every forward."""
+    if sn.matrix:
+        return f"1x1 {conv.out_channels}x{conv.in_channels}"
+    return (f"{sn.input_hw[0]}x{sn.input_hw[1]}/{sn.stride[0]} k{sn.kernel_size[0]} d{sn.dilation[0]}"
+            + (" exact" if sn.exact else ""))
+
+
 def normalised_convs(net) -> list[tuple[OpConv, ConvSpectralNorm]]:
     return [(m, _sn(m)) for m in net.modules() if isinstance(m, OpConv) and _sn(m) is not None]
 
@@ -122,6 +131,7 @@ class Probe(SearchRun):
                    "steps_since_pointwise_refresh": since_pw, "refreshes": counter["refreshes"],
                    "worst": max(map(abs, dev)), "median": statistics.median(map(abs, dev)),
                    "worst_depthwise": max(map(abs, depthwise)), "worst_pointwise": max(map(abs, pointwise)),
+                   "worst_conv": where(*pairs[max(range(len(dev)), key=lambda i: abs(dev[i]))]),
                    "drift": net.spectral_drift(), "convs": len(dev)}
             self.rows.append(row)
             print(json.dumps(row), flush=True)

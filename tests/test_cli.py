@@ -130,6 +130,50 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
                                                              rel=0.01)
 
 
+def test_bench_amortises_each_bundle_at_the_rate_a_search_history_gives(tmp_path, capsys):
+    """--sn-refresh-history: each bundle's refreshes per weight step are its sn_refreshes_by_map
+    summed over the records over their train_steps (here 4 in 40 steps and 2 in 40), and each is
+    amortised at that rate, with the 1x1 convs' reset every 5 steps and the drift check."""
+    from msrdarts.bench import refresh_rates_of
+
+    history = tmp_path / "history.jsonl"
+    history.write_text(json.dumps({"epoch": 1, "train_steps": 10, "sn_refreshes_by_map": {"8x8/1": 3}}) + "\n"
+                       + json.dumps({"epoch": 2, "train_steps": 30, "sn_refreshes_by_map": {"8x8/1": 1, "4x4/1": 2}})
+                       + "\n")
+    assert refresh_rates_of(str(history)) == {"8x8/1": 0.1, "4x4/1": 0.05}
+    rc = main(["bench", "search-step", "--layers", "3", "--channels", "2", "--batch-size", "2", "--input-size", "8",
+               "--in-channels", "1", "--steps", "2", "--warmup", "0", "--json", "--no-memory",
+               "--sn-refresh-history", str(history)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["sn_refresh_rates"] == {"8x8/1": 0.1, "4x4/1": 0.05}
+    by_map = out["sn_refresh_ms_by_map"]
+    assert set(by_map) == {"8x8/1", "4x4/1"} and all(t > 0 for t in by_map.values())
+    assert out["sn_refresh_ms_per_step"] == pytest.approx(
+        0.1 * by_map["8x8/1"] + 0.05 * by_map["4x4/1"] + out["sn_refresh_pointwise_ms"] / 5 + out["sn_drift_check_ms"],
+        rel=0.02, abs=0.01)
+
+
+def test_bench_refresh_history_gets_one_line_errors(tmp_path, capsys):
+    """A missing file, a history without refresh counts, and a bundle this network does not have."""
+    bench = ["bench", "search-step", "--layers", "3", "--channels", "2", "--batch-size", "2", "--input-size", "8",
+             "--in-channels", "1", "--steps", "1", "--warmup", "0", "--json", "--no-memory", "--sn-refresh-history"]
+    missing = tmp_path / "nope.jsonl"
+    assert main(bench + [str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(missing) in err and "cannot read a search history" in err and len(err.splitlines()) == 1
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"epoch": 1, "train_steps": 10, "sn_refreshes": 2}) + "\n")
+    assert main(bench + [str(old)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(old) in err and "sn_refreshes_by_map" in err and len(err.splitlines()) == 1
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"epoch": 1, "train_steps": 10, "sn_refreshes_by_map": {"32x32/1": 1}}) + "\n")
+    assert main(bench + [str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "32x32/1" in err and "not bundles of this network" in err and len(err.splitlines()) == 1
+
+
 def test_bench_method_step_is_the_searchs_step():
     """A timed method step runs the method's architecture step, then the weight step; MSR-DARTS's
     refresh falls every sn_refresh_every steps."""

@@ -166,14 +166,13 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
 
     ``amp``, ``channels_last`` and ``compile`` are the search's settings (:class:`msrdarts.device.Accel`;
     ``auto``: all on for an accelerator, all off on the CPU). Compiling happens in the warm-up steps.
-    ``refresh_interval``: the mean number of weight steps between full spectral-norm refreshes to
-    amortise. The search refreshes when the weights have drifted (``sn_refresh_drift``), so the
-    interval is a property of a real search, not of this bench's random data: pass the steps of a
-    real search divided by the full refreshes its history records (``sn_refreshes``). The default,
-    10, is the fixed schedule the search had before the drift trigger. The search refreshes each
-    bundle of depthwise convs (one map size and stride) when its own weights drift, so
-    ``refresh_rates`` (refreshes per weight step by bundle name, :func:`refresh_rates_of` a real
-    search's history) replaces it: each bundle's refresh is then timed alone and amortised at its rate.
+    ``refresh_interval``: the mean number of weight steps between refreshes of all convs to
+    amortise, an upper bound (default 10, the fixed schedule the search had before the drift
+    trigger). The search refreshes each bundle of depthwise convs (one map size and stride) when its
+    own weights have drifted (``sn_refresh_drift``), so how often is a property of a real search,
+    not of this bench's random data: ``refresh_rates`` (refreshes per weight step by bundle name,
+    :func:`refresh_rates_of` a real search's history) replaces the interval; each bundle's refresh
+    is then timed alone and amortised at its rate.
     """
     if not refresh_interval > 0:
         raise ValueError(f"refresh_interval={refresh_interval}: must be > 0")

@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(st, layers=8, channels=16, batch_size=64, steps=10)
     st.add_argument("--profile", action="store_true", help="also print the fused step's top operators by self time")
     st.add_argument("--sn-refresh-interval", type=float, default=10.0, metavar="STEPS",
-                    help="mean weight steps between full spectral-norm refreshes to amortise in the overhead: a "
-                         "real search's steps over the refreshes its history records (sum of train_steps over "
-                         "sum of sn_refreshes); default 10. Not used with --method, whose steps run the "
+                    help="mean weight steps between refreshes of all spectral norms to amortise in the overhead "
+                         "(an upper bound: a search refreshes only the bundles of convs that drifted; "
+                         "--sn-refresh-history amortises those at their real rates); default 10, the fixed "
+                         "schedule before the drift trigger. Not used with --method, whose steps run the "
                          "search's own refreshes")
     st.add_argument("--sn-refresh-history", default=None, metavar="HISTORY",
                     help="instead of --sn-refresh-interval: a real search's history.jsonl (same layers, channels "
