@@ -4,6 +4,7 @@
 # with the machine's copy-bandwidth and matmul ceilings measured in the same run and the peak
 # memory of one step (fresh processes). Results go in BENCHMARKS.md.
 #   bash bench/search_step.sh            # CIFAR-10 search configuration and the quick preset, CPU
+#   bash bench/search_step.sh quick      # the quick preset's line only (a few minutes)
 # The search refreshes each bundle of depthwise convs (one map size and stride) when its weights have
 # drifted (--sn-refresh-drift), so how often is a property of a real search: each line amortises
 # each bundle's refresh at the rate a real search of its preset refreshed it, read off that search's
@@ -14,6 +15,8 @@
 # before the drift trigger.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+only=${1:-}
+if [ -n "$only" ] && [ "$only" != quick ]; then echo "bench/search_step.sh: '$only': unknown; allowed: quick" >&2; exit 2; fi
 run=$(mktemp -d)
 trap 'rm -rf "$run"' EXIT
 summary() {   # a search's history.jsonl -> its refreshes, on stderr
@@ -31,15 +34,17 @@ PY
 msrdarts search --preset quick --out "$run/quick" --no-progress --device cpu > /dev/null
 summary "$run/quick/history.jsonl"
 cifar=(--sn-refresh-interval 10)
-if [ -f ../shared/data/cifar10-mini.npz ]; then
+if [ -z "$only" ] && [ -f ../shared/data/cifar10-mini.npz ]; then
   msrdarts search --preset cifar10 --dataset npz --data ../shared/data/cifar10-mini.npz --epochs 1 --out "$run/cifar" \
     --no-progress --device cpu --no-plots > /dev/null
   summary "$run/cifar/history.jsonl"
   cifar=(--sn-refresh-history "$run/cifar/history.jsonl")
 fi
-echo "# CIFAR-10 search configuration (L=8, C=16, batch 64, 32x32), refreshes amortised as: ${cifar[*]}"
-msrdarts bench search-step --layers 8 --channels 16 --batch-size 64 --input-size 32 --device cpu --steps 6 --json \
-  "${cifar[@]}"
+if [ -z "$only" ]; then
+  echo "# CIFAR-10 search configuration (L=8, C=16, batch 64, 32x32), refreshes amortised as: ${cifar[*]}"
+  msrdarts bench search-step --layers 8 --channels 16 --batch-size 64 --input-size 32 --device cpu --steps 6 --json \
+    "${cifar[@]}"
+fi
 echo "# quick preset (digits: L=5, C=8, batch 64, 8x8 grey), refreshes amortised at the quick search's rates"
 msrdarts bench search-step --layers 5 --channels 8 --batch-size 64 --input-size 8 --in-channels 1 --device cpu --steps 20 \
   --json --profile --sn-refresh-history "$run/quick/history.jsonl"

@@ -112,32 +112,33 @@ def small_top_vectors(Ms: list[torch.Tensor], eps: float, squarings: int = 10
     whose smaller side s_i = min(n_i, m_i) is a few pixels: per operator (u (G_i, n_i), v (G_i, m_i)),
     unit, v = A u / ||A u|| (u = A^T v / ||A^T v|| where the output side is the smaller).
 
-    The top eigenvector of the smaller Gram matrix (M M^T or M^T M, s x s) by
-    :func:`_cols_top_eigenvector` with ``squarings`` squarings, the operators of every batch with
-    s > 1 in one column-batched problem (zero-padded to the largest s: zero rows and columns change
-    neither the top eigenvalue nor its vector; s = 1 needs none). With 2^10 powers an eigenvalue
-    ratio r leaves at most r^1024 of the second vector's weight, so that v^T A u is within
-    1/(2e 1024) < 2e-4, relative, of sigma however close the top two are (where they are equal,
-    any vector of their span is exact). All in the column layout (pixels, operators): a few dozen
-    vector operations per step, no reductions over a 4-long axis (20x dearer on the CPU)."""
+    The top eigenvector of the smaller Gram matrix (M M^T or M^T M, s x s, one batched matmul per
+    batch) by :func:`_cols_top_eigenvector` with ``squarings`` squarings, the operators of every
+    batch with s > 1 in one column-batched problem (zero-padded to the largest s: zero rows and
+    columns change neither the top eigenvalue nor its vector; s = 1 needs none). With 2^10 powers
+    an eigenvalue ratio r leaves at most r^1024 of the second vector's weight, so that v^T A u is
+    within 1/(2e 1024) < 2e-4, relative, of sigma however close the top two are (where they are
+    equal, any vector of their span is exact). The squarings run in the column layout (pixels,
+    operators): a few dozen vector operations per step, no reductions over a 4-long axis (20x
+    dearer on the CPU); the Grams and the other vector are batched matrix products."""
     wide = torch.promote_types(Ms[0].dtype, torch.float32)
-    cols = [M.to(wide).permute(1, 2, 0) for M in Ms]                                  # (n, m, G) each
-    small = [c if c.shape[0] <= c.shape[1] else c.transpose(0, 1) for c in cols]     # (s, other side, G)
-    size = max(c.shape[0] for c in small)
-    grams = [F.pad((c.unsqueeze(1) * c.unsqueeze(0)).sum(2), (0, 0, 0, size - c.shape[0], 0, size - c.shape[0]))
-             for c in small if c.shape[0] > 1]                                        # (size, size, G)
+    wides = [M.to(wide) for M in Ms]
+    rows = [M.shape[1] <= M.shape[2] for M in Ms]             # the smaller side: the input (u's)
+    sides = [min(M.shape[1], M.shape[2]) for M in Ms]
+    size = max(sides)
+    grams = [F.pad((M @ M.mT if r else M.mT @ M).permute(1, 2, 0), (0, 0, 0, size - s, 0, size - s))
+             for M, r, s in zip(wides, rows, sides) if s > 1]                         # (size, size, G)
     x = _cols_top_eigenvector(torch.cat(grams, -1), squarings) if grams else None     # (size, sum G), unit
     if x is not None:   # a zero operator: any unit vector (e_1)
         x = torch.cat([x[:1] + (x.square().sum(0, keepdim=True) == 0).to(x.dtype), x[1:]])
     tops = iter(x.split([g.shape[-1] for g in grams], -1) if x is not None else [])
     out = []
-    for M, c in zip(Ms, small):
-        s = c.shape[0]
-        top = c.new_ones(1, c.shape[-1]) if s == 1 else next(tops)[:s]                   # (s, G), unit
-        other = (top.unsqueeze(1) * c).sum(0)                                          # (other side, G)
-        other = other / other.square().sum(0).sqrt().clamp_min(eps)
-        u, v = (top, other) if c is cols[len(out)] else (other, top)
-        out.append((u.T.to(M.dtype), v.T.to(M.dtype)))
+    for M, W, r, s in zip(Ms, wides, rows, sides):
+        top = W.new_ones(W.shape[0], 1) if s == 1 else next(tops)[:s].T                # (G, s), unit
+        other = (top.unsqueeze(1) @ W).squeeze(1) if r else (W @ top.unsqueeze(2)).squeeze(2)   # A u or A^T v
+        other = other / other.square().sum(1, keepdim=True).sqrt().clamp_min(eps)
+        u, v = (top, other) if r else (other, top)
+        out.append((u.to(M.dtype), v.to(M.dtype)))
     return out
 
 
