@@ -46,5 +46,5 @@ if [ -z "$only" ]; then
     "${cifar[@]}"
 fi
 echo "# quick preset (digits: L=5, C=8, batch 64, 8x8 grey), refreshes amortised at the quick search's rates"
-msrdarts bench search-step --layers 5 --channels 8 --batch-size 64 --input-size 8 --in-channels 1 --device cpu --steps 20 \
+msrdarts bench search-step --layers 5 --channels 8 --batch-size 64 --input-size 8 --in-channels 1 --device cpu --steps 40 \
   --json --profile --sn-refresh-history "$run/quick/history.jsonl"

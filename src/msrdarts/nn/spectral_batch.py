@@ -91,6 +91,7 @@ class SpectralBatch:
         self._bundles: list[list[int]] | None = None
         self._names: list[str] | None = None
         self._classes: list[list[int]] | None = None
+        self._target_cache: dict[tuple, float | list[float]] = {}
         self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
         self._refreshed: dict[int, torch.Tensor] = {}  # per normalised group, its weights at the last refresh
         self._drift_cache: torch.Tensor | None = None   # drift's 1 / ||W_r||, per conv of _refreshed
@@ -228,9 +229,15 @@ class SpectralBatch:
         return self._classes
 
     def _targets(self, cls: list[int]) -> float | torch.Tensor:
-        targets = [sn.target for g in cls for sn in self._norms()[g]]
-        if targets.count(targets[0]) == len(targets):
-            return targets[0]
+        """The class's target norms: one float where all its convs share it (the usual case), else
+        one per conv. Read once, like the spectral-norm modules (:meth:`_norms`)."""
+        key = tuple(cls)
+        if key not in self._target_cache:
+            targets = [sn.target for g in cls for sn in self._norms()[g]]
+            self._target_cache[key] = targets[0] if targets.count(targets[0]) == len(targets) else targets
+        targets = self._target_cache[key]
+        if not isinstance(targets, list):
+            return targets
         return self._raws(cls[0])[0].new_tensor(targets, dtype=_wide(self._raws(cls[0])[0]).dtype)
 
     def bundles(self) -> list[list[int]]:
