@@ -175,6 +175,38 @@ def circular_probe(weight: torch.Tensor, input_hw: tuple[int, int], dilation: tu
     return _normalize(weight.new_ones(1, weight.shape[1] * groups, *input_hw), groups, eps)
 
 
+def circular_probe_tables(kernel_size: tuple[int, int], dilation: tuple[int, int], input_hw: tuple[int, int],
+                          dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For :func:`depthwise_circular_probe`: the real and imaginary parts' DFT of each kernel tap
+    on the H x W torus, (k*k, 2F) for the F = H * (W // 2 + 1) frequencies of a real signal, and
+    the unit cosine wave of each frequency (F, H*W)."""
+    (H, W), (kh, kw) = input_hw, kernel_size
+    fy = torch.arange(H, dtype=torch.float64)[:, None].expand(H, W // 2 + 1).reshape(-1)
+    fx = torch.arange(W // 2 + 1, dtype=torch.float64)[None, :].expand(H, W // 2 + 1).reshape(-1)
+    ty = (dilation[0] * torch.arange(kh, dtype=torch.float64))[:, None].expand(kh, kw).reshape(-1)
+    tx = (dilation[1] * torch.arange(kw, dtype=torch.float64))[None, :].expand(kh, kw).reshape(-1)
+    phase = 2 * math.pi * (ty[:, None] * fy[None] / H + tx[:, None] * fx[None] / W)     # (k*k, F)
+    dft = torch.cat([torch.cos(phase), torch.sin(phase)], 1)
+    ys, xs = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
+    waves = torch.cos(2 * math.pi * (fy[:, None, None] * ys[:, None] / H + fx[:, None, None] * xs[None, :] / W))
+    waves = waves.flatten(1)
+    waves = waves / waves.norm(dim=1, keepdim=True)
+    return dft.to(dtype=dtype, device=device), waves.to(dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def depthwise_circular_probe(weight: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per channel of the depthwise conv ``weight`` (C, 1, k, k), the unit cosine wave (C, H*W) at
+    the frequency where its circular-boundary spectrum peaks: a vector of the circular operator's
+    top singular subspace (:func:`circular_top_vectors` without its complex phase) in two small
+    matrix products and a lookup, with ``tables`` from :func:`circular_probe_tables`. What the
+    block power steps take as their last vector (:meth:`msrdarts.nn.spectral_batch.SpectralBatch.weights`)."""
+    dft, waves = tables
+    spec = weight.flatten(1) @ dft                                                  # (C, 2F): re, im
+    re, im = spec.chunk(2, 1)
+    return waves.index_select(0, (re.square() + im.square()).argmax(1))
+
+
 def depthwise_dense(w: torch.Tensor, geo: _Geometry, input_hw: tuple[int, int], taps: DenseTaps) -> torch.Tensor:
     """The dense operators M_c (C, H*W, H'*W') of the depthwise conv with weights w (C, 1, k, k):
     channel c maps x_c to x_c M_c (see :class:`msrdarts.nn.kernels.DenseTaps`)."""
@@ -446,6 +478,7 @@ class ConvSpectralNorm(nn.Module):
             start = torch.randn(self.groups, block - 1, n, generator=torch.Generator().manual_seed(0),
                                 dtype=u.dtype).to(u.device)
             self.register_buffer("basis", F.normalize(start, dim=-1))
+            self._probe_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # depthwise_circular_probe's
         if not converge:   # the caller converges many convs at once (SpectralBatch.converge)
             return
 
@@ -479,7 +512,14 @@ class ConvSpectralNorm(nn.Module):
         if self.exact:
             self._store_exact(weight)
             return
-        self._store(*self.conv_operator(weight).power_iterate(self.u, n, self.eps, self._basis()))
+        basis = self._basis()
+        if basis is not None and self.depthwise:   # the last vector: today's circular top vector (as SpectralBatch)
+            key = (self.kernel_size, self.dilation, self.input_hw, weight.dtype, weight.device)
+            if key not in self._probe_tables:
+                self._probe_tables[key] = circular_probe_tables(*key)
+            probe = depthwise_circular_probe(weight, self._probe_tables[key])
+            basis = torch.cat([basis[:, :-1], probe.view(basis.shape[0], 1, -1).to(basis.dtype)], 1)
+        self._store(*self.conv_operator(weight).power_iterate(self.u, n, self.eps, basis))
 
     def _store_exact(self, weight: torch.Tensor) -> None:
         """The exact top singular vectors of each channel's dense operator (:func:`small_top_vectors`)."""

@@ -43,8 +43,8 @@ from .ops import OpConv
 from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
                           small_top_vectors, stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
-                       ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration,
-                       matrix_top_vectors_of, unfold_dsigma)
+                       ConvSpectralNorm, circular_probe, circular_probe_tables, converge_sigmas,
+                       depthwise_circular_probe, matrix_power_iteration, matrix_top_vectors_of, unfold_dsigma)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
@@ -92,6 +92,7 @@ class SpectralBatch:
         self._names: list[str] | None = None
         self._classes: list[list[int]] | None = None
         self._target_cache: dict[tuple, float | list[float]] = {}
+        self._probe_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # see depthwise_circular_probe
         self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
         self._refreshed: dict[int, torch.Tensor] = {}  # per normalised group, its weights at the last refresh
         self._drift_cache: torch.Tensor | None = None   # drift's 1 / ||W_r||, per conv of _refreshed
@@ -498,7 +499,11 @@ class SpectralBatch:
         :func:`block_step` as each would alone, with the b x b problems of all of them (of one
         block size and dtype) solved together (:func:`block_coefficients`): a block step's cost is
         mostly those few hundred small operations, the same for 500 channels as for 5,000. Bundles
-        that track one vector (``block=1``) run plain power iteration."""
+        that track one vector (``block=1``) run plain power iteration. A depthwise bundle's block
+        takes, as its last vector at every step, each channel's circular-boundary top vector of the
+        current weights (:func:`depthwise_circular_probe`, two small matrix products): when training
+        lifts a singular value whose vector lies outside the tracked block, the Rayleigh-Ritz step
+        can see it before a refresh does (a refresh also starts from that vector)."""
         by_kind: dict[tuple, list] = {}
         for parts, vectors, iterations in jobs:
             A, At, groups = self._rows_operator(parts)
@@ -510,8 +515,16 @@ class SpectralBatch:
                     u = F.normalize(At(v), dim=-1, eps=eps)
                 vectors.write(u, v)
                 continue
+            basis = basis.view(groups, parts[0].sn.block - 1, -1)
+            if parts[0].sn.depthwise:   # the block's last vector: the circular top vector of today's weights
+                geo, wd = _union_kernel(parts)
+                key = (geo.kernel_size, geo.dilation, parts[0].sn.input_hw, wd.dtype, wd.device)
+                if key not in self._probe_tables:
+                    self._probe_tables[key] = circular_probe_tables(*key)
+                probe = depthwise_circular_probe(wd, self._probe_tables[key])
+                basis = torch.cat([basis[:, :-1], probe.view(groups, 1, -1).to(basis.dtype)], 1)
             by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
-                {"A": A, "At": At, "u": u[:, 0], "basis": basis.view(groups, parts[0].sn.block - 1, -1), "v": None,
+                {"A": A, "At": At, "u": u[:, 0], "basis": basis, "v": None,
                  "left": iterations, "vectors": vectors, "eps": eps})
         for items in by_kind.values():
             while True:
