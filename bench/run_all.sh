@@ -5,7 +5,7 @@
 # times are not).
 #   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, search-step-quick, since-filing, train-step, train-profile, batchnorm, depthwise-32px, pointwise, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-fixed10, sn-accuracy-drift15-cap50, sn-accuracy-batch16,
-#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, sn-accuracy-depthwise20-e8, sn-accuracy-drift25, fits-80gb, recompute-auto,
+#                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, sn-accuracy-depthwise20-e8, sn-accuracy-drift25, sn-accuracy-batch16-default, fits-80gb, recompute-auto,
 #                                     # recompute-auto-bf16, memory-timeline,
 #                                     # sn-accuracy-cifar10, sn-accuracy-cifar10-default, sn-accuracy-cifar10-lr05, sn-accuracy-cifar10-lr05-it3,
 #                                     # sn-accuracy-cifar10-lr05-drift (need
@@ -54,6 +54,8 @@ run sn-accuracy-depthwise50 python bench/sn_accuracy.py --epochs 4 --every 2 --s
 run sn-accuracy-depthwise20 python bench/sn_accuracy.py --epochs 4 --every 2 --sn-refresh-depthwise-every 20 --sn-refresh-drift 0
 run sn-accuracy-depthwise20-e8 python bench/sn_accuracy.py --epochs 8 --every 2 --sn-refresh-depthwise-every 20 \
   --sn-refresh-drift 0
+# The defaults at batch 16 (4x the steps of the quick search, each noisier).
+run sn-accuracy-batch16-default python bench/sn_accuracy.py --epochs 2 --every 3 --batch-size 16
 # A drift trigger of 0.25 instead of the default 0.15 (the whole quick search).
 run sn-accuracy-drift25 python bench/sn_accuracy.py --epochs 8 --every 2 --sn-refresh-drift 0.25
 run fits-80gb python bench/fits_80gb.py
