@@ -140,9 +140,10 @@ class SearchConfig(_DataConfig):
     sn_refresh_every: int = _f(5, "steps between resets of the pointwise (1x1) convs' power iterations to their exact "
                                    "top singular vectors (batched squarings of their Gram matrices; steps counted over the "
                                    "whole search, from its first)")
-    sn_refresh_depthwise_every: int = _f(100, "also refresh all convs after every this-many steps (none after the first), whatever "
-                                              "--sn-refresh-drift says (counted as --sn-refresh-every; a bound: "
-                                              "the drift trigger decides when the depthwise convs need it)")
+    sn_refresh_depthwise_every: int = _f(100, "also refresh all convs after every this-many steps (none after the "
+                                              "first), whatever --sn-refresh-drift says (counted as "
+                                              "--sn-refresh-every; a bound: the drift trigger decides when the "
+                                              "depthwise convs need it)")
     sn_refresh_drift: float = _f(0.15, "refresh a bundle of depthwise convs (those of one map size and stride; block "
                                        "Krylov refreshes of their tracked top-3 singular subspaces, which catch a "
                                        "singular value outside the block that overtakes) after a step that moved one "

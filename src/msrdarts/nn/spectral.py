@@ -202,8 +202,9 @@ def depthwise_circular_probe(weight: torch.Tensor, tables: tuple[torch.Tensor, t
     """Per channel of the depthwise conv ``weight`` (C, 1, k, k), the unit cosine wave (C, H*W) at
     the frequency where its circular-boundary spectrum peaks, under a sine window (a vector of the
     circular operator's top singular subspace, :func:`circular_top_vectors` without its complex
-    phase, tapered as the zero-padded operator's top vectors are) in two small matrix products and a lookup, with ``tables`` from :func:`circular_probe_tables`. What the
-    block power steps take as their last vector (:meth:`msrdarts.nn.spectral_batch.SpectralBatch.weights`)."""
+    phase, tapered as the zero-padded operator's top vectors are), in two small matrix products
+    and a lookup, with ``tables`` from :func:`circular_probe_tables`. What the block power steps
+    take as their last vector (:meth:`msrdarts.nn.spectral_batch.SpectralBatch._iterate`)."""
     dft, waves = tables
     spec = weight.flatten(1) @ dft                                                  # (C, 2F): re, im
     re, im = spec.chunk(2, 1)
