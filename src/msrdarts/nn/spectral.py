@@ -204,7 +204,10 @@ def depthwise_circular_probe(weight: torch.Tensor, tables: tuple[torch.Tensor, t
     circular operator's top singular subspace, :func:`circular_top_vectors` without its complex
     phase, tapered as the zero-padded operator's top vectors are), in two small matrix products
     and a lookup, with ``tables`` from :func:`circular_probe_tables`. What the block power steps
-    take as their last vector (:meth:`msrdarts.nn.spectral_batch.SpectralBatch._iterate`)."""
+    take as their last vector (:meth:`msrdarts.nn.spectral_batch.SpectralBatch._iterate`). For a
+    strided conv it is a heuristic (its circular operator's top vector mixes aliased frequencies);
+    the argmax can pick another of two near-equal peaks where rounding differs (fused against
+    reference path, or TF32 on a GPU), which changes the start, not the result's bound."""
     dft, waves = tables
     spec = weight.flatten(1) @ dft                                                  # (C, 2F): re, im
     re, im = spec.chunk(2, 1)
