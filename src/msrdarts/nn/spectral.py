@@ -214,6 +214,20 @@ def depthwise_circular_probe(weight: torch.Tensor, tables: tuple[torch.Tensor, t
     return waves.index_select(0, (re.square() + im.square()).argmax(1))
 
 
+#: Power steps the circular probe takes alone before it joins a block (:func:`powered_probe`).
+PROBE_POWER_STEPS = 3
+
+
+def powered_probe(probe: torch.Tensor, A: Callable, At: Callable, eps: float) -> torch.Tensor:
+    """(A^T A)^k ``probe`` (rows (groups, 1, n)), unit, k = :data:`PROBE_POWER_STEPS`: where the top
+    two singular values are close, the raw probe's share of the top vector comes with more weight
+    on low singular vectors, which keeps its Ritz value below the tracked one's; k power steps
+    raise that share by (sigma_1 / sigma_i)^(2k) against each lower one."""
+    for _ in range(PROBE_POWER_STEPS):
+        probe = F.normalize(At(A(probe)), dim=-1, eps=eps)
+    return probe
+
+
 def depthwise_dense(w: torch.Tensor, geo: _Geometry, input_hw: tuple[int, int], taps: DenseTaps) -> torch.Tensor:
     """The dense operators M_c (C, H*W, H'*W') of the depthwise conv with weights w (C, 1, k, k):
     channel c maps x_c to x_c M_c (see :class:`msrdarts.nn.kernels.DenseTaps`)."""
@@ -519,14 +533,14 @@ class ConvSpectralNorm(nn.Module):
         if self.exact:
             self._store_exact(weight)
             return
-        basis = self._basis()
+        basis, op = self._basis(), self.conv_operator(weight)
         if basis is not None and self.depthwise:   # the last vector: today's circular top vector (as SpectralBatch)
             key = (self.kernel_size, self.dilation, self.input_hw, weight.dtype, weight.device)
             if key not in self._probe_tables:
                 self._probe_tables[key] = circular_probe_tables(*key)
-            probe = depthwise_circular_probe(weight, self._probe_tables[key])
-            basis = torch.cat([basis[:, :-1], probe.view(basis.shape[0], 1, -1).to(basis.dtype)], 1)
-        self._store(*self.conv_operator(weight).power_iterate(self.u, n, self.eps, basis))
+            probe = depthwise_circular_probe(weight, self._probe_tables[key]).view(basis.shape[0], 1, -1)
+            basis = torch.cat([basis[:, :-1], powered_probe(probe, op.A_rows, op.At_rows, self.eps).to(basis.dtype)], 1)
+        self._store(*op.power_iterate(self.u, n, self.eps, basis))
 
     def _store_exact(self, weight: torch.Tensor) -> None:
         """The exact top singular vectors of each channel's dense operator (:func:`small_top_vectors`)."""

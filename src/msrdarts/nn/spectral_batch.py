@@ -44,7 +44,8 @@ from .block_power import (RefreshInput, block_coefficients, block_grams, block_r
                           small_top_vectors, stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
                        ConvSpectralNorm, circular_probe, circular_probe_tables, converge_sigmas,
-                       depthwise_circular_probe, matrix_power_iteration, matrix_top_vectors_of, unfold_dsigma)
+                       depthwise_circular_probe, matrix_power_iteration, matrix_top_vectors_of, powered_probe,
+                       unfold_dsigma)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
@@ -521,8 +522,9 @@ class SpectralBatch:
                 key = (geo.kernel_size, geo.dilation, parts[0].sn.input_hw, wd.dtype, wd.device)
                 if key not in self._probe_tables:
                     self._probe_tables[key] = circular_probe_tables(*key)
-                probe = depthwise_circular_probe(wd, self._probe_tables[key])
-                basis = torch.cat([basis[:, :-1], probe.view(groups, 1, -1).to(basis.dtype)], 1)
+                probe = powered_probe(depthwise_circular_probe(wd, self._probe_tables[key]).view(groups, 1, -1),
+                                      A, At, eps)
+                basis = torch.cat([basis[:, :-1], probe.to(basis.dtype)], 1)
             by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
                 {"A": A, "At": At, "u": u[:, 0], "basis": basis, "v": None,
                  "left": iterations, "vectors": vectors, "eps": eps})
