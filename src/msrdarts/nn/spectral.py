@@ -228,6 +228,19 @@ def powered_probe(probe: torch.Tensor, A: Callable, At: Callable, eps: float) ->
     return probe
 
 
+def with_probe(basis: torch.Tensor, weight: torch.Tensor, geometry: tuple, A: Callable, At: Callable, eps: float,
+               tables: dict) -> torch.Tensor:
+    """The block's basis (groups, b-1, n) with its last vector replaced by the depthwise conv
+    ``weight``'s :func:`powered_probe` of :func:`depthwise_circular_probe` (``geometry``: kernel size,
+    dilation and input map; ``tables`` caches :func:`circular_probe_tables` per geometry, dtype and
+    device): the one place both the per-conv and the batched block steps build it."""
+    key = (*geometry, weight.dtype, weight.device)
+    if key not in tables:
+        tables[key] = circular_probe_tables(*key)
+    probe = depthwise_circular_probe(weight, tables[key]).view(basis.shape[0], 1, -1)
+    return torch.cat([basis[:, :-1], powered_probe(probe, A, At, eps).to(basis.dtype)], 1)
+
+
 def depthwise_dense(w: torch.Tensor, geo: _Geometry, input_hw: tuple[int, int], taps: DenseTaps) -> torch.Tensor:
     """The dense operators M_c (C, H*W, H'*W') of the depthwise conv with weights w (C, 1, k, k):
     channel c maps x_c to x_c M_c (see :class:`msrdarts.nn.kernels.DenseTaps`)."""
@@ -535,11 +548,8 @@ class ConvSpectralNorm(nn.Module):
             return
         basis, op = self._basis(), self.conv_operator(weight)
         if basis is not None and self.depthwise:   # the last vector: today's circular top vector (as SpectralBatch)
-            key = (self.kernel_size, self.dilation, self.input_hw, weight.dtype, weight.device)
-            if key not in self._probe_tables:
-                self._probe_tables[key] = circular_probe_tables(*key)
-            probe = depthwise_circular_probe(weight, self._probe_tables[key]).view(basis.shape[0], 1, -1)
-            basis = torch.cat([basis[:, :-1], powered_probe(probe, op.A_rows, op.At_rows, self.eps).to(basis.dtype)], 1)
+            basis = with_probe(basis, weight, (self.kernel_size, self.dilation, self.input_hw), op.A_rows, op.At_rows,
+                               self.eps, self._probe_tables)
         self._store(*op.power_iterate(self.u, n, self.eps, basis))
 
     def _store_exact(self, weight: torch.Tensor) -> None:

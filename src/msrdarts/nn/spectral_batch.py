@@ -43,9 +43,8 @@ from .ops import OpConv
 from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
                           small_top_vectors, stack_block)
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
-                       ConvSpectralNorm, circular_probe, circular_probe_tables, converge_sigmas,
-                       depthwise_circular_probe, matrix_power_iteration, matrix_top_vectors_of, powered_probe,
-                       unfold_dsigma)
+                       ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration,
+                       matrix_top_vectors_of, unfold_dsigma, with_probe)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
@@ -519,12 +518,8 @@ class SpectralBatch:
             basis = basis.view(groups, parts[0].sn.block - 1, -1)
             if parts[0].sn.depthwise:   # the block's last vector: the circular top vector of today's weights
                 geo, wd = _union_kernel(parts)
-                key = (geo.kernel_size, geo.dilation, parts[0].sn.input_hw, wd.dtype, wd.device)
-                if key not in self._probe_tables:
-                    self._probe_tables[key] = circular_probe_tables(*key)
-                probe = powered_probe(depthwise_circular_probe(wd, self._probe_tables[key]).view(groups, 1, -1),
-                                      A, At, eps)
-                basis = torch.cat([basis[:, :-1], probe.to(basis.dtype)], 1)
+                basis = with_probe(basis, wd, (geo.kernel_size, geo.dilation, parts[0].sn.input_hw), A, At, eps,
+                                   self._probe_tables)
             by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
                 {"A": A, "At": At, "u": u[:, 0], "basis": basis, "v": None,
                  "left": iterations, "vectors": vectors, "eps": eps})
