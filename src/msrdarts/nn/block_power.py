@@ -159,19 +159,36 @@ def block_grams(Z: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (Z @ Z.mT).permute(1, 2, 0), (Y @ Y.mT).permute(1, 2, 0)
 
 
-def block_coefficients(gz: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+def block_coefficients(gz: torch.Tensor, gy: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """The b x b part of :func:`block_step`, from :func:`block_grams` (b, b, groups): per group the
-    rows c^T (groups, b, b) that make the new u (row 0) and basis (rows 1..) of Y, identity where
-    the Cholesky of Z Z^T fails."""
+    rows c^T (groups, rows, b) that make the new u (row 0) and basis (rows 1..) of Y, the first rows
+    of the identity where the Cholesky of Z Z^T fails. ``rows`` (b or b - 1, default b): with b - 1,
+    the basis leaves out the Ritz direction of the smallest Ritz value, so that a block that took
+    an extra vector for a step (the probe of :func:`msrdarts.nn.spectral.with_probe`) keeps the best
+    b - 1 directions of its b: the top b - 1 Ritz subspace, a singular value rising towards the top
+    included."""
     b, tiny = gz.shape[0], torch.finfo(gz.dtype).tiny
+    rows = b if rows is None else rows
+    if rows not in (b, b - 1) or rows < 1:
+        raise ValueError(f"rows must be {b} or {b - 1}, not {rows}")
     jitter = (64 * torch.finfo(gz.dtype).eps / b) * sum(gz[i, i] for i in range(b)).clamp_min(tiny)
     gz = gz + torch.eye(b, dtype=gz.dtype, device=gz.device).unsqueeze(-1) * jitter
     Li = _cols_lower_inverse_cholesky(gz)
-    x = _cols_top_eigenvector(_cols_mm(_cols_mm(Li, gy.contiguous()), Li.transpose(0, 1).contiguous()))   # (b, groups)
-    C = _cols_mm(torch.cat([x.unsqueeze(0), _cols_complement(x)]), Li).permute(2, 0, 1)  # rows c^T
+    S = _cols_mm(_cols_mm(Li, gy.contiguous()), Li.transpose(0, 1).contiguous())
+    x = _cols_top_eigenvector(S)                                                    # (b, groups)
+    H = _cols_complement(x)                                                         # (b-1, b, groups)
+    if rows == b - 1 and b > 2:   # drop the complement's bottom Ritz direction: the top of tr(S') I - S'
+        S2 = _cols_mm(_cols_mm(H, S), H.transpose(0, 1).contiguous())               # (b-1, b-1, groups)
+        eye = torch.eye(b - 1, dtype=S.dtype, device=S.device).unsqueeze(-1)
+        bottom = _cols_top_eigenvector(eye * sum(S2[i, i] for i in range(b - 1)) - S2)
+        H = _cols_mm(_cols_complement(bottom), H)                                   # (b-2, b, groups)
+    elif rows == b - 1:
+        H = H[:0]
+    C = _cols_mm(torch.cat([x.unsqueeze(0), H]), Li).permute(2, 0, 1)              # rows c^T
     ok = torch.isfinite(C.sum((1, 2)))[:, None, None]                              # (groups, 1, 1)
     # contiguous: bmm with the permuted layout is 10x slower on 64-pixel rows (CPU)
-    return torch.where(ok, C, torch.eye(b, dtype=C.dtype, device=C.device)).contiguous()   # else: each row alone
+    fallback = torch.eye(b, dtype=C.dtype, device=C.device)[:rows]
+    return torch.where(ok, C, fallback).contiguous()                               # else: each row alone
 
 
 def block_update(C: torch.Tensor, Z: torch.Tensor, Y: torch.Tensor, eps: float
@@ -182,7 +199,8 @@ def block_update(C: torch.Tensor, Z: torch.Tensor, Y: torch.Tensor, eps: float
 
 
 @torch.no_grad()
-def block_step(Z: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_step(Z: torch.Tensor, Y: torch.Tensor, eps: float, rows: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of block power iteration, per group, from the images Z = A X (groups, b, m) and
     Y = A^T Z (groups, b, n) of the tracked block X (:func:`stack_block`). Returns (u, v, basis).
 
@@ -194,10 +212,11 @@ def block_step(Z: torch.Tensor, Y: torch.Tensor, eps: float) -> tuple[torch.Tens
     rest of the Rayleigh-Ritz subspace, so the block follows the top-b singular subspace and a
     singular value that overtakes the tracked one is in the block when it does. A group whose
     Cholesky fails (a zero or degenerate block) takes the plain power iteration of each row instead.
+    ``rows`` = b - 1 keeps the top b - 1 Ritz directions of b vectors (see :func:`block_coefficients`).
     The b x b problems of several operators can be solved together: :func:`block_grams`,
     :func:`block_coefficients` on the concatenation, :func:`block_update` per operator.
     """
-    return block_update(block_coefficients(*block_grams(Z, Y)), Z, Y, eps)
+    return block_update(block_coefficients(*block_grams(Z, Y), rows), Z, Y, eps)
 
 
 def _ritz_space(S: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

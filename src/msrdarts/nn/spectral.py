@@ -230,15 +230,18 @@ def powered_probe(probe: torch.Tensor, A: Callable, At: Callable, eps: float) ->
 
 def with_probe(basis: torch.Tensor, weight: torch.Tensor, geometry: tuple, A: Callable, At: Callable, eps: float,
                tables: dict) -> torch.Tensor:
-    """The block's basis (groups, b-1, n) with its last vector replaced by the depthwise conv
-    ``weight``'s :func:`powered_probe` of :func:`depthwise_circular_probe` (``geometry``: kernel size,
-    dilation and input map; ``tables`` caches :func:`circular_probe_tables` per geometry, dtype and
-    device): the one place both the per-conv and the batched block steps build it."""
+    """The block's basis (groups, b-1, n) and, as an extra b-th row, the depthwise conv ``weight``'s
+    :func:`powered_probe` of :func:`depthwise_circular_probe` (``geometry``: kernel size, dilation
+    and input map; ``tables`` caches :func:`circular_probe_tables` per geometry, dtype and device):
+    the one place both the per-conv and the batched block steps build it. The block step on the
+    b + 1 vectors keeps the top b Ritz directions (``rows`` of :func:`block_coefficients`): the
+    probe adds a direction without displacing a tracked one, so a singular value rising from
+    below the tracked ones stays in the block while it overtakes."""
     key = (*geometry, weight.dtype, weight.device)
     if key not in tables:
         tables[key] = circular_probe_tables(*key)
     probe = depthwise_circular_probe(weight, tables[key]).view(basis.shape[0], 1, -1)
-    return torch.cat([basis[:, :-1], powered_probe(probe, A, At, eps).to(basis.dtype)], 1)
+    return torch.cat([basis, powered_probe(probe, A, At, eps).to(basis.dtype)], 1)
 
 
 def depthwise_dense(w: torch.Tensor, geo: _Geometry, input_hw: tuple[int, int], taps: DenseTaps) -> torch.Tensor:
@@ -280,12 +283,13 @@ class ConvOperator(NamedTuple):
         return x.reshape(r, self.groups, -1).transpose(0, 1)
 
     @torch.no_grad()
-    def power_iterate(self, u: torch.Tensor, iterations: int, eps: float, basis: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def power_iterate(self, u: torch.Tensor, iterations: int, eps: float, basis: torch.Tensor | None = None,
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``iterations`` (>= 1) power iterations from u (1, C_in, H, W), unit per group: the new
         (u, v, basis), v (1, C_out, H', W'). With a ``basis`` (groups, b-1, C_in/groups*H*W), block
-        iterations (:func:`block_step`). For the pair, v^T A u is a lower bound of each group's
-        top singular value."""
+        iterations (:func:`block_step`) that keep ``block`` vectors (default b; b - 1 where the
+        basis carries an extra vector for the first step, :func:`with_probe`). For the pair,
+        v^T A u is a lower bound of each group's top singular value."""
         if basis is None:
             for _ in range(iterations):
                 v = _normalize(self.A(u), self.groups, eps)
@@ -293,9 +297,10 @@ class ConvOperator(NamedTuple):
             return u, v, None
         in_shape, out_shape = u.shape, (1, self.w.shape[0], *self.geo.out_size(self.input_hw))
         u = u.reshape(self.groups, -1)
+        block = basis.shape[1] + 1 if block is None else block
         for _ in range(iterations):
             Z = self.A_rows(stack_block(u, basis))
-            u, v, basis = block_step(Z, self.At_rows(Z), eps)
+            u, v, basis = block_step(Z, self.At_rows(Z), eps, block)
         return u.reshape(in_shape), v.reshape(out_shape), basis
 
     @torch.no_grad()
@@ -547,10 +552,10 @@ class ConvSpectralNorm(nn.Module):
             self._store_exact(weight)
             return
         basis, op = self._basis(), self.conv_operator(weight)
-        if basis is not None and self.depthwise:   # the last vector: today's circular top vector (as SpectralBatch)
+        if basis is not None and self.depthwise:   # an extra vector: today's circular top vector (as SpectralBatch)
             basis = with_probe(basis, weight, (self.kernel_size, self.dilation, self.input_hw), op.A_rows, op.At_rows,
                                self.eps, self._probe_tables)
-        self._store(*op.power_iterate(self.u, n, self.eps, basis))
+        self._store(*op.power_iterate(self.u, n, self.eps, basis, self.block))
 
     def _store_exact(self, weight: torch.Tensor) -> None:
         """The exact top singular vectors of each channel's dense operator (:func:`small_top_vectors`)."""

@@ -500,10 +500,11 @@ class SpectralBatch:
         block size and dtype) solved together (:func:`block_coefficients`): a block step's cost is
         mostly those few hundred small operations, the same for 500 channels as for 5,000. Bundles
         that track one vector (``block=1``) run plain power iteration. A depthwise bundle's block
-        takes, as its last vector at every step, each channel's circular-boundary top vector of the
-        current weights (:func:`depthwise_circular_probe`, two small matrix products): when training
-        lifts a singular value whose vector lies outside the tracked block, the Rayleigh-Ritz step
-        can see it before a refresh does (a refresh also starts from that vector)."""
+        takes, as an extra vector at every step, each channel's circular-boundary top vector of the
+        current weights, powered (:func:`with_probe`), and keeps the top ``block`` Ritz directions
+        of the ``block + 1``: when training lifts a singular value whose vector lies outside the
+        tracked block, the Rayleigh-Ritz step can see it before a refresh does (a refresh also
+        starts from that vector), and one rising from just below the tracked ones stays tracked."""
         by_kind: dict[tuple, list] = {}
         for parts, vectors, iterations in jobs:
             A, At, groups = self._rows_operator(parts)
@@ -516,27 +517,32 @@ class SpectralBatch:
                 vectors.write(u, v)
                 continue
             basis = basis.view(groups, parts[0].sn.block - 1, -1)
-            if parts[0].sn.depthwise:   # the block's last vector: the circular top vector of today's weights
+            if parts[0].sn.depthwise:   # an extra vector: the circular top vector of today's weights
                 geo, wd = _union_kernel(parts)
                 basis = with_probe(basis, wd, (geo.kernel_size, geo.dilation, parts[0].sn.input_hw), A, At, eps,
                                    self._probe_tables)
             by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
                 {"A": A, "At": At, "u": u[:, 0], "basis": basis, "v": None,
                  "left": iterations, "vectors": vectors, "eps": eps})
-        for items in by_kind.values():
+        for (block, _), items in by_kind.items():
             while True:
-                active = [it for it in items if it["left"] > 0]
-                if not active:
+                rounds: dict[int, list] = {}   # by the rows of the block this step (block + 1 with a probe)
+                for it in items:
+                    if it["left"] > 0:
+                        rounds.setdefault(it["basis"].shape[1] + 1, []).append(it)
+                if not rounds:
                     break
-                images = []
-                for it in active:
-                    Z = it["A"](stack_block(it["u"], it["basis"]))
-                    images.append((Z, it["At"](Z)))
-                grams = [block_grams(Z, Y) for Z, Y in images]
-                C = block_coefficients(torch.cat([g[0] for g in grams], -1), torch.cat([g[1] for g in grams], -1))
-                for it, (Z, Y), C_it in zip(active, images, C.split([Z.shape[0] for Z, _ in images])):
-                    it["u"], it["v"], it["basis"] = block_update(C_it, Z, Y, it["eps"])
-                    it["left"] -= 1
+                for active in rounds.values():
+                    images = []
+                    for it in active:
+                        Z = it["A"](stack_block(it["u"], it["basis"]))
+                        images.append((Z, it["At"](Z)))
+                    grams = [block_grams(Z, Y) for Z, Y in images]
+                    C = block_coefficients(torch.cat([g[0] for g in grams], -1), torch.cat([g[1] for g in grams], -1),
+                                           block)
+                    for it, (Z, Y), C_it in zip(active, images, C.split([Z.shape[0] for Z, _ in images])):
+                        it["u"], it["v"], it["basis"] = block_update(C_it, Z, Y, it["eps"])
+                        it["left"] -= 1
             for it in items:
                 it["vectors"].write(it["u"], it["v"], it["basis"])
 
