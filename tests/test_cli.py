@@ -128,6 +128,11 @@ def test_bench_search_step_runs_and_reports_every_figure(capsys, amp):
         (out["ms_per_step_fused"] + out["sn_refresh_ms_per_step"]) / out["ms_per_step_fused_no_sn"], rel=0.01)
     assert out["speedup_fused_vs_reference"] == pytest.approx(out["ms_per_step_reference"] / out["ms_per_step_fused"],
                                                              rel=0.01)
+    # 2 steps are one round: its pair of medians is the whole run's, and both quartiles are that ratio
+    assert out["sn_overhead_fused_paired"] == pytest.approx(out["sn_overhead_fused"], rel=0.01)
+    assert out["sn_overhead_fused_paired_quartiles"] == [out["sn_overhead_fused_paired"]] * 2
+    assert out["sn_overhead_fused_paired_with_refresh"] == pytest.approx(
+        out["sn_overhead_fused_paired"] + out["sn_refresh_ms_per_step"] / out["ms_per_step_fused_no_sn"], abs=0.002)
 
 
 def test_bench_amortises_each_bundle_at_the_rate_a_search_history_gives(tmp_path, capsys):

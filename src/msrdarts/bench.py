@@ -188,11 +188,15 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
     opts = {v: _optimizer(m) for v, m in models.items()}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rounds = max(1, steps // 2)
+    paired = []   # per round: fused over fused_no_sn, each its round's median (timed next to each other)
     for r in range(rounds):
         for v in VARIANTS:
             times[v] += time_search_step(models[v], x, y, steps=-(-steps // rounds), warmup=warmup if r == 0 else 1,
                                          opt=opts[v], forward=forwards[v], accel=accel)
+        n = -(-steps // rounds)
+        paired.append(statistics.median(times["fused"][-n:]) / statistics.median(times["fused_no_sn"][-n:]))
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
     # The spectral-norm refreshes of the search loop (refresh_spectral_norms_due), amortised into the
     # overhead below: the 1x1 convs' every sn_refresh_every steps, the depthwise convs' either all
     # every refresh_interval steps on average or each bundle at its rate in refresh_rates, and the
@@ -260,6 +264,10 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "ms_per_step_fused_recompute_depthwise": round(ms["fused_recompute_depthwise"], 1),
         "speedup_fused_vs_reference": round(ms["reference"] / ms["fused"], 3),
         "sn_overhead_fused": round(ms["fused"] / ms["fused_no_sn"], 3),
+        # the same from each round's pair of medians (the two builds timed next to each other), whose
+        # median and quartiles over the rounds shrug off the machine's drift during the run
+        "sn_overhead_fused_paired": round(quartiles[1], 3),
+        "sn_overhead_fused_paired_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "sn_refresh_ms": round(refresh_ms["all"], 1), "sn_refresh_full_length_ms": round(refresh_ms["all_full"], 1),
         "sn_refresh_pointwise_ms": round(refresh_ms["pointwise"], 1),
         "sn_refresh_every": cfg.sn_refresh_every,
@@ -269,6 +277,7 @@ def bench_search_step(layers: int = 8, channels: int = 16, batch_size: int = 64,
         "sn_drift_check_ms": round(drift_ms, 2),
         "sn_refresh_ms_per_step": round(refresh_per_step, 2),
         "sn_overhead_fused_with_refresh": round((ms["fused"] + refresh_per_step) / ms["fused_no_sn"], 3),
+        "sn_overhead_fused_paired_with_refresh": round(quartiles[1] + refresh_per_step / ms["fused_no_sn"], 3),
         "sn_overhead_fused_with_full_length_refresh": round((ms["fused"] + refresh_full_per_step) / ms["fused_no_sn"], 3),
         "images_per_s_fused": round(batch_size / (ms["fused"] / 1000), 1),
         "gflop_per_step": round(flops / 1e9, 2),

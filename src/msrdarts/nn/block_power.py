@@ -23,6 +23,12 @@ import torch
 import torch.nn.functional as F
 
 
+def normalize_groups(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """Scale each (sample, group) block of ``x`` (shape (B, C, ...)) to unit norm."""
+    flat = x.reshape(x.shape[0], groups, -1)
+    return (flat / flat.norm(dim=2, keepdim=True).clamp_min(eps)).view_as(x)
+
+
 def _cholesky(gram: torch.Tensor, rel_jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower Cholesky factors of the PSD (..., b, b) ``gram`` plus ``rel_jitter`` times its mean
     diagonal, and per matrix whether it succeeded (no sync: callers fall back where it did not)."""
@@ -164,7 +170,7 @@ def block_coefficients(gz: torch.Tensor, gy: torch.Tensor, rows: int | None = No
     rows c^T (groups, rows, b) that make the new u (row 0) and basis (rows 1..) of Y, the first rows
     of the identity where the Cholesky of Z Z^T fails. ``rows`` (b or b - 1, default b): with b - 1,
     the basis leaves out the Ritz direction of the smallest Ritz value, so that a block that took
-    an extra vector for a step (the probe of :func:`msrdarts.nn.spectral.with_probe`) keeps the best
+    an extra vector for a step (the probe of :func:`msrdarts.nn.probe.with_probe`) keeps the best
     b - 1 directions of its b: the top b - 1 Ritz subspace, a singular value rising towards the top
     included."""
     b, tiny = gz.shape[0], torch.finfo(gz.dtype).tiny

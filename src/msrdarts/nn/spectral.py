@@ -16,7 +16,7 @@ normalised weight, ``conv.parametrizations.weight.original`` the trained one.
 
 The batched form for whole networks is :mod:`msrdarts.nn.spectral_batch`.
 
-One home each, for both paths: the probe a refresh starts from (:func:`circular_probe`), the
+One home each, for both paths: the probe a refresh starts from (:mod:`msrdarts.nn.probe`), the
 conv operator and its power iteration (:class:`ConvOperator`), the block step and the refreshes
 (:mod:`msrdarts.nn.block_power`: :func:`block_step`, :func:`block_refresh`, :func:`dense_refresh`),
 the convergence loop at construction
@@ -36,10 +36,11 @@ from torch import nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .block_power import RefreshInput, block_refresh, block_step, dense_refresh, small_top_vectors, stack_block
+from .block_power import (RefreshInput, block_refresh, block_step, dense_refresh, normalize_groups, small_top_vectors,
+                          stack_block)
+from .probe import circular_probe, circular_top_vectors, with_probe
 from .kernels import DenseTaps, _Geometry, conv_adjoint
 from .ops import OpConv
-from .spectrum import kernel_spectrum
 
 
 #: A refresh's bound on Krylov steps (:func:`block_refresh`), and its convergence tolerance.
@@ -52,40 +53,6 @@ DENSE_MAX_PIXELS = 16
 #: exactly at every training forward (:func:`small_top_vectors`): a few operations on s x s Gram
 #: matrices, cheaper than a block step and never in need of a refresh.
 EXACT_MAX_SIDE = 4
-
-
-def _normalize(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
-    """Scale each (sample, group) block of ``x`` (shape (B, C, ...)) to unit norm."""
-    flat = x.reshape(x.shape[0], groups, -1)
-    return (flat / flat.norm(dim=2, keepdim=True).clamp_min(eps)).view_as(x)
-
-
-@torch.no_grad()
-def circular_top_vectors(weight: torch.Tensor, input_hw: tuple[int, int], dilation: int, groups: int) -> torch.Tensor:
-    """Per group, a top right singular vector of the conv with *circular* boundary, shape (1, C_in, H, W).
-
-    It is Re(r exp(2 pi i f.x)) at the frequency f of the largest singular value of K^(f)
-    (msrdarts.nn.spectrum), a real eigenvector of A^T A. The zero-padded operator differs only at the
-    border, so this starts power iteration close to its answer.
-    """
-    H, W = input_hw
-    spec = kernel_spectrum(weight, input_hw, dilation, groups).permute(2, 0, 1, 3, 4)  # (g, H, W, co/g, ci/g)
-    if spec.shape[-1] == 1:  # depthwise: K^(f) is a column; its norm is the singular value, r = 1
-        s = spec.abs().square().sum(-2).squeeze(-1)                            # (g, H, W)
-        top = s.flatten(1).argmax(1)
-        r = torch.ones(groups, 1, dtype=spec.dtype, device=spec.device)
-    else:
-        _, sv, vh = torch.linalg.svd(spec)
-        top = sv[..., 0].flatten(1).argmax(1)                                 # (g,) flat frequency index
-    f1, f2 = top // W, top % W
-    if spec.shape[-1] != 1:
-        r = vh[torch.arange(groups), f1, f2, 0]                                # (g, ci/g) complex
-    ys = torch.arange(H, device=weight.device, dtype=r.real.dtype)
-    xs = torch.arange(W, device=weight.device, dtype=r.real.dtype)
-    phase = 2 * math.pi * (f1[:, None, None] * ys[None, :, None] / H + f2[:, None, None] * xs[None, None, :] / W)
-    wave = torch.polar(torch.ones_like(phase), phase)                        # (g, H, W)
-    u = (r[:, :, None, None] * wave[:, None]).real                           # (g, ci/g, H, W)
-    return _normalize(u.reshape(1, -1, H, W).to(weight.dtype), groups, 1e-12)
 
 
 @torch.no_grad()
@@ -164,86 +131,6 @@ def matrix_power_iteration(w: torch.Tensor, u: torch.Tensor, iterations: int, ep
     return u, v
 
 
-@torch.no_grad()
-def circular_probe(weight: torch.Tensor, input_hw: tuple[int, int], dilation: tuple[int, int], groups: int,
-                   eps: float) -> torch.Tensor:
-    """Where power iteration starts and what a refresh probes with, (1, C_in, H, W), unit per group:
-    the circular top vectors (:func:`circular_top_vectors`) where the dilation is the same along
-    both axes, else the uniform vector."""
-    if dilation[0] == dilation[1]:
-        return circular_top_vectors(weight, input_hw, dilation[0], groups)
-    return _normalize(weight.new_ones(1, weight.shape[1] * groups, *input_hw), groups, eps)
-
-
-def circular_probe_tables(kernel_size: tuple[int, int], dilation: tuple[int, int], input_hw: tuple[int, int],
-                          dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For :func:`depthwise_circular_probe`: the real and imaginary parts' DFT of each kernel tap
-    on the H x W torus, (k*k, 2F) for the F = H * (W // 2 + 1) frequencies of a real signal, and
-    the cosine wave of each frequency under a sine window, unit (F, H*W)."""
-    (H, W), (kh, kw) = input_hw, kernel_size
-    fy = torch.arange(H, dtype=torch.float64)[:, None].expand(H, W // 2 + 1).reshape(-1)
-    fx = torch.arange(W // 2 + 1, dtype=torch.float64)[None, :].expand(H, W // 2 + 1).reshape(-1)
-    ty = (dilation[0] * torch.arange(kh, dtype=torch.float64))[:, None].expand(kh, kw).reshape(-1)
-    tx = (dilation[1] * torch.arange(kw, dtype=torch.float64))[None, :].expand(kh, kw).reshape(-1)
-    phase = 2 * math.pi * (ty[:, None] * fy[None] / H + tx[:, None] * fx[None] / W)     # (k*k, F)
-    dft = torch.cat([torch.cos(phase), torch.sin(phase)], 1)
-    ys, xs = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
-    waves = torch.cos(2 * math.pi * (fy[:, None, None] * ys[:, None] / H + fx[:, None, None] * xs[None, :] / W))
-    # under a sine window that vanishes past the border: the zero-padded operator's top singular
-    # vectors taper there, so the windowed wave is the closer start
-    window = torch.sin(math.pi * (ys + 1) / (H + 1))[:, None] * torch.sin(math.pi * (xs + 1) / (W + 1))[None, :]
-    waves = (waves * window).flatten(1)
-    waves = waves / waves.norm(dim=1, keepdim=True)
-    return dft.to(dtype=dtype, device=device), waves.to(dtype=dtype, device=device)
-
-
-@torch.no_grad()
-def depthwise_circular_probe(weight: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per channel of the depthwise conv ``weight`` (C, 1, k, k), the unit cosine wave (C, H*W) at
-    the frequency where its circular-boundary spectrum peaks, under a sine window (a vector of the
-    circular operator's top singular subspace, :func:`circular_top_vectors` without its complex
-    phase, tapered as the zero-padded operator's top vectors are), in two small matrix products
-    and a lookup, with ``tables`` from :func:`circular_probe_tables`. What the block power steps
-    take as their last vector (:meth:`msrdarts.nn.spectral_batch.SpectralBatch._iterate`). For a
-    strided conv it is a heuristic (its circular operator's top vector mixes aliased frequencies);
-    the argmax can pick another of two near-equal peaks where rounding differs (fused against
-    reference path, or TF32 on a GPU), which changes the start, not the result's bound."""
-    dft, waves = tables
-    spec = weight.flatten(1) @ dft                                                  # (C, 2F): re, im
-    re, im = spec.chunk(2, 1)
-    return waves.index_select(0, (re.square() + im.square()).argmax(1))
-
-
-#: Power steps the circular probe takes alone before it joins a block (:func:`powered_probe`).
-PROBE_POWER_STEPS = 3
-
-
-def powered_probe(probe: torch.Tensor, A: Callable, At: Callable, eps: float) -> torch.Tensor:
-    """(A^T A)^k ``probe`` (rows (groups, 1, n)), unit, k = :data:`PROBE_POWER_STEPS`: where the top
-    two singular values are close, the raw probe's share of the top vector comes with more weight
-    on low singular vectors, which keeps its Ritz value below the tracked one's; k power steps
-    raise that share by (sigma_1 / sigma_i)^(2k) against each lower one."""
-    for _ in range(PROBE_POWER_STEPS):
-        probe = F.normalize(At(A(probe)), dim=-1, eps=eps)
-    return probe
-
-
-def with_probe(basis: torch.Tensor, weight: torch.Tensor, geometry: tuple, A: Callable, At: Callable, eps: float,
-               tables: dict) -> torch.Tensor:
-    """The block's basis (groups, b-1, n) and, as an extra b-th row, the depthwise conv ``weight``'s
-    :func:`powered_probe` of :func:`depthwise_circular_probe` (``geometry``: kernel size, dilation
-    and input map; ``tables`` caches :func:`circular_probe_tables` per geometry, dtype and device):
-    the one place both the per-conv and the batched block steps build it. The block step on the
-    b + 1 vectors keeps the top b Ritz directions (``rows`` of :func:`block_coefficients`): the
-    probe adds a direction without displacing a tracked one, so a singular value rising from
-    below the tracked ones stays in the block while it overtakes."""
-    key = (*geometry, weight.dtype, weight.device)
-    if key not in tables:
-        tables[key] = circular_probe_tables(*key)
-    probe = depthwise_circular_probe(weight, tables[key]).view(basis.shape[0], 1, -1)
-    return torch.cat([basis, powered_probe(probe, A, At, eps).to(basis.dtype)], 1)
-
-
 def depthwise_dense(w: torch.Tensor, geo: _Geometry, input_hw: tuple[int, int], taps: DenseTaps) -> torch.Tensor:
     """The dense operators M_c (C, H*W, H'*W') of the depthwise conv with weights w (C, 1, k, k):
     channel c maps x_c to x_c M_c (see :class:`msrdarts.nn.kernels.DenseTaps`)."""
@@ -292,8 +179,8 @@ class ConvOperator(NamedTuple):
         v^T A u is a lower bound of each group's top singular value."""
         if basis is None:
             for _ in range(iterations):
-                v = _normalize(self.A(u), self.groups, eps)
-                u = _normalize(self.At(v), self.groups, eps)
+                v = normalize_groups(self.A(u), self.groups, eps)
+                u = normalize_groups(self.At(v), self.groups, eps)
             return u, v, None
         in_shape, out_shape = u.shape, (1, self.w.shape[0], *self.geo.out_size(self.input_hw))
         u = u.reshape(self.groups, -1)
@@ -511,7 +398,7 @@ class ConvSpectralNorm(nn.Module):
         self.block = block
         u = self._circular_u(weight)
         self.register_buffer("u", u)                                         # (1, C_in, H, W), unit per group
-        self.register_buffer("v", _normalize(self._A(u, weight), self.groups, eps))  # (1, C_out, H', W')
+        self.register_buffer("v", normalize_groups(self._A(u, weight), self.groups, eps))  # (1, C_out, H', W')
         if block > 1:   # the rest of the tracked subspace, (groups, block-1, C_in/groups*H*W), unit rows
             n = u.numel() // self.groups
             start = torch.randn(self.groups, block - 1, n, generator=torch.Generator().manual_seed(0),

@@ -42,9 +42,9 @@ from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
 from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
                           small_top_vectors, stack_block)
+from .probe import circular_probe, with_probe
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
-                       ConvSpectralNorm, circular_probe, converge_sigmas, matrix_power_iteration,
-                       matrix_top_vectors_of, unfold_dsigma, with_probe)
+                       ConvSpectralNorm, converge_sigmas, matrix_power_iteration, matrix_top_vectors_of, unfold_dsigma)
 
 
 def _sn(conv: OpConv) -> ConvSpectralNorm | None:
