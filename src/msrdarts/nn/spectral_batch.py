@@ -183,7 +183,7 @@ class SpectralBatch:
         stacks = [torch.stack([r for g in cls for r in self._raws(g)]) for cls in classes]   # (N, Co, Ci/g, k, k)
         out: list[torch.Tensor] = [None] * len(self.groups)   # type: ignore[list-item]
         for cls, w in zip(classes, stacks):
-            for g, part in zip(cls, w.split([len(self.groups[g]) for g in cls]) if len(cls) > 1 else [w]):
+            for g, part in self._split_class(cls, w).items():
                 out[g] = part
         if not self.bundles():
             return out
@@ -192,8 +192,7 @@ class SpectralBatch:
                            if norms[cls[0]][0] is not None}
             wide = {}
             for k, w in wide_stacks.items():
-                cls = classes[k]
-                wide.update(zip(cls, w.detach().split([len(self.groups[g]) for g in cls])))
+                wide.update(self._split_class(classes[k], w.detach()))
             work = []                                   # (parts, vectors, power iterations to run)
             for bundle in self.bundles():
                 parts = [_Part(g, norms[g][0], wide[g]) for g in bundle]
@@ -209,10 +208,13 @@ class SpectralBatch:
             scaled = _Normalize.apply([_joined([grads[g] for g in classes[k]]) for k in ks],
                                       [self._targets(classes[k]) for k in ks], *[wide_stacks[k] for k in ks])
             for k, w in zip(ks, scaled):
-                cls = classes[k]
-                for g, part in zip(cls, w.split([len(self.groups[g]) for g in cls]) if len(cls) > 1 else [w]):
+                for g, part in self._split_class(classes[k], w).items():
                     out[g] = part
         return out
+
+    def _split_class(self, cls: list[int], w: torch.Tensor) -> dict[int, torch.Tensor]:
+        """A class's stacked tensor (:meth:`classes`) back in its groups' slices, by group."""
+        return dict(zip(cls, w.split([len(self.groups[g]) for g in cls]) if len(cls) > 1 else [w]))
 
     def classes(self) -> list[list[int]]:
         """The groups, in classes whose convs' weights stack into one tensor (one weight shape,
@@ -454,15 +456,17 @@ class SpectralBatch:
         self._refreshed = {g: fn(w.flatten(0, 1)).reshape(w.shape) for g, w in self._refreshed.items()}
         self._drift_cache = None
 
-    def _rows_operator(self, parts: list["_Part"]) -> tuple[Callable, Callable, int]:
+    def _rows_operator(self, parts: list["_Part"], union: tuple[_Geometry, torch.Tensor] | None = None
+                       ) -> tuple[Callable, Callable, int]:
         """A and A^T of a bundle of non-1x1 convs on blocks of rows per group, (groups, b, n) ->
         (groups, b, m) and back, and its group count: dense per-channel operators on small maps
-        (A x = x M, :func:`_dense_operators`), else the bundle as one grouped conv (:class:`ConvOperator`)."""
+        (A x = x M, :func:`_dense_operators`), else the bundle as one grouped conv (:class:`ConvOperator`)
+        of the :func:`_union_kernel` (``union``, where the caller has it already)."""
         sn = parts[0].sn
         if sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS:
             M = self._dense_operators(parts)
             return (lambda X: torch.bmm(X, M)), (lambda Z: torch.bmm(Z, M.mT)), M.shape[0]
-        geo, wd = _union_kernel(parts)
+        geo, wd = union if union is not None else _union_kernel(parts)
         groups = sum(p.sn.groups * p.w.shape[0] for p in parts)
         op = ConvOperator(wd, geo, sn.input_hw, groups)
         return op.A_rows, op.At_rows, groups
@@ -507,7 +511,9 @@ class SpectralBatch:
         starts from that vector), and one rising from just below the tracked ones stays tracked."""
         by_kind: dict[tuple, list] = {}
         for parts, vectors, iterations in jobs:
-            A, At, groups = self._rows_operator(parts)
+            probed = parts[0].sn.depthwise and parts[0].sn.block > 1
+            union = _union_kernel(parts) if probed else None      # the probe's kernels, and the operator's
+            A, At, groups = self._rows_operator(parts, union)
             u, basis, eps = vectors.u().view(groups, 1, -1), vectors.basis(), parts[0].sn.eps
             if basis is None:
                 v = None
@@ -517,8 +523,8 @@ class SpectralBatch:
                 vectors.write(u, v)
                 continue
             basis = basis.view(groups, parts[0].sn.block - 1, -1)
-            if parts[0].sn.depthwise:   # an extra vector: the circular top vector of today's weights
-                geo, wd = _union_kernel(parts)
+            if probed:   # an extra vector: the circular top vector of today's weights
+                geo, wd = union
                 basis = with_probe(basis, wd, (geo.kernel_size, geo.dilation, parts[0].sn.input_hw), A, At, eps,
                                    self._probe_tables)
             by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
