@@ -2,7 +2,7 @@
 
     python bench/sn_accuracy.py [--preset quick] [--epochs 2] [--every 1] [--lr LR] [--batch-size B]
         [--sn-refresh-every N] [--sn-refresh-depthwise-every M] [--dataset D --data FILE]
-        [--sample K] [--max-steps S]
+        [--sample K] [--max-steps S] [--channels]
 
 Runs a real MSR-DARTS search (the preset's optimiser, data and refresh schedule; nothing mocked)
 and, after every ``--every``-th training forward, reads every spectrally normalised conv's weight as
@@ -16,6 +16,8 @@ On a preset with 32x32 maps a dense check of every conv takes minutes per step: 
 checks a fixed random sample of K convs (seed 0) at every checked forward instead, and
 ``--max-steps S`` stops the search after S weight steps (e.g. the cifar10 preset on the
 offline mini CIFAR-10: ``--preset cifar10 --dataset npz --data cifar10-mini.npz``).
+``--channels`` adds, for the worst conv of each checked forward, each channel's three largest true
+singular values beside the estimate its tracked vectors give: which singular value was missed.
 """
 
 from __future__ import annotations
@@ -67,6 +69,22 @@ def true_norms(convs: list[OpConv]) -> list[float]:
     return out
 
 
+@torch.no_grad()
+def channel_spectra(conv: OpConv, sn: ConvSpectralNorm, top: int = 3) -> list[dict]:
+    """Per channel group of a non-1x1 conv: its ``top`` largest true singular values (dense
+    operator, float64) beside the estimate its tracked vectors give (v^T A u of that group)."""
+    w = conv.parametrizations.weight.original.detach()
+    H, W = conv.input_hw
+    cin = conv.in_channels // conv.groups
+    eye = torch.eye(cin * H * W, dtype=torch.float64).view(cin * H * W, cin, H, W).repeat(1, conv.groups, 1, 1)
+    y = F.conv2d(eye, w.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    per_group = y.view(cin * H * W, conv.groups, -1).permute(1, 2, 0)
+    values = torch.linalg.svdvals(per_group)[:, :top]
+    estimates = sn._group_sigmas(w)
+    return [{"true": [round(float(x), 5) for x in values[g]], "estimate": round(float(estimates[g]), 5)}
+            for g in range(conv.groups)]
+
+
 def where(conv: OpConv, sn: ConvSpectralNorm) -> str:
     """A conv's geometry as normalised: "1x1 16x8" (C_out x C_in) or "8x8/1 k3 d1" (the input map,
     stride, kernel and dilation), with "exact" where it is normalised exactly at every forward."""
@@ -86,6 +104,7 @@ class Probe(SearchRun):
     every = 1
     sample = 0
     max_steps = 0
+    channels = False
     rows: list[dict] = []
 
     def build(self, data):
@@ -133,6 +152,10 @@ class Probe(SearchRun):
                    "worst_depthwise": max(map(abs, depthwise)), "worst_pointwise": max(map(abs, pointwise)),
                    "worst_conv": where(*pairs[max(range(len(dev)), key=lambda i: abs(dev[i]))]),
                    "drift": net.spectral_drift(), "convs": len(dev)}
+            if self.channels:                  # the worst conv's channels, where it has several
+                worst_conv, worst_sn = pairs[max(range(len(dev)), key=lambda i: abs(dev[i]))]
+                if not worst_sn.matrix:
+                    row["worst_conv_channels"] = channel_spectra(worst_conv, worst_sn)
             self.rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -158,6 +181,9 @@ def main() -> None:
     p.add_argument("--data", default=None, help="its file or folder (npz, folder)")
     p.add_argument("--sample", type=int, default=0, help="check a fixed random sample of this many convs (0: all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many weight steps (0: run the epochs)")
+    p.add_argument("--channels", action="store_true",
+                   help="also print, for the worst conv of each checked forward (if depthwise), each channel's "
+                        "3 largest true singular values beside its estimate")
     args = p.parse_args()
     cfg = replace(get_preset(args.preset), epochs=args.epochs, progress="off", plots=False, tensorboard=False,
                   device="cpu")
@@ -174,7 +200,7 @@ def main() -> None:
                       "sn_refresh_drift": cfg.sn_refresh_drift, "layers": cfg.layers, "channels": cfg.channels,
                       "batch_size": cfg.batch_size, "dataset": cfg.dataset, "sample": args.sample,
                       "max_steps": args.max_steps}), flush=True)
-    Probe.every, Probe.sample, Probe.max_steps = args.every, args.sample, args.max_steps
+    Probe.every, Probe.sample, Probe.max_steps, Probe.channels = args.every, args.sample, args.max_steps, args.channels
     with tempfile.TemporaryDirectory() as out:
         try:
             Probe.start(cfg, out, log=lambda s: None)
