@@ -3,9 +3,9 @@
 With circular instead of zero padding a conv is diagonalised by the Fourier basis, so its top
 singular vector is a plane wave at the peak of the kernel's spectrum (:func:`circular_top_vectors`,
 :func:`circular_probe`). The zero-padded operator differs only at the border, so that wave, under a
-sine window and after a few power steps of its own (:func:`depthwise_circular_probe`,
-:func:`powered_probe`), is close to the top of the real operator: the spectral norms start their
-power iterations and their refreshes from it, and every block step takes it as an extra vector
+sine window (:func:`depthwise_circular_probe`), holds much of the top of the real operator: the
+spectral norms start their power iterations and their refreshes from it, and every block step
+takes it as an extra vector
 (:func:`with_probe`), so that a singular value training lifts from outside the tracked block is
 seen at the next step. A heuristic for strided convs, whose spectrum folds; where two peaks are
 nearly equal the per-conv and the batched paths may pick different ones.
@@ -14,10 +14,7 @@ nearly equal the per-conv and the batched paths may pick different ones.
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 
 from .block_power import normalize_groups
 from .spectrum import kernel_spectrum
@@ -103,31 +100,20 @@ def depthwise_circular_probe(weight: torch.Tensor, tables: tuple[torch.Tensor, t
     return waves.index_select(0, (re.square() + im.square()).argmax(1))
 
 
-#: Power steps the circular probe takes alone before it joins a block (:func:`powered_probe`).
-PROBE_POWER_STEPS = 3
-
-
-def powered_probe(probe: torch.Tensor, A: Callable, At: Callable, eps: float) -> torch.Tensor:
-    """(A^T A)^k ``probe`` (rows (groups, 1, n)), unit, k = :data:`PROBE_POWER_STEPS`: where the top
-    two singular values are close, the raw probe's share of the top vector comes with more weight
-    on low singular vectors, which keeps its Ritz value below the tracked one's; k power steps
-    raise that share by (sigma_1 / sigma_i)^(2k) against each lower one."""
-    for _ in range(PROBE_POWER_STEPS):
-        probe = F.normalize(At(A(probe)), dim=-1, eps=eps)
-    return probe
-
-
-def with_probe(basis: torch.Tensor, weight: torch.Tensor, geometry: tuple, A: Callable, At: Callable, eps: float,
-               tables: dict) -> torch.Tensor:
+def with_probe(basis: torch.Tensor, weight: torch.Tensor, geometry: tuple, tables: dict) -> torch.Tensor:
     """The block's basis (groups, b-1, n) and, as an extra b-th row, the depthwise conv ``weight``'s
-    :func:`powered_probe` of :func:`depthwise_circular_probe` (``geometry``: kernel size, dilation
-    and input map; ``tables`` caches :func:`circular_probe_tables` per geometry, dtype and device):
-    the one place both the per-conv and the batched block steps build it. The block step on the
-    b + 1 vectors keeps the top b Ritz directions (``rows`` of :func:`block_coefficients`): the
+    :func:`depthwise_circular_probe` (``geometry``: kernel size, dilation and input map; ``tables``
+    caches :func:`circular_probe_tables` per geometry, dtype and device): the one place both the
+    per-conv and the batched block steps build it. The block step on the b + 1 vectors keeps the
+    top b Ritz directions (``rows`` of :func:`msrdarts.nn.block_power.block_coefficients`): the
     probe adds a direction without displacing a tracked one, so a singular value rising from
-    below the tracked ones stays in the block while it overtakes."""
+    below the tracked ones stays in the block while it overtakes, and where the probe holds some
+    of a top singular vector outside the block, the step's top Ritz vector takes it in, however
+    small its share against the probe's weight on lower singular vectors. (When the probe took the
+    block's last slot instead, it needed power steps of its own to keep such a share; as an extra
+    vector it does not: ``bench/sn_accuracy.py`` measured the same accuracy without them.)"""
     key = (*geometry, weight.dtype, weight.device)
     if key not in tables:
         tables[key] = circular_probe_tables(*key)
     probe = depthwise_circular_probe(weight, tables[key]).view(basis.shape[0], 1, -1)
-    return torch.cat([basis, powered_probe(probe, A, At, eps).to(basis.dtype)], 1)
+    return torch.cat([basis, probe.to(basis.dtype)], 1)

@@ -440,8 +440,7 @@ class ConvSpectralNorm(nn.Module):
             return
         basis, op = self._basis(), self.conv_operator(weight)
         if basis is not None and self.depthwise:   # an extra vector: today's circular top vector (as SpectralBatch)
-            basis = with_probe(basis, weight, (self.kernel_size, self.dilation, self.input_hw), op.A_rows, op.At_rows,
-                               self.eps, self._probe_tables)
+            basis = with_probe(basis, weight, (self.kernel_size, self.dilation, self.input_hw), self._probe_tables)
         self._store(*op.power_iterate(self.u, n, self.eps, basis, self.block))
 
     def _store_exact(self, weight: torch.Tensor) -> None:

@@ -505,7 +505,7 @@ class SpectralBatch:
         mostly those few hundred small operations, the same for 500 channels as for 5,000. Bundles
         that track one vector (``block=1``) run plain power iteration. A depthwise bundle's block
         takes, as an extra vector at every step, each channel's circular-boundary top vector of the
-        current weights, powered (:func:`with_probe`), and keeps the top ``block`` Ritz directions
+        current weights (:func:`with_probe`), and keeps the top ``block`` Ritz directions
         of the ``block + 1``: when training lifts a singular value whose vector lies outside the
         tracked block, the Rayleigh-Ritz step can see it before a refresh does (a refresh also
         starts from that vector), and one rising from just below the tracked ones stays tracked."""
@@ -525,8 +525,7 @@ class SpectralBatch:
             basis = basis.view(groups, parts[0].sn.block - 1, -1)
             if probed:   # an extra vector: the circular top vector of today's weights
                 geo, wd = union
-                basis = with_probe(basis, wd, (geo.kernel_size, geo.dilation, parts[0].sn.input_hw), A, At, eps,
-                                   self._probe_tables)
+                basis = with_probe(basis, wd, (geo.kernel_size, geo.dilation, parts[0].sn.input_hw), self._probe_tables)
             by_kind.setdefault((parts[0].sn.block, u.dtype), []).append(
                 {"A": A, "At": At, "u": u[:, 0], "basis": basis, "v": None,
                  "left": iterations, "vectors": vectors, "eps": eps})
