@@ -3,7 +3,7 @@
 # bench/results/<name>.txt behind a header (date, commit, machine, command), so every figure there has
 # its file and its command. Run on an otherwise idle machine (the ratios are side by side, the absolute
 # times are not).
-#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, search-step-quick, since-filing, train-step, train-profile, batchnorm, depthwise-32px, pointwise, methods,
+#   bash bench/run_all.sh [ONLY]      # ONLY: one of search-step, search-step-quick, search-step-quick-120, since-filing, train-step, train-profile, batchnorm, depthwise-32px, pointwise, methods,
 #                                     # torchrun-cpu, quick, sn-accuracy, sn-accuracy-fixed10, sn-accuracy-drift15-cap50, sn-accuracy-batch16,
 #                                     # sn-accuracy-depthwise50, sn-accuracy-depthwise20, sn-accuracy-depthwise20-e8, sn-accuracy-drift25, sn-accuracy-batch16-default, fits-80gb, recompute-auto,
 #                                     # recompute-auto-bf16, memory-timeline,
@@ -27,6 +27,7 @@ run() {   # name command...
 ONLY=${1:-}
 run search-step bash bench/search_step.sh
 run search-step-quick bash bench/search_step.sh quick
+run search-step-quick-120 bash bench/search_step.sh quick 120
 run since-filing python bench/since_filing.py
 run train-step msrdarts bench train-step --genotype DARTS_V2 --layers 20 --channels 36 --batch-size 96 --steps 8 --json
 run train-profile python bench/train_profile.py

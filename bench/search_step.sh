@@ -5,6 +5,7 @@
 # memory of one step (fresh processes). Results go in BENCHMARKS.md.
 #   bash bench/search_step.sh            # CIFAR-10 search configuration and the quick preset, CPU
 #   bash bench/search_step.sh quick      # the quick preset's line only (a few minutes)
+#   bash bench/search_step.sh quick 120  # the same over 120 steps (60 rounds; about 8 minutes)
 # The search refreshes each bundle of depthwise convs (one map size and stride) when its weights have
 # drifted (--sn-refresh-drift), so how often is a property of a real search: each line amortises
 # each bundle's refresh at the rate a real search of its preset refreshed it, read off that search's
@@ -16,7 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 only=${1:-}
+quick_steps=${2:-40}
 if [ -n "$only" ] && [ "$only" != quick ]; then echo "bench/search_step.sh: '$only': unknown; allowed: quick" >&2; exit 2; fi
+if ! [[ "$quick_steps" =~ ^[1-9][0-9]*$ ]]; then echo "bench/search_step.sh: steps '$quick_steps': must be a positive integer" >&2; exit 2; fi
 run=$(mktemp -d)
 trap 'rm -rf "$run"' EXIT
 summary() {   # a search's history.jsonl -> its refreshes, on stderr
@@ -46,5 +49,5 @@ if [ -z "$only" ]; then
     "${cifar[@]}"
 fi
 echo "# quick preset (digits: L=5, C=8, batch 64, 8x8 grey), refreshes amortised at the quick search's rates"
-msrdarts bench search-step --layers 5 --channels 8 --batch-size 64 --input-size 8 --in-channels 1 --device cpu --steps 40 \
+msrdarts bench search-step --layers 5 --channels 8 --batch-size 64 --input-size 8 --in-channels 1 --device cpu --steps "$quick_steps" \
   --json --profile --sn-refresh-history "$run/quick/history.jsonl"
