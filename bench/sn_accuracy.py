@@ -182,7 +182,7 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=0, help="check a fixed random sample of this many convs (0: all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many weight steps (0: run the epochs)")
     p.add_argument("--channels", action="store_true",
-                   help="also print, for the worst conv of each checked forward (if depthwise), each channel's "
+                   help="also print, for the worst conv of each checked forward (unless a 1x1 conv), each channel group's "
                         "3 largest true singular values beside its estimate")
     args = p.parse_args()
     cfg = replace(get_preset(args.preset), epochs=args.epochs, progress="off", plots=False, tensorboard=False,

@@ -172,7 +172,11 @@ def block_coefficients(gz: torch.Tensor, gy: torch.Tensor, rows: int | None = No
     the basis leaves out the Ritz direction of the smallest Ritz value, so that a block that took
     an extra vector for a step (the probe of :func:`msrdarts.nn.probe.with_probe`) keeps the best
     b - 1 directions of its b: the top b - 1 Ritz subspace, a singular value rising towards the top
-    included."""
+    included. The dropped direction is the top eigenvector of tr(S') I - S' on the complement of
+    u, by 256 powers: where the lower Ritz values cluster it is found only roughly (the kept span
+    may hold some of the third direction instead of the bottom one; the Ritz value given up is
+    then at most the gap between those two). Deflation (the top of S', then the top of the rest)
+    would resolve it sharply."""
     b, tiny = gz.shape[0], torch.finfo(gz.dtype).tiny
     rows = b if rows is None else rows
     if rows not in (b, b - 1) or rows < 1:

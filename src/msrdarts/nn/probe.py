@@ -4,8 +4,8 @@ With circular instead of zero padding a conv is diagonalised by the Fourier basi
 singular vector is a plane wave at the peak of the kernel's spectrum (:func:`circular_top_vectors`,
 :func:`circular_probe`). The zero-padded operator differs only at the border, so that wave, under a
 sine window (:func:`depthwise_circular_probe`), holds much of the top of the real operator: the
-spectral norms start their power iterations and their refreshes from it, and every block step
-takes it as an extra vector
+spectral norms start their power iterations and their refreshes from it, and the first block
+step of every training forward takes it as an extra vector
 (:func:`with_probe`), so that a singular value training lifts from outside the tracked block is
 seen at the next step. A heuristic for strided convs, whose spectrum folds; where two peaks are
 nearly equal the per-conv and the batched paths may pick different ones.
@@ -48,8 +48,6 @@ def circular_top_vectors(weight: torch.Tensor, input_hw: tuple[int, int], dilati
     return normalize_groups(u.reshape(1, -1, H, W).to(weight.dtype), groups, 1e-12)
 
 
-
-
 @torch.no_grad()
 def circular_probe(weight: torch.Tensor, input_hw: tuple[int, int], dilation: tuple[int, int], groups: int,
                    eps: float) -> torch.Tensor:
@@ -90,7 +88,7 @@ def depthwise_circular_probe(weight: torch.Tensor, tables: tuple[torch.Tensor, t
     circular operator's top singular subspace, :func:`circular_top_vectors` without its complex
     phase, tapered as the zero-padded operator's top vectors are), in two small matrix products
     and a lookup, with ``tables`` from :func:`circular_probe_tables`. What the block power steps
-    take as their last vector (:meth:`msrdarts.nn.spectral_batch.SpectralBatch._iterate`). For a
+    take as an extra vector (:func:`with_probe`). For a
     strided conv it is a heuristic (its circular operator's top vector mixes aliased frequencies);
     the argmax can pick another of two near-equal peaks where rounding differs (fused against
     reference path, or TF32 on a GPU), which changes the start, not the result's bound."""

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from .block_power import (RefreshInput, block_refresh, block_step, dense_refresh, normalize_groups, small_top_vectors,
                           stack_block)
-from .probe import circular_probe, circular_top_vectors, with_probe
+from .probe import circular_probe, with_probe
 from .kernels import DenseTaps, _Geometry, conv_adjoint
 from .ops import OpConv
 

@@ -504,7 +504,7 @@ class SpectralBatch:
         block size and dtype) solved together (:func:`block_coefficients`): a block step's cost is
         mostly those few hundred small operations, the same for 500 channels as for 5,000. Bundles
         that track one vector (``block=1``) run plain power iteration. A depthwise bundle's block
-        takes, as an extra vector at every step, each channel's circular-boundary top vector of the
+        takes, as an extra vector at the first step of each call, each channel's circular-boundary top vector of the
         current weights (:func:`with_probe`), and keeps the top ``block`` Ritz directions
         of the ``block + 1``: when training lifts a singular value whose vector lies outside the
         tracked block, the Rayleigh-Ritz step can see it before a refresh does (a refresh also
