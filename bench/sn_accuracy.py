@@ -51,21 +51,27 @@ def _top_singular(m: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def dense_groups(conv: OpConv) -> torch.Tensor:
+    """Each channel group of a non-1x1 conv's trained weight as its dense operator on the conv's
+    input, float64, (groups, C_out/g*H'*W', C_in/g*H*W): the conv applied to every one-hot input."""
+    w = conv.parametrizations.weight.original.detach().double()
+    H, W = conv.input_hw
+    cin = conv.in_channels // conv.groups   # one group's inputs, every group at once
+    eye = torch.eye(cin * H * W, dtype=torch.float64).view(cin * H * W, cin, H, W).repeat(1, conv.groups, 1, 1)
+    y = F.conv2d(eye, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)   # (cin*HW, C_out, H', W')
+    return y.view(cin * H * W, conv.groups, -1).permute(1, 2, 0)
+
+
+@torch.no_grad()
 def true_norms(convs: list[OpConv]) -> list[float]:
     """Largest singular value of each conv's trained weight as an operator on its input (float64)."""
     out = []
     for conv in convs:
-        w = conv.parametrizations.weight.original.detach().double()
-        H, W = conv.input_hw
         if conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1:
+            w = conv.parametrizations.weight.original.detach().double()
             out.append(float(torch.linalg.matrix_norm(w.flatten(1), ord=2)))
-            continue
-        cin = conv.in_channels // conv.groups   # one group's inputs, every group at once
-        eye = torch.eye(cin * H * W, dtype=torch.float64).view(cin * H * W, cin, H, W).repeat(1, conv.groups, 1, 1)
-        y = F.conv2d(eye, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)   # (cin*HW, C_out, H', W')
-        cout = conv.out_channels // conv.groups
-        per_group = y.view(cin * H * W, conv.groups, cout * y.shape[2] * y.shape[3]).permute(1, 2, 0)
-        out.append(float(_top_singular(per_group).max()))
+        else:
+            out.append(float(_top_singular(dense_groups(conv)).max()))
     return out
 
 
@@ -73,14 +79,8 @@ def true_norms(convs: list[OpConv]) -> list[float]:
 def channel_spectra(conv: OpConv, sn: ConvSpectralNorm, top: int = 3) -> list[dict]:
     """Per channel group of a non-1x1 conv: its ``top`` largest true singular values (dense
     operator, float64) beside the estimate its tracked vectors give (v^T A u of that group)."""
-    w = conv.parametrizations.weight.original.detach()
-    H, W = conv.input_hw
-    cin = conv.in_channels // conv.groups
-    eye = torch.eye(cin * H * W, dtype=torch.float64).view(cin * H * W, cin, H, W).repeat(1, conv.groups, 1, 1)
-    y = F.conv2d(eye, w.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    per_group = y.view(cin * H * W, conv.groups, -1).permute(1, 2, 0)
-    values = torch.linalg.svdvals(per_group)[:, :top]
-    estimates = sn._group_sigmas(w)
+    values = torch.linalg.svdvals(dense_groups(conv))[:, :top]
+    estimates = sn._group_sigmas(conv.parametrizations.weight.original.detach())
     return [{"true": [round(float(x), 5) for x in values[g]], "estimate": round(float(estimates[g]), 5)}
             for g in range(conv.groups)]
 

@@ -21,11 +21,12 @@ Groups are ordered so that the weights one fused conv needs are a contiguous sli
 per use. On small maps several groups iterate as one bundle (:meth:`SpectralBatch.bundles`), and
 each bundle's vectors are views of one tensor (:meth:`SpectralBatch.link`). Then each group's
 G = d(v^T A u)/dW (v u^T for the 1x1 convs, one conv of u with v for the depthwise ones,
-:func:`_depthwise_grads`) gives sigma = <W, G>, and every group's ``W * target / sigma`` runs as
+:func:`msrdarts.nn.bundle._depthwise_grads`) gives sigma = <W, G>, and every group's ``W * target / sigma`` runs as
 one autograd node (:class:`msrdarts.nn.spectral._Normalize`).
 
 The per-conv mechanism it batches (power iteration, probes, convergence, sigma = <W, G>) is
-:mod:`msrdarts.nn.spectral`.
+:mod:`msrdarts.nn.spectral`; how a bundle's convs are packed as one (its vectors, its union
+kernel) is :mod:`msrdarts.nn.bundle`; the weights' drift since each refresh, :mod:`msrdarts.nn.drift`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from .kernels import DenseTaps, _Geometry
 from .ops import OpConv
 from .block_power import (RefreshInput, block_coefficients, block_grams, block_refresh, block_update, dense_refresh,
                           small_top_vectors, stack_block)
+from .bundle import _Part, _Vectors, _depthwise_grads, _union_kernel, _wide
+from .drift import DriftReference
 from .probe import circular_probe, with_probe
 from .spectral import (DENSE_MAX_PIXELS, REFRESH_STEPS, REFRESH_TOL, _Dsigma, _Normalize, _OuterDsigma, ConvOperator,
                        ConvSpectralNorm, converge_sigmas, matrix_power_iteration, matrix_top_vectors_of, unfold_dsigma)
@@ -94,8 +97,7 @@ class SpectralBatch:
         self._target_cache: dict[tuple, float | list[float]] = {}
         self._probe_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # see depthwise_circular_probe
         self._linked: dict[tuple, _Vectors] = {}     # per bundle, its linked buffers (see link)
-        self._refreshed: dict[int, torch.Tensor] = {}  # per normalised group, its weights at the last refresh
-        self._drift_cache: torch.Tensor | None = None   # drift's 1 / ||W_r||, per conv of _refreshed
+        self._drift = DriftReference()   # per normalised non-1x1 group, its weights at the last refresh
         keys: dict[tuple, int] = {}
         self.where: dict[int, tuple[int, int]] = {}
         for conv in convs:
@@ -329,8 +331,7 @@ class SpectralBatch:
                 self._exact([(parts, self._vectors(bundle))])
                 continue
             raw = {g: torch.stack(self._raws(g)).detach() for g in bundle}   # a copy of the weights:
-            self._refreshed.update(raw)     # what drift() compares against (it leaves the 1x1 convs out)
-            self._drift_cache = None
+            self._drift.record(raw)         # what drift() compares against (it leaves the 1x1 convs out)
             parts = [_Part(g, self._norms()[g][0], _wide(raw[g])) for g in bundle]
             vectors = self._vectors(bundle)
             dense = sn.depthwise and sn.input_hw[0] * sn.input_hw[1] <= self.DENSE_MAX_PIXELS
@@ -367,28 +368,10 @@ class SpectralBatch:
     @torch.no_grad()
     def bundle_drifts(self) -> dict[int, float]:
         """Per bundle of non-1x1 convs (index into :meth:`bundles`), the largest relative change of
-        one of its convs' weights since that bundle's last refresh (see :meth:`drift`); ``inf``
-        where the weights were moved or reloaded. One sync and three operations per group (the
-        reference norms are kept from the last refresh)."""
-        if not self._refreshed:
-            return {}
-        changes, lengths, groups = [], [], []
-        for g, ref in self._refreshed.items():
-            raws = self._raws(g)
-            if (len(raws), *raws[0].shape) != ref.shape or raws[0].device != ref.device or raws[0].dtype != ref.dtype:
-                changes.append(ref.new_full((ref.shape[0],), float("inf")))                  # moved or reloaded
-            else:
-                changes.append(torch.linalg.vector_norm(torch.stack(raws).sub_(ref), dim=(1, 2, 3, 4)))
-            lengths.append(ref.shape[0])
-            groups.append(g)
-        if self._drift_cache is None:     # 1 / ||W_r|| of every conv, in the same order
-            self._drift_cache = torch.cat([torch.linalg.vector_norm(ref, dim=(1, 2, 3, 4)).to(changes[0].dtype)
-                                           for ref in self._refreshed.values()]).clamp_min(1e-12).reciprocal()
-        relative = torch.cat([c.to(changes[0].dtype) for c in changes]) * self._drift_cache
-        per_group = torch.segment_reduce(relative, "max", lengths=torch.tensor(lengths, device=relative.device))
+        one of its convs' weights since that bundle's last refresh (:meth:`msrdarts.nn.drift.DriftReference.changes`)."""
         out: dict[int, float] = {}
         bundle_of = self._bundle_of()
-        for g, d in zip(groups, per_group.tolist()):
+        for g, d in self._drift.changes(self._raws).items():
             k = bundle_of[g]
             out[k] = max(out.get(k, 0.0), d)
         return out
@@ -428,7 +411,7 @@ class SpectralBatch:
         """What :meth:`drift` compares against (each normalised non-1x1 group's weights at its last
         refresh), keyed by group index: a checkpoint keeps it, so that a resumed search refreshes
         on the same steps as an uninterrupted one."""
-        return {str(g): w.clone() for g, w in self._refreshed.items()}
+        return self._drift.state()
 
     @torch.no_grad()
     def load_drift_reference(self, state: dict[str, torch.Tensor]) -> None:
@@ -440,12 +423,11 @@ class SpectralBatch:
             g = int(key) if key.isdigit() else -1
             if 0 <= g < len(self.groups) and self._norms()[g][0] is not None and self._norms()[g][0].exact:
                 continue       # kept by a version that refreshed these convs: exact at every step now
-            raws = self._raws(g) if g in self._refreshed else None
+            raws = self._raws(g) if g in self._drift.weights else None
             if raws is None or w.shape != (len(raws), *raws[0].shape):
                 raise ValueError(f"drift reference {key!r} does not match this network's spectral-norm groups")
             new[g] = w.to(raws[0].device, raws[0].dtype)
-        self._refreshed.update(new)
-        self._drift_cache = None
+        self._drift.record(new)
 
     @torch.no_grad()
     def apply_to_drift_reference(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -453,8 +435,7 @@ class SpectralBatch:
         to the drift reference, so that it stays comparable with the weights: per group (N, C_out,
         C_in/groups, k, k), seen as the 4-D weights ``fn`` is written for (a memory-format change
         refuses 5-D tensors)."""
-        self._refreshed = {g: fn(w.flatten(0, 1)).reshape(w.shape) for g, w in self._refreshed.items()}
-        self._drift_cache = None
+        self._drift.apply(fn)
 
     def _rows_operator(self, parts: list["_Part"], union: tuple[_Geometry, torch.Tensor] | None = None
                        ) -> tuple[Callable, Callable, int]:
@@ -610,66 +591,6 @@ class SpectralBatch:
         return grads
 
 
-@dataclass
-class _Part:
-    """One group's share of a bundle's spectral-norm computation."""
-
-    group: int
-    sn: ConvSpectralNorm        # a representative (the geometry)
-    w: torch.Tensor             # (N, Co, Ci/g, k, k), float32 or wider, detached
-
-
-class _Vectors:
-    """The u and v power-iteration buffers of the convs of a bundle, each set as one 1-D tensor:
-    the buffers' elements concatenated in conv order. Viewed per group of N 1x1 convs, that is a
-    block (N, C); for other convs (one input and one output map size per bundle), the input u
-    (1, sum C_in, H, W) and output v (1, sum C_out, H', W') of their union as one grouped conv.
-
-    Where the buffers are the views of ``flat`` that :meth:`SpectralBatch.link` made them, reading
-    is free and writing is one copy; otherwise a concatenation and a foreach copy.
-    """
-
-    def __init__(self, us: list[torch.Tensor], vs: list[torch.Tensor], bases: list[torch.Tensor] | None = None,
-                 flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None):
-        self.us, self.vs, self.bases, self.flat = us, vs, bases or [], flat
-
-    def u(self) -> torch.Tensor:
-        return self.flat[0] if self.flat is not None else self._pack(self.us)
-
-    def v(self) -> torch.Tensor:
-        return self.flat[1] if self.flat is not None else self._pack(self.vs)
-
-    def basis(self) -> torch.Tensor | None:
-        """The block iterations' bases (None where the convs track one vector)."""
-        if not self.bases:
-            return None
-        return self.flat[2] if self.flat is not None else self._pack(self.bases)
-
-    def packable(self) -> bool:
-        """Whether the buffers can share one tensor (one dtype and device)."""
-        return len({(t.dtype, t.device) for t in self.us + self.vs + self.bases}) == 1
-
-    @staticmethod
-    def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    @staticmethod
-    def unpack(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The views of ``packed`` (1-D) that hold each of ``like``'s tensors."""
-        return [p.view(t.shape) for p, t in zip(packed.split([t.numel() for t in like]), like)]
-
-    @torch.no_grad()
-    def write(self, u: torch.Tensor, v: torch.Tensor, basis: torch.Tensor | None = None) -> None:
-        """Store u, v and the basis (any shapes holding the packed elements in order) into the buffers."""
-        for new, buffers, which in ((u, self.us, 0), (v, self.vs, 1), (basis, self.bases, 2)):
-            if new is None or not buffers:
-                continue
-            if self.flat is None:
-                torch._foreach_copy_(buffers, self.unpack(new.reshape(-1), buffers))
-            elif new is not self.flat[which]:
-                self.flat[which].copy_(new.reshape(-1))
-
-
 def _joined(dsigmas: list[_Dsigma]) -> _Dsigma:
     """The :class:`_Dsigma` of the convs of several groups stacked in one tensor (one class)."""
     if len(dsigmas) == 1:
@@ -677,58 +598,3 @@ def _joined(dsigmas: list[_Dsigma]) -> _Dsigma:
     if isinstance(dsigmas[0], _OuterDsigma):
         return _OuterDsigma(torch.cat([d.v for d in dsigmas]), torch.cat([d.u for d in dsigmas]))
     return _Dsigma(torch.cat([d.G for d in dsigmas]), dsigmas[0].groups)
-
-
-def _wide(w: torch.Tensor) -> torch.Tensor:
-    return w if w.dtype in (torch.float32, torch.float64) else w.float()
-
-
-def _union_geometry(parts: list[_Part]) -> _Geometry:
-    """One geometry for all parts' convs: theirs if they share one; else, for depthwise convs of
-    different kernels and dilations, all "same"-padded with one stride (one bundle), the undilated
-    kernel that spans all of them (each kernel's taps sit at :func:`_taps_in` of it)."""
-    geos = {_Geometry.of(p.sn) for p in parts}
-    if len(geos) == 1:
-        return geos.pop()
-    span = tuple(max(p.sn.dilation[i] * (p.sn.kernel_size[i] - 1) + 1 for p in parts) for i in range(2))
-    return _Geometry(span, tuple(parts[0].sn.stride), (span[0] // 2, span[1] // 2), (1, 1))
-
-
-def _taps_in(geo: _Geometry, part: _Part) -> tuple[slice, slice]:
-    """Where the part's kernel taps sit in the (K, K) kernel of the union geometry ``geo``."""
-    out = []
-    for i in range(2):
-        start = (geo.padding[i] - part.sn.padding[i]) // geo.dilation[i]
-        step = part.sn.dilation[i] // geo.dilation[i]
-        out.append(slice(start, start + step * (part.sn.kernel_size[i] - 1) + 1, step))
-    return out[0], out[1]
-
-
-def _union_kernel(parts: list[_Part]) -> tuple[_Geometry, torch.Tensor]:
-    """The parts' convs as one grouped conv: the union geometry and the stacked weights
-    (sum N*Co, Ci/g, K, K), each kernel placed at its taps and zeros elsewhere (the operator is unchanged)."""
-    geo = _union_geometry(parts)
-    weights = [p.w.flatten(0, 1) for p in parts]
-    if all(_Geometry.of(p.sn) == geo for p in parts):
-        return geo, weights[0] if len(weights) == 1 else torch.cat(weights)
-    out = weights[0].new_zeros(sum(w.shape[0] for w in weights), 1, *geo.kernel_size)
-    for p, w, rows in zip(parts, weights, out.split([w.shape[0] for w in weights])):
-        rows[(slice(None), 0, *_taps_in(geo, p))] = w[:, 0]
-    return geo, out
-
-
-def _depthwise_grads(parts: list[_Part], u: torch.Tensor, v: torch.Tensor) -> list["_Dsigma"]:
-    """G = d(v^T A u)/dW of depthwise convs from u (1, C, H, W) and v (1, C, H', W') packed.
-
-    G[c, p, q] = sum over output pixels (y, x) of v[c, y, x] * u_padded[c, s*y + d*p, s*x + d*q]:
-    a depthwise conv of u with v as the kernel, with the roles of stride and dilation swapped.
-    One such conv serves all parts at the union geometry (far cheaper than unfolding u: the
-    output is only K x K per channel); each part's G is a strided view of it.
-    """
-    geo = _union_geometry(parts)
-    C = u.shape[1]
-    G = F.conv2d(u, v.reshape(C, 1, *v.shape[2:]), None, geo.dilation, geo.padding, geo.stride, C)[0]  # (C, >=K, >=K)
-    out = []
-    for p, rows in zip(parts, G.split([p.w.shape[0] * p.w.shape[1] for p in parts])):
-        out.append(_Dsigma(rows[(slice(None), *_taps_in(geo, p))].view_as(p.w), p.sn.groups))
-    return out
